@@ -1,0 +1,3 @@
+from bemi_asgi.cli import main
+
+main()

@@ -1,0 +1,224 @@
+"""The application context that travels with every write: who, where, why.
+
+The current context lives in one `ContextVar`, so each request, task and thread sees its own. Every way of setting
+it (the middleware, `bemi_context`) validates the mapping once, where it is set, and keeps its compact JSON beside
+it: the pool then emits that text at each COMMIT without serializing again, and a bad value fails in the code that
+produced it rather than at commit time, far away.
+
+A context must be a mapping with string keys whose values are JSON: str, int, float (finite), bool, None, lists
+(or tuples) and mappings of those. Strings may not contain NUL: PostgreSQL's jsonb cannot store U+0000, so such a
+context could never be stored exactly, and it is refused up front instead. The default size limit is 8 KiB of
+UTF-8 JSON (`configure_context(max_bytes=...)` changes it): a context is written to the WAL once per written
+transaction and stored beside every change, so it should describe the request, not carry its payload.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import Any, ParamSpec, TypeVar, cast, overload
+
+from ._exceptions import BemiContextError
+
+__all__ = ["ContextData", "bemi_context", "configure_context", "current", "get_context"]
+
+DEFAULT_MAX_CONTEXT_BYTES = 8192
+
+_max_bytes = DEFAULT_MAX_CONTEXT_BYTES
+
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+@dataclass(frozen=True, slots=True)
+class ContextData:
+    """A validated context: the read-only mapping and its compact JSON text."""
+
+    values: Mapping[str, Any]
+    json: str
+
+
+_current: ContextVar[ContextData | None] = ContextVar("bemi_context", default=None)
+
+
+def configure_context(*, max_bytes: int) -> None:
+    """Set the largest context accepted, in bytes of UTF-8 JSON (default 8192)."""
+    global _max_bytes
+    if max_bytes < 2:
+        raise ValueError(f"max_bytes must be at least 2 (the size of '{{}}'), got {max_bytes}")
+    _max_bytes = max_bytes
+
+
+def get_context() -> Mapping[str, Any] | None:
+    """Return the current context as a read-only mapping, or None when there is none."""
+    data = _current.get()
+    return None if data is None else data.values
+
+
+def current() -> ContextData | None:
+    """Return the current validated context with its JSON text (for the pool and the worker's tests)."""
+    return _current.get()
+
+
+def validate(values: Mapping[str, Any]) -> ContextData:
+    """Check that `values` can be stored exactly and return it with its JSON text.
+
+    Raises BemiContextError naming the offending key otherwise.
+    """
+    if not isinstance(values, Mapping):
+        raise BemiContextError(
+            f"a Bemi context must be a mapping of str keys to JSON values, got {type(values).__name__}"
+        )
+    # Fast path: the C encoder catches most bad values, and the walk below names the key when it fails. The walk
+    # also runs when the text hints at what the encoder lets through but jsonb or a round trip would not keep:
+    # non-str keys (silently turned into strings) and NUL characters.
+    try:
+        text = _encode(values)
+        size = len(text.encode())
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
+        raise BemiContextError(_find_problem(values, "") or f"the Bemi context is not JSON: {exc}") from None
+    if "\\u0000" in text or not _keys_are_str(values):
+        problem = _find_problem(values, "")
+        if problem is not None:
+            raise BemiContextError(problem)
+    if size > _max_bytes:
+        raise BemiContextError(
+            f"the Bemi context is {size} bytes of JSON, over the limit of {_max_bytes}: keep identifiers "
+            "(user id, endpoint, request id) in it, not payloads, or raise the limit with "
+            "bemi_asgi.configure_context(max_bytes=...)"
+        )
+    return ContextData(MappingProxyType(dict(values)), text)
+
+
+def _keys_are_str(value: object) -> bool:
+    if isinstance(value, Mapping):
+        return all(type(key) is str and _keys_are_str(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return all(_keys_are_str(item) for item in value)
+    return True
+
+
+def _find_problem(value: object, path: str, depth: int = 0) -> str | None:
+    """Describe the first part of `value` that cannot be stored exactly, or return None when all is well."""
+    where = f"at {path!r}" if path else "at the top level"
+    if depth > 100:
+        return f"the Bemi context is nested more than 100 levels deep {where}"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if type(key) is not str:
+                return (
+                    f"the Bemi context has a {type(key).__name__} key {key!r} {where}: JSON object keys must be "
+                    "strings, convert it with str()"
+                )
+            problem = _find_problem(item, f"{path}.{key}" if path else key, depth + 1)
+            if problem is not None:
+                return problem
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            problem = _find_problem(item, f"{path}[{index}]", depth + 1)
+            if problem is not None:
+                return problem
+    elif isinstance(value, str):
+        if "\x00" in value:
+            return (
+                f"the Bemi context value {where} contains a NUL character (U+0000), which PostgreSQL's jsonb "
+                "cannot store: remove it or encode the value"
+            )
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return f"the Bemi context value {where} is not valid Unicode (it has a lone surrogate)"
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return f"the Bemi context value {where} is {value}, which JSON cannot represent"
+    elif value is not None and not isinstance(value, int | bool):
+        return (
+            f"the Bemi context value {where} is a {type(value).__name__}, which is not JSON: convert it to a str, "
+            "number, bool, None, list or mapping first"
+        )
+    return None
+
+
+def activate(values: Mapping[str, Any] | None) -> Token[ContextData | None]:
+    """Validate and set the context for the current task; reset it with `deactivate(token)`."""
+    return _current.set(None if values is None else validate(values))
+
+
+def deactivate(token: Token[ContextData | None]) -> None:
+    _current.reset(token)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class bemi_context:  # lower case: used like a function, `with bemi_context(...)` and `@bemi_context(...)`
+    """Add keys to the Bemi context for a block, a function or a coroutine function.
+
+        with bemi_context(job="nightly-import", user_id=42):
+            await pool.execute("UPDATE ...")
+
+        @bemi_context(job="send-invoices")
+        async def send_invoices() -> None: ...
+
+    Nested scopes merge, inner keys winning; the previous context comes back on exit, exceptions included. Tasks
+    created inside inherit the context (asyncio copies context variables when it creates a task). A bad value
+    raises BemiContextError at entry.
+    """
+
+    __slots__ = ("_tokens", "_values")
+
+    def __init__(self, mapping: Mapping[str, Any] | None = None, /, **values: Any) -> None:
+        merged: dict[str, Any] = {}
+        if mapping is not None:
+            if not isinstance(mapping, Mapping):
+                raise BemiContextError(f"bemi_context() takes a mapping, got {type(mapping).__name__}")
+            merged.update(mapping)
+        merged.update(values)
+        self._values = merged
+        self._tokens: list[Token[ContextData | None]] = []
+
+    def __enter__(self) -> Mapping[str, Any]:
+        outer = _current.get()
+        values = self._values if outer is None else {**outer.values, **self._values}
+        data = validate(values)
+        self._tokens.append(_current.set(data))
+        return data.values
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _current.reset(self._tokens.pop())
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        values = self._values
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with bemi_context(values):
+                    return await fn(*args, **kwargs)
+
+            return run_async
+
+        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+            raise TypeError(
+                "bemi_context cannot decorate a generator: its body runs outside the call; "
+                "use `with bemi_context(...)` inside it"
+            )
+
+        @functools.wraps(fn)
+        def run_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
+            with bemi_context(values):
+                return fn(*args, **kwargs)
+
+        return cast(Callable[P, Any], run_sync)

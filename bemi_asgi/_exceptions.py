@@ -1,0 +1,32 @@
+"""Every error bemi-asgi raises on purpose.
+
+    BemiError
+    ├── BemiContextError      a context that cannot be stored (not JSON, too large, NUL characters)
+    ├── SourceNotReadyError   the source database lacks what capture needs (wal_level, publication, ...)
+    ├── MigrationError        bad options for `bemi-asgi sql-migration`
+    └── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
+
+Messages say what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class BemiError(Exception):
+    """Base class of all bemi-asgi errors."""
+
+
+class BemiContextError(BemiError, ValueError):
+    """A context mapping that cannot be carried into the WAL."""
+
+
+class SourceNotReadyError(BemiError):
+    """The source database is not prepared for change capture."""
+
+
+class MigrationError(BemiError, ValueError):
+    """Invalid options for the SQL migration."""
+
+
+class QueryError(BemiError, ValueError):
+    """A query helper received a request it cannot answer."""

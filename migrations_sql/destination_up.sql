@@ -1,0 +1,44 @@
+-- bemi-asgi destination: the `bemi.changes` table the worker fills and the query helpers read.
+-- Idempotent: safe to run again. The `bemi` schema is never part of a tracked publication.
+CREATE SCHEMA IF NOT EXISTS bemi;
+
+-- One row per changed row (one per table for TRUNCATE). Column names follow Bemi's so queries carry over.
+CREATE TABLE IF NOT EXISTS bemi.changes (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The row's primary key: its text for a single-column key; for a composite key a JSON array of the key
+    -- columns' text values in key order, e.g. ["42","EU"]; NULL for a table without a primary key and TRUNCATE.
+    primary_key     text,
+    "before"        jsonb NOT NULL DEFAULT '{}',
+    "after"         jsonb NOT NULL DEFAULT '{}',
+    context         jsonb NOT NULL DEFAULT '{}',
+    database        text NOT NULL,
+    "schema"        text NOT NULL,
+    "table"         text NOT NULL,
+    operation       text NOT NULL CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE')),
+    committed_at    timestamptz NOT NULL,
+    -- When the worker received the transaction's commit from the source.
+    queued_at       timestamptz NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    transaction_id  bigint NOT NULL,
+    -- WAL position (LSN as a number) of the change itself.
+    position        bigint NOT NULL,
+    -- Exactly-once key: the transaction's commit LSN and the change's ordinal within the transaction.
+    commit_lsn      bigint NOT NULL,
+    ordinal         integer NOT NULL,
+    CONSTRAINT changes_commit_lsn_ordinal_key UNIQUE (commit_lsn, ordinal)
+);
+
+-- A row's history and time travel: the row's changes in commit order.
+CREATE INDEX IF NOT EXISTS changes_row_idx ON bemi.changes ("schema", "table", primary_key, committed_at);
+-- Context containment filters (context @> '{"user_id": 42}').
+CREATE INDEX IF NOT EXISTS changes_context_idx ON bemi.changes USING gin (context jsonb_path_ops);
+-- Timelines and retention.
+CREATE INDEX IF NOT EXISTS changes_committed_at_idx ON bemi.changes (committed_at);
+
+-- The worker's progress, one row per replication slot: the last commit fully stored. Written in the same
+-- transaction as the changes it covers, so a restart skips exactly what is already stored.
+CREATE TABLE IF NOT EXISTS bemi.worker_state (
+    slot_name        text PRIMARY KEY,
+    last_commit_lsn  bigint NOT NULL,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
