@@ -20,9 +20,8 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
-from types import MappingProxyType, TracebackType
-from typing import Any, ParamSpec, TypeVar, cast, overload
+from types import TracebackType
+from typing import Any, NamedTuple, ParamSpec, TypeVar, cast, overload
 
 from ._exceptions import BemiContextError
 
@@ -32,12 +31,31 @@ DEFAULT_MAX_CONTEXT_BYTES = 8192
 
 _max_bytes = DEFAULT_MAX_CONTEXT_BYTES
 
-_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+def _make_encoder() -> Callable[[object], str]:
+    """Compact JSON, non-ASCII kept as is, NaN refused.
+
+    `JSONEncoder.encode` builds a new C encoder on every call, which is most of its cost for a small mapping; this
+    builds the C encoder once (every request pays for the encoding) and falls back to the public API where the C
+    accelerator is missing or its signature differs.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is not None:
+        try:
+            one_shot = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+            if "".join(one_shot({"k": ["é", 1, 1.5, True, None]}, 0)) == '{"k":["é",1,1.5,true,null]}':
+                return lambda value: "".join(one_shot(value, 0))
+        except TypeError:
+            pass
+    return encoder.encode
 
 
-@dataclass(frozen=True, slots=True)
-class ContextData:
-    """A validated context: the read-only mapping and its compact JSON text."""
+_encode = _make_encoder()
+
+
+class ContextData(NamedTuple):
+    """A validated context: the mapping (a private copy, never handed out) and its compact JSON text."""
 
     values: Mapping[str, Any]
     json: str
@@ -54,10 +72,13 @@ def configure_context(*, max_bytes: int) -> None:
     _max_bytes = max_bytes
 
 
-def get_context() -> Mapping[str, Any] | None:
-    """Return the current context as a read-only mapping, or None when there is none."""
+def get_context() -> dict[str, Any] | None:
+    """Return a copy of the current context, or None when there is none.
+
+    A copy, so that changing it cannot make the context differ from the JSON the pool emits.
+    """
     data = _current.get()
-    return None if data is None else data.values
+    return None if data is None else dict(data.values)
 
 
 def current() -> ContextData | None:
@@ -70,7 +91,7 @@ def validate(values: Mapping[str, Any]) -> ContextData:
 
     Raises BemiContextError naming the offending key otherwise.
     """
-    if not isinstance(values, Mapping):
+    if type(values) is not dict and not isinstance(values, Mapping):
         raise BemiContextError(
             f"a Bemi context must be a mapping of str keys to JSON values, got {type(values).__name__}"
         )
@@ -79,7 +100,8 @@ def validate(values: Mapping[str, Any]) -> ContextData:
     # non-str keys (silently turned into strings) and NUL characters.
     try:
         text = _encode(values)
-        size = len(text.encode())
+        # ASCII text (the usual case) is its own UTF-8 and cannot hold a lone surrogate: skip the encoding.
+        size = len(text) if text.isascii() else len(text.encode())
     except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
         raise BemiContextError(_find_problem(values, "") or f"the Bemi context is not JSON: {exc}") from None
     if "\\u0000" in text or not _keys_are_str(values):
@@ -92,14 +114,28 @@ def validate(values: Mapping[str, Any]) -> ContextData:
             "(user id, endpoint, request id) in it, not payloads, or raise the limit with "
             "bemi_asgi.configure_context(max_bytes=...)"
         )
-    return ContextData(MappingProxyType(dict(values)), text)
+    # A private copy: the caller may go on changing its dict; nobody else gets a reference to this one.
+    return ContextData(dict(values), text)
 
 
-def _keys_are_str(value: object) -> bool:
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _keys_are_str(value: Mapping[Any, Any]) -> bool:
+    """True when every mapping key, at any depth, is a str (json.dumps would silently stringify the others)."""
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        if type(item) not in _SCALARS and not _nested_keys_are_str(item):
+            return False
+    return True
+
+
+def _nested_keys_are_str(value: object) -> bool:
     if isinstance(value, Mapping):
-        return all(type(key) is str and _keys_are_str(item) for key, item in value.items())
+        return _keys_are_str(value)
     if isinstance(value, list | tuple):
-        return all(_keys_are_str(item) for item in value)
+        return all(_nested_keys_are_str(item) for item in value)
     return True
 
 
@@ -183,12 +219,12 @@ class bemi_context:  # lower case: used like a function, `with bemi_context(...)
         self._values = merged
         self._tokens: list[Token[ContextData | None]] = []
 
-    def __enter__(self) -> Mapping[str, Any]:
+    def __enter__(self) -> dict[str, Any]:
         outer = _current.get()
         values = self._values if outer is None else {**outer.values, **self._values}
         data = validate(values)
         self._tokens.append(_current.set(data))
-        return data.values
+        return dict(data.values)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._context import activate, deactivate
+from ._context import _current, validate
 
 __all__ = ["BemiMiddleware", "ContextCallback"]
 
@@ -26,8 +26,9 @@ class BemiMiddleware:
         app.add_middleware(BemiMiddleware, context=lambda request: {"user_id": request.headers.get("x-user-id")})
 
     `context` may be sync or async and returns a mapping of JSON values, or None for no context. It receives a
-    Starlette `Request` built on the connection scope (headers, path, query, client, `scope["state"]`): it must not
-    read the body, which belongs to the endpoint. A sync callback runs in the event loop, so keep it cheap.
+    Starlette `Request` built on the connection scope (headers, path, query, client, `scope["state"]`; for a
+    websocket session, its handshake GET): it must not read the body, which belongs to the endpoint. A sync
+    callback runs in the event loop, so keep it cheap.
 
     The context is set before the app runs and reset after it finishes, so nothing leaks into the next request.
     Other scope types (`lifespan`) pass through untouched.
@@ -43,21 +44,25 @@ class BemiMiddleware:
         self.context = context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" and scope["type"] != "websocket":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
+        # A websocket session is described by its handshake, an HTTP GET: callbacks get the same Request type.
+        request = Request(scope if kind == "http" else {**scope, "type": "http", "method": "GET"})
         try:
-            values = self.context(Request(scope))
-            if inspect.isawaitable(values):
+            values = self.context(request)
+            if values is not None and type(values) is not dict and inspect.isawaitable(values):
                 values = await values
-            token = activate(values)
+            data = None if values is None else validate(values)
         except Exception as exc:
             exc.add_note(f"(raised by the Bemi context callback {_name(self.context)} for {scope.get('path', '')!r})")
             raise
+        token = _current.set(data)
         try:
             await self.app(scope, receive, send)
         finally:
-            deactivate(token)
+            _current.reset(token)
 
 
 def _name(fn: object) -> str:
