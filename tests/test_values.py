@@ -8,6 +8,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bemi_asgi._pgoutput import UNCHANGED, Column, Insert, Relation, decode
 from bemi_asgi._values import JSONValue, converter_for, parse_array, row_to_dict
@@ -153,6 +155,33 @@ def test_converters_are_cached_per_oid() -> None:
     """converter_for returns the same function for the same OID, so a relation's converters are built once."""
     assert converter_for(1007) is converter_for(1007)
     assert converter_for(25) is converter_for(987654)  # text and unknown: both identity
+
+
+# Any text PostgreSQL can store: no NUL, no lone surrogates (not UTF-8); with the characters arrays must quote.
+_element = st.one_of(
+    st.none(),
+    st.sampled_from(["NULL", "null", "", " ", '"', "\\", "{", "}", ",", "a b", "{a,b}", "ü"]),
+    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=12),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.lists(_element, max_size=6),
+        st.integers(1, 3).flatmap(
+            lambda width: st.lists(st.lists(_element, min_size=width, max_size=width), min_size=1, max_size=3)
+        ),
+    )
+)
+def test_text_arrays_round_trip_through_the_server(server: psycopg.Connection[Any], elements: list[Any]) -> None:
+    """Any text[] (1-D or 2-D, NULLs, quotes, backslashes, braces, 'NULL' strings) parses back from its array text."""
+    cursor = server.execute("SELECT %s::text[]", [elements], binary=False)
+    assert cursor.pgresult is not None
+    raw = cursor.pgresult.get_value(0, 0)
+    assert raw is not None
+    text = bytes(raw).decode()
+    assert converter_for(1009)(text) == elements
 
 
 @pytest.mark.parametrize("text", ["{1,2", "1,2}", "{1}{2}", "{{1},2}}", "{{1}", '{"a",b'])
