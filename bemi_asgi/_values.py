@@ -71,7 +71,7 @@ def _float(text: str) -> JSONValue:
 
 
 def _bool(text: str) -> JSONValue:
-    return text == "t"
+    return text == "t" or text == "true"  # boolout prints 't'; 'true' is bool's cast to text
 
 
 _json: Final[Converter] = json.loads

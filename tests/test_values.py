@@ -174,6 +174,14 @@ def test_unknown_types_keep_their_text(server: psycopg.Connection[Any]) -> None:
         assert converter_for(type_oid)(text) == text
 
 
+def test_bool_accepts_both_spellings(server: psycopg.Connection[Any]) -> None:
+    """bool converts the output function's 't'/'f' and the text cast's 'true'/'false' alike."""
+    convert = converter_for(16)
+    for row in server.execute("SELECT b::text, b FROM (VALUES (true), (false)) AS v(b)").fetchall():
+        assert convert(row[0]) is row[1]
+    assert (convert("t"), convert("f")) == (True, False)
+
+
 def test_converters_are_cached_per_oid() -> None:
     """converter_for returns the same function for the same OID, so a relation's converters are built once."""
     assert converter_for(1007) is converter_for(1007)
