@@ -4,7 +4,8 @@
     ├── BemiContextError      a context that cannot be stored (not JSON, too large, NUL characters)
     ├── SourceNotReadyError   the source database lacks what capture needs (wal_level, publication, ...)
     ├── MigrationError        bad options for `bemi-asgi sql-migration`
-    └── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
+    ├── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
+    └── DecodeError           a replication message that is not valid pgoutput protocol version 1
 
 Messages say what was wrong and what to do about it.
 """
@@ -30,3 +31,7 @@ class MigrationError(BemiError, ValueError):
 
 class QueryError(BemiError, ValueError):
     """A query helper received a request it cannot answer."""
+
+
+class DecodeError(BemiError, ValueError):
+    """A pgoutput message that cannot be decoded (truncated, unknown type, unsupported protocol feature)."""
