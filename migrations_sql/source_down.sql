@@ -23,7 +23,8 @@ BEGIN
             SELECT FROM pg_publication_tables pt
             JOIN pg_namespace pn ON pn.nspname = pt.schemaname
             JOIN pg_class pc ON pc.relnamespace = pn.oid AND pc.relname = pt.tablename
-            WHERE pc.oid IN (SELECT relid FROM pg_partition_ancestors(s.relid))
+            -- (pg_partition_ancestors lists nothing for a table that is not a partition)
+            WHERE pc.oid = s.relid OR pc.oid IN (SELECT relid FROM pg_partition_ancestors(s.relid))
         )
     LOOP
         EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY %s', saved.nspname, saved.relname,
