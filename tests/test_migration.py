@@ -6,6 +6,9 @@ import asyncio
 import importlib.util
 import itertools
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -366,6 +369,25 @@ def test_sql_ships_beside_the_package() -> None:
     """The migration SQL is found (packaged or from the repository) and the destination keeps its agreed table."""
     assert "CREATE TABLE IF NOT EXISTS bemi.changes" in load_sql("destination_up.sql")
     assert "{{publication}}" in load_sql("source_down.sql")
+
+
+def test_sql_is_read_from_inside_an_installed_package(tmp_path: Path) -> None:
+    """Installed from a wheel (SQL under bemi_asgi/migrations_sql, no repository around), the SQL is still found."""
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "bemi_asgi", tmp_path / "bemi_asgi", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "migrations_sql", tmp_path / "bemi_asgi" / "migrations_sql")
+    code = "from bemi_asgi._migration import migration_sql; print(migration_sql(down=True))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out == migration_sql(down=True) + "\n"
+    (tmp_path / "bemi_asgi" / "migrations_sql" / "source_down.sql").write_text("-- packaged copy\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.startswith("-- packaged copy\n")
 
 
 def test_split_statements_respects_quotes_and_bodies() -> None:
