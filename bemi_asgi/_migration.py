@@ -401,7 +401,18 @@ _BIND_LIKE = re.compile(r"(?<![:\w\\]):(?=\w)")
 
 def _statement_list(script: str) -> str:
     statements = [_BIND_LIKE.sub(r"\\:", statement) for statement in split_statements(script)]
-    return "[\n" + "".join(f"    {statement!r},\n" for statement in statements) + "]"
+    return "[\n" + "".join(f"    {_python_string(statement)},\n" for statement in statements) + "]"
+
+
+def _docstring_safe(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _python_string(text: str) -> str:
+    """A Python literal for `text`: triple-quoted (readable SQL) when that needs no escapes, else repr()."""
+    if "\\" in text or '"""' in text or text.endswith('"') or "\n" not in text:
+        return repr(text)
+    return '"""' + text + '"""'
 
 
 def alembic_revision(
@@ -418,7 +429,7 @@ def alembic_revision(
     revision = revision or uuid4().hex[:12]
     return _ALEMBIC_TEMPLATE.format(
         message="bemi-asgi: prepare change capture",
-        options=f" ({options_text})" if options_text else "",
+        options=f" ({_docstring_safe(options_text)})" if options_text else "",
         revision=revision,
         down_revision=down_revision,
         down_revision_text=down_revision or "",

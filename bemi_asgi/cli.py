@@ -75,7 +75,7 @@ def sql_migration(
                 raise MigrationError("--down and --alembic do not mix: the Alembic revision holds both directions")
             path = write_alembic_revision(
                 alembic, down_revision=down_revision, publication=publication, schemas=schema, tables=table,
-                parts=parts,
+                parts=parts, options_text=_options_text(publication, schema, table, only),
             )  # fmt: skip
             typer.echo(f"Wrote {path}")
             return
@@ -85,6 +85,18 @@ def sql_migration(
     except MigrationError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def _options_text(publication: str, schemas: list[str] | None, tables: list[str] | None, only: str | None) -> str:
+    import shlex
+
+    args = [] if publication == "bemi" else ["--publication", publication]
+    for option, values in (("--schema", schemas), ("--table", tables)):
+        for value in values or ():
+            args += [option, value]
+    if only is not None:
+        args += ["--only", only]
+    return shlex.join(args)
 
 
 @app.command()

@@ -436,8 +436,10 @@ def test_alembic_revision_upgrades_and_downgrades(database: str, tmp_path: Path,
 
     (tmp_path / "0001_users.py").write_text(PREVIOUS_REVISION)
     apply(database, APP_TABLES)
+    quoted_table = '"' + WEIRD_TABLE.replace('"', '""') + '"'
+    apply(database, f"CREATE TABLE {quoted_table} (id int)")
     before = snapshot(database)
-    output = cli("--alembic", str(tmp_path), "--table", "public.users, public.events")
+    output = cli("--alembic", str(tmp_path), "--table", f"public.users, public.events, public.{quoted_table}")
     path = Path(output.removeprefix("Wrote ").strip())
     assert path.parent == tmp_path
     module = load_revision(path)
@@ -462,7 +464,7 @@ def test_alembic_revision_upgrades_and_downgrades(database: str, tmp_path: Path,
         asyncio.run(run())
 
     migrate("upgrade")
-    assert published(database) == {("public", "users"), ("public", "events")}
+    assert published(database) == {("public", "users"), ("public", "events"), ("public", WEIRD_TABLE)}
     assert identity(database, "events") == "f"
     assert query(database, "SELECT to_regclass('bemi.changes') IS NOT NULL") == [(True,)]
     migrate("downgrade")
