@@ -103,6 +103,18 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
             """
         ).fetchone()
         assert settings is not None
+        if settings["version"] < MIN_SERVER_VERSION * 10000:
+            # Older servers lack catalog columns read below; the version alone is the answer.
+            return SourceFacts(
+                server_version_num=settings["version"],
+                wal_level=settings["wal_level"],
+                max_replication_slots=settings["max_replication_slots"],
+                max_wal_senders=settings["max_wal_senders"],
+                user=settings["user"],
+                can_replicate=bool(settings["can_replicate"]),
+                publication=publication,
+                publication_exists=False,
+            )
         pub = cur.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", [publication]).fetchone()
         published: list[TableFacts] = []
         if pub is not None:
@@ -202,6 +214,7 @@ def diagnose(facts: SourceFacts, *, max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES) 
     else:
         add(Finding("missing", f"PostgreSQL {facts.server_version} is too old: change capture needs "
                     f"{MIN_SERVER_VERSION} or newer (logical decoding messages); upgrade the server"))  # fmt: skip
+        return findings
 
     if facts.wal_level == "logical":
         add(Finding("ok", "wal_level is logical"))

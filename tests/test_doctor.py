@@ -126,13 +126,14 @@ def test_slot_lag_is_reported(database: str) -> None:
 
 
 def test_old_server_version_blocks(database: str) -> None:
-    """A server older than PostgreSQL 14 is reported as too old (facts read from a real server, version lowered)."""
+    """A server older than PostgreSQL 14 is reported as too old, and only that (real facts, version lowered)."""
     apply(database, migration_sql())
     with psycopg.connect(database, autocommit=True) as conn:
         facts = collect(conn, "bemi")
     assert not any(finding.blocking for finding in diagnose(facts))
     findings = diagnose(dataclasses.replace(facts, server_version_num=130012))
-    (finding,) = [finding for finding in findings if finding.blocking]
+    (finding,) = findings
+    assert finding.blocking
     assert finding.message.startswith("PostgreSQL 13.12 is too old")
 
 
