@@ -1,17 +1,40 @@
 """bemi-asgi: PostgreSQL change history for ASGI apps, with the request context of every change."""
 
+from ._bemi import Bemi
+from ._changes_api import ChangePage
 from ._context import bemi_context, configure_context, get_context
-from ._exceptions import BemiContextError, BemiError, MigrationError, QueryError, SourceNotReadyError
+from ._exceptions import (
+    BemiContextError,
+    BemiError,
+    MigrationError,
+    QueryError,
+    RevertConflictError,
+    SourceNotReadyError,
+)
+from ._fastapi import get_bemi
 from ._middleware import BemiMiddleware
+from ._models import Change, FieldChange, Operation
+from ._revert import RevertPlan, RevertStatement
+from ._wait import current_lsn
 
 __all__ = [
+    "Bemi",
     "BemiContextError",
     "BemiError",
     "BemiMiddleware",
+    "Change",
+    "ChangePage",
+    "FieldChange",
     "MigrationError",
+    "Operation",
     "QueryError",
+    "RevertConflictError",
+    "RevertPlan",
+    "RevertStatement",
     "SourceNotReadyError",
     "bemi_context",
     "configure_context",
+    "current_lsn",
+    "get_bemi",
     "get_context",
 ]

@@ -5,6 +5,7 @@
     ├── SourceNotReadyError   the source database lacks what capture needs (wal_level, publication, ...)
     ├── MigrationError        bad options for `bemi-asgi sql-migration`
     └── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
+        └── RevertConflictError   a revert would overwrite later changes, or the row is not as the history says
 
 Messages say what was wrong and what to do about it.
 """
@@ -30,3 +31,7 @@ class MigrationError(BemiError, ValueError):
 
 class QueryError(BemiError, ValueError):
     """A query helper received a request it cannot answer."""
+
+
+class RevertConflictError(QueryError):
+    """A revert was refused: a row it touches changed again after the changes being reverted."""
