@@ -3,6 +3,7 @@
     BemiError
     ├── BemiContextError      a context that cannot be stored (not JSON, too large, NUL characters)
     ├── SourceNotReadyError   the source database lacks what capture needs (wal_level, publication, ...)
+    ├── DestinationNotReadyError  the destination database lacks the `bemi` tables the worker writes
     ├── MigrationError        bad options for `bemi-asgi sql-migration`
     └── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
 
@@ -22,6 +23,10 @@ class BemiContextError(BemiError, ValueError):
 
 class SourceNotReadyError(BemiError):
     """The source database is not prepared for change capture."""
+
+
+class DestinationNotReadyError(BemiError):
+    """The destination database lacks the tables the worker writes."""
 
 
 class MigrationError(BemiError, ValueError):
