@@ -5,7 +5,8 @@
     ├── SourceNotReadyError   the source database lacks what capture needs (wal_level, publication, ...)
     ├── DestinationNotReadyError  the destination database lacks the `bemi` tables the worker writes
     ├── MigrationError        bad options for `bemi-asgi sql-migration`
-    └── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
+    ├── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
+    └── DecodeError           a replication message that is not valid pgoutput protocol version 1
 
 Messages say what was wrong and what to do about it.
 """
@@ -35,3 +36,7 @@ class MigrationError(BemiError, ValueError):
 
 class QueryError(BemiError, ValueError):
     """A query helper received a request it cannot answer."""
+
+
+class DecodeError(BemiError, ValueError):
+    """A pgoutput message that cannot be decoded (truncated, unknown type, unsupported protocol feature)."""
