@@ -122,9 +122,9 @@ class ReplicationStream:
             raise
         return cls(conn)
 
-    async def read_frames(self, timeout: float, limit: int = 4096) -> list[memoryview]:
-        """Return up to `limit` frames already received; if there are none, wait up to `timeout` seconds for some
-        (an empty list means the timeout passed). Raises psycopg.OperationalError when the stream ends or fails."""
+    async def read_frames(self, wait: float, limit: int = 4096) -> list[memoryview]:
+        """Return up to `limit` frames already received; if there are none, wait up to `wait` seconds for some
+        (an empty list means none came). Raises psycopg.OperationalError when the stream ends or fails."""
         frames: list[memoryview] = []
         pgconn = self._pgconn
         while len(frames) < limit:
@@ -135,10 +135,10 @@ class ReplicationStream:
             if nbytes == 0:
                 if frames:
                     break
-                if not await self._wait_readable(timeout):
+                if not await self._wait_readable(wait):
                     break
                 pgconn.consume_input()
-                timeout = 0.0  # after one wake-up, return what arrived
+                wait = 0.0  # after one wake-up, return what arrived
                 continue
             self._raise_stream_end(nbytes)
         return frames
@@ -170,8 +170,8 @@ class ReplicationStream:
                 message = (result.error_message or b"").decode(errors="replace") or message
         raise psycopg.OperationalError(f"replication stream lost: {message.strip()}")
 
-    async def _wait_readable(self, timeout: float) -> bool:
-        if timeout <= 0:
+    async def _wait_readable(self, seconds: float) -> bool:
+        if seconds <= 0:
             return False
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
@@ -181,7 +181,7 @@ class ReplicationStream:
                 waiter.set_result(ready)
 
         loop.add_reader(self._fd, wake, True)
-        timer = loop.call_later(timeout, wake, False)
+        timer = loop.call_later(seconds, wake, False)
         try:
             return await waiter
         finally:
@@ -191,7 +191,12 @@ class ReplicationStream:
     async def _wait_writable(self) -> None:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        loop.add_writer(self._fd, lambda: waiter.done() or waiter.set_result(None))
+
+        def wake() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        loop.add_writer(self._fd, wake)
         try:
             await waiter
         finally:
@@ -206,6 +211,7 @@ def _lsn_text(lsn: int) -> str:
 class SourceInfo:
     database: str
     server_version: int
+    confirmed_flush_lsn: int  # the slot's: where streaming resumes
 
 
 class SourceCatalog:
@@ -247,11 +253,11 @@ class SourceCatalog:
                 "`bemi-asgi sql-migration` (or name an existing one with --publication); `bemi-asgi doctor` "
                 "checks the setup"
             )
-        slot_row = await (
-            await self._conn.execute(
-                "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = %s", [slot]
-            )
-        ).fetchone()
+        slot_query = (
+            "SELECT plugin, database, coalesce(confirmed_flush_lsn - '0/0'::pg_lsn, 0)::bigint"
+            " FROM pg_replication_slots WHERE slot_name = %s"
+        )
+        slot_row = await (await self._conn.execute(slot_query, [slot])).fetchone()
         if slot_row is None:
             try:
                 await self._conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
@@ -269,7 +275,10 @@ class SourceCatalog:
                 f"replication slot {slot!r} exists but is not a pgoutput slot of database {database!r} "
                 f"(plugin {slot_row[0]!r}, database {slot_row[1]!r}): choose another name with --slot"
             )
-        return SourceInfo(str(database), int(str(version)))
+        if slot_row is None:
+            slot_row = await (await self._conn.execute(slot_query, [slot])).fetchone()
+            assert slot_row is not None
+        return SourceInfo(str(database), int(str(version)), int(str(slot_row[2])))
 
     async def primary_key(self, relation_oid: int) -> list[str] | None:
         """The relation's primary key column names in key order; None when the relation no longer exists,
@@ -290,6 +299,6 @@ class SourceCatalog:
         return [str(name) for name in names]
 
     async def current_wal_lsn(self) -> int:
-        row = await (await self._conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).fetchone()
+        row = await (await self._conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")).fetchone()
         assert row is not None
         return int(str(row[0]))

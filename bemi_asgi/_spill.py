@@ -85,7 +85,7 @@ class TransactionBuffer:
     def _spill(self) -> None:
         self._close_segment()
         if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="bemi-asgi-transaction-")
+            self._file = tempfile.TemporaryFile(prefix="bemi-asgi-transaction-")  # noqa: SIM115 - closed by close()
         file = self._file
         file.seek(0, 2)
         for parts in self._segments:
