@@ -397,7 +397,8 @@ class _Pipeline:
                 continue
             if self.reply_due or time.monotonic() - self.last_status >= worker.status_interval:
                 self.reply_due = False
-                await self.send_status()
+                # While idle, ask for a keepalive back: its position lets the flush LSN follow the walsender.
+                await self.send_status(reply_requested=not frames)
 
     reply_due: bool = False
 

@@ -45,6 +45,4 @@ async def drain(dsn: str, **options: Any) -> Worker:
 def changes(dsn: str, where: str = "true") -> list[dict[str, Any]]:
     """The stored changes in commit and ordinal order."""
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
-        return conn.execute(
-            f'SELECT * FROM bemi.changes WHERE {where} ORDER BY commit_lsn, ordinal'  # noqa: S608 - test-only
-        ).fetchall()
+        return conn.execute(f"SELECT * FROM bemi.changes WHERE {where} ORDER BY commit_lsn, ordinal").fetchall()
