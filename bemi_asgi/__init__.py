@@ -4,6 +4,7 @@ from ._context import bemi_context, configure_context, get_context
 from ._exceptions import (
     BemiContextError,
     BemiError,
+    DecodeError,
     DestinationNotReadyError,
     MigrationError,
     QueryError,
@@ -16,6 +17,7 @@ __all__ = [
     "BemiContextError",
     "BemiError",
     "BemiMiddleware",
+    "DecodeError",
     "DestinationNotReadyError",
     "MigrationError",
     "QueryError",
