@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
-from typing import TextIO
+from typing import TextIO, TypeAlias
 
 import asyncpg
 import psycopg
@@ -48,6 +48,7 @@ from ._pgoutput import (
     Message,
     Relation,
     Truncate,
+    Unchanged,
     Update,
     Value,
     decode,
@@ -65,6 +66,7 @@ logger = logging.getLogger("bemi_asgi.worker")
 _encode: Callable[[object], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _START_LSN = struct.Struct(">Q").unpack_from
 _EMPTY = "{}"
+_Row: TypeAlias = "dict[str, JSONValue | Unchanged]"
 
 
 @dataclass
@@ -509,7 +511,7 @@ class _Pipeline:
             self._add(rel.primary_key(message.old, None), _encode(before), _EMPTY, rel, "DELETE", lsn)
 
     @staticmethod
-    def _old_row(rel: _RelationInfo, old: tuple[Value, ...], key_only: bool) -> dict[str, JSONValue]:
+    def _old_row(rel: _RelationInfo, old: tuple[Value, ...], key_only: bool) -> _Row:
         row = row_to_dict(rel.columns, old, rel.converters)
         if key_only:
             # A 'K' old row sends the replica identity columns; the others are NULL placeholders, not values.
@@ -560,7 +562,7 @@ class _Pipeline:
                 return
 
 
-def _fill_unchanged(after: dict[str, JSONValue], before: dict[str, JSONValue]) -> None:
+def _fill_unchanged(after: _Row, before: _Row) -> None:
     """Unchanged TOASTed values are not resent: take them from the old row, or leave them out when it lacks them."""
     for name, value in list(after.items()):
         if value is UNCHANGED:

@@ -334,3 +334,33 @@ async def test_idle_slot_advances_past_untracked_traffic(database: str) -> None:
         worker.stop()
         await task
     assert changes(database) == []
+
+
+async def test_values_are_converted_to_json_by_type(database: str) -> None:
+    """Column values reach `after` as JSON values of their type; timestamptz in UTC whatever the server's zone."""
+    prepare_source(
+        database,
+        "CREATE TABLE typed (id bigint PRIMARY KEY, price numeric, ok bool, meta jsonb, at timestamptz,"
+        " tags text[], raw bytea, ratio float8, nothing text)",
+        ["typed"],
+    )
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE \"{database.rsplit('/', 1)[1]}\" SET timezone = 'Asia/Tokyo'")
+    run_sql(
+        database,
+        "INSERT INTO typed VALUES (9007199254740993, 12.50, true, '{\"a\": [1, null]}',"
+        " '2024-05-01 09:00:00+09', '{x,\"y z\"}', '\\x00ff', 0.5, NULL)",
+    )
+    await drain(database)
+    (stored,) = changes(database)
+    assert stored["primary_key"] == "9007199254740993"
+    after = stored["after"]
+    assert after["id"] == 9007199254740993
+    assert after["price"] == "12.50"
+    assert after["ok"] is True
+    assert after["meta"] == {"a": [1, None]}
+    assert after["at"] in ("2024-05-01T00:00:00+00:00", "2024-05-01T00:00:00Z")
+    assert after["tags"] == ["x", "y z"]
+    assert after["raw"] == "\\x00ff"
+    assert after["ratio"] == 0.5
+    assert after["nothing"] is None
