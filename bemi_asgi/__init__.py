@@ -6,6 +6,8 @@ from ._context import bemi_context, configure_context, get_context
 from ._exceptions import (
     BemiContextError,
     BemiError,
+    DecodeError,
+    DestinationNotReadyError,
     MigrationError,
     QueryError,
     RevertConflictError,
@@ -16,6 +18,7 @@ from ._middleware import BemiMiddleware
 from ._models import Change, FieldChange, Operation
 from ._revert import RevertPlan, RevertStatement
 from ._wait import current_lsn
+from ._worker import Worker
 
 __all__ = [
     "Bemi",
@@ -24,6 +27,8 @@ __all__ = [
     "BemiMiddleware",
     "Change",
     "ChangePage",
+    "DecodeError",
+    "DestinationNotReadyError",
     "FieldChange",
     "MigrationError",
     "Operation",
@@ -32,6 +37,7 @@ __all__ = [
     "RevertPlan",
     "RevertStatement",
     "SourceNotReadyError",
+    "Worker",
     "bemi_context",
     "configure_context",
     "current_lsn",
