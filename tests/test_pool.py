@@ -77,15 +77,20 @@ async def read_slot(conn: asyncpg.Connection) -> list[list[Any]]:
     return parse_transactions([bytes(row["data"]) for row in rows])
 
 
-@pytest.fixture
-async def source(database: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
-    """A database with a tracked table `items`, a publication and a pgoutput slot; a plain asyncpg reader."""
-    reader = await asyncpg.connect(database)
+async def prepare_source(dsn: str) -> asyncpg.Connection:
+    """Create a tracked table `items`, a publication and a pgoutput slot; return a plain asyncpg reader."""
+    reader = await asyncpg.connect(dsn)
     await reader.execute(
         "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);"
         f"CREATE PUBLICATION {PUBLICATION} FOR TABLE items;"
     )
     await reader.execute(f"SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput')")
+    return reader
+
+
+@pytest.fixture
+async def source(database: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    reader = await prepare_source(database)
     try:
         yield database, reader
     finally:
@@ -488,12 +493,7 @@ def test_any_json_round_trips_through_the_wal(database: str, runner: asyncio.Run
     """For any JSON context, the message read back from the slot is exactly the context's JSON text."""
 
     async def setup() -> tuple[BemiConnection, asyncpg.Connection]:
-        reader = await asyncpg.connect(database)
-        await reader.execute(
-            f"CREATE TABLE items (id serial PRIMARY KEY, name text); CREATE PUBLICATION {PUBLICATION} FOR TABLE items"
-        )
-        await reader.execute(f"SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput')")
-        return await bemi_asgi.connect(database), reader
+        return await bemi_asgi.connect(database), await prepare_source(database)
 
     conn, reader = runner.run(setup())
 
