@@ -16,12 +16,14 @@ from ._exceptions import (
 from ._fastapi import get_bemi
 from ._middleware import BemiMiddleware
 from ._models import Change, FieldChange, Operation
+from ._pool import BemiConnection, connect, create_pool
 from ._revert import RevertPlan, RevertStatement
 from ._wait import current_lsn
 from ._worker import Worker
 
 __all__ = [
     "Bemi",
+    "BemiConnection",
     "BemiContextError",
     "BemiError",
     "BemiMiddleware",
@@ -40,6 +42,8 @@ __all__ = [
     "Worker",
     "bemi_context",
     "configure_context",
+    "connect",
+    "create_pool",
     "current_lsn",
     "get_bemi",
     "get_context",
