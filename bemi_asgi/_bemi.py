@@ -265,22 +265,21 @@ class Bemi:
         *,
         timeout: float = 5.0,  # noqa: ASYNC109 (the issue asks for a bounded wait in one call)
         slot_name: str | None = None,
-        nudge_after: float | None = 0.05,
     ) -> int:
         """Wait until the worker has stored every transaction that committed before `lsn`; return its progress.
 
-        Get `lsn` with `await bemi_asgi.current_lsn(conn)` on the connection that wrote, after its COMMIT. Raises
-        TimeoutError after `timeout` seconds. `slot_name` picks one worker's progress (default: the furthest).
-        See `bemi_asgi._wait` for the rule and for `nudge_after` (None disables the nudge).
+            async with pool.acquire() as conn:
+                async with conn.transaction():
+                    await conn.execute("UPDATE items SET ...")
+                lsn = await bemi_asgi.current_lsn(conn)
+            await bemi.wait_for(lsn)  # now history() includes the update
+
+        Get `lsn` with `current_lsn(conn)` on the connection that wrote, after its COMMIT. Raises TimeoutError after
+        `timeout` seconds. `slot_name` picks one worker (default: any). The rule is explained in `bemi_asgi._wait`.
         """
         position = parse_lsn(lsn) if isinstance(lsn, str) else lsn
         return await wait_for_lsn(
-            await self.pool(),
-            self.worker_state_table_sql,
-            position,
-            timeout=timeout,
-            slot_name=slot_name,
-            nudge_after=nudge_after,
+            await self.pool(), self.worker_state_table_sql, position, timeout=timeout, slot_name=slot_name
         )
 
     # Validation shared by the helpers.

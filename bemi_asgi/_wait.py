@@ -1,19 +1,25 @@
 """Read-your-writes: wait until the worker has stored a write.
 
-The rule. The worker stores source transactions in commit order and records, in the same destination transaction,
-the commit LSN of the last one stored (`bemi.worker_state.last_commit_lsn`). So once that value is at or past a
-position P, every transaction that committed before P is stored, with all its changes.
-
 The position. After a write's COMMIT, `current_lsn(conn)` on the same connection reads
-`pg_current_wal_insert_lsn()`: a position past the write's commit record. Waiting for the worker to reach it is
-therefore correct: it never returns before the write is stored.
+`pg_current_wal_insert_lsn()`: the WAL position right after the write's commit record (or later, if other sessions
+wrote WAL meanwhile). Every transaction that committed before it, the write included, has its commit record below it.
 
-The catch, and what `wait_for` does about it. The stored value is the start of the last stored commit record, so if
-nothing commits after the write, the worker stops just below that position and a plain wait would last forever. When
-the worker has not reached the position after `nudge_after` seconds, `wait_for` commits one transaction that only
-carries a transactional logical message (prefix `bemi_asgi.wait`, which the worker ignores as context) through its
-own pool: when that pool is on the tracked source database, the worker receives that commit, stores its progress
-past the position, and the wait ends. This costs one small commit, and only for a wait that would otherwise stall.
+The rule: the write is stored once the worker has stored every transaction that committed below that position.
+`wait_for` knows this from either of two facts, whichever comes first:
+
+1. `bemi.worker_state.last_commit_lsn >= position`. The worker stores transactions in commit order and records the
+   commit LSN of the last one it stored in the same destination transaction, so a stored commit at or past the
+   position means every earlier commit is stored too.
+2. The worker's replication slot has `confirmed_flush_lsn >= position`. The worker confirms a position to the
+   source only once everything below it is stored (or was read and had nothing to store). Right after storing a
+   transaction it confirms that transaction's end, which is exactly the position `current_lsn` returned when no
+   other WAL was written in between: this is what makes the wait end promptly when nothing else commits after the
+   write (fact 1 alone would wait for a later commit, since the last commit LSN is the start of the commit record,
+   below the position). When other sessions did write WAL in between, the confirmed position catches up with the
+   next stored commit or with the worker's idle status update (every few seconds).
+
+Fact 2 needs the slot to be visible from the pool Bemi reads with: the destination on the same PostgreSQL server
+as the source (the usual setup; `pg_replication_slots` is readable by every role).
 """
 
 from __future__ import annotations
@@ -23,9 +29,7 @@ import time
 
 import asyncpg
 
-__all__ = ["NUDGE_PREFIX", "current_lsn", "wait_for_lsn"]
-
-NUDGE_PREFIX = "bemi_asgi.wait"
+__all__ = ["current_lsn", "wait_for_lsn"]
 
 
 async def current_lsn(conn: asyncpg.Connection | asyncpg.Pool) -> int:
@@ -33,8 +37,18 @@ async def current_lsn(conn: asyncpg.Connection | asyncpg.Pool) -> int:
 
     Use it on the connection that wrote, after the transaction committed (not inside it).
     """
-    lsn: int = await conn.fetchval("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+    lsn = await conn.fetchval("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
     return int(lsn)
+
+
+def _progress_sql(state_table_sql: str) -> str:
+    return f"""
+        WITH state AS (SELECT slot_name, last_commit_lsn FROM {state_table_sql}
+                        WHERE $1::text IS NULL OR slot_name = $1)
+        SELECT (SELECT max(last_commit_lsn) FROM state) AS stored,
+               (SELECT max(confirmed_flush_lsn - '0/0'::pg_lsn) FROM pg_replication_slots
+                 WHERE slot_name IN (SELECT slot_name FROM state)) AS confirmed
+    """
 
 
 async def wait_for_lsn(
@@ -42,33 +56,26 @@ async def wait_for_lsn(
     state_table_sql: str,
     lsn: int,
     *,
-    timeout: float,  # noqa: ASYNC109 (the deadline also decides when to nudge)
+    timeout: float,  # noqa: ASYNC109 (the error message reports it)
     slot_name: str | None,
-    nudge_after: float | None,
 ) -> int:
-    """Poll the worker's progress until it reaches `lsn`; return the progress reached (TimeoutError otherwise)."""
-    if slot_name is None:
-        sql = f"SELECT max(last_commit_lsn) FROM {state_table_sql}"
-        args: tuple[str, ...] = ()
-    else:
-        sql = f"SELECT last_commit_lsn FROM {state_table_sql} WHERE slot_name = $1"
-        args = (slot_name,)
-    start = time.monotonic()
-    deadline = start + timeout
+    """Poll the worker's progress until it covers `lsn` (see the module docstring); return the position reached."""
+    sql = _progress_sql(state_table_sql)
+    deadline = time.monotonic() + timeout
     delay = 0.002
-    nudged = False
     while True:
-        reached = await pool.fetchval(sql, *args)
-        if reached is not None and reached >= lsn:
-            return int(reached)
+        record = await pool.fetchrow(sql, slot_name)
+        assert record is not None  # an aggregate query always returns one row
+        stored, confirmed = record["stored"], record["confirmed"]
+        reached = max(int(stored or 0), int(confirmed or 0))
+        if reached >= lsn:
+            return reached
         now = time.monotonic()
         if now >= deadline:
             raise TimeoutError(
-                f"the worker has not stored position {lsn} within {timeout} s (it is at {reached}): is "
-                "`bemi-asgi worker` running and reading this database? Raise timeout= for a slow worker"
+                f"the worker has not stored position {lsn} within {timeout} s (last stored commit {stored}, "
+                f"confirmed {confirmed}): is `bemi-asgi worker` running on this database? Raise timeout= for a "
+                "slow worker"
             )
-        if not nudged and nudge_after is not None and now - start >= nudge_after:
-            nudged = True
-            await pool.execute(f"SELECT pg_logical_emit_message(true, '{NUDGE_PREFIX}', '')")
-        await asyncio.sleep(min(delay, max(deadline - now, 0.0)))
+        await asyncio.sleep(min(delay, deadline - now))
         delay = min(delay * 2, 0.05)

@@ -341,16 +341,16 @@ async def test_bemi_from_a_dsn_and_a_configured_table(env: Env, database: str) -
 async def test_wait_for_returns_once_the_worker_has_stored_the_position(env: Env) -> None:
     """wait_for() blocks until worker_state reaches the position, and times out with a clear error otherwise."""
     first = await env.writer.commit([Row("CREATE", "items", 1, after={"id": 1})])
-    assert await env.bemi.wait_for(first, timeout=1, nudge_after=None) == first
+    assert await env.bemi.wait_for(first, timeout=1) == first
     target = first + 0x1000
-    waiter = asyncio.create_task(env.bemi.wait_for(target, timeout=10, nudge_after=None))
+    waiter = asyncio.create_task(env.bemi.wait_for(target, timeout=10))
     await asyncio.sleep(0.05)
     assert not waiter.done()
     stored = await env.writer.commit([Row("CREATE", "items", 2, after={"id": 2})])
     assert stored == target
     assert await waiter == target
     with pytest.raises(TimeoutError, match="worker"):
-        await env.bemi.wait_for(target + 1, timeout=0.1, nudge_after=None)
+        await env.bemi.wait_for(target + 1, timeout=0.1)
     assert await env.bemi.wait_for(bemi_asgi._filters.lsn_to_str(target), timeout=1) == target
 
 
