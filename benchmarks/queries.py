@@ -28,8 +28,8 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bemi_asgi import Bemi  # noqa: E402
-from bemi_asgi._postgres import LocalPostgres  # noqa: E402
+from bemi_asgi import Bemi
+from bemi_asgi._postgres import LocalPostgres
 
 MIGRATION = Path(__file__).resolve().parent.parent / "migrations_sql" / "destination_up.sql"
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
