@@ -1,18 +1,50 @@
 """bemi-asgi: PostgreSQL change history for ASGI apps, with the request context of every change."""
 
+from ._bemi import Bemi
+from ._changes_api import ChangePage
 from ._context import bemi_context, configure_context, get_context
-from ._exceptions import BemiContextError, BemiError, DecodeError, MigrationError, QueryError, SourceNotReadyError
+from ._exceptions import (
+    BemiContextError,
+    BemiError,
+    DecodeError,
+    DestinationNotReadyError,
+    MigrationError,
+    QueryError,
+    RevertConflictError,
+    SourceNotReadyError,
+)
+from ._fastapi import get_bemi
 from ._middleware import BemiMiddleware
+from ._models import Change, FieldChange, Operation
+from ._pool import BemiConnection, connect, create_pool
+from ._revert import RevertPlan, RevertStatement
+from ._wait import current_lsn
+from ._worker import Worker
 
 __all__ = [
+    "Bemi",
+    "BemiConnection",
     "BemiContextError",
     "BemiError",
     "BemiMiddleware",
+    "Change",
+    "ChangePage",
     "DecodeError",
+    "DestinationNotReadyError",
+    "FieldChange",
     "MigrationError",
+    "Operation",
     "QueryError",
+    "RevertConflictError",
+    "RevertPlan",
+    "RevertStatement",
     "SourceNotReadyError",
+    "Worker",
     "bemi_context",
     "configure_context",
+    "connect",
+    "create_pool",
+    "current_lsn",
+    "get_bemi",
     "get_context",
 ]

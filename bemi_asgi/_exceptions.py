@@ -3,8 +3,10 @@
     BemiError
     ├── BemiContextError      a context that cannot be stored (not JSON, too large, NUL characters)
     ├── SourceNotReadyError   the source database lacks what capture needs (wal_level, publication, ...)
+    ├── DestinationNotReadyError  the destination database lacks the `bemi` tables the worker writes
     ├── MigrationError        bad options for `bemi-asgi sql-migration`
     ├── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
+    │   └── RevertConflictError   a revert would overwrite later changes, or the row is not as the history says
     └── DecodeError           a replication message that is not valid pgoutput protocol version 1
 
 Messages say what was wrong and what to do about it.
@@ -25,6 +27,10 @@ class SourceNotReadyError(BemiError):
     """The source database is not prepared for change capture."""
 
 
+class DestinationNotReadyError(BemiError):
+    """The destination database lacks the tables the worker writes."""
+
+
 class MigrationError(BemiError, ValueError):
     """Invalid options for the SQL migration."""
 
@@ -35,3 +41,7 @@ class QueryError(BemiError, ValueError):
 
 class DecodeError(BemiError, ValueError):
     """A pgoutput message that cannot be decoded (truncated, unknown type, unsupported protocol feature)."""
+
+
+class RevertConflictError(QueryError):
+    """A revert was refused: a row it touches changed again after the changes being reverted."""

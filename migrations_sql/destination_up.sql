@@ -42,3 +42,12 @@ CREATE TABLE IF NOT EXISTS bemi.worker_state (
     last_commit_lsn  bigint NOT NULL,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
+
+-- Query helpers (find, history, as_of, table_as_of, revert).
+-- A table's changes in commit order: find(table=...) pages and table_as_of.
+CREATE INDEX IF NOT EXISTS changes_table_order_idx ON bemi.changes ("schema", "table", commit_lsn, ordinal);
+-- The few TRUNCATEs of a table, which end every row's existence in time travel.
+CREATE INDEX IF NOT EXISTS changes_truncate_idx ON bemi.changes ("schema", "table", commit_lsn, ordinal)
+    WHERE operation = 'TRUNCATE';
+-- find(transaction_id=...) and revert(transaction=...).
+CREATE INDEX IF NOT EXISTS changes_transaction_idx ON bemi.changes (transaction_id);

@@ -1,0 +1,107 @@
+"""The Pydantic models the query helpers return: `Change` (one stored row change) and `Operation`."""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+__all__ = ["Change", "FieldChange", "Operation", "change_from_record"]
+
+
+class Operation(enum.StrEnum):
+    """What happened to the row (TRUNCATE: to every row of the table at once)."""
+
+    CREATE = "CREATE"
+    UPDATE = "UPDATE"
+    DELETE = "DELETE"
+    TRUNCATE = "TRUNCATE"
+
+
+class FieldChange(BaseModel):
+    """One column's value before and after a change (None for a side where the row did not exist)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    before: Any
+    after: Any
+
+
+class Change(BaseModel):
+    """One row change as stored in `bemi.changes`, with the application context that caused it.
+
+    `before` and `after` are the row's columns as JSON values (`{}` for the side where the row does not exist);
+    `context` is what the application set (user, endpoint, request id, ...). Changes are ordered by
+    `(commit_lsn, ordinal)`: the order in which they were committed.
+    """
+
+    model_config = ConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    id: int
+    primary_key: str | None
+    before: dict[str, Any]
+    after: dict[str, Any]
+    context: dict[str, Any]
+    database: str
+    # `schema` would shadow the deprecated BaseModel.schema(): the attribute is `schema_`, the JSON key "schema".
+    schema_: str = Field(alias="schema")
+    table: str
+    operation: Operation
+    committed_at: datetime
+    queued_at: datetime
+    created_at: datetime
+    transaction_id: int
+    position: int
+    commit_lsn: int
+    ordinal: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def changed_fields(self) -> list[str]:
+        """Columns whose value differs between `before` and `after`, in the row's column order."""
+        return list(self.diff)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def diff(self) -> dict[str, FieldChange]:
+        """For each changed column, its value before and after (every column for CREATE and DELETE)."""
+        return diff_rows(self.before, self.after)
+
+
+def diff_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, FieldChange]:
+    """The columns that differ between two row images, with both values (a missing side counts as None)."""
+    result: dict[str, FieldChange] = {}
+    for name in (*after, *(key for key in before if key not in after)):
+        old, new = before.get(name), after.get(name)
+        if name not in before or name not in after or old != new or type(old) is not type(new):
+            result[name] = FieldChange(before=old, after=new)
+    return result
+
+
+def change_from_record(record: asyncpg.Record | Mapping[str, Any]) -> Change:
+    """Build a Change from a `bemi.changes` row fetched by asyncpg (jsonb arrives as text)."""
+    return Change.model_validate(
+        {
+            "id": record["id"],
+            "primary_key": record["primary_key"],
+            "before": json.loads(record["before"]),
+            "after": json.loads(record["after"]),
+            "context": json.loads(record["context"]),
+            "database": record["database"],
+            "schema": record["schema"],
+            "table": record["table"],
+            "operation": record["operation"],
+            "committed_at": record["committed_at"],
+            "queued_at": record["queued_at"],
+            "created_at": record["created_at"],
+            "transaction_id": record["transaction_id"],
+            "position": record["position"],
+            "commit_lsn": record["commit_lsn"],
+            "ordinal": record["ordinal"],
+        }
+    )

@@ -1,0 +1,363 @@
+"""The query helpers (`Bemi`: find, count, history, as_of, table_as_of, blame, wait_for) against real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+
+import asyncpg
+import pytest
+
+import bemi_asgi
+from bemi_asgi import Bemi, Change, Operation, QueryError
+
+from ._change_writer import ChangeWriter, Row, migrate
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class Env:
+    conn: asyncpg.Connection
+    writer: ChangeWriter
+    bemi: Bemi
+
+
+@pytest.fixture
+async def env(database: str) -> AsyncIterator[Env]:
+    conn = await asyncpg.connect(database)
+    await migrate(conn)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    try:
+        yield Env(conn, ChangeWriter(conn), Bemi(pool))
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def write_item_story(env: Env) -> None:
+    """items row 1: created by alice, renamed by bob, price changed by alice; row 2 created and deleted by bob."""
+    w = env.writer
+    await w.commit(
+        [Row("CREATE", "items", 1, after={"id": 1, "name": "pen", "price": 3})],
+        context={"user": "alice", "endpoint": "POST /items"},
+        committed_at=T0,
+    )
+    await w.commit(
+        [Row("CREATE", "items", 2, after={"id": 2, "name": "cup", "price": 5})],
+        context={"user": "bob", "request_id": "r2"},
+        committed_at=T0 + timedelta(minutes=1),
+    )
+    await w.commit(
+        [
+            Row(
+                "UPDATE",
+                "items",
+                1,
+                before={"id": 1, "name": "pen", "price": 3},
+                after={"id": 1, "name": "ink pen", "price": 3},
+            ),
+            Row("DELETE", "items", 2, before={"id": 2, "name": "cup", "price": 5}),
+        ],
+        context={"user": "bob", "request_id": "r3"},
+        committed_at=T0 + timedelta(minutes=2),
+    )
+    await w.commit(
+        [
+            Row(
+                "UPDATE",
+                "items",
+                1,
+                before={"id": 1, "name": "ink pen", "price": 3},
+                after={"id": 1, "name": "ink pen", "price": 4},
+            )
+        ],
+        context={"user": "alice", "endpoint": "PATCH /items/1"},
+        committed_at=T0 + timedelta(minutes=3),
+    )
+
+
+async def test_find_returns_immutable_change_models_newest_first(env: Env) -> None:
+    """find() returns frozen Change models in newest-first commit order with parsed JSON and a computed diff."""
+    await write_item_story(env)
+    page = await env.bemi.changes.find(table="items")
+    assert [(c.operation, c.primary_key) for c in page] == [
+        (Operation.UPDATE, "1"),
+        (Operation.DELETE, "2"),
+        (Operation.UPDATE, "1"),
+        (Operation.CREATE, "2"),
+        (Operation.CREATE, "1"),
+    ]
+    latest = page[0]
+    assert isinstance(latest, Change)
+    assert latest.context == {"user": "alice", "endpoint": "PATCH /items/1"}
+    assert latest.changed_fields == ["price"]
+    assert latest.diff["price"].before == 3
+    assert latest.diff["price"].after == 4
+    assert latest.committed_at == T0 + timedelta(minutes=3)
+    assert latest.schema_ == "public"
+    assert latest.model_dump(by_alias=True)["schema"] == "public"
+    with pytest.raises(ValueError, match="frozen"):
+        latest.operation = Operation.DELETE  # type: ignore[misc]
+    assert page.next_cursor is None
+
+
+async def test_find_filters_combine(env: Env) -> None:
+    """Each find() filter narrows the result: key, operation, context, before/after containment, time, xid."""
+    await write_item_story(env)
+    find = env.bemi.changes.find
+    assert [c.operation for c in await find(table="items", primary_key=1, order="asc")] == [
+        Operation.CREATE,
+        Operation.UPDATE,
+        Operation.UPDATE,
+    ]
+    assert [c.primary_key for c in await find(table="items", primary_key="2", operation="delete")] == ["2"]
+    bob = await find(context={"user": "bob"}, order="asc")
+    assert [(c.operation.value, c.primary_key) for c in bob] == [("CREATE", "2"), ("UPDATE", "1"), ("DELETE", "2")]
+    assert [c.primary_key for c in await find(context={"request_id": "r3"}, operation=["DELETE"])] == ["2"]
+    assert [c.after["price"] for c in await find(table="items", after={"name": "ink pen"})] == [4, 3]
+    assert [c.id for c in await find(table="items", before={"price": 5})] == [bob[2].id]
+    window = await find(since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3), order="asc")
+    assert [c.committed_at for c in window] == [T0 + timedelta(minutes=1)] + [T0 + timedelta(minutes=2)] * 2
+    assert {c.primary_key for c in await find(transaction_id=bob[1].transaction_id)} == {"1", "2"}
+    assert await find(table="items", context={"user": "carol"}) == []
+
+
+async def test_count_uses_the_same_filters(env: Env) -> None:
+    """count() counts what find() would return for the same filters."""
+    await write_item_story(env)
+    assert await env.bemi.changes.count() == 5
+    assert await env.bemi.changes.count(table="items", context={"user": "alice"}) == 2
+    assert await env.bemi.changes.count(table="items", primary_key=2, operation=["CREATE", "DELETE"]) == 2
+
+
+async def test_pagination_is_stable_while_changes_arrive(env: Env) -> None:
+    """Keyset pages never repeat or skip a change even when new changes are stored between pages, in both orders."""
+    for i in range(25):
+        await env.writer.commit([Row("CREATE", "logs", i, after={"id": i})], committed_at=T0)
+    for order in ("desc", "asc"):
+        seen: list[int] = []
+        cursor = None
+        pages = 0
+        while True:
+            page = await env.bemi.changes.find(table="logs", limit=10, order=order, cursor=cursor)
+            seen += [c.after["id"] for c in page]
+            pages += 1
+            # New changes arrive between pages: they sort after everything stored so far.
+            await env.writer.commit([Row("CREATE", "other", pages, after={"id": pages})])
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert sorted(seen) == list(range(25))
+        assert len(seen) == len(set(seen))
+        assert seen == (sorted(seen, reverse=True) if order == "desc" else sorted(seen))
+    fresh = await env.bemi.changes.find(table="logs", order="asc", limit=1)
+    with pytest.raises(QueryError, match="order"):
+        await env.bemi.changes.find(table="logs", order="desc", cursor=fresh.next_cursor)
+    with pytest.raises(QueryError, match="not a cursor"):
+        await env.bemi.changes.find(table="logs", cursor="garbage!")
+
+
+async def test_pagination_across_new_rows_of_the_same_table(env: Env) -> None:
+    """In ascending order, changes of the paged table stored after the first page appear on a later page, once."""
+    for i in range(5):
+        await env.writer.commit([Row("CREATE", "logs", i, after={"id": i})])
+    page = await env.bemi.changes.find(table="logs", limit=3, order="asc")
+    await env.writer.commit([Row("CREATE", "logs", 99, after={"id": 99})])
+    rest = await env.bemi.changes.find(table="logs", limit=10, order="asc", cursor=page.next_cursor)
+    assert [c.after["id"] for c in [*page, *rest]] == [0, 1, 2, 3, 4, 99]
+
+
+async def test_composite_primary_keys(env: Env) -> None:
+    """A tuple key is matched against the stored JSON-array form in find, history, as_of and blame."""
+    key = ("EU", 42)
+    await env.writer.commit([Row("CREATE", "stock", key, after={"region": "EU", "sku": 42, "qty": 1})], committed_at=T0)
+    await env.writer.commit(
+        [Row("CREATE", "stock", ("US", 42), after={"region": "US", "sku": 42, "qty": 9})], committed_at=T0
+    )
+    await env.writer.commit(
+        [
+            Row(
+                "UPDATE",
+                "stock",
+                key,
+                before={"region": "EU", "sku": 42, "qty": 1},
+                after={"region": "EU", "sku": 42, "qty": 2},
+            )
+        ],
+        context={"user": "ops"},
+        committed_at=T0 + timedelta(hours=1),
+    )
+    history = await env.bemi.history("stock", key)
+    assert [c.primary_key for c in history] == ['["EU","42"]'] * 2
+    assert [c.after["qty"] for c in await env.bemi.changes.find(table="stock", primary_key=["US", 42])] == [9]
+    assert await env.bemi.as_of("stock", key, at=T0 + timedelta(minutes=30)) == {"region": "EU", "sku": 42, "qty": 1}
+    assert (await env.bemi.blame("stock", key))["qty"].context == {"user": "ops"}
+
+
+async def test_history_lists_a_rows_changes_in_commit_order(env: Env) -> None:
+    """history() returns only that row's changes, oldest first."""
+    await write_item_story(env)
+    history = await env.bemi.history("items", 1)
+    assert [(c.operation.value, c.after.get("name"), c.after.get("price")) for c in history] == [
+        ("CREATE", "pen", 3),
+        ("UPDATE", "ink pen", 3),
+        ("UPDATE", "ink pen", 4),
+    ]
+    assert [c.operation for c in await env.bemi.history("public.items", "2")] == [Operation.CREATE, Operation.DELETE]
+
+
+async def test_as_of_walks_back_in_time_and_respects_deletes(env: Env) -> None:
+    """as_of() gives the row as it was at a time or LSN: None before creation and after deletion."""
+    await write_item_story(env)
+    as_of = env.bemi.as_of
+    assert await as_of("items", 1, at=T0 - timedelta(seconds=1)) is None
+    assert await as_of("items", 1, at=T0) == {"id": 1, "name": "pen", "price": 3}
+    assert await as_of("items", 1, at=T0 + timedelta(minutes=2, seconds=30)) == {"id": 1, "name": "ink pen", "price": 3}
+    assert await as_of("items", 1, at=datetime.now(UTC)) == {"id": 1, "name": "ink pen", "price": 4}
+    assert await as_of("items", 2, at=T0 + timedelta(minutes=1)) == {"id": 2, "name": "cup", "price": 5}
+    assert await as_of("items", 2, at=T0 + timedelta(minutes=2)) is None
+    history = await env.bemi.history("items", 1)
+    assert await as_of("items", 1, at=history[1].commit_lsn) == history[1].after
+    lsn_text = bemi_asgi._filters.lsn_to_str(history[1].commit_lsn - 1)
+    assert await as_of("items", 1, at=lsn_text) == history[0].after
+
+
+async def test_truncate_ends_a_rows_existence(env: Env) -> None:
+    """A TRUNCATE in the middle of a row's history ends the row until it is created again."""
+    w = env.writer
+    await w.commit([Row("CREATE", "items", 1, after={"id": 1, "name": "a"})], committed_at=T0)
+    await w.commit([Row("CREATE", "items", 2, after={"id": 2, "name": "b"})], committed_at=T0)
+    await w.commit([Row("TRUNCATE", "items")], context={"job": "reset"}, committed_at=T0 + timedelta(minutes=1))
+    await w.commit([Row("TRUNCATE", "items")], committed_at=T0 + timedelta(minutes=2))
+    await w.commit([Row("CREATE", "items", 1, after={"id": 1, "name": "a2"})], committed_at=T0 + timedelta(minutes=3))
+    assert await env.bemi.as_of("items", 1, at=T0 + timedelta(seconds=30)) == {"id": 1, "name": "a"}
+    assert await env.bemi.as_of("items", 1, at=T0 + timedelta(minutes=1)) is None
+    assert await env.bemi.as_of("items", 2, at=T0 + timedelta(minutes=5)) is None
+    assert await env.bemi.as_of("items", 1, at=T0 + timedelta(minutes=5)) == {"id": 1, "name": "a2"}
+    history = await env.bemi.history("items", 1)
+    # The second TRUNCATE happened while the row did not exist: it is not part of the row's history.
+    assert [c.operation.value for c in history] == ["CREATE", "TRUNCATE", "CREATE"]
+    assert history[1].context == {"job": "reset"}
+    assert await env.bemi.blame("items", 2) == {}
+    rows = [row async for row in env.bemi.table_as_of("items", at=T0 + timedelta(seconds=30))]
+    assert rows == [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    assert [row async for row in env.bemi.table_as_of("items", at=T0 + timedelta(minutes=2))] == []
+    assert [row async for row in env.bemi.table_as_of("items", at=datetime.now(UTC))] == [{"id": 1, "name": "a2"}]
+
+
+async def test_table_as_of_yields_each_live_row_once(env: Env) -> None:
+    """table_as_of() streams every row that existed at the time, in its latest state then, skipping deleted rows."""
+    await write_item_story(env)
+    at = T0 + timedelta(minutes=1)
+    assert [row async for row in env.bemi.table_as_of("items", at=at)] == [
+        {"id": 1, "name": "pen", "price": 3},
+        {"id": 2, "name": "cup", "price": 5},
+    ]
+    now_rows = [row async for row in env.bemi.table_as_of("items", at=datetime.now(UTC), batch_size=1)]
+    assert now_rows == [{"id": 1, "name": "ink pen", "price": 4}]
+
+
+async def test_blame_names_the_change_that_last_set_each_column(env: Env) -> None:
+    """blame() maps each column to the change (and so the context) that last set its value."""
+    await write_item_story(env)
+    blame = await env.bemi.blame("items", 1)
+    assert {name: change.context.get("user") for name, change in blame.items()} == {
+        "id": "alice",
+        "name": "bob",
+        "price": "alice",
+    }
+    assert blame["price"].context["endpoint"] == "PATCH /items/1"
+    assert blame["id"].operation is Operation.CREATE
+    earlier = await env.bemi.blame("items", 1, at=T0 + timedelta(minutes=2))
+    assert earlier["price"].operation is Operation.CREATE
+    assert await env.bemi.blame("items", 2) == {}
+
+
+async def test_time_zones(env: Env) -> None:
+    """Aware datetimes in any zone mean the same instant; naive datetimes are refused with a QueryError."""
+    await write_item_story(env)
+    tokyo = timezone(timedelta(hours=9))
+    at_tokyo = (T0 + timedelta(minutes=2, seconds=30)).astimezone(tokyo)
+    assert await env.bemi.as_of("items", 1, at=at_tokyo) == {"id": 1, "name": "ink pen", "price": 3}
+    since = (T0 + timedelta(minutes=3)).astimezone(timezone(timedelta(hours=-5)))
+    assert [c.after["price"] for c in await env.bemi.changes.find(table="items", since=since)] == [4]
+    page = await env.bemi.changes.find(table="items", limit=1)
+    assert page[0].committed_at.utcoffset() == timedelta(0)
+    naive = datetime(2025, 3, 1, 12, 0)
+    with pytest.raises(QueryError, match="naive"):
+        await env.bemi.as_of("items", 1, at=naive)
+    with pytest.raises(QueryError, match="naive"):
+        await env.bemi.changes.find(since=naive)
+    with pytest.raises(QueryError, match="naive"):
+        await env.bemi.changes.count(until=naive)
+
+
+async def test_errors_are_clear(env: Env) -> None:
+    """Unknown tables, unknown columns, future times and malformed arguments raise QueryError saying what is wrong."""
+    await write_item_story(env)
+    with pytest.raises(QueryError, match=r"unknown table public\.itemz"):
+        await env.bemi.history("itemz", 1)
+    with pytest.raises(QueryError, match="unknown table"):
+        await env.bemi.as_of("nope.items", 1, at=datetime.now(UTC))
+    with pytest.raises(QueryError, match="unknown table"):
+        await env.bemi.changes.find(table="itemz")
+    with pytest.raises(QueryError, match="unknown table"):
+        [row async for row in env.bemi.table_as_of("itemz", at=datetime.now(UTC))]
+    with pytest.raises(QueryError, match=r"has no column colour.*columns are id, name, price"):
+        await env.bemi.changes.find(table="items", after={"colour": "red"})
+    with pytest.raises(QueryError, match="in the future"):
+        await env.bemi.as_of("items", 1, at=datetime.now(UTC) + timedelta(hours=1))
+    with pytest.raises(QueryError, match="operation"):
+        await env.bemi.changes.find(operation="MERGE")
+    with pytest.raises(QueryError, match="primary key value"):
+        await env.bemi.history("items", 1.5)  # type: ignore[arg-type]
+    with pytest.raises(QueryError, match="limit"):
+        await env.bemi.changes.find(limit=0)
+    with pytest.raises(QueryError, match="needs table"):
+        await env.bemi.changes.find(primary_key=1)
+    # A table known only from the catalog (no changes yet) is not an error: it just has no history.
+    await env.conn.execute("CREATE TABLE fresh (id int PRIMARY KEY, label text)")
+    assert await env.bemi.history("fresh", 1) == []
+    assert await env.bemi.changes.find(table="fresh", after={"label": "x"}) == []
+    with pytest.raises(QueryError, match="has no column nope"):
+        await env.bemi.changes.find(table="fresh", before={"nope": 1})
+
+
+async def test_bemi_from_a_dsn_and_a_configured_table(env: Env, database: str) -> None:
+    """Bemi(dsn) opens and closes its own pool, and reads a differently named changes table when told to."""
+    await env.conn.execute("CREATE SCHEMA audit; CREATE TABLE audit.changes (LIKE bemi.changes INCLUDING ALL)")
+    await write_item_story(env)
+    await env.conn.execute("INSERT INTO audit.changes OVERRIDING SYSTEM VALUE SELECT * FROM bemi.changes LIMIT 2")
+    async with Bemi(database, changes_table="audit.changes") as bemi:
+        assert await bemi.changes.count() == 2
+        assert len(await bemi.history("items", 1)) == 1
+    async with Bemi(database) as bemi:
+        assert await bemi.changes.count() == 5
+
+
+async def test_wait_for_returns_once_the_worker_has_stored_the_position(env: Env) -> None:
+    """wait_for() blocks until worker_state reaches the position, and times out with a clear error otherwise."""
+    first = await env.writer.commit([Row("CREATE", "items", 1, after={"id": 1})])
+    assert await env.bemi.wait_for(first, timeout=1) == first
+    target = first + 0x1000
+    waiter = asyncio.create_task(env.bemi.wait_for(target, timeout=10))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    stored = await env.writer.commit([Row("CREATE", "items", 2, after={"id": 2})])
+    assert stored == target
+    assert await waiter == target
+    with pytest.raises(TimeoutError, match="worker"):
+        await env.bemi.wait_for(target + 1, timeout=0.1)
+    assert await env.bemi.wait_for(bemi_asgi._filters.lsn_to_str(target), timeout=1) == target
+
+
+async def test_current_lsn_is_past_the_last_commit(env: Env) -> None:
+    """current_lsn() read after a COMMIT is past that transaction's commit record (the WAL position grows)."""
+    before = await bemi_asgi.current_lsn(env.conn)
+    await env.conn.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+    after = await bemi_asgi.current_lsn(env.conn)
+    assert after > before
+    assert after == await env.conn.fetchval("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
