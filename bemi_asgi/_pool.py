@@ -186,9 +186,8 @@ class BemiConnection(_Connection):
 
     Use it through `create_pool` / `connect`, or pass `connection_class=BemiConnection` to asyncpg yourself.
 
-    Note: statements run through a cursor, or through `prepare()` inside a transaction, are not seen one by one:
-    their transaction carries the context its last seen statement ran under (or the context current at COMMIT
-    when no statement was seen), so a context change among them is not split.
+    Note: a cursor's fetches are not seen one by one: a transaction written only through cursors carries the
+    context of the last statement seen before them, or else the one current at COMMIT.
     """
 
     # Per-transaction state: whether a statement ran yet, whether one may have written, the context the last one ran

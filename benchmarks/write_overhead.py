@@ -1,6 +1,6 @@
 """What carrying the context costs: plain asyncpg pool vs the bemi pool with a context set, same run.
 
-    python -m benchmarks.write_overhead [--dsn postgresql://...] [--seconds 1.0] [--rounds 5]
+    python -m benchmarks.write_overhead [--dsn postgresql://...] [--seconds 0.3] [--rounds 20]
 
 Without --dsn (or $BEMI_BENCH_DSN) it starts a throwaway local PostgreSQL (wal_level=logical). Each workload runs
 for --seconds per round on both pools, alternating which goes first, for --rounds rounds; the ratio is the bemi
@@ -124,8 +124,8 @@ def main() -> None:
     parser.add_argument(
         "--dsn", default=os.environ.get("BEMI_BENCH_DSN"), help="an existing database (wal_level=logical)"
     )
-    parser.add_argument("--seconds", type=float, default=1.0, help="length of one measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per workload")
+    parser.add_argument("--seconds", type=float, default=0.3, help="length of one measurement")
+    parser.add_argument("--rounds", type=int, default=20, help="alternating rounds per workload")
     args = parser.parse_args()
     if args.dsn:
         asyncio.run(bench(args.dsn, args.seconds, args.rounds))

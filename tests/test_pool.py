@@ -546,3 +546,9 @@ def test_any_json_round_trips_through_the_wal(database: str, runner: asyncio.Run
     finally:
         runner.run(conn.close())
         runner.run(reader.close())
+
+
+def test_connection_class_must_derive_from_bemi_connection() -> None:
+    """A plain asyncpg connection class is refused: its writes would silently lose the context."""
+    with pytest.raises(TypeError, match="BemiConnection"):
+        bemi_asgi.create_pool("postgresql://unused", connection_class=asyncpg.Connection)
