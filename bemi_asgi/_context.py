@@ -151,6 +151,8 @@ def _find_problem(value: object, path: str, depth: int = 0) -> str | None:
                     f"the Bemi context has a {type(key).__name__} key {key!r} {where}: JSON object keys must be "
                     "strings, convert it with str()"
                 )
+            if "\x00" in key:
+                return f"the Bemi context has a key {key!r} {where} with a NUL character, which jsonb cannot store"
             problem = _find_problem(item, f"{path}.{key}" if path else key, depth + 1)
             if problem is not None:
                 return problem

@@ -157,6 +157,8 @@ def test_threads_do_not_share_the_context() -> None:
         ({"deep": {"name": ["x\x00"]}}, "at 'deep.name[0]' contains a NUL"),
         ({"text": "\ud800"}, "at 'text' is not valid Unicode"),
         ({"ids": {1: "a"}}, "int key 1 at 'ids'"),
+        ({"a\x00b": 1}, "key 'a\\x00b' at the top level with a NUL"),
+        ({"outer": {"\x00": 1}}, "key '\\x00' at 'outer' with a NUL"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_key(values: dict[str, Any], fragment: str) -> None:
