@@ -63,12 +63,14 @@ def quote_literal(text: str) -> str:
 
     Dollar quoting takes the body verbatim: no escape processing at all, so the result does not depend on
     standard_conforming_strings or backslash_quote, and any text round-trips exactly as long as the closing tag does
-    not occur in it, which the tag is chosen to guarantee. (E'' quoting would also work but needs every backslash and
-    quote escaped; here nothing in the text is ever rewritten.) NUL cannot occur: the context refuses it.
+    not occur in it, which the tag is chosen to guarantee. The check looks for the tag without its closing `$`: text
+    ending in `$bemi` would otherwise join the closing tag's first `$` and end the literal early. (E'' quoting would
+    also work but needs every backslash and quote escaped; here nothing in the text is ever rewritten.) NUL cannot
+    occur: the context refuses it.
     """
     tag = "bemi"
     n = 0
-    while f"${tag}$" in text:
+    while f"${tag}" in text:
         n += 1
         tag = f"bemi{n}"
     return f"${tag}${text}${tag}$"

@@ -430,6 +430,12 @@ def test_quote_literal_picks_a_tag_absent_from_the_text(text: str) -> None:
     assert tag not in text
 
 
+@pytest.mark.parametrize("text", ["x$bemi", "$bemi", "x$bemi$bemi", "$bemi1$", "$", "$$", "'\\"])
+async def test_quote_literal_round_trips_through_the_server(conn: BemiConnection, text: str) -> None:
+    """The server reads back exactly the quoted text, including text ending where the closing tag begins."""
+    assert await conn.fetchval(f"SELECT {quote_literal(text)}") == text
+
+
 def test_emit_sql_is_cached_and_calls_the_three_argument_function() -> None:
     """The emitted SQL calls pg_logical_emit_message with 3 arguments and is built once per context text."""
     with bemi_context(CTX):
