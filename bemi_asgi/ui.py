@@ -520,6 +520,7 @@ class _EventStream(Response):
         lifetime: float,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream", headers=_security_headers("-"))
+        del self.headers["content-length"]  # the body is a stream of unknown length
         self.headers["Cache-Control"] = "no-store"
         self.headers["X-Accel-Buffering"] = "no"  # proxies must pass events through at once
         self._poll = poll

@@ -54,16 +54,15 @@ async def env(database: str) -> AsyncIterator[Env]:
     pool = await asyncpg.create_pool(database, min_size=1, max_size=3)
     try:
         env = Env(conn, ChangeWriter(conn), Bemi(pool), {})
-        await write_story(env)
+        await write_story(env.writer)
         yield env
     finally:
         await pool.close()
         await conn.close()
 
 
-async def write_story(env: Env) -> None:
+async def write_story(w: ChangeWriter) -> None:
     """Two tenants' items: tenant 1 owns item 1 (alice, bob), tenant 2 item 2 and a note with hostile text."""
-    w = env.writer
     pen = {"id": 1, "name": "pen", "price": 3}
     await w.commit(
         [Row("CREATE", "items", 1, after=pen)],
@@ -566,6 +565,7 @@ async def test_stream_sends_new_in_scope_changes_and_stops_on_disconnect(env: En
     start = await asyncio.wait_for(stream.sent.get(), 30)
     assert start["status"] == 200
     assert dict(start["headers"])[b"content-type"].startswith(b"text/event-stream")
+    assert b"content-length" not in dict(start["headers"])
     await env.writer.commit(
         [Row("CREATE", "items", 3, after={"id": 3, "name": "OTHER-TENANT"})], context={"tenant_id": 2}
     )
