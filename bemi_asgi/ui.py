@@ -330,6 +330,8 @@ class BemiUI:
                 raise QueryError("the stream continues from an ascending cursor: pass the one the timeline gives")
         except QueryError as exc:
             return Response(f"{exc}\n", status_code=400, media_type="text/plain")
+        if request.method == "HEAD":  # the headers only: no stream to keep open
+            return Response(media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
         async def poll(cursor: str | None) -> tuple[str | None, str | None]:
             page = await self._find(filters, scope, limit=STREAM_BATCH, cursor=cursor, order="asc")
