@@ -290,6 +290,21 @@ async def test_bad_input_is_a_400_that_says_what_was_wrong(env: Env) -> None:
     assert "needs table=... and key=..." in row.text
 
 
+async def test_values_postgresql_refuses_are_a_400_not_a_crash(env: Env) -> None:
+    """A NUL character, a JSON \\u0000, an out-of-range transaction id or time answer 400 on every page."""
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        responses = [
+            await client.get("/row", params={"table": "items", "key": "1\x00"}),
+            await client.get("/", params={"c.user": '"\\u0000"'}),
+            await client.get("/", params={"table": "items\x00"}),
+            await client.get("/transaction/99999999999999999999"),
+            await client.get("/request", params={"id": "\x00"}),
+            await client.get("/row", params={"table": "items", "key": "1", "at": "9999-12-31T23:59:59.999999"}),
+            await client.get("/stream", params={"c.user": "\x00"}),
+        ]
+    assert [r.status_code for r in responses] == [400] * len(responses)
+
+
 async def test_pages_on_changes_stored_by_the_real_pipeline(database: str) -> None:
     """Writes through the bemi pool, captured by the worker, show on the timeline with their context; the row
     links work for a composite key, and a TRUNCATE ends the row on its page."""
