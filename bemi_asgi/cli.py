@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +18,112 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """PostgreSQL change history for ASGI apps."""
+
+
+@app.command("sql-migration")
+def sql_migration(
+    publication: Annotated[
+        str, typer.Option(envvar="BEMI_PUBLICATION", help="Name of the publication listing the tracked tables.")
+    ] = "bemi",
+    schema: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Track every table of this schema, now and later (repeat it or separate with commas). "
+            "Default: public, unless --table is given.",
+        ),
+    ] = None,
+    table: Annotated[
+        list[str] | None,
+        typer.Option(
+            help='Track this table, as schema.table (repeat it or separate with commas; "Quote" names with '
+            "capitals, spaces or dots).",
+        ),
+    ] = None,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            help="Only the 'source' part (publication, replica identity, event trigger) or only the "
+            "'destination' part (schema bemi with bemi.changes)."
+        ),
+    ] = None,
+    down: Annotated[
+        bool, typer.Option("--down", help="Print the rollback instead (drops the stored changes).")
+    ] = False,
+    alembic: Annotated[
+        Path | None,
+        typer.Option(help="Write an Alembic revision file (upgrade and downgrade) into this versions directory."),
+    ] = None,
+    down_revision: Annotated[
+        str | None,
+        typer.Option(help="With --alembic: the revision it follows (default: the directory's single head)."),
+    ] = None,
+) -> None:
+    """Print the SQL that prepares a database for change capture: bemi-asgi sql-migration | psql "$DATABASE_URL"
+
+    Source: a publication of the tracked tables, REPLICA IDENTITY FULL on them, an event trigger tracking new tables.
+    Destination: the schema bemi with the table bemi.changes. Running it again changes nothing.
+    """
+    from ._exceptions import MigrationError
+    from ._migration import PARTS, Part, migration_sql, write_alembic_revision
+
+    try:
+        if only is not None and only not in PARTS:
+            raise MigrationError(f"--only must be 'source' or 'destination', not {only!r}")
+        parts: tuple[Part, ...] = PARTS if only is None else (only,)
+        if alembic is not None:
+            if down:
+                raise MigrationError("--down and --alembic do not mix: the Alembic revision holds both directions")
+            path = write_alembic_revision(
+                alembic, down_revision=down_revision, publication=publication, schemas=schema, tables=table,
+                parts=parts, options_text=_options_text(publication, schema, table, only),
+            )  # fmt: skip
+            typer.echo(f"Wrote {path}")
+            return
+        typer.echo(
+            migration_sql(publication=publication, schemas=schema, tables=table, down=down, parts=parts), nl=False
+        )
+    except MigrationError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _options_text(publication: str, schemas: list[str] | None, tables: list[str] | None, only: str | None) -> str:
+    import shlex
+
+    args = [] if publication == "bemi" else ["--publication", publication]
+    for option, values in (("--schema", schemas), ("--table", tables)):
+        for value in values or ():
+            args += [option, value]
+    if only is not None:
+        args += ["--only", only]
+    return shlex.join(args)
+
+
+@app.command()
+def doctor(
+    dsn: Annotated[str, typer.Argument(envvar="BEMI_SOURCE_DSN", help="The source database, as a postgresql:// URL.")],
+    publication: Annotated[str, typer.Option(envvar="BEMI_PUBLICATION", help="The publication to check.")] = "bemi",
+    max_lag_mb: Annotated[
+        float, typer.Option(help="Warn about a replication slot further behind than this many MiB.")
+    ] = 1024,
+) -> None:
+    """Check that a source database is ready for change capture and say in plain words what is missing.
+
+    Checks the PostgreSQL version, wal_level, the replication privilege, the publication, each tracked table's
+    replica identity and the replication slots' lag. Exits with 1 when something blocking is missing.
+    """
+    import psycopg
+
+    from ._doctor import check_source, format_report
+
+    try:
+        findings = check_source(dsn, publication=publication, max_lag_bytes=int(max_lag_mb * 1024 * 1024))
+    except psycopg.OperationalError as exc:
+        typer.echo(f"Error: cannot connect to the source database: {str(exc).strip()}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_report(findings))
+    if any(finding.blocking for finding in findings):
+        raise typer.Exit(1)
 
 
 def main() -> None:

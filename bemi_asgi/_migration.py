@@ -1,0 +1,521 @@
+"""The SQL that prepares a source database for change capture and a destination for the changes, and its rollback.
+
+The SQL lives in `migrations_sql/` (shipped inside the wheel as `bemi_asgi/migrations_sql`). The source script
+takes the publication name and the tracked schemas and tables as `{{placeholders}}`, filled here with quoted
+literals; the SQL itself quotes every identifier with `format('%I')`, so names with capitals, spaces, quotes or
+dollar signs are safe everywhere.
+
+Table and schema names given as options follow SQL's rules: unquoted names are folded to lower case, and a name
+with capitals, spaces, dots or quotes is written in double quotes (`'"Sales Data"."Orders"'`).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Literal, TypeVar
+from uuid import uuid4
+
+from ._exceptions import MigrationError
+
+__all__ = [
+    "DEFAULT_PUBLICATION",
+    "Part",
+    "TableName",
+    "alembic_revision",
+    "load_sql",
+    "migration_sql",
+    "parse_identifiers",
+    "parse_tables",
+    "quote_ident",
+    "quote_literal",
+    "split_statements",
+    "write_alembic_revision",
+]
+
+DEFAULT_PUBLICATION = "bemi"
+DEFAULT_SCHEMAS = ("public",)
+BEMI_SCHEMA = "bemi"
+#: PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes); refuse them instead of tracking another name.
+MAX_IDENTIFIER_BYTES = 63
+#: Schemas of PostgreSQL itself: never tracked.
+SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema", "pg_toast"})
+
+Part = Literal["source", "destination"]
+PARTS: tuple[Part, ...] = ("source", "destination")
+
+
+@dataclass(frozen=True, slots=True)
+class TableName:
+    """A schema-qualified table name, exactly as stored in the catalog (case and all)."""
+
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier for SQL, always: `"..."` with inner double quotes doubled (PostgreSQL's rule)."""
+    _check_name(name)
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """Quote a string as a SQL expression that is safe anywhere, dollar-quoted function bodies included.
+
+    Quotes are doubled; a value with backslashes becomes an `E'...'` string, whose meaning does not depend on
+    `standard_conforming_strings` (PostgreSQL's own `quote_literal` does the same); a `$` is spliced in as
+    `chr(36)`, so no value can end a `$$ ... $$` body.
+    """
+    if "\x00" in value:
+        raise MigrationError(f"{value!r} contains a NUL character, which PostgreSQL text cannot hold")
+    parts = []
+    for piece in value.split("$"):
+        quoted = "'" + piece.replace("'", "''") + "'"
+        if "\\" in piece:
+            quoted = "E" + quoted.replace("\\", "\\\\")
+        parts.append(quoted)
+    return parts[0] if len(parts) == 1 else "(" + " || chr(36) || ".join(parts) + ")"
+
+
+def _name_array(values: Iterable[str], element_type: str) -> str:
+    items = [quote_literal(value) for value in values]
+    return f"ARRAY[{', '.join(items)}]::{element_type}[]" if items else f"'{{}}'::{element_type}[]"
+
+
+_UNQUOTED = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
+
+
+def parse_identifiers(text: str) -> list[str]:
+    """Split `text` into the dot-separated identifiers of one SQL name, following SQL's rules.
+
+    `public.users` -> ["public", "users"]; `"Sales Data"."Orders"` -> ["Sales Data", "Orders"], a double quote
+    inside a quoted name is written twice;
+    unquoted names are folded to lower case like PostgreSQL does.
+    """
+    names: list[str] = []
+    pos = 0
+    text = text.strip()
+    while True:
+        if pos < len(text) and text[pos] == '"':
+            end = pos + 1
+            chars: list[str] = []
+            while True:
+                close = text.find('"', end)
+                if close < 0:
+                    raise MigrationError(
+                        f'{text!r} has an unterminated double quote: close it, or double a " in a name'
+                    )
+                chars.append(text[end:close])
+                if text.startswith('""', close):
+                    chars.append('"')
+                    end = close + 2
+                    continue
+                pos = close + 1
+                break
+            name = "".join(chars)
+            if not name:
+                raise MigrationError(f'{text!r} contains an empty quoted name ""')
+        else:
+            match = _UNQUOTED.match(text, pos)
+            if match is None:
+                raise MigrationError(
+                    f"{text!r} is not a valid name: write letters, digits and _ (lower case), or put a name with "
+                    'capitals, spaces or other characters in double quotes, e.g. \'"Sales Data"."Orders"\''
+                )
+            name = match.group().lower() if match.group().isascii() else _ascii_lower(match.group())
+            pos = match.end()
+        _check_name(name)
+        names.append(name)
+        if pos == len(text):
+            return names
+        if text[pos] != ".":
+            raise MigrationError(
+                f"{text!r} is not a valid name: unexpected {text[pos]!r} after {names[-1]!r}; put names with "
+                "spaces or punctuation in double quotes"
+            )
+        pos += 1
+
+
+def _ascii_lower(name: str) -> str:
+    # PostgreSQL folds only ASCII letters of unquoted names in UTF-8 databases.
+    return "".join(ch.lower() if ch.isascii() else ch for ch in name)
+
+
+def _check_name(name: str) -> None:
+    if not name:
+        raise MigrationError("an empty name: give a schema or table name")
+    if "\x00" in name:
+        raise MigrationError(f"{name!r} contains a NUL character, which PostgreSQL names cannot hold")
+    if len(name.encode()) > MAX_IDENTIFIER_BYTES:
+        raise MigrationError(
+            f"{name!r} is longer than {MAX_IDENTIFIER_BYTES} bytes, so PostgreSQL would truncate it: use a shorter name"
+        )
+
+
+def _split_list(values: Iterable[str], what: str) -> list[str]:
+    """Split each value on commas outside double quotes; refuse empty items."""
+    values = list(values)
+    items: list[str] = []
+    for value in values:
+        current: list[str] = []
+        quoted = False
+        for ch in value:
+            if ch == '"':
+                quoted = not quoted  # a doubled "" toggles twice: still right
+            if ch == "," and not quoted:
+                items.append("".join(current))
+                current = []
+            else:
+                current.append(ch)
+        items.append("".join(current))
+    for item in items:
+        if not item.strip():
+            raise MigrationError(
+                f"an empty {what} in {list(values)!r}: give one or more names separated by commas, or leave the "
+                "option out"
+            )
+    return [item.strip() for item in items]
+
+
+def parse_schemas(values: Iterable[str]) -> list[str]:
+    """Parse `--schema` values (each a name or a comma-separated list) into schema names."""
+    schemas: list[str] = []
+    for item in _split_list(values, "schema name"):
+        names = parse_identifiers(item)
+        if len(names) != 1:
+            raise MigrationError(
+                f'{item!r} is not a schema name: a schema is one name (write "My.Schema" in double quotes if it '
+                "contains a dot); to track single tables use --table schema.table"
+            )
+        schemas.append(_trackable_schema(names[0], item))
+    return _unique(schemas)
+
+
+def parse_tables(values: Iterable[str]) -> list[TableName]:
+    """Parse `--table` values (each `schema.table` or a comma-separated list of them) into table names."""
+    tables: list[TableName] = []
+    for item in _split_list(values, "table name"):
+        names = parse_identifiers(item)
+        if len(names) != 2:
+            raise MigrationError(
+                f"{item!r} is not a schema-qualified table name: write schema.table, e.g. public.users (names "
+                'with capitals, spaces or dots in double quotes: \'"Sales Data"."Orders"\')'
+            )
+        tables.append(TableName(_trackable_schema(names[0], item), names[1]))
+    return _unique(tables)
+
+
+def _trackable_schema(schema: str, given: str) -> str:
+    if schema == BEMI_SCHEMA:
+        raise MigrationError(
+            f"{given!r} is in the schema {BEMI_SCHEMA!r}, which holds bemi-asgi's own tables and is never tracked "
+            "(the worker would record its own writes): track application schemas and tables only"
+        )
+    if schema in SYSTEM_SCHEMAS or schema.startswith("pg_"):
+        raise MigrationError(f"{given!r} is in a PostgreSQL system schema, which cannot be tracked")
+    return schema
+
+
+T = TypeVar("T")
+
+
+def _unique(items: Iterable[T]) -> list[T]:
+    return list(dict.fromkeys(items))
+
+
+def check_publication(name: str) -> str:
+    """Validate a publication name (taken verbatim: it is a single name, quoted wherever it is used)."""
+    if not name.strip():
+        raise MigrationError("the publication name is empty: give one with --publication (default: bemi)")
+    _check_name(name)
+    return name
+
+
+def load_sql(name: str) -> str:
+    """Read `migrations_sql/<name>` from the installed package, or from the repository in an editable install."""
+    packaged = resources.files("bemi_asgi").joinpath("migrations_sql", name)
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "migrations_sql" / name).read_text(encoding="utf-8")
+
+
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+def _render(template: str, values: dict[str, str]) -> str:
+    def fill(match: re.Match[str]) -> str:
+        return values[match.group(1)]
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+def migration_sql(
+    *,
+    publication: str = DEFAULT_PUBLICATION,
+    schemas: Sequence[str] | None = None,
+    tables: Sequence[str] | None = None,
+    down: bool = False,
+    parts: Sequence[Part] = PARTS,
+) -> str:
+    """The SQL script preparing (or, with `down=True`, rolling back) the source and/or the destination.
+
+    `schemas` and `tables` take the same text as the command line options: names following SQL's rules, each
+    item possibly a comma-separated list. With neither, the schema `public` is tracked. The same options must be
+    given to `down` as to the migration (the publication name, at least).
+    """
+    publication = check_publication(publication)
+    if not parts:
+        raise MigrationError("nothing to migrate: choose the source, the destination or both")
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        raise MigrationError(f"unknown part(s) {unknown!r}: choose from {list(PARTS)!r}")
+    if schemas is not None and not schemas:
+        raise MigrationError("the schema list is empty: give one or more schema names, or leave the option out")
+    if tables is not None and not tables:
+        raise MigrationError("the table list is empty: give one or more schema.table names, or leave the option out")
+    schema_names = parse_schemas(schemas) if schemas is not None else []
+    table_names = parse_tables(tables) if tables is not None else []
+    if not schema_names and not table_names:
+        schema_names = list(DEFAULT_SCHEMAS)
+    values = {
+        "publication": quote_literal(publication),
+        "publication_identifier": quote_ident(publication),
+        "schemas": _name_array(schema_names, "name"),
+        "tables": _name_array((str(table) for table in table_names), "text"),
+    }
+    scripts: list[str] = []
+    order: Sequence[Part] = ("source", "destination") if down else ("destination", "source")
+    for part in order:
+        if part in parts:
+            scripts.append(_render(load_sql(f"{part}_{'down' if down else 'up'}.sql"), values))
+    return "\n".join(script.rstrip("\n") + "\n" for script in scripts)
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a SQL script into statements, respecting quotes, comments and dollar-quoted bodies.
+
+    Comments between statements are dropped. Needed where each statement is sent on its own (asyncpg prepares
+    each query, and a prepared statement holds one command).
+    """
+    statements: list[str] = []
+    current: list[str] = []
+    pos = 0
+    length = len(script)
+    while pos < length:
+        ch = script[pos]
+        if script.startswith("--", pos):
+            end = script.find("\n", pos)
+            end = length if end < 0 else end
+            if any(part.strip() for part in current):
+                current.append(script[pos:end])
+            pos = end
+        elif script.startswith("/*", pos):
+            end = script.find("*/", pos + 2)
+            end = length if end < 0 else end + 2
+            current.append(script[pos:end])
+            pos = end
+        elif ch in "'\"":
+            end = pos + 1
+            while True:
+                end = script.find(ch, end)
+                if end < 0:
+                    end = length
+                    break
+                if script.startswith(ch * 2, end):
+                    end += 2
+                    continue
+                end += 1
+                break
+            current.append(script[pos:end])
+            pos = end
+        elif ch == "$" and (match := re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$").match(script, pos)):
+            if pos > 0 and (script[pos - 1].isalnum() or script[pos - 1] == "_"):
+                current.append(ch)  # a $ inside an identifier, not a dollar quote
+                pos += 1
+                continue
+            tag = match.group()
+            end = script.find(tag, match.end())
+            end = length if end < 0 else end + len(tag)
+            current.append(script[pos:end])
+            pos = end
+        elif ch == ";":
+            statement = "".join(current).strip()
+            if statement:
+                statements.append(statement)
+            current = []
+            pos += 1
+        else:
+            current.append(ch)
+            pos += 1
+    statement = "".join(current).strip()
+    if statement:
+        statements.append(statement)
+    return statements
+
+
+# --- Alembic ---------------------------------------------------------------------------------------------------
+
+_ALEMBIC_TEMPLATE = '''"""{message}
+
+Generated by `bemi-asgi sql-migration --alembic`{options}.
+
+Revision ID: {revision}
+Revises: {down_revision_text}
+Create Date: {created}
+"""
+
+from alembic import op
+
+revision = {revision!r}
+down_revision = {down_revision!r}
+branch_labels = None
+depends_on = None
+
+# One statement per execute: drivers that prepare statements (asyncpg) accept a single command at a time.
+UPGRADE = {upgrade}
+
+DOWNGRADE = {downgrade}
+
+
+def upgrade() -> None:
+    for statement in UPGRADE:
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    for statement in DOWNGRADE:
+        op.execute(statement)
+'''
+
+# `op.execute` runs text through SQLAlchemy's `text()`, where `:name` is a bind parameter; `\\:` escapes it.
+_BIND_LIKE = re.compile(r"(?<![:\w\\]):(?=\w)")
+
+
+def _statement_list(script: str) -> str:
+    statements = [_BIND_LIKE.sub(r"\\:", statement) for statement in split_statements(script)]
+    return "[\n" + "".join(f"    {_python_string(statement)},\n" for statement in statements) + "]"
+
+
+def _docstring_safe(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _python_string(text: str) -> str:
+    """A Python literal for `text`: triple-quoted (readable SQL) when that needs no escapes, else repr()."""
+    if "\\" in text or '"""' in text or text.endswith('"') or "\n" not in text:
+        return repr(text)
+    return '"""' + text + '"""'
+
+
+def alembic_revision(
+    *,
+    revision: str | None = None,
+    down_revision: str | None = None,
+    publication: str = DEFAULT_PUBLICATION,
+    schemas: Sequence[str] | None = None,
+    tables: Sequence[str] | None = None,
+    parts: Sequence[Part] = PARTS,
+    options_text: str = "",
+) -> str:
+    """The text of an Alembic revision file whose upgrade runs the migration and whose downgrade rolls it back."""
+    revision = revision or uuid4().hex[:12]
+    return _ALEMBIC_TEMPLATE.format(
+        message="bemi-asgi: prepare change capture",
+        options=f" ({_docstring_safe(options_text)})" if options_text else "",
+        revision=revision,
+        down_revision=down_revision,
+        down_revision_text=down_revision or "",
+        created=datetime.now(UTC).isoformat(sep=" ", timespec="seconds"),
+        upgrade=_statement_list(migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts)),
+        downgrade=_statement_list(
+            migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, down=True)
+        ),
+    )
+
+
+def alembic_head(directory: Path) -> str | None:
+    """The single head revision among the revision files in `directory`, or None when there are none."""
+    revisions: dict[str, tuple[str, ...]] = {}
+    for path in sorted(directory.glob("*.py")):
+        found = _revision_ids(path)
+        if found is not None:
+            revisions[found[0]] = found[1]
+    parents = {parent for downs in revisions.values() for parent in downs}
+    heads = sorted(rev for rev in revisions if rev not in parents)
+    if len(heads) > 1:
+        raise MigrationError(
+            f"{directory} has several head revisions ({', '.join(heads)}): pass the one to build on with "
+            "--down-revision, or merge the heads first (alembic merge heads)"
+        )
+    return heads[0] if heads else None
+
+
+def _revision_ids(path: Path) -> tuple[str, tuple[str, ...]] | None:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError):
+        return None
+    found: dict[str, object] = {}
+    for node in tree.body:
+        target: ast.expr | None = None
+        value: ast.expr | None = None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign):
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name) and target.id in ("revision", "down_revision") and value is not None:
+            try:
+                found[target.id] = ast.literal_eval(value)
+            except ValueError:
+                return None
+    revision, down = found.get("revision"), found.get("down_revision")
+    if not isinstance(revision, str):
+        return None
+    if isinstance(down, str):
+        return revision, (down,)
+    if isinstance(down, list | tuple):
+        return revision, tuple(str(item) for item in down)
+    return revision, ()
+
+
+def write_alembic_revision(
+    directory: str | Path,
+    *,
+    down_revision: str | None = None,
+    publication: str = DEFAULT_PUBLICATION,
+    schemas: Sequence[str] | None = None,
+    tables: Sequence[str] | None = None,
+    parts: Sequence[Part] = PARTS,
+    options_text: str = "",
+) -> Path:
+    """Write an Alembic revision file into `directory` (the `versions/` folder) and return its path.
+
+    Without `down_revision`, the new revision follows the directory's single head.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise MigrationError(
+            f"{folder} is not a directory: give Alembic's versions folder (for example alembic/versions)"
+        )
+    parent = down_revision if down_revision is not None else alembic_head(folder)
+    revision = uuid4().hex[:12]
+    text = alembic_revision(
+        revision=revision,
+        down_revision=parent,
+        publication=publication,
+        schemas=schemas,
+        tables=tables,
+        parts=parts,
+        options_text=options_text,
+    )
+    path = folder / f"{revision}_bemi_asgi_change_capture.py"
+    path.write_text(text, encoding="utf-8")
+    return path

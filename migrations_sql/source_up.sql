@@ -1,0 +1,173 @@
+-- bemi-asgi source: what change capture needs on the database the application writes to.
+-- Idempotent: safe to run again; a second run changes nothing. Run it as the owner of the tables (and as a
+-- superuser if you want tables created later to be tracked automatically: see the event trigger at the end).
+--
+-- A publication lists the tracked tables explicitly (this works on PostgreSQL 14+, where FOR TABLES IN SCHEMA
+-- does not exist and FOR ALL TABLES would include bemi's own tables). Tracked tables get REPLICA IDENTITY FULL:
+-- the change stream then carries the whole old row of an UPDATE or DELETE, and a table without a primary key keeps
+-- accepting UPDATE and DELETE once it is published. The schema `bemi` is never tracked.
+CREATE SCHEMA IF NOT EXISTS bemi;
+
+-- The publications this migration manages, and the schemas whose new tables join them.
+CREATE TABLE IF NOT EXISTS bemi.source_publications (
+    publication  name PRIMARY KEY,
+    schemas      name[] NOT NULL DEFAULT '{}'
+);
+
+-- Each table's replica identity from before this migration set it to FULL, so the rollback can restore it.
+CREATE TABLE IF NOT EXISTS bemi.source_replica_identities (
+    relid        oid PRIMARY KEY,
+    identity     "char" NOT NULL,
+    -- The index of REPLICA IDENTITY USING INDEX.
+    index_relid  oid
+);
+
+-- Give one table REPLICA IDENTITY FULL, remembering the setting it replaces.
+CREATE OR REPLACE FUNCTION bemi.set_replica_identity_full(rel regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    previous "char";
+BEGIN
+    SELECT relreplident INTO previous FROM pg_class WHERE oid = rel;
+    IF previous = 'f' THEN
+        RETURN;
+    END IF;
+    INSERT INTO bemi.source_replica_identities (relid, identity, index_relid)
+    VALUES (rel, previous, (SELECT indexrelid FROM pg_index WHERE indrelid = rel AND indisreplident))
+    ON CONFLICT (relid) DO UPDATE SET identity = excluded.identity, index_relid = excluded.index_relid;
+    EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY FULL',
+                   (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel),
+                   (SELECT relname FROM pg_class WHERE oid = rel));
+END $$;
+
+-- Track one table: add it to the publication (a partition is published through its root) and give it, and each
+-- of its partitions, REPLICA IDENTITY FULL.
+CREATE OR REPLACE FUNCTION bemi.track_table(pub name, rel regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tbl record;
+    part regclass;
+BEGIN
+    SELECT c.relkind, c.relpersistence, c.relispartition, c.relname, n.nspname INTO tbl
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+    IF tbl.nspname = 'bemi' THEN
+        RAISE EXCEPTION 'bemi-asgi never tracks its own schema "bemi" (asked to track %)', rel
+            USING HINT = 'Track application tables only.';
+    END IF;
+    IF tbl.relkind NOT IN ('r', 'p') OR tbl.relpersistence <> 'p' THEN
+        RAISE EXCEPTION '% cannot be tracked: only ordinary, logged tables can be published', rel
+            USING HINT = 'Remove it from the tracked tables (views, foreign, temporary and unlogged tables have no change stream).';
+    END IF;
+    IF NOT tbl.relispartition AND NOT EXISTS (
+        SELECT FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+        WHERE p.pubname = pub AND pr.prrelid = rel
+    ) THEN
+        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I', pub, tbl.nspname, tbl.relname);
+    END IF;
+    -- Each partition checks its own replica identity on UPDATE and DELETE.
+    FOR part IN SELECT rel UNION SELECT relid FROM pg_partition_tree(rel) LOOP
+        PERFORM bemi.set_replica_identity_full(part);
+    END LOOP;
+END $$;
+
+-- Create the publication unless it exists, and remember it with its tracked schemas.
+CREATE OR REPLACE FUNCTION bemi.create_publication(pub name, tracked_schemas name[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    all_tables boolean;
+BEGIN
+    SELECT puballtables INTO all_tables FROM pg_publication WHERE pubname = pub;
+    IF all_tables IS NULL THEN
+        -- Changes to partitions arrive under the partitioned table's name, the table the application queries.
+        EXECUTE format('CREATE PUBLICATION %I WITH (publish_via_partition_root = true)', pub);
+    ELSIF all_tables THEN
+        RAISE EXCEPTION 'publication "%" is FOR ALL TABLES, which includes bemi''s own tables', pub
+            USING HINT = 'Choose another publication name (--publication) or drop this publication.';
+    END IF;
+    INSERT INTO bemi.source_publications (publication, schemas) VALUES (pub, '{}')
+    ON CONFLICT (publication) DO NOTHING;
+    -- Running the migration again with more schemas adds them; it never stops tracking one.
+    UPDATE bemi.source_publications
+    SET schemas = schemas || ARRAY(SELECT s FROM unnest(tracked_schemas) AS s WHERE s <> ALL (schemas))
+    WHERE publication = pub AND NOT tracked_schemas <@ schemas;
+END $$;
+
+-- Track every table of one schema.
+CREATE OR REPLACE FUNCTION bemi.track_schema(pub name, schema_name name) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass;
+BEGIN
+    IF schema_name = 'bemi' THEN
+        RAISE EXCEPTION 'bemi-asgi never tracks its own schema "bemi"' USING HINT = 'Track application schemas only.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = schema_name) THEN
+        RAISE EXCEPTION 'schema "%" does not exist', schema_name
+            USING HINT = 'Create it first, or check the spelling: names are case-sensitive.';
+    END IF;
+    FOR rel IN
+        SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = schema_name AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
+        ORDER BY c.relname
+    LOOP
+        PERFORM bemi.track_table(pub, rel);
+    END LOOP;
+END $$;
+
+-- Event trigger: a table created in (or moved into) a tracked schema joins the publications tracking that schema.
+-- It runs as its owner (the superuser who ran the migration), so any role's CREATE TABLE can add to the
+-- publication, and it never makes that CREATE TABLE fail: a table it cannot track gets a WARNING instead.
+CREATE OR REPLACE FUNCTION bemi.track_new_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cmd record;
+    pub name;
+BEGIN
+    FOR cmd IN
+        SELECT DISTINCT c.oid AS relid, c.relispartition, n.nspname, e.command_tag
+        FROM pg_event_trigger_ddl_commands() e
+        JOIN pg_class c ON c.oid = e.objid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE e.classid = 'pg_class'::regclass AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
+          AND n.nspname <> 'bemi'
+    LOOP
+        FOR pub IN
+            SELECT sp.publication FROM bemi.source_publications sp JOIN pg_publication p ON p.pubname = sp.publication
+            WHERE cmd.nspname = ANY (sp.schemas)
+        LOOP
+            -- ALTER TABLE only matters when it moved a table into the schema (SET SCHEMA): leave the replica
+            -- identity of tables already tracked as their owner set it.
+            CONTINUE WHEN cmd.command_tag = 'ALTER TABLE' AND (cmd.relispartition OR EXISTS (
+                SELECT FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                WHERE p.pubname = pub AND pr.prrelid = cmd.relid));
+            BEGIN
+                PERFORM bemi.track_table(pub, cmd.relid);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'bemi-asgi could not track table %: %', cmd.relid::regclass, SQLERRM
+                    USING HINT = 'Run bemi-asgi sql-migration again as a superuser to track it.';
+            END;
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- Creating an event trigger needs a superuser, which managed services often do not grant: then say how to track
+-- new tables instead of failing the whole migration.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'bemi_track_new_tables') THEN
+        CREATE EVENT TRIGGER bemi_track_new_tables ON ddl_command_end
+            WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+            EXECUTE FUNCTION bemi.track_new_tables();
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'bemi-asgi: this role may not create event triggers (that needs a superuser), so tables created from now on are not tracked automatically'
+        USING HINT = 'Run bemi-asgi sql-migration again after creating tables; bemi-asgi doctor lists untracked ones.';
+END $$;
+
+-- The tracked tables. (Values spliced in here never contain a dollar sign: they cannot end the $$ body.)
+DO $$
+BEGIN
+    PERFORM bemi.create_publication({{publication}}, {{schemas}});
+    PERFORM bemi.track_schema({{publication}}, s) FROM unnest({{schemas}}) AS s;
+    PERFORM bemi.track_table({{publication}}, t::regclass) FROM unnest({{tables}}) AS t;
+END $$;

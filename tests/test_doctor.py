@@ -1,0 +1,177 @@
+"""`bemi-asgi doctor`: each missing piece of a source is named in plain words, on real servers that lack it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from typer.testing import CliRunner, Result
+
+from bemi_asgi._doctor import collect, diagnose
+from bemi_asgi._migration import migration_sql
+from bemi_asgi._postgres import LocalPostgres
+from bemi_asgi.cli import app
+
+from .conftest import PgServer
+from .test_migration import apply, owner_dsn
+
+__all__ = ["owner_dsn"]  # a fixture, used below
+
+runner = CliRunner()
+
+
+def doctor(dsn: str, *args: str) -> Result:
+    return runner.invoke(app, ["doctor", dsn, *args])
+
+
+def lines_with(result: Result, status: str) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith(status)]
+
+
+def test_prepared_database_is_all_good(database: str) -> None:
+    """On a migrated database with tables, every check passes and the exit code is 0."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE events (payload jsonb)")
+    apply(database, migration_sql())
+    result = doctor(database)
+    assert result.exit_code == 0, result.stdout
+    assert "All good" in result.stdout
+    assert lines_with(result, "MISSING") == []
+    assert lines_with(result, "warning") == []
+    assert "publication 'bemi' tracks 2 table(s)" in result.stdout
+    assert "2 tracked table(s) have REPLICA IDENTITY FULL" in result.stdout
+
+
+def test_missing_publication_blocks(database: str) -> None:
+    """On a database never migrated, doctor says the publication is missing, how to create it, and exits with 1."""
+    result = doctor(database)
+    assert result.exit_code == 1
+    (line,) = lines_with(result, "MISSING")
+    assert "publication 'bemi' does not exist" in line
+    assert "bemi-asgi sql-migration" in line
+    assert "Not ready" in result.stdout
+
+
+def test_other_publication_name(database: str) -> None:
+    """--publication checks the named publication."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, migration_sql(publication="app changes"))
+    assert doctor(database, "--publication", "app changes").exit_code == 0
+    assert doctor(database).exit_code == 1
+
+
+def test_replica_identity_problems_are_named_per_table(database: str) -> None:
+    """A published table without a primary key or FULL identity blocks; one with only a primary key is a warning."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE events (payload jsonb)")
+    apply(database, migration_sql())
+    apply(database, "ALTER TABLE events REPLICA IDENTITY DEFAULT; ALTER TABLE users REPLICA IDENTITY DEFAULT")
+    result = doctor(database)
+    assert result.exit_code == 1
+    (missing,) = lines_with(result, "MISSING")
+    assert "table public.events has no primary key" in missing
+    assert "UPDATE and DELETE on it fail" in missing
+    assert "ALTER TABLE public.events REPLICA IDENTITY FULL" in missing
+    (warning,) = lines_with(result, "warning")
+    assert "table public.users does not have REPLICA IDENTITY FULL" in warning
+    assert "only the primary key" in warning
+
+
+def test_bemi_tables_in_the_publication_block(database: str) -> None:
+    """A publication that contains bemi's own tables is reported, since the worker would record its own writes."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, migration_sql())
+    apply(database, "ALTER PUBLICATION bemi ADD TABLE bemi.changes")
+    result = doctor(database)
+    assert result.exit_code == 1
+    (line,) = lines_with(result, "MISSING")
+    assert "bemi.changes" in line
+    assert "its own writes" in line
+
+
+def test_untracked_tables_without_event_trigger(database: str, owner_dsn: str) -> None:
+    """Migrated without a superuser, tables created later are listed as untracked and the missing trigger explained."""
+    apply(owner_dsn, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(owner_dsn, migration_sql())
+    apply(owner_dsn, 'CREATE TABLE "Later Table" (id int PRIMARY KEY)')
+    result = doctor(owner_dsn)
+    # Not blocking: capture works for the tracked tables.
+    warnings = lines_with(result, "warning")
+    assert any('"Later Table"' in line and "not in publication 'bemi'" in line for line in warnings)
+    assert any("not tracked automatically" in line for line in warnings)
+    # The role lacks REPLICATION, which the worker needs.
+    (missing,) = lines_with(result, "MISSING")
+    assert "lacks the REPLICATION privilege" in missing
+    assert "ALTER ROLE" in missing
+    assert result.exit_code == 1
+
+
+def test_slot_lag_is_reported(database: str) -> None:
+    """A slot behind by more than --max-lag-mb is a warning with its lag; within the limit it is fine."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, migration_sql())
+    apply(database, "SELECT pg_create_logical_replication_slot('bemi_worker', 'pgoutput')")
+    apply(database, "INSERT INTO users SELECT generate_series(1, 1000)")
+    relaxed = doctor(database)
+    assert relaxed.exit_code == 0
+    assert "slot 'bemi_worker' (pgoutput, inactive) is" in relaxed.stdout
+    strict = doctor(database, "--max-lag-mb", "0")
+    assert strict.exit_code == 0  # a warning, not a blocker
+    (line,) = lines_with(strict, "warning")
+    assert "slot 'bemi_worker' (inactive) is" in line
+    assert "pg_drop_replication_slot('bemi_worker')" in line
+
+
+def test_old_server_version_blocks(database: str) -> None:
+    """A server older than PostgreSQL 14 is reported as too old, and only that (real facts, version lowered)."""
+    apply(database, migration_sql())
+    with psycopg.connect(database, autocommit=True) as conn:
+        facts = collect(conn, "bemi")
+    assert not any(finding.blocking for finding in diagnose(facts))
+    findings = diagnose(dataclasses.replace(facts, server_version_num=130012))
+    (finding,) = findings
+    assert finding.blocking
+    assert finding.message.startswith("PostgreSQL 13.12 is too old")
+
+
+def test_unreachable_server_is_an_error() -> None:
+    """A DSN nobody answers gives a connection error and exit code 2, not a traceback."""
+    result = runner.invoke(app, ["doctor", "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"])
+    assert result.exit_code == 2
+    assert "cannot connect" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def replica_level_server(pg_server: PgServer) -> Iterator[str]:
+    """A second server without logical decoding: wal_level=replica and no replication slots or senders."""
+    if pg_server.local is None:
+        pytest.skip("needs local PostgreSQL binaries")
+    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-doctor-"))
+    base.chmod(0o755)
+    server = LocalPostgres(
+        base / "data",
+        bin_dir=pg_server.local.bin_dir,
+        settings={"wal_level": "replica", "max_replication_slots": "0", "max_wal_senders": "0"},
+    )
+    try:
+        server.init()
+        server.start()
+        yield server.dsn()
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_server_without_logical_decoding(replica_level_server: str) -> None:
+    """On a server with wal_level=replica and no slots or senders, doctor names each setting and how to fix it."""
+    result = doctor(replica_level_server)
+    assert result.exit_code == 1
+    missing = "\n".join(lines_with(result, "MISSING"))
+    assert "wal_level is 'replica'" in missing
+    assert "set wal_level = logical" in missing
+    assert "max_replication_slots is 0" in missing
+    assert "max_wal_senders is 0" in missing
+    assert "publication 'bemi' does not exist" in missing
