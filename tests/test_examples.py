@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -181,3 +183,17 @@ async def test_sqlalchemy_app_history_carries_each_request_context(database: str
         ("DELETE", {"user": "cy", "endpoint": f"DELETE /todos/{todo_id}", "request_id": "r3"}),
     ]
     assert history[1]["diff"]["done"] == {"before": False, "after": True}
+
+
+def test_examples_are_found_inside_an_installed_package(tmp_path: Path) -> None:
+    """Installed from a wheel (examples under bemi_asgi/examples, no repository around), the demo finds its app."""
+    shutil.copytree(EXAMPLES.parent / "bemi_asgi", tmp_path / "bemi_asgi", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(EXAMPLES, tmp_path / "bemi_asgi" / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from bemi_asgi._demo import load_example; m = load_example(); print(m.__file__); print(m.create_app)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    path, function = out.splitlines()
+    assert path == str(tmp_path / "bemi_asgi" / "examples" / "todo_app.py")
+    assert function.startswith("<function create_app")
