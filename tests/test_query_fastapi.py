@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import bemi_asgi
 from bemi_asgi import get_bemi
 from bemi_asgi._worker import Worker
 
@@ -40,6 +41,8 @@ async def test_history_endpoint_shows_each_change_with_its_request_context(datab
     try:
         async with app.router.lifespan_context(app):
             await app.state.pool.execute("INSERT INTO items VALUES (1, 'pen')")
+            # Let the worker start up (slow on a busy machine) before the endpoint's own 5 s wait.
+            await app.state.bemi.wait_for(await bemi_asgi.current_lsn(app.state.pool), timeout=60)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 response = await client.patch("/items/1", json={"name": "quill"}, headers={"x-user": "ann"})
