@@ -1,0 +1,223 @@
+"""The change browser's pure helpers: reading filters from query strings, writing them back into links, and
+shaping changes for the templates (values as JSON text, per-field differences, UTC times).
+
+No I/O here. Times in the UI are UTC, both shown and typed: a `datetime-local` input has no time zone, and a fixed,
+labelled one is the only reading that means the same for every viewer.
+
+Context values typed into a filter are read as JSON when they parse (`42` is the number 42, `true` the boolean,
+`"42"` the text 42) and as text otherwise (`alice`). `context_value_text` is the inverse, so a link built from a
+stored value always finds exactly that value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from ._exceptions import QueryError
+from ._models import Change, Operation
+
+__all__ = [
+    "CONTEXT_PREFIX",
+    "FieldRow",
+    "TimelineFilters",
+    "context_value_text",
+    "field_rows",
+    "format_time",
+    "json_text",
+    "merge_scope",
+    "moment_input",
+    "parse_context_value",
+    "parse_filters",
+    "parse_moment",
+    "shorten",
+]
+
+# Query parameters `c.<key>=<value>` filter the timeline by context (`c.user=alice`).
+CONTEXT_PREFIX = "c."
+OPERATIONS = tuple(op.value for op in Operation)
+
+
+def parse_context_value(text: str) -> Any:
+    """A context filter value as typed: JSON when it parses, otherwise the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def context_value_text(value: Any) -> str:
+    """The text that `parse_context_value` reads back as `value` (text stays bare unless it would parse as JSON)."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json_text(value)
+
+
+def json_text(value: Any) -> str:
+    """A stored JSON value as text for display (`"pen"`, `3`, `null`, `{"a": 1}`)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_moment(text: str | None, name: str) -> datetime | None:
+    """A time typed in the UI (ISO 8601, as a `datetime-local` input sends it): UTC unless it names its offset."""
+    if text is None or not text.strip():
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise QueryError(f"{name}={text!r} is not a time: use YYYY-MM-DDTHH:MM[:SS] (UTC)") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def moment_input(moment: datetime | None) -> str:
+    """The value for a `datetime-local` input (UTC, milliseconds), rounded up so the moment itself stays
+    included: the input cannot hold microseconds, and rounding down would hide a change committed within it."""
+    if moment is None:
+        return ""
+    moment = moment.astimezone(UTC)
+    extra = moment.microsecond % 1000
+    if extra:
+        moment += timedelta(microseconds=1000 - extra)
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds")
+
+
+def moment_param(moment: datetime) -> str:
+    """A time for a link's query string: exact (microseconds), UTC."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def format_time(moment: datetime) -> str:
+    """A time as shown in tables: UTC to the millisecond."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+@dataclass(frozen=True)
+class TimelineFilters:
+    """What the timeline shows: every field narrows it; `cursor` is where the previous page ended."""
+
+    table: str | None = None
+    operations: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
+    cursor: str | None = None
+
+    def params(self, *, cursor: str | Literal[False] | None = False) -> list[tuple[str, str]]:
+        """The query parameters that reproduce these filters (with another cursor when one is given)."""
+        result: list[tuple[str, str]] = []
+        if self.table:
+            result.append(("table", self.table))
+        result.extend(("op", op) for op in self.operations)
+        if self.since is not None:
+            result.append(("since", moment_param(self.since)))
+        if self.until is not None:
+            result.append(("until", moment_param(self.until)))
+        result.extend((CONTEXT_PREFIX + key, context_value_text(value)) for key, value in self.context.items())
+        page = self.cursor if cursor is False else cursor
+        if page:
+            result.append(("cursor", page))
+        return result
+
+    def with_context(self, key: str, value: Any) -> TimelineFilters:
+        """These filters (first page) also matching `key` = `value` in the context."""
+        return replace(self, context={**self.context, key: value}, cursor=None)
+
+    def without_context(self, key: str) -> TimelineFilters:
+        return replace(self, context={k: v for k, v in self.context.items() if k != key}, cursor=None)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.table or self.operations or self.since or self.until or self.context)
+
+
+def parse_filters(params: Sequence[tuple[str, str]]) -> TimelineFilters:
+    """Read the timeline's filters from its query parameters (raises QueryError on a malformed one).
+
+    Besides `c.<key>=<value>`, the form's free pair `ck=<key>&cv=<value>` adds one context filter.
+    """
+    single: dict[str, str] = {}
+    operations: list[str] = []
+    context: dict[str, Any] = {}
+    for name, value in params:
+        if name == "op":
+            op = value.strip().upper()
+            if op not in OPERATIONS:
+                raise QueryError(f"op={value!r} is not one of {', '.join(OPERATIONS)}")
+            if op not in operations:
+                operations.append(op)
+        elif name.startswith(CONTEXT_PREFIX) and len(name) > len(CONTEXT_PREFIX):
+            if value != "":  # an empty form field means no filter
+                context[name[len(CONTEXT_PREFIX) :]] = parse_context_value(value)
+        else:
+            single.setdefault(name, value)
+    extra_key = single.get("ck", "").strip()
+    if extra_key and single.get("cv", "") != "":
+        context[extra_key] = parse_context_value(single["cv"])
+    return TimelineFilters(
+        table=single.get("table", "").strip() or None,
+        operations=tuple(operations),
+        since=parse_moment(single.get("since"), "since"),
+        until=parse_moment(single.get("until"), "until"),
+        context=context,
+        cursor=single.get("cursor") or None,
+    )
+
+
+def merge_scope(context: Mapping[str, Any], scope: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The context filter a query runs with: the user's filter and the scope together; None when they contradict
+    (the user filtered on a scoped key with another value), which must match nothing rather than widen the scope."""
+    merged = dict(context)
+    for key, value in (scope or {}).items():
+        if key in merged and (merged[key] != value or type(merged[key]) is not type(value)):
+            return None
+        merged[key] = value
+    return merged
+
+
+@dataclass(frozen=True)
+class FieldRow:
+    """One column of a change as the diff table shows it.
+
+    `status`: "changed" (both sides, different), "added" (only after: CREATE, new column), "removed" (only
+    before: DELETE, dropped column) or "same".
+    """
+
+    name: str
+    before: str | None
+    after: str | None
+    status: Literal["changed", "added", "removed", "same"]
+
+
+def _same(old: Any, new: Any) -> bool:
+    if type(old) is not type(new):
+        return False
+    if isinstance(old, float) and math.isnan(old) and math.isnan(new):
+        return True
+    return bool(old == new)
+
+
+def field_rows(change: Change) -> list[FieldRow]:
+    """Every column of the change, in the row's column order, with its before/after JSON text and status."""
+    before, after = change.before, change.after
+    rows: list[FieldRow] = []
+    for name in (*after, *(key for key in before if key not in after)):
+        if name in before and name in after:
+            old, new = before[name], after[name]
+            status: Literal["changed", "added", "removed", "same"] = "same" if _same(old, new) else "changed"
+            rows.append(FieldRow(name, json_text(old), json_text(new), status))
+        elif name in after:
+            rows.append(FieldRow(name, None, json_text(after[name]), "added"))
+        else:
+            rows.append(FieldRow(name, json_text(before[name]), None, "removed"))
+    return rows

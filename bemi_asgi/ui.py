@@ -1,0 +1,562 @@
+"""The change browser: a read-only, server-rendered ASGI app over the stored change history.
+
+    from bemi_asgi.ui import bemi_ui
+
+    app.mount("/bemi", bemi_ui(bemi, authorize=is_staff, scope=tenant_of))
+
+Pages: the timeline (`/`, newest first, filters, keyset pages, live updates over server-sent events at `/stream`),
+a row's history and its state at a chosen moment (`/row?schema=..&table=..&key=..&at=..`), and everything one
+transaction (`/transaction/<id>`) or one request (`/request?id=..`) changed.
+
+Permissions, checked on every request before anything is read:
+- `authorize(request)`, sync or async, is required. It returns True (allowed), False (403 Forbidden), None (401:
+  not signed in), or a Starlette `Response` to send instead (e.g. a redirect to the login page). An exception it
+  raises propagates. To let everyone in (local development), pass `authorize=allow_all` explicitly.
+- `scope(request)`, optional, sync or async, returns a context filter, e.g. `{"tenant_id": 7}`, that narrows every
+  query of that request: timeline, row pages, as-of states, transaction and request pages, the live stream. `{}`
+  means everything; None is refused with 403 (a user without a scope sees nothing, rather than everything).
+  A row page under a scope is built from the in-scope changes only: a change outside the scope never shows, not
+  even as its effect on a row's state.
+
+Only GET and HEAD are served; any other method gets 405. Nothing is ever written (no reverts from the UI).
+Jinja2 renders the templates shipped in `bemi_asgi/templates/` with autoescaping on; stored values are shown as
+JSON text. Responses carry a nonce-based Content-Security-Policy and `Cache-Control: no-store`.
+
+Note: the timeline shows no total count (a count over millions of changes on every page view is not free), and
+the row page shows a row's latest `HISTORY_LIMIT` changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
+
+from ._bemi import Bemi
+from ._changes_api import ChangePage
+from ._exceptions import QueryError
+from ._filters import Cursor, decode_cursor, encode_cursor
+from ._models import Change, Operation
+from ._replay import row_states, without_idle_truncates
+from ._ui_view import (
+    CONTEXT_PREFIX,
+    OPERATIONS,
+    TimelineFilters,
+    context_value_text,
+    field_rows,
+    format_time,
+    json_text,
+    merge_scope,
+    moment_input,
+    moment_param,
+    parse_context_value,
+    parse_filters,
+    parse_moment,
+    shorten,
+)
+
+if TYPE_CHECKING:
+    import jinja2
+
+__all__ = ["Authorize", "BemiUI", "ScopeCallback", "allow_all", "bemi_ui"]
+
+Authorize = Callable[[Request], "bool | Response | Awaitable[bool | Response | None] | None"]
+ScopeCallback = Callable[[Request], "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"]
+
+HISTORY_LIMIT = 500
+GROUP_LIMIT = 1000
+STREAM_BATCH = 100
+KEEPALIVE_SECONDS = 15.0
+# Context keys and tables offered in the filter form come from this many latest (in-scope) changes.
+SUGGESTION_SAMPLE = 500
+SUGGESTED_KEYS = 6
+_ACCESS = "bemi_asgi.ui.access"
+_METHODS = ("GET", "HEAD")
+
+
+def allow_all(request: Request) -> bool:
+    """An `authorize` that lets every visitor browse the whole change history: for local development only."""
+    return True
+
+
+@dataclass(frozen=True)
+class _Access:
+    """What the current request may see: the scope's context filter ({} for everything)."""
+
+    scope: Mapping[str, Any]
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _load_jinja() -> Any:
+    try:
+        import jinja2
+    except ImportError:
+        raise ImportError(
+            "the change browser renders with Jinja2, which is not installed: pip install 'bemi-asgi[ui]'"
+        ) from None
+    return jinja2
+
+
+def bemi_ui(
+    bemi: Bemi,
+    *,
+    authorize: Authorize | None = None,
+    scope: ScopeCallback | None = None,
+    title: str = "Change history",
+    page_size: int = 50,
+    request_id_key: str = "request_id",
+    poll_interval: float = 1.0,
+    stream_seconds: float = 300.0,
+) -> BemiUI:
+    """The change browser as an ASGI app to mount, e.g. `app.mount("/bemi", bemi_ui(bemi, authorize=fn))`.
+
+    `authorize` and `scope` are described in the module docstring. `page_size` changes per timeline page;
+    `request_id_key` is the context key that holds a request's id (its values link to the request page).
+    The live stream polls every `poll_interval` seconds and ends after `stream_seconds` (the browser then
+    reconnects where it left off, and `authorize` runs again).
+    """
+    return BemiUI(
+        bemi,
+        authorize=authorize,
+        scope=scope,
+        title=title,
+        page_size=page_size,
+        request_id_key=request_id_key,
+        poll_interval=poll_interval,
+        stream_seconds=stream_seconds,
+    )
+
+
+class BemiUI:
+    """The change browser ASGI app; create it with `bemi_ui` (the arguments are documented there)."""
+
+    def __init__(
+        self,
+        bemi: Bemi,
+        *,
+        authorize: Authorize | None,
+        scope: ScopeCallback | None = None,
+        title: str = "Change history",
+        page_size: int = 50,
+        request_id_key: str = "request_id",
+        poll_interval: float = 1.0,
+        stream_seconds: float = 300.0,
+    ) -> None:
+        if authorize is None:
+            raise TypeError(
+                "bemi_ui() needs authorize=fn: fn(request) decides who may browse the change history (True "
+                "allowed, False 403, None 401). To let everyone in, e.g. for local development, pass "
+                "authorize=bemi_asgi.ui.allow_all explicitly."
+            )
+        if not callable(authorize):
+            raise TypeError(f"bemi_ui(authorize=...) must be callable, got {type(authorize).__name__}")
+        if scope is not None and not callable(scope):
+            raise TypeError(f"bemi_ui(scope=...) must be callable or None, got {type(scope).__name__}")
+        if not isinstance(bemi, Bemi):
+            raise TypeError(f"bemi_ui() takes a bemi_asgi.Bemi, got {type(bemi).__name__}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
+            raise ValueError(f"page_size must be an int from 1 to 1000, got {page_size!r}")
+        if poll_interval <= 0 or stream_seconds <= 0:
+            raise ValueError("poll_interval and stream_seconds must be positive")
+        jinja = _load_jinja()
+        self.bemi = bemi
+        self.authorize = authorize
+        self.scope = scope
+        self.title = title
+        self.page_size = page_size
+        self.request_id_key = request_id_key
+        self.poll_interval = poll_interval
+        self.stream_seconds = stream_seconds
+        self._env: jinja2.Environment = jinja.Environment(
+            loader=jinja.PackageLoader("bemi_asgi", "templates"),
+            autoescape=True,
+            undefined=jinja.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._env.globals.update(
+            fields=field_rows,
+            when=format_time,
+            json_text=json_text,
+            value_text=context_value_text,
+            shorten=shorten,
+            operations=OPERATIONS,
+            context_prefix=CONTEXT_PREFIX,
+            moment_input=moment_input,
+            moment_param=moment_param,
+            request_id_key=request_id_key,
+            title=title,
+            no_filters=TimelineFilters(),
+            table_params=_table_params,
+        )
+        self._router = Router(
+            routes=[
+                Route("/", self._timeline, methods=["GET"]),
+                Route("/stream", self._stream, methods=["GET"]),
+                Route("/row", self._row, methods=["GET"]),
+                Route("/transaction/{xid:int}", self._transaction, methods=["GET"]),
+                Route("/request", self._request, methods=["GET"]),
+            ]
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":  # served on its own: nothing to start
+                await self._router(scope, receive, send)
+            return
+        if scope["method"] not in _METHODS:
+            response: Response = Response(
+                "The change browser is read-only: only GET is allowed.\n",
+                status_code=405,
+                headers={"Allow": ", ".join(_METHODS)},
+                media_type="text/plain",
+            )
+            await response(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        denied = await self._check(request)
+        if denied is not None:
+            await denied(scope, receive, send)
+            return
+        await self._router(scope, receive, send)
+
+    async def _check(self, request: Request) -> Response | None:
+        """Run the permission callbacks; a response to send instead of the page, or None to go on."""
+        verdict = await _maybe_await(self.authorize(request))
+        if isinstance(verdict, Response):
+            return verdict
+        if verdict is None:
+            return self._error(request, 401, "Sign in to see the change history.")
+        if verdict is False:
+            return self._error(request, 403, "You may not see the change history.")
+        if verdict is not True:
+            raise TypeError(
+                f"bemi_ui authorize callback returned {verdict!r}: return True (allowed), False (403), None (401) "
+                "or a Response"
+            )
+        narrowed: Mapping[str, Any] = {}
+        if self.scope is not None:
+            answer = await _maybe_await(self.scope(request))
+            if answer is None:
+                return self._error(request, 403, "You may not see any part of the change history.")
+            if not isinstance(answer, Mapping):
+                raise TypeError(
+                    f"bemi_ui scope callback returned {type(answer).__name__}: return a mapping such as "
+                    '{"tenant_id": 7} ({} for everything) or None (no access)'
+                )
+            narrowed = answer
+            try:
+                json.dumps(dict(narrowed), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"bemi_ui scope callback returned a mapping that is not JSON: {exc}") from None
+        request.scope[_ACCESS] = _Access(dict(narrowed))
+        return None
+
+    # Rendering.
+
+    def _base(self, request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    def _render(self, request: Request, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
+        nonce = secrets.token_urlsafe(16)
+        access: _Access | None = request.scope.get(_ACCESS)
+        html = self._env.get_template(template).render(
+            nonce=nonce, link=_linker(self._base(request)), scope=access.scope if access else {}, **values
+        )
+        return HTMLResponse(html, status_code=status_code, headers=_security_headers(nonce))
+
+    def _error(self, request: Request, status: int, message: str) -> HTMLResponse:
+        return self._render(request, "error.html", status, status=status, message=message)
+
+    def _access(self, request: Request) -> Mapping[str, Any]:
+        access: _Access = request.scope[_ACCESS]
+        return access.scope
+
+    # Pages.
+
+    async def _timeline(self, request: Request) -> Response:
+        scope = self._access(request)
+        error: str | None = None
+        try:
+            filters = parse_filters(request.query_params.multi_items())
+        except QueryError as exc:
+            filters, error = TimelineFilters(), str(exc)
+        page = ChangePage([], None)
+        if error is None:
+            try:
+                page = await self._find(filters, scope, limit=self.page_size, cursor=filters.cursor)
+            except QueryError as exc:
+                error = str(exc)
+        tables, keys = await self._suggestions(scope)
+        keys = [key for key in keys if key not in scope]
+        shown_keys = list(dict.fromkeys([*(k for k in filters.context if k not in scope), *keys[:SUGGESTED_KEYS]]))
+        stream_after = None
+        if page:
+            stream_after = encode_cursor(Cursor(page[0].commit_lsn, page[0].ordinal, "asc"))
+        return self._render(
+            request,
+            "timeline.html",
+            400 if error else 200,
+            filters=filters,
+            page=page,
+            error=error,
+            tables=tables,
+            context_keys=shown_keys,
+            live=error is None and filters.cursor is None,
+            stream_params=[*filters.params(cursor=None), *([("after", stream_after)] if stream_after else [])],
+        )
+
+    async def _stream(self, request: Request) -> Response:
+        scope = self._access(request)
+        try:
+            filters = parse_filters(request.query_params.multi_items())
+            start = request.headers.get("last-event-id") or request.query_params.get("after") or None
+            if start is not None and decode_cursor(start).order != "asc":
+                raise QueryError("the stream continues from an ascending cursor: pass the one the timeline gives")
+        except QueryError as exc:
+            return Response(f"{exc}\n", status_code=400, media_type="text/plain")
+
+        async def poll(cursor: str | None) -> tuple[str | None, str | None]:
+            page = await self._find(filters, scope, limit=STREAM_BATCH, cursor=cursor, order="asc")
+            if not page:
+                return None, cursor
+            last = page[-1]
+            macros = self._env.get_template("_macros.html").make_module(
+                {"link": _linker(self._base(request)), "scope": scope}
+            )
+            row = getattr(macros, "timeline_row")  # noqa: B009 (a template macro, unknown to the type checker)
+            html = "".join(str(row(change, filters, True)) for change in reversed(page))
+            return html, encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc"))
+
+        return _EventStream(poll, start, self.poll_interval, self.stream_seconds)
+
+    async def _row(self, request: Request) -> Response:
+        scope = self._access(request)
+        params = request.query_params
+        schema, table, key = params.get("schema", "public"), params.get("table", ""), params.get("key", "")
+        if not table or not key:
+            return self._error(request, 400, "A row page needs table=... and key=... (and schema=..., default public).")
+        try:
+            at = parse_moment(params.get("at"), "at")
+            history = await self._row_history(schema, table, key, scope)
+            as_of = await self._row_as_of(schema, table, key, at, scope) if at is not None else None
+        except QueryError as exc:
+            return self._error(request, 400, str(exc))
+        if not history:
+            return self._error(request, 404, f"No changes of {schema}.{table} row {key} are visible to you.")
+        steps = list(row_states(history))
+        effective: Change | None
+        state: dict[str, Any] | None
+        if at is None:
+            effective, state = steps[-1]
+        else:
+            assert as_of is not None
+            effective, state = as_of
+        steps.reverse()  # newest first, like the timeline
+        return self._render(
+            request,
+            "row.html",
+            schema=schema,
+            table=table,
+            key=key,
+            steps=steps,
+            at=at,
+            effective=effective,
+            state=state,
+            truncated=len(history) >= HISTORY_LIMIT,
+        )
+
+    async def _transaction(self, request: Request) -> Response:
+        xid: int = request.path_params["xid"]
+        context = merge_scope({}, self._access(request))
+        page = await self._group(transaction_id=xid, context=context)
+        if not page:
+            return self._error(request, 404, f"No changes of transaction {xid} are visible to you.")
+        heading = f"Transaction {xid}"
+        return self._render(request, "group.html", heading=heading, page=page, limit=GROUP_LIMIT)
+
+    async def _request(self, request: Request) -> Response:
+        text = request.query_params.get("id", "")
+        if not text:
+            return self._error(request, 400, f"A request page needs id=... (the context's {self.request_id_key}).")
+        context = merge_scope({self.request_id_key: parse_context_value(text)}, self._access(request))
+        page = await self._group(context=context)
+        if not page:
+            return self._error(request, 404, f"No changes of request {text} are visible to you.")
+        heading = f"Request {text}"
+        return self._render(request, "group.html", heading=heading, page=page, limit=GROUP_LIMIT)
+
+    # Queries: every one goes through the scope.
+
+    async def _find(
+        self,
+        filters: TimelineFilters,
+        scope: Mapping[str, Any],
+        *,
+        limit: int,
+        cursor: str | None,
+        order: str = "desc",
+    ) -> ChangePage:
+        context = merge_scope(filters.context, scope)
+        if context is None:
+            return ChangePage([], None)
+        return await self.bemi.changes.find(
+            table=filters.table,
+            operation=list(filters.operations) or None,
+            context=context or None,
+            since=filters.since,
+            until=filters.until,
+            limit=limit,
+            cursor=cursor,
+            order="asc" if order == "asc" else "desc",
+        )
+
+    async def _group(self, *, context: Mapping[str, Any] | None, transaction_id: int | None = None) -> ChangePage:
+        if context is None:
+            return ChangePage([], None)
+        return await self.bemi.changes.find(
+            transaction_id=transaction_id, context=context or None, order="asc", limit=GROUP_LIMIT
+        )
+
+    async def _row_history(self, schema: str, table: str, key: str, scope: Mapping[str, Any]) -> list[Change]:
+        """The row's latest in-scope changes and the in-scope TRUNCATEs that ended it, in commit order."""
+        find = self.bemi.changes.find
+        context = dict(scope) or None
+        changes = await find(table=table, schema=schema, primary_key=key, context=context, limit=HISTORY_LIMIT)
+        if not changes:
+            return []
+        oldest = (changes[-1].commit_lsn, changes[-1].ordinal)
+        truncates = await find(
+            table=table, schema=schema, operation="TRUNCATE", context=context, since=changes[-1].committed_at
+        )
+        merged = [*changes, *(t for t in truncates if (t.commit_lsn, t.ordinal) > oldest)]
+        merged.sort(key=lambda change: (change.commit_lsn, change.ordinal))
+        return without_idle_truncates(merged)
+
+    async def _row_as_of(
+        self, schema: str, table: str, key: str, at: datetime, scope: Mapping[str, Any]
+    ) -> tuple[Change | None, dict[str, Any] | None]:
+        """The change in effect at `at` and the row's state then (None: it did not exist), as `Bemi.as_of`
+        computes it, from in-scope changes only."""
+        find = self.bemi.changes.find
+        context = dict(scope) or None
+        until = at + timedelta(microseconds=1)  # `until` is exclusive; as-of includes changes committed at `at`
+        last = await find(table=table, schema=schema, primary_key=key, context=context, until=until, limit=1)
+        if not last:
+            return None, None
+        change = last[0]
+        truncate = await find(table=table, schema=schema, operation="TRUNCATE", context=context, until=until, limit=1)
+        if truncate and (truncate[0].commit_lsn, truncate[0].ordinal) > (change.commit_lsn, change.ordinal):
+            return truncate[0], None
+        return change, None if change.operation is Operation.DELETE else dict(change.after)
+
+    async def _suggestions(self, scope: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+        """Tables and context keys seen in the latest in-scope changes, for the filter form's suggestions."""
+        pool = await self.bemi.pool()
+        records = await pool.fetch(
+            f"""SELECT DISTINCT s."schema", s."table", k.key
+                  FROM (SELECT "schema", "table", context FROM {self.bemi.changes_table_sql}
+                         WHERE context @> $1::jsonb ORDER BY commit_lsn DESC, ordinal DESC LIMIT $2) AS s
+                  LEFT JOIN LATERAL jsonb_object_keys(s.context) AS k(key) ON true""",
+            json.dumps(dict(scope)),
+            SUGGESTION_SAMPLE,
+        )
+        tables = sorted({r["table"] if r["schema"] == "public" else f"{r['schema']}.{r['table']}" for r in records})
+        keys = sorted({r["key"] for r in records if r["key"] is not None})
+        return tables, keys
+
+
+def _table_params(change: Change) -> list[tuple[str, str]]:
+    """The timeline's query for every change of `change`'s table."""
+    return TimelineFilters(table=f"{change.schema_}.{change.table}").params()
+
+
+def _linker(base: str) -> Callable[..., str]:
+    def link(path: str, params: Sequence[tuple[str, str]] | Mapping[str, str] = ()) -> str:
+        query = urlencode(list(params.items()) if isinstance(params, Mapping) else list(params))
+        return f"{base}{path}" + (f"?{query}" if query else "")
+
+    return link
+
+
+def _security_headers(nonce: str) -> dict[str, str]:
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; connect-src 'self'; "
+            "img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+        ),
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+    }
+
+
+class _EventStream(Response):
+    """Server-sent events: new changes as HTML rows, polled every `interval` seconds, for at most `lifetime`
+    seconds, stopping as soon as the client disconnects (a listener task waits for `http.disconnect`, so an
+    idle stream notices too). Each event's id is the cursor to continue from, which the browser sends back as
+    Last-Event-ID when it reconnects."""
+
+    def __init__(
+        self,
+        poll: Callable[[str | None], Awaitable[tuple[str | None, str | None]]],
+        start: str | None,
+        interval: float,
+        lifetime: float,
+    ) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream", headers=_security_headers("-"))
+        self.headers["Cache-Control"] = "no-store"
+        self.headers["X-Accel-Buffering"] = "no"  # proxies must pass events through at once
+        self._poll = poll
+        self._start = start
+        self._interval = interval
+        self._lifetime = lifetime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        disconnected = asyncio.Event()
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        listener = asyncio.create_task(listen())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": b"retry: 2000\n\n", "more_body": True})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._lifetime
+            last_sent = loop.time()
+            cursor = self._start
+            while not disconnected.is_set() and loop.time() < deadline:
+                html, cursor = await self._poll(cursor)
+                if html is not None:
+                    event = f"id: {cursor}\ndata: {json.dumps({'html': html})}\n\n"
+                    await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                    last_sent = loop.time()
+                elif loop.time() - last_sent >= KEEPALIVE_SECONDS:
+                    await send({"type": "http.response.body", "body": b": keepalive\n\n", "more_body": True})
+                    last_sent = loop.time()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(disconnected.wait(), self._interval)
+            if not disconnected.is_set():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            return  # the client went away while we were sending
+        finally:
+            listener.cancel()

@@ -1,0 +1,637 @@
+"""The change browser (`bemi_asgi.ui`) through httpx against real changes stored in a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import asyncpg
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse
+from starlette.routing import Mount
+
+from bemi_asgi import Bemi
+from bemi_asgi._ui_view import (
+    context_value_text,
+    merge_scope,
+    moment_input,
+    parse_context_value,
+    parse_filters,
+    parse_moment,
+)
+from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
+
+from ._change_writer import ChangeWriter, Row, migrate
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+HOSTILE = "<script>alert('x')</script>"
+
+
+@dataclass
+class Env:
+    conn: asyncpg.Connection
+    writer: ChangeWriter
+    bemi: Bemi
+    xids: dict[str, int]
+
+
+@pytest.fixture
+async def env(database: str) -> AsyncIterator[Env]:
+    conn = await asyncpg.connect(database)
+    await migrate(conn)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=3)
+    try:
+        env = Env(conn, ChangeWriter(conn), Bemi(pool), {})
+        await write_story(env)
+        yield env
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def write_story(env: Env) -> None:
+    """Two tenants' items: tenant 1 owns item 1 (alice, bob), tenant 2 item 2 and a note with hostile text."""
+    w = env.writer
+    pen = {"id": 1, "name": "pen", "price": 3}
+    await w.commit(
+        [Row("CREATE", "items", 1, after=pen)],
+        context={"user": "alice", "tenant_id": 1, "endpoint": "POST /items", "request_id": "r1"},
+        committed_at=T0,
+        transaction_id=501,
+    )
+    await w.commit(
+        [Row("CREATE", "items", 2, after={"id": 2, "name": "cup", "price": 5})],
+        context={"user": "bob", "tenant_id": 2, "request_id": "r2"},
+        committed_at=T0 + timedelta(minutes=1),
+        transaction_id=502,
+    )
+    await w.commit(
+        [Row("UPDATE", "items", 1, before=pen, after={**pen, "name": "ink pen"})],
+        context={"user": "bob", "tenant_id": 1, "request_id": "r3"},
+        committed_at=T0 + timedelta(minutes=2),
+        transaction_id=503,
+    )
+    await w.commit(
+        [Row("UPDATE", "items", 1, before={**pen, "name": "ink pen"}, after={**pen, "name": "ink pen", "price": 4})],
+        context={"user": "alice", "tenant_id": 1, "endpoint": "PATCH /items/1", "request_id": "r3"},
+        committed_at=T0 + timedelta(minutes=3),
+        transaction_id=504,
+    )
+    await w.commit(
+        [
+            Row(
+                "UPDATE",
+                "items",
+                2,
+                before={"id": 2, "name": "cup", "price": 5},
+                after={"id": 2, "name": "mug", "price": 5},
+            ),
+            Row("CREATE", "notes", 1, after={"id": 1, "body": HOSTILE}),
+        ],
+        context={"user": "bob", "tenant_id": 2, "request_id": "r5"},
+        committed_at=T0 + timedelta(minutes=4),
+        transaction_id=505,
+    )
+    await w.commit(
+        [Row("DELETE", "items", 2, before={"id": 2, "name": "mug", "price": 5})],
+        context={"user": HOSTILE, "tenant_id": 2},
+        committed_at=T0 + timedelta(minutes=5),
+        transaction_id=506,
+    )
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def row_ids(page: str) -> list[int]:
+    """The change ids of the timeline rows, in page order."""
+    return [int(found) for found in re.findall(r'<tr id="c(\d+)"', page)]
+
+
+def section_ids(page: str) -> list[int]:
+    """The change ids of the sections of a row, transaction or request page, in page order."""
+    return [int(found) for found in re.findall(r'<section class="step[^"]*" id="c(\d+)"', page)]
+
+
+def older_link(page: str) -> str | None:
+    found = re.search(r'<a id="older" href="([^"]+)"', page)
+    return html.unescape(found.group(1)) if found else None
+
+
+async def ids_of(env: Env, limit: int = 1000, **filters: Any) -> list[int]:
+    return [change.id for change in await env.bemi.changes.find(limit=limit, **filters)]
+
+
+def tenant_ui(env: Env, **options: Any) -> BemiUI:
+    """The UI as a multi-tenant app mounts it: x-user signs in, x-tenant picks the tenant's scope."""
+
+    async def authorize(request: Request) -> bool | None:
+        user = request.headers.get("x-user")
+        return None if user is None else user != "mallory"
+
+    def scope(request: Request) -> dict[str, Any]:
+        return {"tenant_id": int(request.headers["x-tenant"])}
+
+    return bemi_ui(env.bemi, authorize=authorize, scope=scope, **options)
+
+
+# Pages.
+
+
+async def test_timeline_lists_every_change_newest_first(env: Env) -> None:
+    """The timeline shows every change in newest-first commit order, the same order find() returns."""
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert row_ids(response.text) == await ids_of(env)
+    assert "ink pen" in response.text
+    assert 'href="/transaction/505"' in response.text
+
+
+async def test_timeline_filters_match_find(env: Env) -> None:
+    """Table, operation, time range and context filters (named or the free key/value pair) narrow the timeline
+    exactly as the same find() filters do."""
+    cases: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        ({"table": "notes"}, {"table": "notes"}),
+        ({"op": ["DELETE", "CREATE"]}, {"operation": ["DELETE", "CREATE"]}),
+        ({"c.user": "alice"}, {"context": {"user": "alice"}}),
+        ({"ck": "endpoint", "cv": "PATCH /items/1"}, {"context": {"endpoint": "PATCH /items/1"}}),
+        ({"c.tenant_id": "2", "table": "items"}, {"context": {"tenant_id": 2}, "table": "items"}),
+        (
+            {"since": "2025-03-01T12:01", "until": "2025-03-01T12:03:00.000"},
+            {"since": T0 + timedelta(minutes=1), "until": T0 + timedelta(minutes=3)},
+        ),
+    ]
+    everything = await ids_of(env)
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        for params, filters in cases:
+            response = await client.get("/", params=params)
+            assert response.status_code == 200, params
+            expected = await ids_of(env, **filters)
+            assert 0 < len(expected) < len(everything), filters
+            assert row_ids(response.text) == expected, params
+
+
+async def test_context_chips_link_to_their_filter(env: Env) -> None:
+    """Each context value links to the timeline filtered by it, and following the link shows only its changes."""
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        page = (await client.get("/")).text
+        href = html.unescape(re.search(r'<a class="chip" href="([^"]*c\.user=alice[^"]*)"', page).group(1))  # type: ignore[union-attr]
+        filtered = await client.get(href)
+    assert row_ids(filtered.text) == await ids_of(env, context={"user": "alice"})
+
+
+async def test_keyset_pages_cover_the_timeline_once(env: Env) -> None:
+    """Following the "older" links with two changes per page visits every change once, in order."""
+    seen: list[int] = []
+    pages = 0
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all, page_size=2)) as client:
+        url: str | None = "/"
+        while url is not None:
+            response = await client.get(url)
+            assert response.status_code == 200
+            ids = row_ids(response.text)
+            assert len(ids) <= 2
+            seen.extend(ids)
+            pages += 1
+            url = older_link(response.text)
+    assert seen == await ids_of(env)
+    assert pages == 4  # 7 changes
+
+
+async def test_row_page_shows_history_with_highlighted_differences(env: Env) -> None:
+    """A row's page lists its changes newest first, marks the changed field with before and after values, and
+    shows who made each change."""
+    history = await env.bemi.history("items", 1)
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        response = await client.get("/row", params={"schema": "public", "table": "items", "key": "1"})
+    assert response.status_code == 200
+    page = response.text
+    assert section_ids(page) == [change.id for change in reversed(history)]
+    rename = page[page.index(f'id="c{history[1].id}"') : page.index(f'id="c{history[0].id}"')]
+    assert re.search(
+        r'<tr class="changed">\s*<td class="mark"[^>]*>~</td>\s*<td class="field">name</td>\s*'
+        r'<td class="value before">&#34;pen&#34;</td>\s*<td class="value after">&#34;ink pen&#34;</td>',
+        rename,
+    )
+    assert "user=</span>bob" in rename
+    assert "1 unchanged field" not in rename
+    assert "2 unchanged fields" in rename
+    assert "in effect" in page[page.index(f'id="c{history[-1].id}"') :]
+
+
+async def test_row_state_as_of_a_moment_matches_bemi_as_of(env: Env) -> None:
+    """The row page's state at a chosen moment is the state `Bemi.as_of` returns, including before creation and
+    after deletion."""
+    moments = [T0 + timedelta(seconds=seconds) for seconds in (-60, 150, 240, 360)]
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        for key in (1, 2):
+            for moment in moments:
+                at = moment.replace(tzinfo=None).isoformat()
+                response = await client.get("/row", params={"table": "items", "key": str(key), "at": at})
+                assert response.status_code == 200
+                expected = await env.bemi.as_of("items", key, moment)
+                state = re.search(r'<table class="state" id="state">(.*?)</table>', response.text, re.S)
+                if expected is None:
+                    assert state is None
+                    assert 'id="state-none"' in response.text
+                else:
+                    assert state is not None
+                    shown = re.findall(r'<td class="field">([^<]*)</td><td class="value">([^<]*)</td>', state.group(1))
+                    assert {name: json.loads(html.unescape(value)) for name, value in shown} == expected
+
+
+async def test_transaction_and_request_pages_show_all_their_changes(env: Env) -> None:
+    """The transaction page shows every change of that transaction; the request page every change whose context
+    has that request id, across transactions."""
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        transaction = await client.get("/transaction/505")
+        request = await client.get("/request", params={"id": "r3"})
+        missing = await client.get("/transaction/999")
+    assert transaction.status_code == request.status_code == 200
+    assert section_ids(transaction.text) == await ids_of(env, transaction_id=505, order="asc")
+    assert len(section_ids(transaction.text)) == 2
+    assert section_ids(request.text) == await ids_of(env, context={"request_id": "r3"}, order="asc")
+    assert len(section_ids(request.text)) == 2
+    assert missing.status_code == 404
+
+
+async def test_bad_input_is_a_400_that_says_what_was_wrong(env: Env) -> None:
+    """A malformed time, an unknown operation, a forged cursor or an unknown table answer 400 with the reason."""
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        since = await client.get("/", params={"since": "yesterday"})
+        operation = await client.get("/", params={"op": "MERGE"})
+        cursor = await client.get("/", params={"cursor": "not-a-cursor"})
+        table = await client.get("/", params={"table": "nosuch"})
+        row = await client.get("/row", params={"table": "items"})
+        at = await client.get("/row", params={"table": "items", "key": "1", "at": "soon"})
+    assert [r.status_code for r in (since, operation, cursor, table, row, at)] == [400] * 6
+    assert "since=&#39;yesterday&#39; is not a time" in since.text
+    assert "MERGE" in operation.text
+    assert "not a cursor returned by find()" in cursor.text
+    assert "unknown table public.nosuch" in table.text
+    assert "needs table=... and key=..." in row.text
+
+
+# Permissions.
+
+
+async def test_authorize_decides_401_403_or_its_own_response(env: Env) -> None:
+    """authorize returning None answers 401, False 403, a Response is sent as is, True shows the page; sync and
+    async callbacks both work."""
+
+    def sync_authorize(request: Request) -> Any:
+        who = request.headers.get("x-user")
+        if who == "anon":
+            return None
+        if who == "login":
+            return RedirectResponse("/login", status_code=303)
+        return who == "admin"
+
+    async def async_authorize(request: Request) -> Any:
+        await asyncio.sleep(0)
+        return sync_authorize(request)
+
+    for authorize in (sync_authorize, async_authorize):
+        async with client_for(bemi_ui(env.bemi, authorize=authorize)) as client:
+            statuses = {
+                user: (await client.get("/", headers={"x-user": user})).status_code
+                for user in ("anon", "mallory", "login", "admin")
+            }
+            unauthorized = await client.get("/row", params={"table": "items", "key": "1"}, headers={"x-user": "anon"})
+            forbidden = await client.get("/transaction/501", headers={"x-user": "mallory"})
+        assert statuses == {"anon": 401, "mallory": 403, "login": 303, "admin": 200}
+        assert "ink pen" not in unauthorized.text
+        assert unauthorized.status_code == 401
+        assert "pen" not in forbidden.text
+        assert forbidden.status_code == 403
+
+
+async def test_authorize_with_another_answer_is_a_programming_error(env: Env) -> None:
+    """An authorize callback that returns something other than True/False/None/Response raises TypeError."""
+    app = bemi_ui(env.bemi, authorize=lambda request: "yes")  # type: ignore[arg-type,return-value]
+    async with client_for(app) as client:
+        with pytest.raises(TypeError, match="return True"):
+            await client.get("/")
+
+
+def test_mounting_without_authorize_says_how_to_opt_out(env: Env) -> None:
+    """bemi_ui() without authorize raises TypeError naming the explicit escape hatch allow_all."""
+    with pytest.raises(TypeError, match=r"authorize=bemi_asgi\.ui\.allow_all"):
+        bemi_ui(env.bemi)
+    with pytest.raises(TypeError, match="must be callable"):
+        bemi_ui(env.bemi, authorize=True)  # type: ignore[arg-type]
+
+
+async def test_only_get_is_served(env: Env) -> None:
+    """POST, PUT, PATCH and DELETE are refused with 405 and an Allow header, before authorization runs."""
+    calls: list[str] = []
+
+    def authorize(request: Request) -> bool:
+        calls.append(request.method)
+        return True
+
+    async with client_for(bemi_ui(env.bemi, authorize=authorize)) as client:
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            response = await client.request(method, "/row", params={"table": "items", "key": "1"})
+            assert response.status_code == 405, method
+            assert response.headers["allow"] == "GET, HEAD"
+        head = await client.head("/")
+    assert calls == ["HEAD"]
+    assert head.status_code == 200
+
+
+async def test_scope_narrows_every_page(env: Env) -> None:
+    """A user scoped to tenant 1 never sees tenant 2's changes: not on the timeline (even filtering for tenant
+    2), not on its row, transaction or request pages, not in an as-of state; tenant 2 sees only its own."""
+    tenant1 = {"x-user": "ann", "x-tenant": "1"}
+    tenant2 = {"x-user": "ben", "x-tenant": "2"}
+    async with client_for(tenant_ui(env)) as client:
+        timeline = await client.get("/", headers=tenant1)
+        forced = await client.get("/", params={"c.tenant_id": "2"}, headers=tenant1)
+        row2 = await client.get("/row", params={"table": "items", "key": "2"}, headers=tenant1)
+        row2_at = await client.get(
+            "/row", params={"table": "items", "key": "2", "at": "2025-03-01T12:04:30"}, headers=tenant1
+        )
+        transaction = await client.get("/transaction/505", headers=tenant1)
+        request = await client.get("/request", params={"id": "r2"}, headers=tenant1)
+        notes = await client.get("/", params={"table": "notes"}, headers=tenant1)
+        own_row = await client.get("/row", params={"table": "items", "key": "1"}, headers=tenant1)
+        other = await client.get("/", headers=tenant2)
+    assert row_ids(timeline.text) == await ids_of(env, context={"tenant_id": 1})
+    assert row_ids(other.text) == await ids_of(env, context={"tenant_id": 2})
+    assert set(row_ids(timeline.text)).isdisjoint(row_ids(other.text))
+    for response in (timeline, forced, row2, row2_at, transaction, request, notes, own_row):
+        for leak in ("cup", "mug", "r5", "&lt;script&gt;", "tenant_id=</span>2</a>"):
+            assert leak not in response.text, leak
+        assert "r2" not in re.sub(r"<p class=\"notice\">.*?</p>", "", response.text, flags=re.S)
+    assert 'value="notes"' not in timeline.text  # not even among the suggested tables
+    assert row_ids(forced.text) == []
+    assert row_ids(notes.text) == []
+    assert [r.status_code for r in (row2, row2_at, transaction, request)] == [404] * 4
+    assert own_row.status_code == 200
+    assert "Scope: <code>tenant_id=1</code>" in timeline.text
+
+
+async def test_row_page_under_a_scope_ignores_changes_outside_it(env: Env) -> None:
+    """When another tenant changed a row, the scoped row page neither lists that change nor shows its effect in
+    the as-of state."""
+    await env.writer.commit(
+        [
+            Row(
+                "UPDATE",
+                "items",
+                1,
+                before={"id": 1, "name": "ink pen", "price": 4},
+                after={"id": 1, "name": "SECRET", "price": 4},
+            )
+        ],
+        context={"user": "eve", "tenant_id": 2},
+        committed_at=T0 + timedelta(minutes=7),
+    )
+    headers = {"x-user": "ann", "x-tenant": "1"}
+    async with client_for(tenant_ui(env)) as client:
+        latest = await client.get("/row", params={"table": "items", "key": "1"}, headers=headers)
+        later = await client.get(
+            "/row", params={"table": "items", "key": "1", "at": "2025-03-01T12:08:00"}, headers=headers
+        )
+    for response in (latest, later):
+        assert response.status_code == 200
+        assert "SECRET" not in response.text
+        assert "eve" not in response.text
+        assert len(section_ids(response.text)) == 3
+        assert "&#34;ink pen&#34;" in response.text
+
+
+async def test_scope_callback_answers(env: Env) -> None:
+    """A scope of None refuses the request with 403; a non-mapping or non-JSON scope is a programming error."""
+    answers: dict[str, Any] = {"none": None, "list": [("tenant_id", 1)], "object": {"tenant_id": object()}}
+
+    def scope(request: Request) -> Any:
+        return answers[request.headers["x-answer"]]
+
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all, scope=scope)) as client:
+        refused = await client.get("/", headers={"x-answer": "none"})
+        assert refused.status_code == 403
+        assert "pen" not in refused.text
+        with pytest.raises(TypeError, match="return a mapping"):
+            await client.get("/", headers={"x-answer": "list"})
+        with pytest.raises(TypeError, match="not JSON"):
+            await client.get("/", headers={"x-answer": "object"})
+
+
+# Escaping and headers.
+
+
+async def test_hostile_values_are_escaped_everywhere(env: Env) -> None:
+    """A `<script>` in a context value and in a row value is shown escaped on every page, never as markup."""
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        pages = [
+            await client.get("/"),
+            await client.get("/", params={"c.user": HOSTILE}),
+            await client.get("/row", params={"table": "items", "key": "2"}),
+            await client.get("/row", params={"table": "notes", "key": "1"}),
+            await client.get("/transaction/506"),
+            await client.get("/transaction/505"),
+        ]
+    for response in pages:
+        assert response.status_code == 200
+        assert "<script>alert" not in response.text
+        assert "&lt;script&gt;alert(" in response.text
+    assert row_ids(pages[1].text) == await ids_of(env, context={"user": HOSTILE})
+
+
+async def test_pages_carry_a_nonce_content_security_policy(env: Env) -> None:
+    """Every page forbids inline code except its own nonce'd style and script, and is not cached."""
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        response = await client.get("/")
+    policy = response.headers["content-security-policy"]
+    nonce = re.search(r"script-src 'nonce-([^']+)'", policy).group(1)  # type: ignore[union-attr]
+    assert f'<script nonce="{nonce}">' in response.text
+    assert f'<style nonce="{nonce}">' in response.text
+    assert "default-src 'none'" in policy
+    assert response.headers["cache-control"] == "no-store"
+
+
+async def test_links_work_when_mounted_under_a_prefix(env: Env) -> None:
+    """Mounted at /bemi in a Starlette app, every link points below /bemi and following them works."""
+    app = Starlette(routes=[Mount("/bemi", bemi_ui(env.bemi, authorize=allow_all))])
+    async with client_for(app) as client:
+        timeline = await client.get("/bemi/")
+        links = {html.unescape(href) for href in re.findall(r'href="([^"#]+)', timeline.text)}
+        assert links
+        assert all(link.startswith("/bemi/") for link in links), links
+        statuses = {link: (await client.get(link)).status_code for link in sorted(links)}
+    assert set(statuses.values()) == {200}, statuses
+
+
+# Live updates.
+
+
+@dataclass
+class RawStream:
+    """A raw ASGI conversation with /stream: what the app sent, and a way to hang up."""
+
+    task: asyncio.Task[None]
+    sent: asyncio.Queue[dict[str, Any]]
+    hang_up: Callable[[], Awaitable[None]]
+
+    async def next_event(self) -> dict[str, Any]:
+        """The next event's id and data (skipping comments and the retry hint)."""
+        while True:
+            message = await asyncio.wait_for(self.sent.get(), 30)
+            body = message.get("body", b"").decode()
+            if body.startswith("id: "):
+                event_id, data = body.split("\n")[:2]
+                return {"id": event_id[4:], **json.loads(data.removeprefix("data: "))}
+
+
+_open_streams: list[RawStream] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_streams() -> AsyncIterator[None]:
+    """Cancel a stream a failed test left open, before its database goes away."""
+    yield
+    while _open_streams:
+        task = _open_streams.pop().task
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def open_stream(app: BemiUI, query: str, headers: dict[str, str]) -> RawStream:
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    incoming.put_nowait({"type": "http.request", "body": b"", "more_body": False})
+    sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def receive() -> dict[str, Any]:
+        return await incoming.get()
+
+    async def send(message: dict[str, Any]) -> None:
+        await sent.put(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/stream",
+        "raw_path": b"/stream",
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": [(k.encode(), v.encode()) for k, v in {"host": "test", **headers}.items()],
+        "client": ("127.0.0.1", 5000),
+        "server": ("test", 80),
+    }
+
+    async def hang_up() -> None:
+        await incoming.put({"type": "http.disconnect"})
+
+    stream = RawStream(asyncio.create_task(app(scope, receive, send)), sent, hang_up)
+    _open_streams.append(stream)
+    return stream
+
+
+def stream_query(page: str) -> str:
+    """The stream URL's query string from the timeline page."""
+    src = html.unescape(re.search(r'data-src="([^"]+)"', page).group(1))  # type: ignore[union-attr]
+    return urlsplit(src).query
+
+
+async def test_stream_sends_new_in_scope_changes_and_stops_on_disconnect(env: Env) -> None:
+    """The timeline's live stream sends changes stored after the page was rendered, only those in the viewer's
+    scope and filters, and ends when the client disconnects."""
+    app = tenant_ui(env, poll_interval=0.05)
+    headers = {"x-user": "ann", "x-tenant": "1"}
+    async with client_for(app) as client:
+        page = (await client.get("/", params={"table": "items"}, headers=headers)).text
+    query = stream_query(page)
+    assert dict(parse_qsl(query))["table"] == "items"
+    stream = open_stream(app, query, headers)
+    start = await asyncio.wait_for(stream.sent.get(), 30)
+    assert start["status"] == 200
+    assert dict(start["headers"])[b"content-type"].startswith(b"text/event-stream")
+    await env.writer.commit(
+        [Row("CREATE", "items", 3, after={"id": 3, "name": "OTHER-TENANT"})], context={"tenant_id": 2}
+    )
+    await env.writer.commit([Row("CREATE", "notes", 9, after={"id": 9, "body": "x"})], context={"tenant_id": 1})
+    await env.writer.commit(
+        [Row("CREATE", "items", 4, after={"id": 4, "name": "brush"})], context={"tenant_id": 1, "user": "ann"}
+    )
+    event = await stream.next_event()
+    expected = await ids_of(env, context={"tenant_id": 1}, table="items", limit=1)
+    assert row_ids(event["html"]) == expected
+    assert "brush" in event["html"]
+    assert "OTHER-TENANT" not in event["html"]
+    assert 'class="new"' in event["html"]
+    await stream.hang_up()
+    await asyncio.wait_for(stream.task, 30)
+    assert stream.task.done()
+    assert stream.task.exception() is None
+
+
+async def test_stream_resumes_from_last_event_id_and_checks_permissions(env: Env) -> None:
+    """A reconnecting stream continues after its Last-Event-ID; an unauthenticated one gets 401."""
+    app = tenant_ui(env, poll_interval=0.05)
+    headers = {"x-user": "ann", "x-tenant": "1"}
+    stream = open_stream(app, "", headers)
+    first = await stream.next_event()  # no cursor: everything in scope
+    assert row_ids(first["html"]) == await ids_of(env, context={"tenant_id": 1})
+    await stream.hang_up()
+    await asyncio.wait_for(stream.task, 30)
+    await env.writer.commit(
+        [Row("UPDATE", "items", 1, before={"id": 1}, after={"id": 1, "name": "quill"})], context={"tenant_id": 1}
+    )
+    resumed = open_stream(app, "", {**headers, "last-event-id": first["id"]})
+    event = await resumed.next_event()
+    assert row_ids(event["html"]) == await ids_of(env, context={"tenant_id": 1}, limit=1)
+    await resumed.hang_up()
+    await asyncio.wait_for(resumed.task, 30)
+    async with client_for(app) as client:
+        assert (await client.get("/stream")).status_code == 401
+        assert (await client.get("/stream", params={"after": "bogus"}, headers=headers)).status_code == 400
+
+
+# Pure helpers.
+
+
+@given(st.one_of(st.text(), st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False, allow_infinity=False)))
+def test_context_values_round_trip_through_filter_text(value: Any) -> None:
+    """The text written into a filter link reads back as exactly the stored value, with its type."""
+    parsed = parse_context_value(context_value_text(value))
+    assert parsed == value
+    assert type(parsed) is type(value)
+
+
+def test_filter_parsing_and_scope_merging() -> None:
+    """Filters read typed context values and UTC times; a filter contradicting the scope matches nothing."""
+    filters = parse_filters([("c.user_id", "42"), ("c.name", "ann"), ("op", "update"), ("since", "2025-03-01T12:00")])
+    assert filters.context == {"user_id": 42, "name": "ann"}
+    assert filters.operations == ("UPDATE",)
+    assert filters.since == T0
+    assert merge_scope({"tenant_id": 2}, {"tenant_id": 1}) is None
+    assert merge_scope({"tenant_id": "1"}, {"tenant_id": 1}) is None
+    assert merge_scope({"user": "ann"}, {"tenant_id": 1}) == {"user": "ann", "tenant_id": 1}
+    assert parse_moment("2025-03-01T13:00+01:00", "at") == T0
+
+
+def test_moment_input_rounds_up_to_keep_the_moment() -> None:
+    """A moment with microseconds becomes a datetime-local value rounded up to the next millisecond."""
+    assert moment_input(T0.replace(microsecond=123_456)) == "2025-03-01T12:00:00.124"
+    assert moment_input(T0.replace(microsecond=123_000)) == "2025-03-01T12:00:00.123"
+    assert parse_moment(moment_input(T0.replace(microsecond=1)), "at") >= T0.replace(microsecond=1)  # type: ignore[operator]
