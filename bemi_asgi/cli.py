@@ -197,9 +197,9 @@ def demo(
 ) -> None:
     """Try bemi-asgi: a todo API with its change history, on a throwaway PostgreSQL, all in this process.
 
-    Starts PostgreSQL (wal_level=logical), applies the migration, runs the worker, serves the example app, seeds a
-    few changes by two users and a job, and prints what to open and what to curl. Ctrl-C stops everything.
-    Needs the demo extra: pip install 'bemi-asgi[demo]'.
+    Starts PostgreSQL (wal_level=logical), applies the migration, runs the worker and serves the example app.
+    Seeds a few changes by two users and a job, then prints what to open and what to curl.
+    Ctrl-C stops everything. Needs the demo extra: pip install 'bemi-asgi\\[demo]'.
     """
     from ._demo import run_demo
     from ._exceptions import DemoError
