@@ -138,21 +138,38 @@ def postmaster_pid(pgdata: Path) -> int | None:
         pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return None
+    return pid if is_postmaster(pid, pgdata) else None
+
+
+def is_postmaster(pid: int, pgdata: Path) -> bool:
+    """Whether process `pid` is a live PostgreSQL server on `pgdata` (its command line names the data directory)."""
     proc = Path("/proc")
     if not proc.is_dir():  # no procfs (macOS): trust a live pid
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return None
+            return False
         except PermissionError:
             pass
-        return pid
+        return True
     try:
         args = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
     except OSError:
-        return None
-    is_postgres = bool(args) and os.path.basename(args[0]) == b"postgres"
-    return pid if is_postgres and os.fsencode(pgdata) in args else None
+        return False
+    # An exited process waiting to be reaped (a zombie) has an empty command line: not running.
+    return bool(args) and os.path.basename(args[0]) == b"postgres" and os.fsencode(pgdata) in args
+
+
+def stop_server(server: LocalPostgres, pid: int, *, mode: str = "fast") -> None:
+    """Stop the server and wait until its postmaster process is gone, not just its pid file (which goes first)."""
+    server.stop(mode=mode)
+    deadline = time.monotonic() + 10
+    while is_postmaster(pid, server.data_dir) and time.monotonic() < deadline:
+        if mode != "immediate" and (server.data_dir / "postmaster.pid").exists():
+            server.stop(mode="immediate")
+        time.sleep(0.02)
+    if is_postmaster(pid, server.data_dir):
+        raise DemoError(f"cannot stop the PostgreSQL server (pid {pid}) running on {server.data_dir}: stop it yourself")
 
 
 def reset_cluster(pgdata: Path, server: LocalPostgres) -> None:
@@ -160,12 +177,7 @@ def reset_cluster(pgdata: Path, server: LocalPostgres) -> None:
     pid = postmaster_pid(pgdata)
     if pid is not None:
         _step(f"stopping the PostgreSQL server a previous run left running (pid {pid})...")
-        server.stop(mode="immediate")
-        deadline = time.monotonic() + 10
-        while postmaster_pid(pgdata) == pid and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if postmaster_pid(pgdata) == pid:
-            raise DemoError(f"cannot stop the PostgreSQL server (pid {pid}) running on {pgdata}: stop it yourself")
+        stop_server(server, pid, mode="immediate")
     shutil.rmtree(pgdata, ignore_errors=True)
     if pgdata.exists():
         raise DemoError(f"cannot remove {pgdata}: remove it yourself, or choose another --data-dir")
@@ -254,10 +266,11 @@ def instructions(base: str, dsn: str, seeded: Seeded) -> str:
     return f"""
 bemi-asgi demo is running: a todo API whose every change is stored with who made it, where and in which request.
 
-  Open        {base}/docs
+  Browse      {base}/bemi/   (the change browser: timeline, requests, rows as of any moment)
+  One row     {base}/bemi/row?schema=public&table=todos&key={seeded.report}
+  API         {base}/docs
   History     {base}/todos/{seeded.report}/history
   Database    {dsn}   (the history is in bemi.changes)
-  UI          (not in this build yet: the bemi-asgi UI will be mounted at {base}/bemi)
 
 Try:
   curl -X POST {base}/todos -H 'X-User: alice' {json_header} -d '{{"title": "Try bemi-asgi"}}'
@@ -418,11 +431,10 @@ def run_demo(
             # Stopping PostgreSQL must not be cut short by a second Ctrl-C: ignore signals until it is down.
             previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
             try:
-                if postmaster_pid(pgdata) is not None:
+                pid = postmaster_pid(pgdata)
+                if pid is not None:
                     _step("stopping PostgreSQL...")
-                    server.stop()
-                    if postmaster_pid(pgdata) is not None:
-                        server.stop(mode="immediate")
+                    stop_server(server, pid)
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)

@@ -17,6 +17,7 @@ What it shows:
   changes carry the job name and the request that started it), and `python examples/todo_app.py purge-done` runs
   it as a script (the job name only).
 - Read-your-writes: each write waits (briefly) until the worker stored it, so a history read right after includes it.
+- The change browser (`bemi_asgi.ui`) mounted at `/bemi`, open to visitors on this machine (`may_browse_history`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pydantic import BaseModel, Field
 
 import bemi_asgi
 from bemi_asgi import Bemi, BemiMiddleware, Change, RevertConflictError, bemi_context, get_bemi
+from bemi_asgi.ui import bemi_ui
 
 logger = logging.getLogger("todo_app")
 
@@ -129,19 +131,29 @@ async def stored(bemi: Bemi, conn: asyncpg.Connection) -> None:
         logger.warning("the worker has not stored the write yet: is `bemi-asgi worker` running?")
 
 
+def may_browse_history(request: Request) -> bool:
+    """Who may open the change browser at /bemi: here, visitors on this machine. Put your staff check here."""
+    return request.client is not None and request.client.host in ("127.0.0.1", "::1")
+
+
 def create_app(dsn: str) -> FastAPI:
+    # Bemi opens its own small pool for reads on first use: it exists before the lifespan, so the UI can mount it.
+    bemi = Bemi(dsn)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await bemi_asgi.create_pool(dsn, min_size=1, max_size=10)
         app.state.pool = pool
-        app.state.bemi = Bemi(pool)  # reads through the same pool: reads carry no tracking cost
         try:
             yield
         finally:
             await pool.close()
+            await bemi.close()
 
     app = FastAPI(title="Todos, with history", lifespan=lifespan)
+    app.state.bemi = bemi
     app.add_middleware(BemiMiddleware, context=request_context)
+    app.mount("/bemi", bemi_ui(bemi, authorize=may_browse_history))  # the change browser (pip install 'bemi-asgi[ui]')
 
     @app.post("/todos", status_code=201)
     async def create_todo(todo: TodoCreate, user: User, pool: Pool, bemi: BemiDep) -> Todo:

@@ -40,6 +40,13 @@ def postgres_processes(pgdata: Path) -> list[psutil.Process]:
     return found
 
 
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class Demo:
     """A `bemi-asgi demo` subprocess whose stdout and stderr are collected as they come."""
 
@@ -134,15 +141,15 @@ def start(demos: list[Demo], data_dir: Path, port: int | None = None) -> Demo:
 
 
 def test_demo_serves_the_example_with_history_and_stops_cleanly(data_dir: Path, demos: list[Demo]) -> None:
-    """Changes made through the demo's API by two users show in the history with each user's context; SIGINT exits
-    0 and leaves no PostgreSQL server running on the demo's data directory."""
+    """Changes made through the demo's API by two users show in the history (and the change browser) with each
+    user's context; SIGINT exits 0 and leaves no PostgreSQL server running on the demo's data directory."""
     demo = start(demos, data_dir)
     demo.wait_ready()
     assert f"curl {demo.base}/todos/" in "".join(demo.stdout)
     assert "-H 'X-User: alice'" in "".join(demo.stdout)
     for step in ("starting PostgreSQL", "applying the migration", "worker running", "seeded 8 changes"):
-        assert step in "".join(demo.stderr)
-    assert postgres_processes(data_dir / "pgdata")
+        assert step in "".join(demo.stderr), demo.output()
+    assert postgres_processes(data_dir / "pgdata"), demo.output()
 
     with httpx.Client(base_url=demo.base, trust_env=False, timeout=30) as client:
         created = client.post("/todos", json={"title": "Water the plants"}, headers={"X-User": "carol"})
@@ -153,11 +160,14 @@ def test_demo_serves_the_example_with_history_and_stops_cleanly(data_dir: Path, 
         assert updated.status_code == 200, updated.text
         history = client.get(f"/todos/{todo_id}/history").json()
         seeded = client.get("/changes", params={"limit": 100}).json()
+        browser = client.get("/bemi/")
+    assert browser.status_code == 200, browser.text
+    assert "req-42" in browser.text  # the change browser lists the request's change
 
     assert [(change["operation"], change["context"]["user"]) for change in history] == [
         ("CREATE", "carol"),
         ("UPDATE", "dave"),
-    ]
+    ], demo.output()
     assert history[1]["context"] == {"user": "dave", "endpoint": f"PATCH /todos/{todo_id}", "request_id": "req-42"}
     assert history[1]["diff"] == {
         "done": {"before": False, "after": True},
@@ -167,7 +177,7 @@ def test_demo_serves_the_example_with_history_and_stops_cleanly(data_dir: Path, 
     assert users == {"alice", "bob", "purge_done", "carol", "dave"}
 
     assert demo.stop(signal.SIGINT) == 0, demo.output()
-    assert postgres_processes(data_dir / "pgdata") == []
+    assert postgres_processes(data_dir / "pgdata") == [], demo.output()
 
 
 def test_demo_second_run_replaces_a_killed_run_and_busy_port_fails_first(data_dir: Path, demos: list[Demo]) -> None:
@@ -181,13 +191,13 @@ def test_demo_second_run_replaces_a_killed_run_and_busy_port_fails_first(data_di
 
     second = start(demos, data_dir)
     second.wait_ready()
-    assert "a previous run left running" in "".join(second.stderr)
-    assert not any(process.is_running() and process.status() != psutil.STATUS_ZOMBIE for process in leftover)
+    assert "a previous run left running" in "".join(second.stderr), second.output()
+    assert not any(running(process) for process in leftover)
     with httpx.Client(base_url=second.base, trust_env=False, timeout=30) as client:
         todos = client.get("/todos").json()
     assert [todo["title"] for todo in todos] == ["Write the Q3 report"]  # the seed alone: the cluster is new
     assert second.stop(signal.SIGTERM) == 0, second.output()
-    assert postgres_processes(data_dir / "pgdata") == []
+    assert postgres_processes(data_dir / "pgdata") == [], second.output()
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -195,8 +205,9 @@ def test_demo_second_run_replaces_a_killed_run_and_busy_port_fails_first(data_di
         port = busy.getsockname()[1]
         fresh = data_dir.parent / "fresh"
         third = start(demos, fresh, port)
-        assert third.process.wait(30) == 1
+        code = third.process.wait(30)
     third.drain()
+    assert code == 1, third.output()
     assert f"port {port} on 127.0.0.1 is already in use" in "".join(third.stderr)
     assert "--port" in "".join(third.stderr)
     assert "starting PostgreSQL" not in third.output()

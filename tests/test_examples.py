@@ -114,6 +114,17 @@ async def test_todo_app_refuses_anonymous_writes(todos: httpx.AsyncClient) -> No
     assert (await todos.get("/todos")).json() == []
 
 
+async def test_todo_app_change_browser_is_local_only(todos: httpx.AsyncClient, todo_api: FastAPI) -> None:
+    """The change browser mounted at /bemi shows the history to a visitor on this machine and refuses others (403)."""
+    await todos.post("/todos", json={"title": "Buy milk"}, headers=by("ann", "r1"))
+    local = await todos.get("/bemi/")
+    assert local.status_code == 200
+    assert "Buy milk" in local.text
+    transport = httpx.ASGITransport(app=todo_api, client=("203.0.113.5", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as remote:
+        assert (await remote.get("/bemi/")).status_code == 403
+
+
 async def test_todo_app_background_job_context(todos: httpx.AsyncClient, todo_api: FastAPI) -> None:
     """POST /jobs/purge-done deletes done todos after answering; the deletes carry the job and who started it."""
     todo_id = (await todos.post("/todos", json={"title": "Fix the bike"}, headers=by("ann", "r1"))).json()["id"]
