@@ -15,14 +15,17 @@ How each way of writing is covered, by `BemiConnection`:
   context's message is sent (in the same simple query for `execute` without arguments, one extra round trip
   otherwise), so with the stitching rule (a change takes the context of the first `_bemi` message after it) each
   part of the transaction keeps the context it ran under. A part that ran with no context gets `{}`.
-- Outside a transaction, a statement that may write (see `may_write`) is wrapped when a context is set:
+- A transaction whose statements are all recognized reads (see `classify`) sends nothing at COMMIT.
+- Outside a transaction, a statement that may write (see `classify`) is wrapped when a context is set:
   `execute` without arguments sends the message and the statement as one simple query (one implicit transaction);
   the message comes first there, which the stitching rule reads the same way, because an appended statement would
   replace the status `execute` returns. Statements with arguments, `executemany`, `copy_*` and prepared statements
   run as BEGIN / statement / message + COMMIT. Reads run as they are.
 
-Note: writes hidden in a function called by a SELECT outside a transaction (`SELECT my_func($1)`) are not
-recognized as writes: run them inside `conn.transaction()`, where every commit carries the context.
+Note: a statement counts as a read only when its text shows it: a query (SELECT, WITH, VALUES, TABLE, SHOW) with
+no data-modifying keyword that calls only built-in functions. A call to one of your functions counts as a write
+(outside a transaction it then runs as BEGIN / statement / COMMIT: two more round trips, no message unless it
+wrote). A write the text cannot show, such as a view whose column calls a writing function, is not recognized.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 from asyncpg.prepared_stmt import PreparedStatement
 
-from ._context import ContextData, current
+from ._context import ContextData, activate, current, deactivate
 
-__all__ = ["BemiConnection", "connect", "create_pool", "emit_sql", "may_write"]
+__all__ = ["BemiConnection", "BemiPreparedStatement", "classify", "connect", "create_pool", "emit_sql"]
 
 MESSAGE_PREFIX = "_bemi"
 
@@ -90,6 +93,8 @@ def emit_sql(data: ContextData | None, *, conditional: bool = True) -> str:
 
 # --- statement classification ---------------------------------------------------------------------------------------
 
+READ, WRITE, OTHER = 0, 1, 2
+
 _WRITE_WORDS = re.compile(r"\b(?:insert|update|delete|merge|copy|truncate|call|do|execute)\b", re.IGNORECASE)
 # Commands that refuse to run inside a transaction block (or a multi-statement query): never wrap them.
 _NON_TRANSACTIONAL = re.compile(
@@ -97,16 +102,52 @@ _NON_TRANSACTIONAL = re.compile(
     r"|\b(?:create|drop|alter)\s+database\b|\balter\s+system\b|\bdiscard\s+all\b|(?:^|;)\s*cluster\s*(?:;|$)",
     re.IGNORECASE,
 )
+_QUERY_START = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*(?:select|with|values|table|explain)\b", re.I | re.S)
+_SHOW = re.compile(r"^\s*show\b", re.IGNORECASE)
+_CALL = re.compile(r"([a-z_][\w$]*)\s*\(", re.IGNORECASE)
+_QUOTED_CALL = re.compile(r"\"\s*\(")
+# Names followed by "(" in a query that cannot write: SQL keywords, type modifiers and built-in functions without
+# side effects. A call to anything else (your functions, which may write) makes the statement count as a write.
+_PURE = frozenset(
+    re.findall(
+        r"\S+",
+        """
+    all and any array as between by case cast check exists filter from group having in interval is join lateral
+    limit not offset on or order over partition row rows select some then using values when where window with within
+    bit char character decimal numeric time timestamp timestamptz varchar float
+    abs age array_agg array_length array_position array_remove array_to_string avg bool_and bool_or btrim cardinality
+    ceil ceiling char_length clock_timestamp coalesce concat concat_ws count current_setting date_part date_trunc
+    dense_rank encode decode every extract first_value floor format generate_series greatest initcap json_agg
+    json_build_array json_build_object json_object_agg jsonb_agg jsonb_array_elements jsonb_array_elements_text
+    jsonb_array_length jsonb_build_array jsonb_build_object jsonb_each jsonb_each_text jsonb_extract_path
+    jsonb_extract_path_text jsonb_object_agg jsonb_object_keys jsonb_path_exists jsonb_path_query jsonb_set
+    jsonb_strip_nulls jsonb_typeof lag last_value lead least left length lower lpad ltrim make_interval max md5 min mod
+    now ntile nullif percent_rank percentile_cont percentile_disc position power random rank regexp_match
+    regexp_matches regexp_replace regexp_split_to_array replace right round row_number row_to_json rpad rtrim sign
+    split_part sqrt starts_with statement_timestamp string_agg string_to_array strpos substr substring sum to_char
+    to_date to_json to_jsonb to_number to_timestamp translate trim trunc unnest upper version
+    """,
+    )
+)
 
 
 @functools.lru_cache(maxsize=2048)
-def may_write(query: str) -> bool:
-    """Whether a statement run outside a transaction may write rows, judged from its text (cached per text).
+def classify(query: str) -> int:
+    """Judge a statement from its text (cached per text): READ, WRITE (may write rows) or OTHER (DDL, settings...).
 
-    Errs towards yes (a word like `update` in a string literal makes a read count as a write: it then pays one
-    message, never loses one), except for commands that cannot run in a transaction block, which are left alone.
+    READ only when that is certain from the text: a query with no data-modifying keyword that calls only built-in
+    functions. Anything doubtful is a WRITE, which pays a (conditional) message, never loses one; commands that
+    cannot run in a transaction block are OTHER and left alone.
     """
-    return _WRITE_WORDS.search(query) is not None and _NON_TRANSACTIONAL.search(query) is None
+    if _NON_TRANSACTIONAL.search(query):
+        return OTHER
+    if _WRITE_WORDS.search(query):
+        return WRITE
+    if _QUERY_START.match(query):
+        if _QUOTED_CALL.search(query) or any(name.lower() not in _PURE for name in _CALL.findall(query)):
+            return WRITE
+        return READ
+    return READ if _SHOW.match(query) else OTHER
 
 
 _NAME = r"(\"(?:[^\"]|\"\")+\"|[a-z_][\w$]*)"
@@ -145,15 +186,16 @@ class BemiConnection(_Connection):
 
     Use it through `create_pool` / `connect`, or pass `connection_class=BemiConnection` to asyncpg yourself.
 
-    Note: statements run through a cursor, or through `prepare()` inside a transaction, are not seen one by one:
-    their transaction carries the context its last seen statement ran under (or the context current at COMMIT
-    when no statement was seen), so a context change among them is not split.
+    Note: a cursor's fetches are not seen one by one: a transaction written only through cursors carries the
+    context of the last statement seen before them, or else the one current at COMMIT.
     """
 
-    # Per-transaction state: whether a statement ran yet, the context the last one ran under, whether any ran under
-    # a context, and the savepoints (name + that state when they were set) so ROLLBACK TO can restore it.
+    # Per-transaction state: whether a statement ran yet, whether one may have written, the context the last one ran
+    # under, whether any ran under a context, and the savepoints (name + that state when they were set) so ROLLBACK
+    # TO can restore it.
     _bemi_open: bool
     _bemi_started: bool
+    _bemi_wrote: bool
     _bemi_ran_under: ContextData | None
     _bemi_touched: bool
     _bemi_savepoints: list[_SavedState]
@@ -162,22 +204,38 @@ class BemiConnection(_Connection):
         super().__init__(*args, **kwargs)
         self._bemi_open = False
         self._bemi_started = False
+        self._bemi_wrote = False
         self._bemi_ran_under = None
         self._bemi_touched = False
         self._bemi_savepoints = []
 
     # -- transaction state --
 
-    def _bemi_before_statement(self) -> str | None:
-        """Record that a statement runs now, inside a transaction; return the SQL to send first, if any.
+    def _bemi_begin(self) -> None:
+        self._bemi_open = True
+        self._bemi_savepoints = []
+        self._bemi_started = False
+        self._bemi_wrote = False
 
-        That SQL is the previous context's message, owed when the context changed since the last statement.
+    def _bemi_note(self, kind: int) -> None:
+        """Record a statement the connection cannot hold up (a cursor): only whether it may write."""
+        if not self._bemi_open:
+            self._bemi_begin()
+        if kind != READ:
+            self._bemi_wrote = True
+
+    def _bemi_before_statement(self, kind: int) -> str | None:
+        """Record that a statement of `kind` runs now, in a transaction; return the SQL to send first, if any.
+
+        That SQL is the previous context's message, owed when the context changed since the last statement and
+        something before may have written.
         """
         data = current()
         if not self._bemi_open:
-            self._bemi_open = True
-            self._bemi_savepoints = []
-            self._bemi_started = False
+            self._bemi_begin()
+        wrote = self._bemi_wrote
+        if kind != READ:
+            self._bemi_wrote = True
         if not self._bemi_started:
             self._bemi_started = True
             self._bemi_ran_under = data
@@ -189,13 +247,15 @@ class BemiConnection(_Connection):
         self._bemi_ran_under = data
         if data is not None:
             self._bemi_touched = True
-        return emit_sql(previous)
+        return emit_sql(previous) if wrote else None
 
     def _bemi_commit_message(self) -> str | None:
         """The message SQL owed at COMMIT, or None when the transaction ran without any context."""
         if not (self._bemi_open and self._bemi_started):
-            data = current()  # no statement seen (cursors, prepared statements): the context at COMMIT
+            data = current()  # no statement seen (cursors, for instance): the context at COMMIT
             return None if data is None else emit_sql(data)
+        if not self._bemi_wrote:  # only recognized reads: nothing to attribute, send nothing
+            return None
         if self._bemi_ran_under is not None:
             return emit_sql(self._bemi_ran_under)
         return emit_sql(None) if self._bemi_touched else None
@@ -213,13 +273,15 @@ class BemiConnection(_Connection):
         if not self.is_in_transaction():
             self._bemi_end()
             data = current()
-            if data is None or not may_write(query):
+            if data is None or classify(query) != WRITE:
                 return await parent(query, timeout=timeout)
+            if _WRITE_WORDS.search(query) is None:  # only calls to functions that may write: wrap, emit if they did
+                return await self._bemi_wrap(data, parent, query, timeout=timeout)
             # One implicit transaction: message first (see the module docstring), then the statements.
             return await parent(emit_sql(data, conditional=False) + query, timeout=timeout)
         kind = control(query)
         if kind is None:
-            owed = self._bemi_before_statement()
+            owed = self._bemi_before_statement(classify(query))
             return await parent(query if owed is None else owed + query, timeout=timeout)
         return await self._bemi_control(kind, query, timeout)
 
@@ -240,7 +302,7 @@ class BemiConnection(_Connection):
             self._bemi_end()
             return await parent(query, timeout=timeout)
         if what == "savepoint":
-            owed = self._bemi_before_statement()  # a message owed is sent before the savepoint, so it survives it
+            owed = self._bemi_before_statement(READ)  # a message owed is sent before the savepoint, so it survives it
             status = await parent(query if owed is None else owed + query, timeout=timeout)
             self._bemi_savepoints.append((name, self._bemi_started, self._bemi_ran_under, self._bemi_touched))
             return status
@@ -260,13 +322,17 @@ class BemiConnection(_Connection):
     async def _bemi_call(self, query: str | None, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
         """Run `fn(*args, **kwargs)`, a statement with text `query` (None: a write, like COPY), with the context."""
         if self.is_in_transaction():
-            owed = self._bemi_before_statement()
+            owed = self._bemi_before_statement(WRITE if query is None else classify(query))
             if owed is not None:
                 await _Connection.execute(self, owed)
             return await fn(*args, **kwargs)
         data = current()
-        if data is None or (query is not None and not may_write(query)):
+        if data is None or (query is not None and classify(query) != WRITE):
             return await fn(*args, **kwargs)
+        return await self._bemi_wrap(data, fn, *args, **kwargs)
+
+    async def _bemi_wrap(self, data: ContextData, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """Run `fn` as its own transaction: BEGIN / statement / message + COMMIT."""
         self._bemi_end()
         execute = super().execute
         await execute("BEGIN")
@@ -305,6 +371,19 @@ class BemiConnection(_Connection):
         # COPY (INSERT ... RETURNING ...) TO STDOUT writes.
         return await self._bemi_call(query, super().copy_from_query, query, *args, **kwargs)
 
+    def cursor(self, query: str, *args: object, **kwargs: Any) -> Any:
+        if self.is_in_transaction():  # cursors only run in a transaction
+            self._bemi_note(classify(query))
+        return super().cursor(query, *args, **kwargs)
+
+    async def reset(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        # The pool resets a connection on release, maybe inside the caller's context: that is no write of theirs.
+        token = activate(None)
+        try:
+            await super().reset(timeout=timeout)
+        finally:
+            deactivate(token)
+
     async def prepare(self, query: str, **kwargs: Any) -> Any:
         statement = await super().prepare(query, **kwargs)
         # Same slots, one wrapper object: replacing it would let the original's __del__ free the shared state.
@@ -319,6 +398,12 @@ class BemiPreparedStatement(_Statement):
 
     def _bemi(self) -> tuple[BemiConnection, str]:
         return self._connection, self._query  # type: ignore[attr-defined]
+
+    def cursor(self, *args: object, **kwargs: Any) -> Any:
+        conn, query = self._bemi()
+        if conn.is_in_transaction():
+            conn._bemi_note(classify(query))
+        return super().cursor(*args, **kwargs)
 
     async def fetch(self, *args: object, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import bemi_asgi
 from bemi_asgi import BemiConnection, BemiContextError, bemi_context
-from bemi_asgi._pool import control, emit_sql, may_write, quote_literal
+from bemi_asgi._pool import OTHER, READ, WRITE, classify, control, emit_sql, quote_literal
 
 # --- reading the slot -----------------------------------------------------------------------------------------------
 
@@ -300,6 +300,20 @@ async def test_failed_autocommit_write_leaves_no_transaction_open(
     assert await read_slot(reader) == [["I", CTX]]
 
 
+async def test_writes_inside_functions(conn: BemiConnection, reader: asyncpg.Connection) -> None:
+    """A SELECT calling a function that writes carries the context, inside a transaction or not."""
+    await conn.execute(
+        "CREATE FUNCTION add_item(n text) RETURNS int LANGUAGE sql AS "
+        "$$ INSERT INTO items (name) VALUES (n) RETURNING id $$"
+    )
+    with bemi_context(CTX):
+        assert await conn.fetchval("SELECT add_item($1)", "a") == 1
+        async with conn.transaction():
+            assert await conn.fetchval("SELECT add_item($1)", "b") == 2
+        assert await conn.execute("SELECT add_item('c')") == "SELECT 1"
+    assert await read_slot(reader) == [["I", CTX], ["I", CTX], ["I", CTX]]
+
+
 # --- what sends nothing ---------------------------------------------------------------------------------------------
 
 
@@ -432,20 +446,26 @@ def test_emit_sql_is_cached_and_calls_the_three_argument_function() -> None:
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
-        ("SELECT * FROM items WHERE id = $1", False),
-        ("select last_update, deleted_at from t", False),
-        ("SHOW search_path", False),
-        ("INSERT INTO t VALUES ($1)", True),
-        ("with x as (delete from t returning *) select * from x", True),
-        ("CALL do_things()", True),
-        ("CREATE INDEX CONCURRENTLY i ON t (x) WHERE y = 'update'", False),
-        ("VACUUM t", False),
-        ("INSERT INTO t (database) VALUES (1)", True),
+        ("SELECT * FROM items WHERE id = $1", READ),
+        ("select last_update, deleted_at, count(*) from t group by 1, 2", READ),
+        ("/* api */ WITH x AS (SELECT 1) SELECT coalesce(max(a), 0) FROM x WHERE b IN (1, 2)", READ),
+        ("SHOW search_path", READ),
+        ("SELECT create_order($1)", WRITE),
+        ('SELECT "Create"($1)', WRITE),
+        ("SELECT * FROM t FOR UPDATE", WRITE),
+        ("INSERT INTO t VALUES ($1)", WRITE),
+        ("with x as (delete from t returning *) select * from x", WRITE),
+        ("CALL do_things()", WRITE),
+        ("INSERT INTO t (database) VALUES (1)", WRITE),
+        ("CREATE INDEX CONCURRENTLY i ON t (x) WHERE y = 'update'", OTHER),
+        ("VACUUM t", OTHER),
+        ("SET search_path = app", OTHER),
+        ("CREATE TABLE t (id int)", OTHER),
     ],
 )
-def test_may_write(query: str, expected: bool) -> None:
-    """Statements that may write are recognized from their text; non-transactional commands never are."""
-    assert may_write(query) is expected
+def test_classify(query: str, expected: int) -> None:
+    """Reads are recognized only when certain; data-modifying statements and unknown function calls are writes."""
+    assert classify(query) == expected
 
 
 @pytest.mark.parametrize(
@@ -526,3 +546,9 @@ def test_any_json_round_trips_through_the_wal(database: str, runner: asyncio.Run
     finally:
         runner.run(conn.close())
         runner.run(reader.close())
+
+
+def test_connection_class_must_derive_from_bemi_connection() -> None:
+    """A plain asyncpg connection class is refused: its writes would silently lose the context."""
+    with pytest.raises(TypeError, match="BemiConnection"):
+        bemi_asgi.create_pool("postgresql://unused", connection_class=asyncpg.Connection)

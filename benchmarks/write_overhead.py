@@ -1,0 +1,147 @@
+"""What carrying the context costs: plain asyncpg pool vs the bemi pool with a context set, same run.
+
+    python -m benchmarks.write_overhead [--dsn postgresql://...] [--seconds 0.3] [--rounds 20]
+
+Without --dsn (or $BEMI_BENCH_DSN) it starts a throwaway local PostgreSQL (wal_level=logical). Each workload runs
+for --seconds per round on both pools, alternating which goes first, for --rounds rounds; the ratio is the bemi
+pool's transactions per second over the plain pool's, summed over rounds. Targets: single-row insert transactions
+>= 0.95x at 8 connections, read-only transactions >= 0.98x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bemi_asgi
+from bemi_asgi._postgres import LocalPostgres
+
+Pool = Any  # asyncpg.Pool of either connection class
+Work = Callable[[asyncpg.Connection, int], Awaitable[None]]
+CONTEXT = {"user_id": 12345, "endpoint": "POST /orders", "request_id": "3f2b9c1e-8a4d-4e0b-9c7a-1d2e3f4a5b6c"}
+
+
+async def write_transaction(conn: asyncpg.Connection, i: int) -> None:
+    async with conn.transaction():
+        await conn.execute("INSERT INTO bench (v, note) VALUES ($1, 'x')", i)
+
+
+async def read_transaction(conn: asyncpg.Connection, i: int) -> None:
+    async with conn.transaction():
+        await conn.fetchval("SELECT v FROM bench WHERE id = $1", i % 1000 + 1)
+
+
+async def autocommit_write(conn: asyncpg.Connection, i: int) -> None:
+    await conn.execute("INSERT INTO bench (v, note) VALUES ($1, 'x')", i)
+
+
+async def autocommit_read(conn: asyncpg.Connection, i: int) -> None:
+    await conn.fetchval("SELECT v FROM bench WHERE id = $1", i % 1000 + 1)
+
+
+async def measure(pool: Pool, work: Work, connections: int, seconds: float, with_context: bool) -> int:
+    """Run `work` on `connections` concurrent workers for `seconds`; return the transactions done."""
+    deadline = time.perf_counter() + seconds
+    counts = [0] * connections
+
+    async def worker(n: int) -> None:
+        i = n
+        while time.perf_counter() < deadline:
+            async with pool.acquire() as conn:
+                await work(conn, i)
+            i += connections
+            counts[n] += 1
+
+    async def run_all() -> None:
+        await asyncio.gather(*(worker(n) for n in range(connections)))
+
+    if with_context:
+        with bemi_asgi.bemi_context(CONTEXT):
+            await run_all()
+    else:
+        await run_all()
+    return sum(counts)
+
+
+async def bench(dsn: str, seconds: float, rounds: int) -> list[tuple[str, int, float]]:
+    setup = await asyncpg.connect(dsn)
+    await setup.execute(
+        "DROP TABLE IF EXISTS bench; CREATE TABLE bench (id bigserial PRIMARY KEY, v int, note text);"
+        "ALTER TABLE bench REPLICA IDENTITY FULL;"
+        "INSERT INTO bench (v) SELECT g FROM generate_series(1, 1000) g;"
+    )
+    await setup.close()
+    workloads: list[tuple[str, Work, int]] = [
+        ("write transaction", write_transaction, 1),
+        ("write transaction", write_transaction, 8),
+        ("read-only transaction", read_transaction, 1),
+        ("read-only transaction", read_transaction, 8),
+        ("autocommit write", autocommit_write, 8),
+        ("autocommit read", autocommit_read, 8),
+    ]
+    plain = await asyncpg.create_pool(dsn, min_size=8, max_size=8)
+    tracked = await bemi_asgi.create_pool(dsn, min_size=8, max_size=8)
+    results = []
+    try:
+        for name, work, connections in workloads:
+            totals = {"plain": 0, "bemi": 0}
+            # Warm both pools' statement caches and the server before counting.
+            await measure(plain, work, connections, 0.2, False)
+            await measure(tracked, work, connections, 0.2, True)
+            for r in range(rounds):
+                order = [("plain", plain, False), ("bemi", tracked, True)]
+                for label, pool, with_context in order if r % 2 == 0 else reversed(order):
+                    totals[label] += await measure(pool, work, connections, seconds, with_context)
+            ratio = totals["bemi"] / totals["plain"]
+            per_second = totals["plain"] / (seconds * rounds)
+            print(
+                f"{name:<22} {connections} conn: plain {per_second:8.0f} tx/s  "
+                f"bemi {totals['bemi'] / (seconds * rounds):8.0f} tx/s  ratio {ratio:.3f}x",
+                flush=True,
+            )
+            results.append((name, connections, ratio))
+    finally:
+        await plain.close()
+        await tracked.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--dsn", default=os.environ.get("BEMI_BENCH_DSN"), help="an existing database (wal_level=logical)"
+    )
+    parser.add_argument("--seconds", type=float, default=0.3, help="length of one measurement")
+    parser.add_argument("--rounds", type=int, default=20, help="alternating rounds per workload")
+    args = parser.parse_args()
+    if args.dsn:
+        asyncio.run(bench(args.dsn, args.seconds, args.rounds))
+        return
+    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-bench-"))
+    base.chmod(0o755)  # the server may run as another user
+    server = LocalPostgres(base / "data")
+    try:
+        server.init()
+        server.start()
+        print(f"PostgreSQL {server.version}, local throwaway cluster", flush=True)
+        asyncio.run(bench(server.dsn(), args.seconds, args.rounds))
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
