@@ -183,7 +183,8 @@ async def test_lost_connections_and_missing_destination_are_retried(database: st
                     admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {where}", args)
 
                 while stored_count(destination) == 0:
-                    assert producer.error is None and not task.done()
+                    assert producer.error is None
+                    assert not task.done()
                     time.sleep(0.02)
                 terminate("datname = %s AND application_name = 'bemi-asgi worker'", name)
                 time.sleep(0.3)
