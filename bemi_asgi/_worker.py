@@ -91,9 +91,11 @@ class Worker:
     (`SourceNotReadyError`, `DestinationNotReadyError`) are raised.
 
     Tuning: `batch_rows` caps the rows of one destination transaction (except a single larger source
-    transaction, which is always written whole); `spill_threshold` is how many changes of one open transaction stay
-    in memory before they move to a temporary file; `status_interval` the seconds between status updates;
-    `progress` the stream for a progress line every `progress_interval` seconds (None: quiet).
+    transaction, which is always written whole); while a backlog is being read the writer waits up to
+    `batch_seconds` to fill a batch (when the stream is idle it writes at once); `spill_threshold` is how many
+    changes of one open transaction stay in memory before they move to a temporary file; `status_interval` the
+    seconds between status updates; `progress` the stream for a progress line every `progress_interval` seconds
+    (None: quiet).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Worker:
         slot: str = "bemi",
         publication: str = "bemi",
         batch_rows: int = 10_000,
+        batch_seconds: float = 0.1,
         spill_threshold: int = 20_000,
         status_interval: float = 5.0,
         progress: TextIO | None = None,
@@ -115,6 +118,7 @@ class Worker:
         self.slot = slot
         self.publication = publication
         self.batch_rows = batch_rows
+        self.batch_seconds = batch_seconds
         self.spill_threshold = spill_threshold
         self.status_interval = status_interval
         self.progress = progress
@@ -534,7 +538,16 @@ class _Pipeline:
             if first is None:
                 return
             batch, rows, last = [first], first.count, False
-            while rows < worker.batch_rows and not queue.empty():
+            deadline = time.monotonic() + worker.batch_seconds
+            while rows < worker.batch_rows:
+                if queue.empty():
+                    # Wait for more only while the reader is still working through a backlog: when it waits on
+                    # the socket, nothing more is coming soon and waiting would only add latency.
+                    remaining = deadline - time.monotonic()
+                    if self.stream.waiting or remaining <= 0:
+                        break
+                    await asyncio.sleep(min(remaining, 0.005))
+                    continue
                 item = queue.get_nowait()
                 if item is None:
                     last = True
