@@ -66,6 +66,7 @@ logger = logging.getLogger("bemi_asgi.worker")
 _encode: Callable[[object], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _START_LSN = struct.Struct(">Q").unpack_from
 _EMPTY = "{}"
+_OWN_TABLES = frozenset({"changes", "worker_state"})
 _Row: TypeAlias = "dict[str, JSONValue | Unchanged]"
 
 
@@ -271,6 +272,7 @@ class _RelationInfo:
     converters: tuple[Callable[[str], JSONValue], ...]
     key: tuple[int, ...]  # positions of the primary key columns, in key order; () without a primary key
     replica_key: tuple[int, ...]  # positions the replica identity sends in a key-only old row
+    ignored: bool = False  # the worker's own tables, should a FOR ALL TABLES publication include them
 
     def primary_key(self, values: tuple[Value, ...], old: tuple[Value, ...] | None) -> str | None:
         """The change's `primary_key`: one key column's text, a JSON array of texts for a composite key."""
@@ -488,6 +490,8 @@ class _Pipeline:
             tuple(converter_for(column.type_oid) for column in message.columns),
             key,
             replica_key,
+            # Storing changes of bemi.changes would feed the worker its own writes, forever.
+            ignored=message.namespace == "bemi" and message.name in _OWN_TABLES,
         )
 
     def _add(self, key: str | None, before: str, after: str, rel: _RelationInfo, operation: str, lsn: int) -> None:
@@ -498,6 +502,8 @@ class _Pipeline:
 
     def _change(self, message: Insert | Update | Delete, lsn: int) -> None:
         rel = self.relations[message.relation_oid]
+        if rel.ignored:
+            return
         if type(message) is Insert:
             after = row_to_dict(rel.columns, message.new, rel.converters)
             self._add(rel.primary_key(message.new, None), _EMPTY, _encode(after), rel, "CREATE", lsn)
@@ -526,7 +532,8 @@ class _Pipeline:
     def _truncate(self, message: Truncate, lsn: int) -> None:
         for oid in message.relation_oids:
             rel = self.relations[oid]
-            self._add(None, _EMPTY, _EMPTY, rel, "TRUNCATE", lsn)
+            if not rel.ignored:
+                self._add(None, _EMPTY, _EMPTY, rel, "TRUNCATE", lsn)
 
     # -- writer -------------------------------------------------------------------------------------------------
 
