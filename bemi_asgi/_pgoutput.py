@@ -37,6 +37,7 @@ __all__ = [
     "Relation",
     "Truncate",
     "Type",
+    "Unchanged",
     "Update",
     "Value",
     "decode",

@@ -71,7 +71,7 @@ def _float(text: str) -> JSONValue:
 
 
 def _bool(text: str) -> JSONValue:
-    return text == "t"
+    return text == "t" or text == "true"  # boolout prints 't'; 'true' is bool's cast to text
 
 
 _json: Final[Converter] = json.loads
@@ -91,9 +91,13 @@ def _timestamptz(text: str) -> JSONValue:
     offset = f"{hours}:{minutes or '00'}" + (f":{seconds}" if seconds else "")
     moment = datetime.fromisoformat(f"{text[:10]}T{text[11 : match.start()]}{offset}")
     try:
-        return moment.astimezone(UTC).isoformat()
+        iso = moment.astimezone(UTC).isoformat()
     except OverflowError:  # 0001-01-01 with a positive offset is still year 0 in UTC
         return text
+    if moment.microsecond:  # print the fraction as PostgreSQL (and so the fast path) does: no trailing zeros
+        head, _, tail = iso.partition(".")
+        iso = f"{head}.{tail[:6].rstrip('0')}{tail[6:]}"
+    return iso
 
 
 def _timestamp(text: str) -> JSONValue:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bemi_asgi._pgoutput import UNCHANGED, Column, Insert, Relation, decode
 from bemi_asgi._values import JSONValue, converter_for, parse_array, row_to_dict
@@ -100,15 +103,18 @@ def server(pg_server: PgServer) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
-def server_text(conn: psycopg.Connection[Any], expression: str) -> tuple[str, int]:
-    """The text the type's output function gives for `expression` (what pgoutput sends), and its type OID."""
-    cursor = conn.execute(f"SELECT {expression}, pg_typeof({expression})::oid", binary=False)  # type: ignore[arg-type]
+def output_text(conn: psycopg.Connection[Any], query: str, params: list[Any] | None = None) -> list[str]:
+    """The first row of `query` as its types' output functions print it (the text pgoutput sends)."""
+    cursor = conn.execute(query, params, binary=False)  # type: ignore[arg-type]
     assert cursor.pgresult is not None
-    raw = cursor.pgresult.get_value(0, 0)
-    oid = cursor.pgresult.get_value(0, 1)
-    assert raw is not None
-    assert oid is not None
-    return bytes(raw).decode(), int(bytes(oid))
+    values = [cursor.pgresult.get_value(0, column) for column in range(cursor.pgresult.nfields)]
+    return [bytes(value).decode() for value in values if value is not None]
+
+
+def server_text(conn: psycopg.Connection[Any], expression: str) -> tuple[str, int]:
+    """The text the type's output function gives for `expression`, and its type OID."""
+    text, oid = output_text(conn, f"SELECT {expression}, pg_typeof({expression})::oid")
+    return text, int(oid)
 
 
 @pytest.mark.parametrize(("expression", "expected"), CASES)
@@ -127,7 +133,7 @@ def test_timestamptz_in_other_time_zones_is_normalised_to_utc(server: psycopg.Co
     for zone, expression, expected in [
         ("Asia/Kolkata", "'2026-11-27 21:00:14.564968+00'", "2026-11-27T21:00:14.564968+00:00"),
         ("America/St_Johns", "'2026-07-01 00:00:00+00'", "2026-07-01T00:00:00+00:00"),
-        ("Europe/Amsterdam", "'1850-01-01 12:00:00.5+00'", "1850-01-01T12:00:00.500000+00:00"),
+        ("Europe/Amsterdam", "'1850-01-01 12:00:00.5+00'", "1850-01-01T12:00:00.5+00:00"),
         ("Pacific/Kiritimati", "'0001-01-01 12:00:00+00'", "0001-01-01T12:00:00+00:00"),
     ]:
         server.execute(f"SET TimeZone = '{zone}'")  # type: ignore[arg-type]
@@ -137,6 +143,25 @@ def test_timestamptz_in_other_time_zones_is_normalised_to_utc(server: psycopg.Co
             server.execute("SET TimeZone = 'UTC'")
         assert not text.endswith("+00"), f"{zone} should give a non-UTC offset: {text}"
         assert convert(text) == expected
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.datetimes(datetime(1800, 1, 1), datetime(2200, 1, 1), timezones=st.just(UTC)),
+    st.sampled_from(["UTC", "Asia/Kolkata", "America/St_Johns", "Europe/Amsterdam", "Pacific/Chatham", "Etc/GMT+12"]),
+)
+def test_timestamptz_round_trips_in_any_time_zone(server: psycopg.Connection[Any], moment: datetime, zone: str) -> None:
+    """Any instant printed by the server in any session time zone converts to that instant in UTC ISO 8601."""
+    server.execute(f"SET TimeZone = '{zone}'")  # type: ignore[arg-type]
+    try:
+        [zone_text] = output_text(server, "SELECT %s::timestamptz", [moment])
+    finally:
+        server.execute("SET TimeZone = 'UTC'")
+    [utc_text] = output_text(server, "SELECT %s::timestamptz", [moment])
+    converted = converter_for(1184)(zone_text)
+    assert converted == converter_for(1184)(utc_text)  # the same text whatever the session time zone
+    assert isinstance(converted, str)
+    assert datetime.fromisoformat(converted) == moment
 
 
 def test_unknown_types_keep_their_text(server: psycopg.Connection[Any]) -> None:
@@ -149,10 +174,41 @@ def test_unknown_types_keep_their_text(server: psycopg.Connection[Any]) -> None:
         assert converter_for(type_oid)(text) == text
 
 
+def test_bool_accepts_both_spellings(server: psycopg.Connection[Any]) -> None:
+    """bool converts the output function's 't'/'f' and the text cast's 'true'/'false' alike."""
+    convert = converter_for(16)
+    for row in server.execute("SELECT b::text, b FROM (VALUES (true), (false)) AS v(b)").fetchall():
+        assert convert(row[0]) is row[1]
+    assert (convert("t"), convert("f")) == (True, False)
+
+
 def test_converters_are_cached_per_oid() -> None:
     """converter_for returns the same function for the same OID, so a relation's converters are built once."""
     assert converter_for(1007) is converter_for(1007)
     assert converter_for(25) is converter_for(987654)  # text and unknown: both identity
+
+
+# Any text PostgreSQL can store: no NUL, no lone surrogates (not UTF-8); with the characters arrays must quote.
+_element = st.one_of(
+    st.none(),
+    st.sampled_from(["NULL", "null", "", " ", '"', "\\", "{", "}", ",", "a b", "{a,b}", "ü"]),
+    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=12),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.lists(_element, max_size=6),
+        st.integers(1, 3).flatmap(
+            lambda width: st.lists(st.lists(_element, min_size=width, max_size=width), min_size=1, max_size=3)
+        ),
+    )
+)
+def test_text_arrays_round_trip_through_the_server(server: psycopg.Connection[Any], elements: list[Any]) -> None:
+    """Any text[] (1-D or 2-D, NULLs, quotes, backslashes, braces, 'NULL' strings) parses back from its array text."""
+    [text] = output_text(server, "SELECT %s::text[]", [elements])
+    assert converter_for(1009)(text) == elements
 
 
 @pytest.mark.parametrize("text", ["{1,2", "1,2}", "{1}{2}", "{{1},2}}", "{{1}", '{"a",b'])
