@@ -87,7 +87,7 @@ def moment_input(moment: datetime | None) -> str:
         return ""
     moment = moment.astimezone(UTC)
     extra = moment.microsecond % 1000
-    if extra:
+    if extra and moment < datetime.max.replace(tzinfo=UTC) - timedelta(milliseconds=1):
         moment += timedelta(microseconds=1000 - extra)
     return moment.replace(tzinfo=None).isoformat(timespec="milliseconds")
 

@@ -39,6 +39,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+import asyncpg
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, Router
@@ -83,6 +84,8 @@ KEEPALIVE_SECONDS = 15.0
 SUGGESTION_SAMPLE = 500
 SUGGESTED_KEYS = 6
 _ACCESS = "bemi_asgi.ui.access"
+# Input a query refuses: a malformed filter, a value PostgreSQL rejects (NUL, out of range), a time out of range.
+_BAD_INPUT = (QueryError, asyncpg.DataError, OverflowError)
 _METHODS = ("GET", "HEAD")
 
 
@@ -206,11 +209,11 @@ class BemiUI:
         )
         self._router = Router(
             routes=[
-                Route("/", self._timeline, methods=["GET"]),
-                Route("/stream", self._stream, methods=["GET"]),
-                Route("/row", self._row, methods=["GET"]),
-                Route("/transaction/{xid:int}", self._transaction, methods=["GET"]),
-                Route("/request", self._request, methods=["GET"]),
+                Route("/", self._guard(self._timeline), methods=["GET"]),
+                Route("/stream", self._guard(self._stream), methods=["GET"]),
+                Route("/row", self._guard(self._row), methods=["GET"]),
+                Route("/transaction/{xid:int}", self._guard(self._transaction), methods=["GET"]),
+                Route("/request", self._guard(self._request), methods=["GET"]),
             ]
         )
 
@@ -267,6 +270,17 @@ class BemiUI:
         request.scope[_ACCESS] = _Access(dict(narrowed))
         return None
 
+    def _guard(self, page: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """Answer 400 with the reason when the request's input is what the query refused."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await page(request)
+            except _BAD_INPUT as exc:
+                return self._error(request, 400, str(exc))
+
+        return endpoint
+
     # Rendering.
 
     def _base(self, request: Request) -> str:
@@ -300,7 +314,7 @@ class BemiUI:
         if error is None:
             try:
                 page = await self._find(filters, scope, limit=self.page_size, cursor=filters.cursor)
-            except QueryError as exc:
+            except _BAD_INPUT as exc:
                 error = str(exc)
         tables, keys = await self._suggestions(scope)
         keys = [key for key in keys if key not in scope]
@@ -330,6 +344,8 @@ class BemiUI:
                 raise QueryError("the stream continues from an ascending cursor: pass the one the timeline gives")
         except QueryError as exc:
             return Response(f"{exc}\n", status_code=400, media_type="text/plain")
+        if request.method == "HEAD":  # the headers only: no stream to keep open
+            return Response(media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
         async def poll(cursor: str | None) -> tuple[str | None, str | None]:
             page = await self._find(filters, scope, limit=STREAM_BATCH, cursor=cursor, order="asc")
@@ -343,7 +359,8 @@ class BemiUI:
             html = "".join(str(row(change, filters, True)) for change in reversed(page))
             return html, encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc"))
 
-        return _EventStream(poll, start, self.poll_interval, self.stream_seconds)
+        first = await poll(start)  # here, so that input the query refuses is a 400, not a broken stream
+        return _EventStream(poll, first, self.poll_interval, self.stream_seconds)
 
     async def _row(self, request: Request) -> Response:
         scope = self._access(request)
@@ -351,12 +368,9 @@ class BemiUI:
         schema, table, key = params.get("schema", "public"), params.get("table", ""), params.get("key", "")
         if not table or not key:
             return self._error(request, 400, "A row page needs table=... and key=... (and schema=..., default public).")
-        try:
-            at = parse_moment(params.get("at"), "at")
-            history = await self._row_history(schema, table, key, scope)
-            as_of = await self._row_as_of(schema, table, key, at, scope) if at is not None else None
-        except QueryError as exc:
-            return self._error(request, 400, str(exc))
+        at = parse_moment(params.get("at"), "at")
+        history = await self._row_history(schema, table, key, scope)
+        as_of = await self._row_as_of(schema, table, key, at, scope) if at is not None else None
         if not history:
             return self._error(request, 404, f"No changes of {schema}.{table} row {key} are visible to you.")
         steps = list(row_states(history))
@@ -515,15 +529,16 @@ class _EventStream(Response):
     def __init__(
         self,
         poll: Callable[[str | None], Awaitable[tuple[str | None, str | None]]],
-        start: str | None,
+        first: tuple[str | None, str | None],
         interval: float,
         lifetime: float,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream", headers=_security_headers("-"))
+        del self.headers["content-length"]  # the body is a stream of unknown length
         self.headers["Cache-Control"] = "no-store"
         self.headers["X-Accel-Buffering"] = "no"  # proxies must pass events through at once
         self._poll = poll
-        self._start = start
+        self._first = first
         self._interval = interval
         self._lifetime = lifetime
 
@@ -542,9 +557,8 @@ class _EventStream(Response):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._lifetime
             last_sent = loop.time()
-            cursor = self._start
-            while not disconnected.is_set() and loop.time() < deadline:
-                html, cursor = await self._poll(cursor)
+            html, cursor = self._first
+            while True:
                 if html is not None:
                     event = f"id: {cursor}\ndata: {json.dumps({'html': html})}\n\n"
                     await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
@@ -554,6 +568,9 @@ class _EventStream(Response):
                     last_sent = loop.time()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(disconnected.wait(), self._interval)
+                if disconnected.is_set() or loop.time() >= deadline:
+                    break
+                html, cursor = await self._poll(cursor)
             if not disconnected.is_set():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:

@@ -6,6 +6,7 @@ import asyncio
 import html
 import json
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse
 from starlette.routing import Mount
 
-from bemi_asgi import Bemi
+import bemi_asgi
+from bemi_asgi import Bemi, bemi_context
 from bemi_asgi._ui_view import (
     context_value_text,
     merge_scope,
@@ -31,9 +33,11 @@ from bemi_asgi._ui_view import (
     parse_filters,
     parse_moment,
 )
+from bemi_asgi._worker import Worker
 from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
 
 from ._change_writer import ChangeWriter, Row, migrate
+from .worker_support import prepare_source
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 HOSTILE = "<script>alert('x')</script>"
@@ -54,16 +58,15 @@ async def env(database: str) -> AsyncIterator[Env]:
     pool = await asyncpg.create_pool(database, min_size=1, max_size=3)
     try:
         env = Env(conn, ChangeWriter(conn), Bemi(pool), {})
-        await write_story(env)
+        await write_story(env.writer)
         yield env
     finally:
         await pool.close()
         await conn.close()
 
 
-async def write_story(env: Env) -> None:
+async def write_story(w: ChangeWriter) -> None:
     """Two tenants' items: tenant 1 owns item 1 (alice, bob), tenant 2 item 2 and a note with hostile text."""
-    w = env.writer
     pen = {"id": 1, "name": "pen", "price": 3}
     await w.commit(
         [Row("CREATE", "items", 1, after=pen)],
@@ -287,6 +290,73 @@ async def test_bad_input_is_a_400_that_says_what_was_wrong(env: Env) -> None:
     assert "needs table=... and key=..." in row.text
 
 
+async def test_values_postgresql_refuses_are_a_400_not_a_crash(env: Env) -> None:
+    """A NUL character, a JSON \\u0000, an out-of-range transaction id or time answer 400 on every page."""
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        responses = [
+            await client.get("/row", params={"table": "items", "key": "1\x00"}),
+            await client.get("/", params={"c.user": '"\\u0000"'}),
+            await client.get("/", params={"table": "items\x00"}),
+            await client.get("/transaction/99999999999999999999"),
+            await client.get("/request", params={"id": "\x00"}),
+            await client.get("/row", params={"table": "items", "key": "1", "at": "9999-12-31T23:59:59.999999"}),
+            await client.get("/stream", params={"c.user": "\x00"}),
+        ]
+    assert [r.status_code for r in responses] == [400] * len(responses)
+
+
+async def test_pages_on_changes_stored_by_the_real_pipeline(database: str) -> None:
+    """Writes through the bemi pool, captured by the worker, show on the timeline with their context; the row
+    links work for a composite key, and a TRUNCATE ends the row on its page."""
+    prepare_source(
+        database,
+        "CREATE TABLE items (id int PRIMARY KEY, name text);"
+        "CREATE TABLE stock (region text, sku int, qty int, PRIMARY KEY (region, sku));",
+        ["items", "stock"],
+    )
+    worker = Worker(database, status_interval=1.0)
+    task = asyncio.create_task(worker.run())
+    pool = await bemi_asgi.create_pool(database, min_size=1, max_size=2)
+    bemi = Bemi(pool)
+
+    async def write(statement: str, **context: Any) -> None:
+        with bemi_context(context):
+            async with pool.acquire() as conn:
+                await conn.execute(statement)
+                lsn = await bemi_asgi.current_lsn(conn)
+        await bemi.wait_for(lsn, timeout=30)
+
+    try:
+        await write("INSERT INTO stock VALUES ('EU', 7, 3)", user="ann", request_id="q1")
+        await write("UPDATE stock SET qty = 2 WHERE region = 'EU'", user="ben", request_id="q2")
+        await write("INSERT INTO items VALUES (1, 'pen')", user="ann", request_id="q3")
+        await write("TRUNCATE items", job="reset")
+        async with client_for(bemi_ui(bemi, authorize=allow_all)) as client:
+            timeline = await client.get("/")
+            stock_href = html.unescape(re.search(r'href="(/row\?[^"]*table=stock[^"#]*)', timeline.text).group(1))  # type: ignore[union-attr]
+            stock = await client.get(stock_href)
+            item = await client.get("/row", params={"table": "items", "key": "1"})
+            request = await client.get("/request", params={"id": "q2"})
+        stored = [change.id for change in await bemi.changes.find()]
+    finally:
+        await pool.close()
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert len(stored) == 4
+    assert row_ids(timeline.text) == stored
+    assert "user=</span>ben" in timeline.text
+    assert dict(parse_qsl(urlsplit(stock_href).query))["key"] == '["EU","7"]'
+    assert stock.status_code == 200
+    assert len(section_ids(stock.text)) == 2
+    assert re.search(
+        r'<td class="field">qty</td>\s*<td class="value before">3</td>\s*<td class="value after">2</td>', stock.text
+    )
+    assert item.status_code == 200
+    assert "its table was truncated" in item.text
+    assert "job=</span>reset" in item.text
+    assert len(section_ids(request.text)) == 1
+
+
 # Permissions.
 
 
@@ -335,6 +405,13 @@ def test_mounting_without_authorize_says_how_to_opt_out(env: Env) -> None:
         bemi_ui(env.bemi)
     with pytest.raises(TypeError, match="must be callable"):
         bemi_ui(env.bemi, authorize=True)  # type: ignore[arg-type]
+
+
+def test_missing_jinja2_says_which_extra_to_install(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Jinja2 installed, bemi_ui() raises ImportError naming the `ui` extra."""
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(ImportError, match=r"pip install 'bemi-asgi\[ui\]'"):
+        bemi_ui(env.bemi, authorize=allow_all)
 
 
 async def test_only_get_is_served(env: Env) -> None:
@@ -566,6 +643,7 @@ async def test_stream_sends_new_in_scope_changes_and_stops_on_disconnect(env: En
     start = await asyncio.wait_for(stream.sent.get(), 30)
     assert start["status"] == 200
     assert dict(start["headers"])[b"content-type"].startswith(b"text/event-stream")
+    assert b"content-length" not in dict(start["headers"])
     await env.writer.commit(
         [Row("CREATE", "items", 3, after={"id": 3, "name": "OTHER-TENANT"})], context={"tenant_id": 2}
     )
@@ -586,7 +664,8 @@ async def test_stream_sends_new_in_scope_changes_and_stops_on_disconnect(env: En
 
 
 async def test_stream_resumes_from_last_event_id_and_checks_permissions(env: Env) -> None:
-    """A reconnecting stream continues after its Last-Event-ID; an unauthenticated one gets 401."""
+    """A reconnecting stream continues after its Last-Event-ID; an unauthenticated one gets 401, a bad cursor
+    400, and HEAD only the headers."""
     app = tenant_ui(env, poll_interval=0.05)
     headers = {"x-user": "ann", "x-tenant": "1"}
     stream = open_stream(app, "", headers)
@@ -605,6 +684,8 @@ async def test_stream_resumes_from_last_event_id_and_checks_permissions(env: Env
     async with client_for(app) as client:
         assert (await client.get("/stream")).status_code == 401
         assert (await client.get("/stream", params={"after": "bogus"}, headers=headers)).status_code == 400
+        head = await asyncio.wait_for(client.head("/stream", headers=headers), 30)  # answered, not streamed
+        assert head.headers["content-type"].startswith("text/event-stream")
 
 
 # Pure helpers.

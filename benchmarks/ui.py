@@ -1,0 +1,129 @@
+"""Change browser page latency on a large `bemi.changes`, against the bare find() the timeline page runs.
+
+    python benchmarks/ui.py [--rows 20000] [--changes-per-row 10] [--iterations 300] [--dsn URL]
+
+Fills `bemi.changes` like benchmarks/queries.py (rows x changes-per-row changes, contexts with a user id out of
+1000 and a request id), then requests pages through httpx's ASGI transport (rendering included, no network) and
+prints p50/p95 and the ratio to `find(limit=50)` (the timeline's own query) measured in the same run. The scoped
+cases narrow every query to one user id, as a tenant scope would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bemi_asgi import Bemi
+from bemi_asgi._postgres import LocalPostgres
+from bemi_asgi.ui import allow_all, bemi_ui
+
+_spec = importlib.util.spec_from_file_location("queries", Path(__file__).resolve().parent / "queries.py")
+assert _spec is not None
+assert _spec.loader is not None
+queries = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(queries)
+
+
+async def fill(dsn: str, rows: int, per_row: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(queries.MIGRATION.read_text())
+        if await conn.fetchval("SELECT count(*) FROM bemi.changes") != rows * per_row:
+            await conn.execute("TRUNCATE bemi.changes")
+            await conn.execute(queries.FILL, rows, per_row, queries.T0)
+            await conn.execute("VACUUM ANALYZE bemi.changes")
+        total = await conn.fetchval("SELECT count(*) FROM bemi.changes")
+        version = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    print(f"bemi.changes: {total:,} changes, PostgreSQL {version}")
+
+
+async def run(dsn: str, rows: int, per_row: int, iterations: int) -> None:
+    await fill(dsn, rows, per_row)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    bemi = Bemi(pool)
+    rng = random.Random(42)
+    span = rows * per_row
+
+    def scope(request: Any) -> dict[str, int]:
+        return {"user_id": int(request.headers["x-scope"])}
+
+    open_ui = bemi_ui(bemi, authorize=allow_all)
+    scoped_ui = bemi_ui(bemi, authorize=allow_all, scope=scope)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=open_ui), base_url="http://ui")
+    scoped = httpx.AsyncClient(transport=httpx.ASGITransport(app=scoped_ui), base_url="http://ui")
+
+    async def page(on: httpx.AsyncClient, url: str, params: dict[str, str], headers: dict[str, str]) -> None:
+        response = await on.get(url, params=params, headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"{url} {params} answered {response.status_code}")
+
+    def row() -> str:
+        return str(rng.randrange(rows))
+
+    def moment() -> str:
+        return (queries.T0 + timedelta(milliseconds=rng.randrange(span))).replace(tzinfo=None).isoformat()
+
+    def user() -> str:
+        return str(rng.randrange(1000))
+
+    cases: dict[str, Callable[[], Awaitable[object]]] = {
+        "baseline find(limit=50)": lambda: bemi.changes.find(limit=50),
+        "GET / (timeline)": lambda: page(client, "/", {}, {}),
+        "GET /?c.user_id=N": lambda: page(client, "/", {"c.user_id": user()}, {}),
+        "GET /row": lambda: page(client, "/row", {"table": "items", "key": row()}, {}),
+        "GET /row&at=": lambda: page(client, "/row", {"table": "items", "key": row(), "at": moment()}, {}),
+        "GET /request": lambda: page(client, "/request", {"id": f"req-{rng.randrange(span // 5)}"}, {}),
+        "scoped GET /": lambda: page(scoped, "/", {}, {"x-scope": user()}),
+    }
+    results = {label: await queries.timed(label, fn, iterations) for label, fn in cases.items()}
+    await client.aclose()
+    await scoped.aclose()
+    await pool.close()
+    base = queries.p(results["baseline find(limit=50)"], 50)
+    print(f"\n{iterations} sequential requests each, one pooled connection\n")
+    print(f"{'page':28} {'p50 ms':>8} {'p95 ms':>8} {'p50 / find':>11}")
+    for label, samples in results.items():
+        p50, p95 = queries.p(samples, 50), queries.p(samples, 95)
+        print(f"{label:28} {p50:8.2f} {p95:8.2f} {p50 / base:10.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--changes-per-row", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--dsn", help="an existing database to fill and query (default: a throwaway server)")
+    args = parser.parse_args()
+    if args.dsn:
+        asyncio.run(run(args.dsn, args.rows, args.changes_per_row, args.iterations))
+        return
+    base = Path(tempfile.mkdtemp(prefix="bemi-bench-"))
+    base.chmod(0o755)
+    server = LocalPostgres(base / "data", settings={"shared_buffers": "'256MB'"})
+    try:
+        server.init()
+        server.start()
+        asyncio.run(run(server.dsn(), args.rows, args.changes_per_row, args.iterations))
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
