@@ -320,6 +320,13 @@ async def _stop_task(task: asyncio.Task[Any], timeout: float) -> BaseException |
     return task.exception()
 
 
+async def _serve(http: Any, sock: socket.socket) -> None:
+    try:
+        await http.serve(sockets=[sock])
+    except SystemExit:  # uvicorn exits when the app's startup fails: keep it inside the task, as a failure
+        raise DemoError("the example app failed to start (its error is above)") from None
+
+
 async def _demo(server: LocalPostgres, sock: socket.socket, host: str, port: int, out: TextIO) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -363,9 +370,9 @@ async def _demo(server: LocalPostgres, sock: socket.socket, host: str, port: int
     _step("worker running (slot bemi, publication bemi)...")
     app = example.create_app(dsn)
     http = _uvicorn_server(app)
-    http_task = asyncio.create_task(http.serve(sockets=[sock]), name="uvicorn")
+    http_task = asyncio.create_task(_serve(http, sock), name="uvicorn")
     stopper = asyncio.create_task(stop.wait())
-    failure: BaseException | str | None = None
+    failure: BaseException | None = None
     try:
         # uvicorn sets a plain flag once it listens: poll it.
         while not http.started and not http_task.done() and not worker_task.done() and not stop.is_set():  # noqa: ASYNC110
@@ -386,8 +393,7 @@ async def _demo(server: LocalPostgres, sock: socket.socket, host: str, port: int
         if not stop.is_set():
             for task, what in ((worker_task, "the worker"), (http_task, "the example app")):
                 if task.done():
-                    error = None if task.cancelled() else task.exception()
-                    failure = f"{what} stopped: {error!r}" if error else f"{what} stopped unexpectedly"
+                    failure = (None if task.cancelled() else task.exception()) or DemoError(f"{what} stopped")
                     break
     finally:
         _step("stopping...")
@@ -398,10 +404,10 @@ async def _demo(server: LocalPostgres, sock: socket.socket, host: str, port: int
         worker_error = await _stop_task(worker_task, STOP_TIMEOUT)
     if failure is None and not stop.is_set():
         failure = worker_error or http_error
+    if isinstance(failure, DemoError):
+        raise failure
     if failure is not None:
-        if isinstance(failure, SystemExit):  # uvicorn exits when the app's startup fails
-            failure = "the example app failed to start (see above)"
-        raise DemoError(str(failure))
+        raise DemoError(f"{type(failure).__name__}: {failure}") from failure
 
 
 def run_demo(
@@ -425,7 +431,9 @@ def run_demo(
         reset_cluster(pgdata, server)
         try:
             asyncio.run(_demo(server, sock, host, port, out))
-        except (RuntimeError, OSError, asyncpg.PostgresError) as exc:
+        except RuntimeError as exc:  # from LocalPostgres: says what failed and how to fix it
+            raise DemoError(str(exc)) from exc
+        except (OSError, asyncpg.PostgresError) as exc:
             raise DemoError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             # Stopping PostgreSQL must not be cut short by a second Ctrl-C: ignore signals until it is down.
