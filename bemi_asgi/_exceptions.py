@@ -7,7 +7,8 @@
     ├── MigrationError        bad options for `bemi-asgi sql-migration`
     ├── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
     │   └── RevertConflictError   a revert would overwrite later changes, or the row is not as the history says
-    └── DecodeError           a replication message that is not valid pgoutput protocol version 1
+    ├── DecodeError           a replication message that is not valid pgoutput protocol version 1
+    └── DemoError             `bemi-asgi demo` cannot start (port in use, unusable data directory, ...)
 
 Messages say what was wrong and what to do about it.
 """
@@ -45,3 +46,7 @@ class DecodeError(BemiError, ValueError):
 
 class RevertConflictError(QueryError):
     """A revert was refused: a row it touches changed again after the changes being reverted."""
+
+
+class DemoError(BemiError):
+    """`bemi-asgi demo` cannot start or stopped on a failure; nothing it started is left running."""

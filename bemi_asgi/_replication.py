@@ -99,6 +99,8 @@ class ReplicationStream:
         self._conn = conn
         self._pgconn = conn.pgconn
         self._fd = conn.pgconn.socket
+        #: True while `read_frames` waits for the server: everything sent so far has been read.
+        self.waiting = False
 
     @classmethod
     async def open(cls, dsn: str, *, slot: str, publication: str, start_lsn: int = 0) -> ReplicationStream:
@@ -182,9 +184,11 @@ class ReplicationStream:
 
         loop.add_reader(self._fd, wake, True)
         timer = loop.call_later(seconds, wake, False)
+        self.waiting = True
         try:
             return await waiter
         finally:
+            self.waiting = False
             timer.cancel()
             loop.remove_reader(self._fd)
 

@@ -66,6 +66,7 @@ logger = logging.getLogger("bemi_asgi.worker")
 _encode: Callable[[object], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _START_LSN = struct.Struct(">Q").unpack_from
 _EMPTY = "{}"
+_OWN_TABLES = frozenset({"changes", "worker_state"})
 _Row: TypeAlias = "dict[str, JSONValue | Unchanged]"
 
 
@@ -91,9 +92,11 @@ class Worker:
     (`SourceNotReadyError`, `DestinationNotReadyError`) are raised.
 
     Tuning: `batch_rows` caps the rows of one destination transaction (except a single larger source
-    transaction, which is always written whole); `spill_threshold` is how many changes of one open transaction stay
-    in memory before they move to a temporary file; `status_interval` the seconds between status updates;
-    `progress` the stream for a progress line every `progress_interval` seconds (None: quiet).
+    transaction, which is always written whole); while a backlog is being read the writer waits up to
+    `batch_seconds` to fill a batch (when the stream is idle it writes at once); `spill_threshold` is how many
+    changes of one open transaction stay in memory before they move to a temporary file; `status_interval` the
+    seconds between status updates; `progress` the stream for a progress line every `progress_interval` seconds
+    (None: quiet).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class Worker:
         slot: str = "bemi",
         publication: str = "bemi",
         batch_rows: int = 10_000,
+        batch_seconds: float = 0.1,
         spill_threshold: int = 20_000,
         status_interval: float = 5.0,
         progress: TextIO | None = None,
@@ -115,6 +119,7 @@ class Worker:
         self.slot = slot
         self.publication = publication
         self.batch_rows = batch_rows
+        self.batch_seconds = batch_seconds
         self.spill_threshold = spill_threshold
         self.status_interval = status_interval
         self.progress = progress
@@ -267,6 +272,7 @@ class _RelationInfo:
     converters: tuple[Callable[[str], JSONValue], ...]
     key: tuple[int, ...]  # positions of the primary key columns, in key order; () without a primary key
     replica_key: tuple[int, ...]  # positions the replica identity sends in a key-only old row
+    ignored: bool = False  # the worker's own tables, should a FOR ALL TABLES publication include them
 
     def primary_key(self, values: tuple[Value, ...], old: tuple[Value, ...] | None) -> str | None:
         """The change's `primary_key`: one key column's text, a JSON array of texts for a composite key."""
@@ -484,6 +490,8 @@ class _Pipeline:
             tuple(converter_for(column.type_oid) for column in message.columns),
             key,
             replica_key,
+            # Storing changes of bemi.changes would feed the worker its own writes, forever.
+            ignored=message.namespace == "bemi" and message.name in _OWN_TABLES,
         )
 
     def _add(self, key: str | None, before: str, after: str, rel: _RelationInfo, operation: str, lsn: int) -> None:
@@ -494,6 +502,8 @@ class _Pipeline:
 
     def _change(self, message: Insert | Update | Delete, lsn: int) -> None:
         rel = self.relations[message.relation_oid]
+        if rel.ignored:
+            return
         if type(message) is Insert:
             after = row_to_dict(rel.columns, message.new, rel.converters)
             self._add(rel.primary_key(message.new, None), _EMPTY, _encode(after), rel, "CREATE", lsn)
@@ -522,7 +532,8 @@ class _Pipeline:
     def _truncate(self, message: Truncate, lsn: int) -> None:
         for oid in message.relation_oids:
             rel = self.relations[oid]
-            self._add(None, _EMPTY, _EMPTY, rel, "TRUNCATE", lsn)
+            if not rel.ignored:
+                self._add(None, _EMPTY, _EMPTY, rel, "TRUNCATE", lsn)
 
     # -- writer -------------------------------------------------------------------------------------------------
 
@@ -534,7 +545,16 @@ class _Pipeline:
             if first is None:
                 return
             batch, rows, last = [first], first.count, False
-            while rows < worker.batch_rows and not queue.empty():
+            deadline = time.monotonic() + worker.batch_seconds
+            while rows < worker.batch_rows:
+                if queue.empty():
+                    # Wait for more only while the reader is still working through a backlog: when it waits on
+                    # the socket, nothing more is coming soon and waiting would only add latency.
+                    remaining = deadline - time.monotonic()
+                    if self.stream.waiting or remaining <= 0:
+                        break
+                    await asyncio.sleep(min(remaining, 0.005))
+                    continue
                 item = queue.get_nowait()
                 if item is None:
                     last = True

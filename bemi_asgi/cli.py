@@ -179,5 +179,35 @@ def worker(
         raise typer.Exit(1) from None
 
 
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="HTTP port of the example app.")] = 8000,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the throwaway PostgreSQL cluster lives; replaced on every run "
+            "(default: <system temp dir>/bemi-asgi-demo-<uid>)."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address the example app listens on.")] = "127.0.0.1",
+) -> None:
+    """Try bemi-asgi: a todo API with its change history, on a throwaway PostgreSQL, all in this process.
+
+    Starts PostgreSQL (wal_level=logical), applies the migration, runs the worker and serves the example app.
+    Seeds a few changes by two users and a job, then prints what to open and what to curl.
+    Ctrl-C stops everything. Needs the demo extra: pip install 'bemi-asgi\\[demo]'.
+    """
+    from ._demo import run_demo
+    from ._exceptions import DemoError
+
+    try:
+        run_demo(port=port, data_dir=data_dir, host=host)
+    except DemoError as exc:
+        typer.echo(f"bemi-asgi demo: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
 def main() -> None:
     app()

@@ -364,3 +364,19 @@ async def test_values_are_converted_to_json_by_type(database: str) -> None:
     assert after["raw"] == "\\x00ff"
     assert after["ratio"] == 0.5
     assert after["nothing"] is None
+
+
+async def test_worker_ignores_its_own_tables_under_a_for_all_tables_publication(database: str) -> None:
+    """With FOR ALL TABLES (which includes bemi.changes) the worker stores app changes, never its own writes."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(DESTINATION_SQL)
+        conn.execute(ITEMS)
+        conn.execute("CREATE PUBLICATION bemi FOR ALL TABLES")
+        conn.execute("ALTER TABLE items REPLICA IDENTITY FULL")
+        conn.execute("SELECT pg_create_logical_replication_slot('bemi', 'pgoutput')")
+    run_sql(database, "INSERT INTO items VALUES (1, 'a', 0)")
+    await drain(database)
+    run_sql(database, "INSERT INTO items VALUES (2, 'b', 0)")
+    await drain(database)
+    await drain(database)
+    assert [(c["table"], c["primary_key"]) for c in changes(database)] == [("items", "1"), ("items", "2")]

@@ -1,0 +1,276 @@
+"""Worker throughput against `pg_recvlogical`, peak memory on a 1M-row transaction, and lag at a steady load.
+
+    python benchmarks/worker_throughput.py [--changes 250000] [--repeat 3] [--big-rows 1000000] [--lag-seconds 10]
+
+Starts its own throwaway PostgreSQL (LocalPostgres), then:
+
+1. Throughput: commits `--changes` row changes (transactions of 10 inserts, then of 10 updates, each with a
+   `_bemi` context message) with two slots waiting. Times `pg_recvlogical` draining the WAL to /dev/null from one
+   slot (the baseline: the walsender's decoding plus a client that does nothing), then the worker storing
+   everything from the other (`--until-caught-up`, in a subprocess), best of `--repeat` interleaved runs, and
+   prints changes/s and the ratio. Also the destination's own ceiling: the same rows COPYed again with nothing
+   else running (no decoding at all), since on a small machine the destination's indexes bound the worker.
+2. Memory: one transaction of `--big-rows` inserts whose context arrives at commit; the worker's peak RSS while
+   storing it, and a check that every row got the context.
+3. Lag: a steady 1,000 transactions/s (one insert + context each) for `--lag-seconds` with the worker running;
+   p50/p99 of created_at - committed_at of the stored changes (created_at is the destination transaction's start,
+   so this slightly underestimates the lag by the COPY's duration).
+
+Run it from the repository root on an otherwise idle machine; numbers are for comparison within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bemi_asgi._postgres import LocalPostgres  # noqa: E402
+
+DESTINATION_SQL = (ROOT / "migrations_sql" / "destination_up.sql").read_text()
+
+GENERATE = """
+CREATE PROCEDURE generate(transactions int, rows_per int, first int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR t IN 0 .. transactions - 1 LOOP
+        INSERT INTO items (id, name, qty, price, meta)
+        SELECT g, 'item ' || g, g % 100, (g % 1000) / 10.0, jsonb_build_object('tag', g % 7)
+        FROM generate_series(first + t * rows_per, first + (t + 1) * rows_per - 1) AS g;
+        PERFORM pg_logical_emit_message(true, '_bemi', json_build_object('user_id', t, 'path', '/items')::text);
+        COMMIT;
+    END LOOP;
+END $$;
+CREATE PROCEDURE touch(transactions int, rows_per int, first int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR t IN 0 .. transactions - 1 LOOP
+        UPDATE items SET qty = qty + 1
+        WHERE id BETWEEN first + t * rows_per AND first + (t + 1) * rows_per - 1;
+        PERFORM pg_logical_emit_message(true, '_bemi', json_build_object('user_id', t, 'path', '/touch')::text);
+        COMMIT;
+    END LOOP;
+END $$;
+"""
+
+
+def worker_command(dsn: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--quiet", *extra]
+
+
+def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run `command` to completion: wall seconds and peak RSS in bytes (sampled every 20 ms)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    peak = 0
+    handle = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            peak = max(peak, handle.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({process.returncode}): {stderr}")
+    return elapsed, peak
+
+
+def prepare(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(DESTINATION_SQL)
+        conn.execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text, qty int, price numeric, meta jsonb,"
+            " created_at timestamptz DEFAULT now())"
+        )
+        conn.execute("ALTER TABLE items REPLICA IDENTITY FULL")
+        conn.execute("CREATE PUBLICATION bemi FOR TABLE items")
+        conn.execute(GENERATE)
+
+
+def reset(dsn: str, *slots: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A walsender can hold its slot for a moment after its client exits.
+        while conn.execute("SELECT count(*) FROM pg_replication_slots WHERE active").fetchone() != (0,):
+            time.sleep(0.05)
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+        conn.execute("TRUNCATE bemi.changes, bemi.worker_state, items")
+        conn.execute("CHECKPOINT")
+        for slot in slots:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
+
+
+def count(dsn: str, where: str = "true") -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f"SELECT count(*) FROM bemi.changes WHERE {where}").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> None:
+    slots = [f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bemi")]
+    reset(dsn, *slots)
+    transactions = changes // 20
+    started = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CALL generate(%s, 10, 0)", [transactions])
+        conn.execute("CALL touch(%s, 10, 0)", [transactions])
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        end = row[0]
+    total = transactions * 20
+    print(f"generated {total:,} changes in {2 * transactions:,} transactions ({time.perf_counter() - started:.1f} s)")
+
+    recv_times, worker_times, peaks = [], [], []
+    for n in range(repeat):  # interleaved, best of `repeat`: the machine may be busy with other work
+        recv = [
+            str(server.bin("pg_recvlogical")), "-d", dsn, "--slot", f"recv{n}", "--start", "-f", "/dev/null",
+            "-o", "proto_version=1", "-o", "publication_names=bemi", "-o", "messages=true", "--endpos", end,
+            "--no-loop",
+        ]  # fmt: skip
+        recv_times.append(run_measured(recv)[0])
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("TRUNCATE bemi.changes, bemi.worker_state")
+        seconds, peak = run_measured(worker_command(dsn, "--until-caught-up", "--slot", f"bemi{n}"))
+        worker_times.append(seconds)
+        peaks.append(peak)
+        stored = count(dsn)
+        assert stored == total, f"the worker stored {stored:,} of {total:,} changes"
+    recv_seconds, worker_seconds = min(recv_times), min(worker_times)
+    recv_rate, worker_rate = total / recv_seconds, total / worker_seconds
+    runs = f"best of {repeat}"
+    print(f"pg_recvlogical: {recv_seconds:6.2f} s  {recv_rate:10,.0f} changes/s  (drains to /dev/null; {runs}: "
+          f"{', '.join(f'{t:.2f}' for t in recv_times)})")  # fmt: skip
+    print(f"worker:         {worker_seconds:6.2f} s  {worker_rate:10,.0f} changes/s  (stored in bemi.changes, "
+          f"process start included, peak RSS {max(peaks) / 2**20:.0f} MB; {runs}: "
+          f"{', '.join(f'{t:.2f}' for t in worker_times)})")  # fmt: skip
+    print(f"ratio worker/pg_recvlogical: {worker_rate / recv_rate:.2f}x (target >= 0.8x)")
+    ceiling = max(destination_ceiling(dsn) for _ in range(repeat))
+    print(f"destination alone: {ceiling:10,.0f} rows/s  (the same rows COPYed in 10k batches into a copy of "
+          f"bemi.changes with its indexes; worker/destination {worker_rate / ceiling:.2f}x)")  # fmt: skip
+
+
+def destination_ceiling(dsn: str) -> float:
+    """Rows/s of storing the worker's rows again with asyncpg COPY alone: the most any worker could reach."""
+    import asyncio
+
+    import asyncpg
+
+    from bemi_asgi._destination import COLUMNS
+
+    async def measure() -> float:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE bemi.ceiling (LIKE bemi.changes INCLUDING ALL)")
+            columns = ", ".join(f'"{name}"' + ("::text" if name in ("before", "after", "context") else "")
+                                for name in COLUMNS)  # fmt: skip
+            records = [tuple(row) for row in await conn.fetch(f"SELECT {columns} FROM bemi.changes")]
+            started = time.perf_counter()
+            for start in range(0, len(records), 10_000):
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        "ceiling", schema_name="bemi", columns=COLUMNS, records=records[start : start + 10_000]
+                    )
+            return len(records) / (time.perf_counter() - started)
+        finally:
+            await conn.execute("DROP TABLE IF EXISTS bemi.ceiling")
+            await conn.close()
+
+    return asyncio.run(measure())
+
+
+def memory(dsn: str, rows: int) -> None:
+    reset(dsn, "bemi")
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO items (id, name, qty, price, meta) SELECT g, 'item ' || g, g %% 100, g / 10.0,"
+            " jsonb_build_object('tag', g %% 7) FROM generate_series(1, %s) g",
+            [rows],
+        )
+        conn.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"job\": \"import\"}')")
+    seconds, peak = run_measured(worker_command(dsn, "--until-caught-up"))
+    right = count(dsn, 'context = \'{"job": "import"}\'')
+    assert right == rows, f"{right:,} of {rows:,} rows have the transaction's context"
+    print(f"one {rows:,}-row transaction: stored in {seconds:.1f} s, worker peak RSS {peak / 2**20:.0f} MB "
+          f"(target < 200 MB), every row with its context")  # fmt: skip
+
+
+def lag(dsn: str, seconds: float, rate: int = 1000) -> None:
+    reset(dsn, "bemi")
+    worker = subprocess.Popen(worker_command(dsn), cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while count(dsn) == 0:  # wait for the worker to be streaming
+                conn.execute("BEGIN; INSERT INTO items (id) VALUES (-1) ON CONFLICT DO NOTHING; COMMIT")
+                time.sleep(0.05)
+            conn.execute("TRUNCATE bemi.changes")
+            started = time.perf_counter()
+            n = 0
+            while (elapsed := time.perf_counter() - started) < seconds:
+                ahead = n / rate - elapsed
+                if ahead > 0:
+                    time.sleep(ahead)
+                conn.execute(
+                    f"BEGIN; INSERT INTO items (id, name) VALUES ({n}, 'x');"
+                    f" SELECT pg_logical_emit_message(true, '_bemi', '{{\"n\": {n}}}'); COMMIT"
+                )
+                n += 1
+            achieved = n / (time.perf_counter() - started)
+        while count(dsn, "context ? 'n'") < n:
+            time.sleep(0.1)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    with psycopg.connect(dsn) as conn:
+        lags = [
+            float(row[0])
+            for row in conn.execute(
+                "SELECT extract(epoch FROM created_at - committed_at) FROM bemi.changes WHERE context ? 'n'"
+            )
+        ]
+    lags.sort()
+    p50 = statistics.median(lags) * 1000
+    p99 = lags[int(len(lags) * 0.99) - 1] * 1000
+    print(f"lag at {achieved:,.0f} tx/s for {seconds:.0f} s: p50 {p50:.0f} ms, p99 {p99:.0f} ms (target p99 < 200 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--changes", type=int, default=250_000)
+    parser.add_argument("--big-rows", type=int, default=1_000_000, help="0 skips the memory measurement")
+    parser.add_argument("--lag-seconds", type=float, default=10, help="0 skips the lag measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput runs (the best one counts)")
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-bench-"))
+    base.chmod(0o755)
+    server = LocalPostgres(base / "data", settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
+    try:
+        server.init()
+        server.start()
+        dsn = server.dsn()
+        prepare(dsn)
+        os.environ.setdefault("PYTHONPATH", str(ROOT))
+        throughput(server, dsn, args.changes, args.repeat)
+        if args.big_rows:
+            memory(dsn, args.big_rows)
+        if args.lag_seconds:
+            lag(dsn, args.lag_seconds)
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
