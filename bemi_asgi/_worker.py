@@ -63,7 +63,28 @@ __all__ = ["Worker", "WorkerStats"]
 
 logger = logging.getLogger("bemi_asgi.worker")
 
-_encode: Callable[[object], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+def _unencodable(value: object) -> object:
+    if value is UNCHANGED:  # an unchanged TOAST value with no old row to take it from
+        return None
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+def _make_encoder() -> Callable[[object], str]:
+    """Compact JSON text, non-ASCII kept as is. One reusable C encoder: `json.dumps` builds a new one per call,
+    which is a tenth of the worker's CPU time on small rows."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - Python without the _json accelerator
+        return json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_unencodable).encode
+    encoder = make(None, _unencodable, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+
+    def encode(value: object) -> str:
+        return "".join(encoder(value, 0))
+
+    return encode
+
+
+_encode = _make_encoder()
 _START_LSN = struct.Struct(">Q").unpack_from
 _EMPTY = "{}"
 _OWN_TABLES = frozenset({"changes", "worker_state"})
@@ -273,6 +294,7 @@ class _RelationInfo:
     key: tuple[int, ...]  # positions of the primary key columns, in key order; () without a primary key
     replica_key: tuple[int, ...]  # positions the replica identity sends in a key-only old row
     ignored: bool = False  # the worker's own tables, should a FOR ALL TABLES publication include them
+    single_key: int = -1  # the key column's position when the key has one column (the common fast path)
 
     def primary_key(self, values: tuple[Value, ...], old: tuple[Value, ...] | None) -> str | None:
         """The change's `primary_key`: one key column's text, a JSON array of texts for a composite key."""
@@ -409,6 +431,7 @@ class _Pipeline:
                 await self.send_status(reply_requested=not frames)
 
     reply_due: bool = False
+    last_commit_time: datetime | None = None  # of the last transaction received
 
     async def _handle(self, frames: list[memoryview]) -> None:
         for frame in frames:
@@ -448,6 +471,7 @@ class _Pipeline:
 
     async def _commit(self, message: Commit) -> None:
         buffer, begin, self.buffer, self.begin = self.buffer, self.begin, None, None
+        self.last_commit_time = message.commit_time
         if buffer is None or buffer.count == 0 or begin is None:
             if buffer is not None:
                 buffer.close()
@@ -492,6 +516,7 @@ class _Pipeline:
             replica_key,
             # Storing changes of bemi.changes would feed the worker its own writes, forever.
             ignored=message.namespace == "bemi" and message.name in _OWN_TABLES,
+            single_key=key[0] if len(key) == 1 else -1,
         )
 
     def _add(self, key: str | None, before: str, after: str, rel: _RelationInfo, operation: str, lsn: int) -> None:
@@ -501,24 +526,36 @@ class _Pipeline:
         self.buffer.append(change)
 
     def _change(self, message: Insert | Update | Delete, lsn: int) -> None:
+        # The hot path: one call per row change, kept flat.
         rel = self.relations[message.relation_oid]
         if rel.ignored:
             return
         if type(message) is Insert:
-            after = row_to_dict(rel.columns, message.new, rel.converters)
-            self._add(rel.primary_key(message.new, None), _EMPTY, _encode(after), rel, "CREATE", lsn)
+            new = message.new
+            key = new[rel.single_key] if rel.single_key >= 0 else rel.primary_key(new, None)
+            before_json, after_json = _EMPTY, _encode(row_to_dict(rel.columns, new, rel.converters))
+            operation = "CREATE"
         elif type(message) is Update:
-            old = message.old
-            after = row_to_dict(rel.columns, message.new, rel.converters)
+            old, new = message.old, message.new
+            after = row_to_dict(rel.columns, new, rel.converters)
             before = self._old_row(rel, old, message.old_is_key_only) if old is not None else {}
-            if UNCHANGED in message.new:
+            if UNCHANGED in new:
                 _fill_unchanged(after, before)
-            key = rel.primary_key(message.new, old)
-            self._add(key, _encode(before) if before else _EMPTY, _encode(after), rel, "UPDATE", lsn)
+            key = rel.primary_key(new, old)
+            before_json, after_json = (_encode(before) if before else _EMPTY), _encode(after)
+            operation = "UPDATE"
         else:
             assert type(message) is Delete
-            before = self._old_row(rel, message.old, message.old_is_key_only)
-            self._add(rel.primary_key(message.old, None), _encode(before), _EMPTY, rel, "DELETE", lsn)
+            old = message.old
+            key = old[rel.single_key] if rel.single_key >= 0 else rel.primary_key(old, None)
+            before_json, after_json = _encode(self._old_row(rel, old, message.old_is_key_only)), _EMPTY
+            operation = "DELETE"
+        self.ordinal += 1
+        assert self.buffer is not None
+        self.buffer.append(
+            (key if key.__class__ is str else None, before_json, after_json, rel.schema, rel.table, operation, lsn,
+             self.ordinal)
+        )  # fmt: skip
 
     @staticmethod
     def _old_row(rel: _RelationInfo, old: tuple[Value, ...], key_only: bool) -> _Row:
@@ -537,6 +574,14 @@ class _Pipeline:
 
     # -- writer -------------------------------------------------------------------------------------------------
 
+    def _caught_up_in_time(self) -> bool:
+        """Whether the last transaction received committed less than `batch_seconds` ago (by this host's clock:
+        with a skewed clock the worker only batches more or less eagerly)."""
+        if self.last_commit_time is None:
+            return True
+        age = (datetime.now(UTC) - self.last_commit_time).total_seconds()
+        return age < self.worker.batch_seconds
+
     async def _write(self) -> None:
         worker = self.worker
         queue = self.queue
@@ -548,10 +593,11 @@ class _Pipeline:
             deadline = time.monotonic() + worker.batch_seconds
             while rows < worker.batch_rows:
                 if queue.empty():
-                    # Wait for more only while the reader is still working through a backlog: when it waits on
-                    # the socket, nothing more is coming soon and waiting would only add latency.
+                    # Small batches cost the destination far more per row, so wait for more while working
+                    # through a backlog; but when the reader waits on the socket and the last commit is recent,
+                    # we are caught up and waiting would only add latency.
                     remaining = deadline - time.monotonic()
-                    if self.stream.waiting or remaining <= 0:
+                    if remaining <= 0 or (self.stream.waiting and self._caught_up_in_time()):
                         break
                     await asyncio.sleep(min(remaining, 0.005))
                     continue
