@@ -541,7 +541,12 @@ class _Pipeline:
             before = self._old_row(rel, old, message.old_is_key_only) if old is not None else {}
             if UNCHANGED in new:
                 _fill_unchanged(after, before)
-            key = rel.primary_key(new, old)
+            if rel.single_key >= 0:
+                key = new[rel.single_key]
+                if key is UNCHANGED and old is not None:
+                    key = old[rel.single_key]
+            else:
+                key = rel.primary_key(new, old)
             before_json, after_json = (_encode(before) if before else _EMPTY), _encode(after)
             operation = "UPDATE"
         else:
