@@ -6,7 +6,7 @@ import struct
 
 from psycopg.conninfo import conninfo_to_dict
 
-from bemi_asgi._replication import Keepalive, XLogData, _with_session_options, parse_frame, status_update
+from bemi_asgi._replication import SESSION_OPTIONS, Keepalive, XLogData, _with_session_options, parse_frame, status_update
 
 
 def test_xlogdata_frame_gives_the_record_lsn_and_the_payload() -> None:
