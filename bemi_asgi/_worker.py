@@ -353,6 +353,9 @@ class _Pipeline:
     queued_weight: int = 0
     room: asyncio.Event = field(default_factory=asyncio.Event)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_status: float = 0.0  # when the last status update went out (monotonic)
+    reply_due: bool = False  # the walsender asked for a status update
+    last_commit_time: datetime | None = None  # of the last transaction received
     # The open transaction.
     buffer: TransactionBuffer | None = None
     begin: Begin | None = None
@@ -407,8 +410,6 @@ class _Pipeline:
             self.worker.stats.flushed_lsn = position
             self.last_status = time.monotonic()
 
-    last_status: float = 0.0
-
     # -- reader -------------------------------------------------------------------------------------------------
 
     async def _read(self) -> None:
@@ -429,9 +430,6 @@ class _Pipeline:
                 self.reply_due = False
                 # While idle, ask for a keepalive back: its position lets the flush LSN follow the walsender.
                 await self.send_status(reply_requested=not frames)
-
-    reply_due: bool = False
-    last_commit_time: datetime | None = None  # of the last transaction received
 
     async def _handle(self, frames: list[memoryview]) -> None:
         for frame in frames:
