@@ -25,6 +25,7 @@ import collections
 import contextlib
 import json
 import logging
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -612,7 +613,14 @@ class _Pipeline:
                 rows += item.count
             try:
                 records = chain.from_iterable(item.records(self.database) for item in batch)
-                await self.destination.write(worker.slot, records, batch[-1].commit_lsn)
+                try:
+                    await self.destination.write(worker.slot, records, batch[-1].commit_lsn)
+                except (asyncpg.DataError, UnicodeEncodeError) as exc:
+                    # A value jsonb refuses (a NUL or a lone surrogate inside a `json` column): store the batch
+                    # again with such characters replaced rather than stop capturing.
+                    logger.warning("a row needs cleaning before it can be stored as jsonb (%s)", _one_line(exc))
+                    records = chain.from_iterable(item.records(self.database) for item in batch)
+                    await self.destination.write(worker.slot, map(_jsonb_safe_record, records), batch[-1].commit_lsn)
             finally:
                 for item in batch:
                     item.buffer.close()
@@ -629,6 +637,32 @@ class _Pipeline:
             await self.send_status()
             if last:
                 return
+
+
+def _jsonb_safe_record(record: ChangeRecord) -> ChangeRecord:
+    """`record` with its JSON columns rid of what jsonb cannot hold: NUL characters and lone surrogates become
+    U+FFFD. Only used to retry a batch the destination refused."""
+    key, before, after, context, *rest = record
+    return (key, _jsonb_safe_text(before), _jsonb_safe_text(after), _jsonb_safe_text(context), *rest)
+
+
+def _jsonb_safe_text(text: object) -> object:
+    if not isinstance(text, str) or ("\\u0000" not in text and text.isascii()):
+        return text
+    return _encode(_clean(json.loads(text)))
+
+
+def _clean(value: JSONValue) -> JSONValue:
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    if isinstance(value, dict):
+        return {_UNSTORABLE.sub("\ufffd", key): _clean(item) for key, item in value.items()}
+    return value
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def _fill_unchanged(after: _Row, before: _Row) -> None:
