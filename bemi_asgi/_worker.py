@@ -536,10 +536,14 @@ class _Pipeline:
             operation = "CREATE"
         elif type(message) is Update:
             old, new = message.old, message.new
-            after = row_to_dict(rel.columns, new, rel.converters)
-            before = self._old_row(rel, old, message.old_is_key_only) if old is not None else {}
-            if UNCHANGED in new:
-                _fill_unchanged(after, before)
+            if old is not None and not message.old_is_key_only:
+                before = row_to_dict(rel.columns, old, rel.converters)
+                after = _updated_row(rel, before, old, new)
+            else:
+                after = row_to_dict(rel.columns, new, rel.converters)
+                before = self._old_row(rel, old, True) if old is not None else {}
+                if UNCHANGED in new:
+                    _fill_unchanged(after, before)
             if rel.single_key >= 0:
                 key = new[rel.single_key]
                 if key is UNCHANGED and old is not None:
@@ -663,6 +667,19 @@ def _clean(value: JSONValue) -> JSONValue:
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _updated_row(rel: _RelationInfo, before: _Row, old: tuple[Value, ...], new: tuple[Value, ...]) -> _Row:
+    """The new row of an update whose full old row is known: the old row's converted values where the text did
+    not change (most columns, usually; and every unchanged TOAST value), converted values where it did."""
+    changed = [i for i, value in enumerate(new) if value is not UNCHANGED and value != old[i]]
+    after = dict(before)
+    if changed:
+        columns, converters = rel.columns, rel.converters
+        after.update(
+            row_to_dict([columns[i] for i in changed], [new[i] for i in changed], [converters[i] for i in changed])
+        )
+    return after
 
 
 def _fill_unchanged(after: _Row, before: _Row) -> None:
