@@ -16,7 +16,8 @@ The rule: the write is stored once the worker has stored every transaction that 
    other WAL was written in between: this is what makes the wait end promptly when nothing else commits after the
    write (fact 1 alone would wait for a later commit, since the last commit LSN is the start of the commit record,
    below the position). When other sessions did write WAL in between, the confirmed position catches up with the
-   next stored commit or with the worker's idle status update (every few seconds).
+   next stored commit or with the walsender's next keepalive, which the worker answers at once when it has
+   nothing pending.
 
 Fact 2 needs the slot to be visible from the pool Bemi reads with: the destination on the same PostgreSQL server
 as the source (the usual setup; `pg_replication_slots` is readable by every role).

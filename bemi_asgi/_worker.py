@@ -459,7 +459,10 @@ class _Pipeline:
         assert isinstance(keepalive, Keepalive)
         # Everything before wal_end was sent, and frames arrive in order: all of it has been read.
         self.seen_end = max(self.seen_end, keepalive.wal_end)
-        if keepalive.reply_requested:
+        # The walsender pings while the confirmed position is behind what it sent: WAL it read and had nothing to
+        # send for (the worker's own inserts into bemi.changes, untracked tables, other databases). Confirm it now
+        # when nothing is pending, or `wait_for` on a position past such WAL waits for the next status interval.
+        if keepalive.reply_requested or (keepalive.wal_end > self.flushed and self.pending == 0 and self.begin is None):
             self.reply_due = True
 
     def _begin(self, message: Begin) -> None:
