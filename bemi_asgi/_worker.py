@@ -263,7 +263,7 @@ async def _current_wal_lsn(dsn: str) -> int:
 
 def _is_transient(exc: BaseException) -> bool:
     """Whether a failure is a lost or refused connection (retry) rather than a setup error or a bug (raise)."""
-    if isinstance(exc, BemiError):
+    if isinstance(exc, BemiError | asyncpg.ClientConfigurationError):  # a DSN asyncpg cannot read stays unreadable
         return False
     return isinstance(
         exc,

@@ -12,6 +12,9 @@ app = typer.Typer(
     help="PostgreSQL change history for ASGI apps: prepare a database, run the capture worker, try the demo.",
     no_args_is_help=True,
     add_completion=False,
+    # A traceback with locals would print the DSNs (and their passwords) the commands were given; some Typer
+    # versions show locals by default.
+    pretty_exceptions_show_locals=False,
 )
 
 
@@ -121,6 +124,9 @@ def doctor(
     except psycopg.OperationalError as exc:
         typer.echo(f"Error: cannot connect to the source database: {str(exc).strip()}", err=True)
         raise typer.Exit(2) from None
+    except psycopg.Error as exc:  # a role that may not read what the checks read, say
+        typer.echo(f"Error: cannot check the source database: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(format_report(findings))
     if any(finding.blocking for finding in findings):
         raise typer.Exit(1)
@@ -172,10 +178,18 @@ def worker(
             loop.add_signal_handler(signum, capture.stop)
         await capture.run(until_caught_up=until_caught_up)
 
+    import asyncpg
+    import psycopg
+
     try:
         asyncio.run(run())
     except BemiError as exc:
         typer.echo(f"bemi-asgi worker: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # What retrying cannot fix (a missing privilege, a refused password on the destination, a DSN that is not
+        # a postgresql:// URL): one line saying what the server said, not a traceback.
+        typer.echo(f"bemi-asgi worker: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(1) from None
 
 
