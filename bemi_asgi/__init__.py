@@ -2,10 +2,11 @@
 
 from ._bemi import Bemi
 from ._changes_api import ChangePage
-from ._context import bemi_context, configure_context, get_context
+from ._context import bemi_context, configure_context, get_context, skip_tracking
 from ._exceptions import (
     BemiContextError,
     BemiError,
+    ConfigError,
     DecodeError,
     DestinationNotReadyError,
     MigrationError,
@@ -14,6 +15,7 @@ from ._exceptions import (
     SourceNotReadyError,
 )
 from ._fastapi import get_bemi
+from ._filtering import hash_value
 from ._middleware import BemiMiddleware
 from ._models import Change, FieldChange, Operation
 from ._pool import BemiConnection, connect, create_pool
@@ -29,6 +31,7 @@ __all__ = [
     "BemiMiddleware",
     "Change",
     "ChangePage",
+    "ConfigError",
     "DecodeError",
     "DestinationNotReadyError",
     "FieldChange",
@@ -47,4 +50,6 @@ __all__ = [
     "current_lsn",
     "get_bemi",
     "get_context",
+    "hash_value",
+    "skip_tracking",
 ]

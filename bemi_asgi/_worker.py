@@ -36,8 +36,10 @@ from typing import TextIO, TypeAlias
 import asyncpg
 import psycopg
 
+from ._config import TrackingConfig, check_tables
 from ._destination import ChangeRecord, Destination
 from ._exceptions import BemiError
+from ._filtering import Filters, RowPolicy, filter_relation, is_skip_context
 from ._pgoutput import (
     UNCHANGED,
     Begin,
@@ -97,6 +99,10 @@ class Worker:
     changes of one open transaction stay in memory before they move to a temporary file; `status_interval` the
     seconds between status updates; `progress` the stream for a progress line every `progress_interval` seconds
     (None: quiet).
+
+    `tracking` (see `bemi_asgi._config.load_config`) leaves tables out, ignores, masks or hashes columns before
+    anything is written, and drops no-op updates; transactions under `skip_tracking()` are dropped unless it says
+    `honor_skip = false`.
     """
 
     def __init__(
@@ -113,6 +119,7 @@ class Worker:
         progress: TextIO | None = None,
         progress_interval: float = 10.0,
         max_backoff: float = 30.0,
+        tracking: TrackingConfig | None = None,
     ) -> None:
         self.source = source
         self.destination = destination or source
@@ -126,6 +133,9 @@ class Worker:
         self.progress_interval = progress_interval
         self.max_backoff = max_backoff
         self.stats = WorkerStats()
+        self.tracking = tracking
+        self._filters = Filters(tracking) if tracking is not None and tracking.filters_rows else None
+        self._honor_skip = tracking.honor_skip if tracking is not None else True
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self._pipeline: _Pipeline | None = None
@@ -172,6 +182,8 @@ class Worker:
         catalog = await SourceCatalog.connect(self.source)
         try:
             info = await catalog.prepare(slot=self.slot, publication=self.publication)
+            if self._filters is not None and self._filters.config.tables:
+                await check_tables(self.source, self.publication, self._filters)
             destination = await Destination.connect(self.destination)
             try:
                 stored = await destination.last_commit_lsn(self.slot)
@@ -273,6 +285,7 @@ class _RelationInfo:
     key: tuple[int, ...]  # positions of the primary key columns, in key order; () without a primary key
     replica_key: tuple[int, ...]  # positions the replica identity sends in a key-only old row
     ignored: bool = False  # the worker's own tables, should a FOR ALL TABLES publication include them
+    policy: RowPolicy | None = None  # column rules or no-op dropping (tracking configuration); None: store as is
 
     def primary_key(self, values: tuple[Value, ...], old: tuple[Value, ...] | None) -> str | None:
         """The change's `primary_key`: one key column's text, a JSON array of texts for a composite key."""
@@ -470,7 +483,13 @@ class _Pipeline:
 
     def _message(self, message: Message) -> None:
         if message.prefix == CONTEXT_PREFIX and message.transactional and self.buffer is not None:
-            self.buffer.add_context(context_json(message.content))
+            context = context_json(message.content)
+            if self.worker._honor_skip and is_skip_context(message.content, context):
+                # skip_tracking(): nothing of this transaction is stored; its end still moves the progress on.
+                self.buffer.close()
+                self.buffer, self.skipping = None, True
+                return
+            self.buffer.add_context(context)
 
     async def _relation(self, message: Relation) -> None:
         names = [column.name for column in message.columns]
@@ -483,7 +502,7 @@ class _Pipeline:
             key = tuple(names.index(name) for name in key_names)
         else:
             key = ()
-        self.relations[message.oid] = _RelationInfo(
+        info = self.relations[message.oid] = _RelationInfo(
             message.namespace or "pg_catalog",
             message.name,
             message.columns,
@@ -493,6 +512,9 @@ class _Pipeline:
             # Storing changes of bemi.changes would feed the worker its own writes, forever.
             ignored=message.namespace == "bemi" and message.name in _OWN_TABLES,
         )
+        if self.worker._filters is not None and not info.ignored:
+            # Tracking configuration: leave the table out, or filter its rows (ignored, masked, hashed columns).
+            filter_relation(self.worker._filters, info)
 
     def _add(self, key: str | None, before: str, after: str, rel: _RelationInfo, operation: str, lsn: int) -> None:
         assert self.buffer is not None
@@ -504,21 +526,29 @@ class _Pipeline:
         rel = self.relations[message.relation_oid]
         if rel.ignored:
             return
+        policy = rel.policy
         if type(message) is Insert:
-            after = row_to_dict(rel.columns, message.new, rel.converters)
-            self._add(rel.primary_key(message.new, None), _EMPTY, _encode(after), rel, "CREATE", lsn)
+            new = message.new if policy is None else policy.row(message.new)
+            after = row_to_dict(rel.columns, new, rel.converters)
+            self._add(rel.primary_key(new, None), _EMPTY, _encode(after), rel, "CREATE", lsn)
         elif type(message) is Update:
-            old = message.old
-            after = row_to_dict(rel.columns, message.new, rel.converters)
+            old, new = message.old, message.new
+            if policy is not None:
+                if old is not None and not message.old_is_key_only and policy.drops_update(old, new):
+                    return  # only ignored columns changed, or nothing and no-op updates are dropped
+                new = policy.row(new)
+                old = None if old is None else policy.row(old)
+            after = row_to_dict(rel.columns, new, rel.converters)
             before = self._old_row(rel, old, message.old_is_key_only) if old is not None else {}
-            if UNCHANGED in message.new:
+            if UNCHANGED in new:
                 _fill_unchanged(after, before)
-            key = rel.primary_key(message.new, old)
+            key = rel.primary_key(new, old)
             self._add(key, _encode(before) if before else _EMPTY, _encode(after), rel, "UPDATE", lsn)
         else:
             assert type(message) is Delete
-            before = self._old_row(rel, message.old, message.old_is_key_only)
-            self._add(rel.primary_key(message.old, None), _encode(before), _EMPTY, rel, "DELETE", lsn)
+            old = message.old if policy is None else policy.row(message.old)
+            before = self._old_row(rel, old, message.old_is_key_only)
+            self._add(rel.primary_key(old, None), _encode(before), _EMPTY, rel, "DELETE", lsn)
 
     @staticmethod
     def _old_row(rel: _RelationInfo, old: tuple[Value, ...], key_only: bool) -> _Row:

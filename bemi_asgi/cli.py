@@ -142,6 +142,31 @@ def worker(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")] = False,
     progress_interval: Annotated[float, typer.Option(help="Seconds between progress lines.")] = 10.0,
+    config: Annotated[
+        Path | None,
+        typer.Option(envvar="BEMI_CONFIG", help="Tracking configuration (TOML): tables, column rules, no-op updates."),
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Store only tables matching this schema.table pattern (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Store nothing of tables matching this pattern, e.g. 'audit.*'.")
+    ] = None,
+    ignore_column: Annotated[
+        list[str] | None, typer.Option(help="Never store this column, as schema.table.column (repeatable).")
+    ] = None,
+    mask_column: Annotated[
+        list[str] | None, typer.Option(help="Store this column's values as [masked] (schema.table.column).")
+    ] = None,
+    hash_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Store this column's values as HMAC-SHA256 hex, keyed by BEMI_HASH_KEY (schema.table.column)."
+        ),
+    ] = None,
+    drop_noop_updates: Annotated[
+        bool, typer.Option("--drop-noop-updates", help="Store nothing for an UPDATE that changed no value.")
+    ] = False,
 ) -> None:
     """Stream the source's changes into bemi.changes, with their context, exactly once.
 
@@ -153,10 +178,19 @@ def worker(
     import signal
     import sys
 
+    from ._config import load_config
     from ._exceptions import BemiError
     from ._worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
+    try:
+        tracking = load_config(
+            config, include=include or (), exclude=exclude or (), ignore_columns=ignore_column or (),
+            mask_columns=mask_column or (), hash_columns=hash_column or (), drop_noop_updates=drop_noop_updates,
+        )  # fmt: skip
+    except BemiError as exc:
+        typer.echo(f"bemi-asgi worker: {exc}", err=True)
+        raise typer.Exit(2) from None
     capture = Worker(
         source,
         destination=destination,
@@ -164,6 +198,7 @@ def worker(
         publication=publication,
         progress=None if quiet else sys.stderr,
         progress_interval=progress_interval,
+        tracking=tracking,
     )
 
     async def run() -> None:
