@@ -202,12 +202,21 @@ CREATE OR REPLACE FUNCTION bemi.exclude(pub name, tables text[], schemas name[],
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel regclass;
+    old_excluded text[];
+    old_schemas name[];
+    new_excluded text[];
+    new_schemas name[];
 BEGIN
-    UPDATE bemi.source_publications
-    SET excluded_tables = ARRAY(SELECT DISTINCT t FROM unnest(excluded_tables || tables) AS t
-                                WHERE t <> ALL (included_tables) ORDER BY t),
-        schemas = ARRAY(SELECT s FROM unnest(source_publications.schemas) AS s WHERE s <> ALL (exclude.schemas))
-    WHERE publication = pub;
+    SELECT sp.excluded_tables, sp.schemas INTO old_excluded, old_schemas
+    FROM bemi.source_publications sp WHERE sp.publication = pub;
+    new_excluded := ARRAY(SELECT DISTINCT t FROM unnest(old_excluded || tables) AS t
+                          WHERE t <> ALL (included_tables) ORDER BY t);
+    new_schemas := ARRAY(SELECT s FROM unnest(old_schemas) AS s WHERE s <> ALL (exclude.schemas));
+    -- Only when something changes: a second run of the same migration must leave every row as it was.
+    IF new_excluded IS DISTINCT FROM old_excluded OR new_schemas IS DISTINCT FROM old_schemas THEN
+        UPDATE bemi.source_publications sp SET excluded_tables = new_excluded, schemas = new_schemas
+        WHERE sp.publication = pub;
+    END IF;
     FOR rel IN
         SELECT c.oid FROM bemi.source_publications sp, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE sp.publication = pub AND c.relkind IN ('r', 'p') AND NOT c.relispartition
