@@ -165,18 +165,24 @@ async def test_hashed_values_are_searchable_with_the_documented_hash(database: s
     assert [change.primary_key for change in found] == ["1"]
     assert [change.after for change in history] == [{"token": hash_value("tok-secret-1", key=KEY), "owner": 1}]
     assert "tok-secret" not in stored_text(database)
+
+
+async def test_pgcrypto_hmac_computes_the_stored_hash_in_sql(database: str) -> None:
+    """encode(hmac(text, key, 'sha256'), 'hex') in SQL equals the stored value of a hashed column."""
     with psycopg.connect(database, autocommit=True) as conn:
         try:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
-        except psycopg.errors.FeatureNotSupported:
-            return  # this PostgreSQL build ships without pgcrypto
-        except psycopg.errors.UndefinedFile:
-            return
+        except (psycopg.errors.FeatureNotSupported, psycopg.errors.UndefinedFile):
+            pytest.skip("this PostgreSQL build ships without pgcrypto")
+    prepare_source(database, USERS, ["users"])
+    run_sql(database, "INSERT INTO users (id, email) VALUES (1, 'alice@example.com'), (2, 'bob@example.com')")
+    await drain(database, tracking=load_config(hash_columns=["users.email"], environ={"BEMI_HASH_KEY": KEY}))
+    with psycopg.connect(database) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM bemi.changes WHERE after->>'email' = encode(hmac(%s::text, %s, 'sha256'), 'hex')",
+            "SELECT primary_key FROM bemi.changes WHERE after->>'email' = encode(hmac(%s::text, %s, 'sha256'), 'hex')",
             ["bob@example.com", KEY],
-        ).fetchone()
-    assert row == (1,)
+        ).fetchall()
+    assert row == [("2",)]
 
 
 async def test_excluded_and_not_included_tables_produce_nothing(database: str) -> None:
