@@ -81,9 +81,10 @@ def status_update(flush_lsn: int, *, reply_requested: bool = False) -> bytes:
 
 
 def _with_session_options(dsn: str, **extra: str) -> str:
-    """`dsn` plus the walsender session settings, keeping any `options` the user gave (theirs win)."""
+    """`dsn` plus the walsender session settings, after any `options` the user gave (so ours win: the decoder
+    relies on them)."""
     params = conninfo_to_dict(dsn)
-    options = f"{SESSION_OPTIONS} {params.get('options') or ''}".strip()
+    options = f"{params.get('options') or ''} {SESSION_OPTIONS}".strip()
     return make_conninfo(dsn, options=options, **extra)
 
 

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import json
 import logging
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -65,7 +66,28 @@ __all__ = ["Worker", "WorkerStats"]
 
 logger = logging.getLogger("bemi_asgi.worker")
 
-_encode: Callable[[object], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+def _unencodable(value: object) -> object:
+    if value is UNCHANGED:  # an unchanged TOAST value with no old row to take it from
+        return None
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+def _make_encoder() -> Callable[[object], str]:
+    """Compact JSON text, non-ASCII kept as is. One reusable C encoder: `json.dumps` builds a new one per call,
+    which is a tenth of the worker's CPU time on small rows."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - Python without the _json accelerator
+        return json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_unencodable).encode
+    encoder = make(None, _unencodable, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+
+    def encode(value: object) -> str:
+        return "".join(encoder(value, 0))
+
+    return encode
+
+
+_encode = _make_encoder()
 _START_LSN = struct.Struct(">Q").unpack_from
 _EMPTY = "{}"
 _OWN_TABLES = frozenset({"changes", "worker_state"})
@@ -285,6 +307,7 @@ class _RelationInfo:
     key: tuple[int, ...]  # positions of the primary key columns, in key order; () without a primary key
     replica_key: tuple[int, ...]  # positions the replica identity sends in a key-only old row
     ignored: bool = False  # the worker's own tables, should a FOR ALL TABLES publication include them
+    single_key: int = -1  # the key column's position when the key has one column (the common fast path)
     policy: RowPolicy | None = None  # column rules or no-op dropping (tracking configuration); None: store as is
 
     def primary_key(self, values: tuple[Value, ...], old: tuple[Value, ...] | None) -> str | None:
@@ -344,6 +367,9 @@ class _Pipeline:
     queued_weight: int = 0
     room: asyncio.Event = field(default_factory=asyncio.Event)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_status: float = 0.0  # when the last status update went out (monotonic)
+    reply_due: bool = False  # the walsender asked for a status update
+    last_commit_time: datetime | None = None  # of the last transaction received
     # The open transaction.
     buffer: TransactionBuffer | None = None
     begin: Begin | None = None
@@ -398,8 +424,6 @@ class _Pipeline:
             self.worker.stats.flushed_lsn = position
             self.last_status = time.monotonic()
 
-    last_status: float = 0.0
-
     # -- reader -------------------------------------------------------------------------------------------------
 
     async def _read(self) -> None:
@@ -420,8 +444,6 @@ class _Pipeline:
                 self.reply_due = False
                 # While idle, ask for a keepalive back: its position lets the flush LSN follow the walsender.
                 await self.send_status(reply_requested=not frames)
-
-    reply_due: bool = False
 
     async def _handle(self, frames: list[memoryview]) -> None:
         for frame in frames:
@@ -461,6 +483,7 @@ class _Pipeline:
 
     async def _commit(self, message: Commit) -> None:
         buffer, begin, self.buffer, self.begin = self.buffer, self.begin, None, None
+        self.last_commit_time = message.commit_time
         if buffer is None or buffer.count == 0 or begin is None:
             if buffer is not None:
                 buffer.close()
@@ -511,10 +534,12 @@ class _Pipeline:
             replica_key,
             # Storing changes of bemi.changes would feed the worker its own writes, forever.
             ignored=message.namespace == "bemi" and message.name in _OWN_TABLES,
+            single_key=key[0] if len(key) == 1 else -1,
         )
         if self.worker._filters is not None and not info.ignored:
             # Tracking configuration: leave the table out, or filter its rows (ignored, masked, hashed columns).
             filter_relation(self.worker._filters, info)
+            info.single_key = info.key[0] if len(info.key) == 1 else -1
 
     def _add(self, key: str | None, before: str, after: str, rel: _RelationInfo, operation: str, lsn: int) -> None:
         assert self.buffer is not None
@@ -523,14 +548,16 @@ class _Pipeline:
         self.buffer.append(change)
 
     def _change(self, message: Insert | Update | Delete, lsn: int) -> None:
+        # The hot path: one call per row change, kept flat.
         rel = self.relations[message.relation_oid]
         if rel.ignored:
             return
         policy = rel.policy
         if type(message) is Insert:
             new = message.new if policy is None else policy.row(message.new)
-            after = row_to_dict(rel.columns, new, rel.converters)
-            self._add(rel.primary_key(new, None), _EMPTY, _encode(after), rel, "CREATE", lsn)
+            key = new[rel.single_key] if rel.single_key >= 0 else rel.primary_key(new, None)
+            before_json, after_json = _EMPTY, _encode(row_to_dict(rel.columns, new, rel.converters))
+            operation = "CREATE"
         elif type(message) is Update:
             old, new = message.old, message.new
             if policy is not None:
@@ -538,17 +565,34 @@ class _Pipeline:
                     return  # only ignored columns changed, or nothing and no-op updates are dropped
                 new = policy.row(new)
                 old = None if old is None else policy.row(old)
-            after = row_to_dict(rel.columns, new, rel.converters)
-            before = self._old_row(rel, old, message.old_is_key_only) if old is not None else {}
-            if UNCHANGED in new:
-                _fill_unchanged(after, before)
-            key = rel.primary_key(new, old)
-            self._add(key, _encode(before) if before else _EMPTY, _encode(after), rel, "UPDATE", lsn)
+            if old is not None and not message.old_is_key_only:
+                before = row_to_dict(rel.columns, old, rel.converters)
+                after = _updated_row(rel, before, old, new)
+            else:
+                after = row_to_dict(rel.columns, new, rel.converters)
+                before = self._old_row(rel, old, True) if old is not None else {}
+                if UNCHANGED in new:
+                    _fill_unchanged(after, before)
+            if rel.single_key >= 0:
+                key = new[rel.single_key]
+                if key is UNCHANGED and old is not None:
+                    key = old[rel.single_key]
+            else:
+                key = rel.primary_key(new, old)
+            before_json, after_json = (_encode(before) if before else _EMPTY), _encode(after)
+            operation = "UPDATE"
         else:
             assert type(message) is Delete
             old = message.old if policy is None else policy.row(message.old)
-            before = self._old_row(rel, old, message.old_is_key_only)
-            self._add(rel.primary_key(old, None), _encode(before), _EMPTY, rel, "DELETE", lsn)
+            key = old[rel.single_key] if rel.single_key >= 0 else rel.primary_key(old, None)
+            before_json, after_json = _encode(self._old_row(rel, old, message.old_is_key_only)), _EMPTY
+            operation = "DELETE"
+        self.ordinal += 1
+        assert self.buffer is not None
+        self.buffer.append(
+            (key if key.__class__ is str else None, before_json, after_json, rel.schema, rel.table, operation, lsn,
+             self.ordinal)
+        )  # fmt: skip
 
     @staticmethod
     def _old_row(rel: _RelationInfo, old: tuple[Value, ...], key_only: bool) -> _Row:
@@ -567,6 +611,14 @@ class _Pipeline:
 
     # -- writer -------------------------------------------------------------------------------------------------
 
+    def _caught_up_in_time(self) -> bool:
+        """Whether the last transaction received committed less than `batch_seconds` ago (by this host's clock:
+        with a skewed clock the worker only batches more or less eagerly)."""
+        if self.last_commit_time is None:
+            return True
+        age = (datetime.now(UTC) - self.last_commit_time).total_seconds()
+        return age < self.worker.batch_seconds
+
     async def _write(self) -> None:
         worker = self.worker
         queue = self.queue
@@ -578,10 +630,11 @@ class _Pipeline:
             deadline = time.monotonic() + worker.batch_seconds
             while rows < worker.batch_rows:
                 if queue.empty():
-                    # Wait for more only while the reader is still working through a backlog: when it waits on
-                    # the socket, nothing more is coming soon and waiting would only add latency.
+                    # Small batches cost the destination far more per row, so wait for more while working
+                    # through a backlog; but when the reader waits on the socket and the last commit is recent,
+                    # we are caught up and waiting would only add latency.
                     remaining = deadline - time.monotonic()
-                    if self.stream.waiting or remaining <= 0:
+                    if remaining <= 0 or (self.stream.waiting and self._caught_up_in_time()):
                         break
                     await asyncio.sleep(min(remaining, 0.005))
                     continue
@@ -593,7 +646,14 @@ class _Pipeline:
                 rows += item.count
             try:
                 records = chain.from_iterable(item.records(self.database) for item in batch)
-                await self.destination.write(worker.slot, records, batch[-1].commit_lsn)
+                try:
+                    await self.destination.write(worker.slot, records, batch[-1].commit_lsn)
+                except (asyncpg.DataError, UnicodeEncodeError) as exc:
+                    # A value jsonb refuses (a NUL or a lone surrogate inside a `json` column): store the batch
+                    # again with such characters replaced rather than stop capturing.
+                    logger.warning("a row needs cleaning before it can be stored as jsonb (%s)", _one_line(exc))
+                    records = chain.from_iterable(item.records(self.database) for item in batch)
+                    await self.destination.write(worker.slot, map(_jsonb_safe_record, records), batch[-1].commit_lsn)
             finally:
                 for item in batch:
                     item.buffer.close()
@@ -610,6 +670,45 @@ class _Pipeline:
             await self.send_status()
             if last:
                 return
+
+
+def _jsonb_safe_record(record: ChangeRecord) -> ChangeRecord:
+    """`record` with its JSON columns rid of what jsonb cannot hold: NUL characters and lone surrogates become
+    U+FFFD. Only used to retry a batch the destination refused."""
+    key, before, after, context, *rest = record
+    return (key, _jsonb_safe_text(before), _jsonb_safe_text(after), _jsonb_safe_text(context), *rest)
+
+
+def _jsonb_safe_text(text: object) -> object:
+    if not isinstance(text, str) or ("\\u0000" not in text and text.isascii()):
+        return text
+    return _encode(_clean(json.loads(text)))
+
+
+def _clean(value: JSONValue) -> JSONValue:
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    if isinstance(value, dict):
+        return {_UNSTORABLE.sub("\ufffd", key): _clean(item) for key, item in value.items()}
+    return value
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _updated_row(rel: _RelationInfo, before: _Row, old: tuple[Value, ...], new: tuple[Value, ...]) -> _Row:
+    """The new row of an update whose full old row is known: the old row's converted values where the text did
+    not change (most columns, usually; and every unchanged TOAST value), converted values where it did."""
+    changed = [i for i, value in enumerate(new) if value is not UNCHANGED and value != old[i]]
+    after = dict(before)
+    if changed:
+        columns, converters = rel.columns, rel.converters
+        after.update(
+            row_to_dict([columns[i] for i in changed], [new[i] for i in changed], [converters[i] for i in changed])
+        )
+    return after
 
 
 def _fill_unchanged(after: _Row, before: _Row) -> None:

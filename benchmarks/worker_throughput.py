@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -68,23 +70,51 @@ def worker_command(dsn: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--quiet", *extra]
 
 
-def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run `command` to completion: wall seconds and peak RSS in bytes (sampled every 20 ms)."""
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss: int  # bytes, sampled every 20 ms
+    cpu: float  # the command's own CPU seconds
+    server_cpu: float  # CPU seconds of all PostgreSQL processes meanwhile (walsender, destination backend, ...)
+
+
+def server_cpu_times(server: LocalPostgres) -> dict[int, float]:
+    postmaster = psutil.Process(int((server.data_dir / "postmaster.pid").read_text().split()[0]))
+    times = {}
+    for process in [postmaster, *postmaster.children()]:
+        try:
+            cpu = process.cpu_times()
+            times[process.pid] = cpu.user + cpu.system
+        except psutil.NoSuchProcess:
+            pass
+    return times
+
+
+def run_measured(command: list[str], server: LocalPostgres) -> Measured:
+    """Run `command` to completion, measuring time, memory and CPU (its own and the server's)."""
+    before = server_cpu_times(server)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE)
     peak = 0
     handle = psutil.Process(process.pid)
+    last = dict(before)
     while process.poll() is None:
         try:
             peak = max(peak, handle.memory_info().rss)
         except psutil.NoSuchProcess:
             break
+        last.update(server_cpu_times(server))  # backends exit with the command: keep their last reading
         time.sleep(0.02)
     elapsed = time.perf_counter() - started
+    last.update(server_cpu_times(server))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     stderr = process.stderr.read().decode() if process.stderr else ""
     if process.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({process.returncode}): {stderr}")
-    return elapsed, peak
+    cpu = (children.ru_utime + children.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    server_cpu = sum(value - before.get(pid, 0.0) for pid, value in last.items())
+    return Measured(elapsed, peak, cpu, server_cpu)
 
 
 def prepare(dsn: str) -> None:
@@ -132,29 +162,30 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> No
     total = transactions * 20
     print(f"generated {total:,} changes in {2 * transactions:,} transactions ({time.perf_counter() - started:.1f} s)")
 
-    recv_times, worker_times, peaks = [], [], []
+    recv_runs: list[Measured] = []
+    worker_runs: list[Measured] = []
     for n in range(repeat):  # interleaved, best of `repeat`: the machine may be busy with other work
         recv = [
             str(server.bin("pg_recvlogical")), "-d", dsn, "--slot", f"recv{n}", "--start", "-f", "/dev/null",
             "-o", "proto_version=1", "-o", "publication_names=bemi", "-o", "messages=true", "--endpos", end,
             "--no-loop",
         ]  # fmt: skip
-        recv_times.append(run_measured(recv)[0])
+        recv_runs.append(run_measured(recv, server))
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("TRUNCATE bemi.changes, bemi.worker_state")
-        seconds, peak = run_measured(worker_command(dsn, "--until-caught-up", "--slot", f"bemi{n}"))
-        worker_times.append(seconds)
-        peaks.append(peak)
+        worker_runs.append(run_measured(worker_command(dsn, "--until-caught-up", "--slot", f"bemi{n}"), server))
         stored = count(dsn)
         assert stored == total, f"the worker stored {stored:,} of {total:,} changes"
-    recv_seconds, worker_seconds = min(recv_times), min(worker_times)
-    recv_rate, worker_rate = total / recv_seconds, total / worker_seconds
-    runs = f"best of {repeat}"
-    print(f"pg_recvlogical: {recv_seconds:6.2f} s  {recv_rate:10,.0f} changes/s  (drains to /dev/null; {runs}: "
-          f"{', '.join(f'{t:.2f}' for t in recv_times)})")  # fmt: skip
-    print(f"worker:         {worker_seconds:6.2f} s  {worker_rate:10,.0f} changes/s  (stored in bemi.changes, "
-          f"process start included, peak RSS {max(peaks) / 2**20:.0f} MB; {runs}: "
-          f"{', '.join(f'{t:.2f}' for t in worker_times)})")  # fmt: skip
+    recv_best = min(recv_runs, key=lambda run: run.seconds)
+    worker_best = min(worker_runs, key=lambda run: run.seconds)
+    recv_rate, worker_rate = total / recv_best.seconds, total / worker_best.seconds
+    print(f"pg_recvlogical: {recv_best.seconds:6.2f} s  {recv_rate:10,.0f} changes/s  (drains to /dev/null; "
+          f"runs {', '.join(f'{run.seconds:.2f}' for run in recv_runs)}; CPU {recv_best.cpu:.1f} s client + "
+          f"{recv_best.server_cpu:.1f} s server)")  # fmt: skip
+    print(f"worker:         {worker_best.seconds:6.2f} s  {worker_rate:10,.0f} changes/s  (stored in bemi.changes, "
+          f"process start included; runs {', '.join(f'{run.seconds:.2f}' for run in worker_runs)}; CPU "
+          f"{worker_best.cpu:.1f} s worker + {worker_best.server_cpu:.1f} s server (walsender + destination); "
+          f"peak RSS {max(run.peak_rss for run in worker_runs) / 2**20:.0f} MB)")  # fmt: skip
     print(f"ratio worker/pg_recvlogical: {worker_rate / recv_rate:.2f}x (target >= 0.8x)")
     ceiling = max(destination_ceiling(dsn) for _ in range(repeat))
     print(f"destination alone: {ceiling:10,.0f} rows/s  (the same rows COPYed in 10k batches into a copy of "
@@ -190,7 +221,7 @@ def destination_ceiling(dsn: str) -> float:
     return asyncio.run(measure())
 
 
-def memory(dsn: str, rows: int) -> None:
+def memory(server: LocalPostgres, dsn: str, rows: int) -> None:
     reset(dsn, "bemi")
     with psycopg.connect(dsn) as conn:
         conn.execute(
@@ -199,7 +230,8 @@ def memory(dsn: str, rows: int) -> None:
             [rows],
         )
         conn.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"job\": \"import\"}')")
-    seconds, peak = run_measured(worker_command(dsn, "--until-caught-up"))
+    measured = run_measured(worker_command(dsn, "--until-caught-up"), server)
+    seconds, peak = measured.seconds, measured.peak_rss
     right = count(dsn, 'context = \'{"job": "import"}\'')
     assert right == rows, f"{right:,} of {rows:,} rows have the transaction's context"
     print(f"one {rows:,}-row transaction: stored in {seconds:.1f} s, worker peak RSS {peak / 2**20:.0f} MB "
@@ -264,7 +296,7 @@ def main() -> None:
         os.environ.setdefault("PYTHONPATH", str(ROOT))
         throughput(server, dsn, args.changes, args.repeat)
         if args.big_rows:
-            memory(dsn, args.big_rows)
+            memory(server, dsn, args.big_rows)
         if args.lag_seconds:
             lag(dsn, args.lag_seconds)
     finally:

@@ -380,3 +380,21 @@ async def test_worker_ignores_its_own_tables_under_a_for_all_tables_publication(
     await drain(database)
     await drain(database)
     assert [(c["table"], c["primary_key"]) for c in changes(database)] == [("items", "1"), ("items", "2")]
+
+
+async def test_json_values_jsonb_cannot_hold_are_stored_cleaned(
+    database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `json` column holding \\u0000 or a lone surrogate (valid json, invalid jsonb) is stored with U+FFFD
+    instead of stopping the worker, and the rest of the batch is stored as is."""
+    prepare_source(database, "CREATE TABLE raw (id int PRIMARY KEY, doc json)", ["raw"])
+    run_sql(
+        database,
+        """INSERT INTO raw VALUES (1, '{"a": "x\\u0000y"}'), (2, '["\\ud800"]'), (3, '{"ok": "é"}')""",
+        context={"user_id": 1},
+    )
+    await drain(database)
+    stored = changes(database)
+    assert [c["after"]["doc"] for c in stored] == [{"a": "x\ufffdy"}, ["\ufffd"], {"ok": "é"}]
+    assert "needs cleaning" in caplog.text
+    assert all(c["context"] == {"user_id": 1} for c in stored)
