@@ -2,6 +2,8 @@
 
 from ._bemi import Bemi
 from ._changes_api import ChangePage
+from ._config import TrackingConfig
+from ._config import load_config as load_tracking_config
 from ._context import bemi_context, configure_context, get_context, skip_tracking
 from ._exceptions import (
     BemiContextError,
@@ -42,6 +44,7 @@ __all__ = [
     "RevertPlan",
     "RevertStatement",
     "SourceNotReadyError",
+    "TrackingConfig",
     "Worker",
     "bemi_context",
     "configure_context",
@@ -51,5 +54,6 @@ __all__ = [
     "get_bemi",
     "get_context",
     "hash_value",
+    "load_tracking_config",
     "skip_tracking",
 ]
