@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from pathlib import Path
@@ -339,3 +340,29 @@ async def test_migration_exclusions_are_remembered_and_changed_with_one_command(
     result = CliRunner().invoke(app, ["sql-migration", "--table", "public.items", "--exclude-table", "public.items"])
     assert result.exit_code == 2
     assert "both tracked and excluded" in result.stderr
+
+
+async def test_table_added_while_running_with_an_ignored_key_column_stops_the_worker(database: str) -> None:
+    """A table joining the publication after the worker started, whose primary key a wildcard rule ignores,
+    stops the worker with a ConfigError when its first change arrives; nothing of it is stored."""
+    prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"])
+    worker = Worker(database, tracking=load_config(ignore_columns=["*.*.code"]), status_interval=0.5)
+    task = asyncio.create_task(worker.run())
+    try:
+        # Wait until it streams (its start-up check of the tables is behind it): no event to wait on here.
+        while worker.stats.flushed_lsn == 0 and not task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        run_sql(
+            database,
+            "CREATE TABLE codes (code text PRIMARY KEY)",
+            "ALTER PUBLICATION bemi ADD TABLE codes",
+            "ALTER TABLE codes REPLICA IDENTITY FULL",
+        )
+        run_sql(database, "INSERT INTO codes VALUES ('secret-code')")
+        with pytest.raises(ConfigError, match=r"public\.codes\.code is ignored, but it is part of the primary key"):
+            await asyncio.wait_for(task, 30)
+    finally:
+        worker.stop()
+        if not task.done():
+            await asyncio.wait_for(task, 30)
+    assert changes(database) == []
