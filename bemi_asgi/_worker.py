@@ -285,6 +285,8 @@ def _is_transient(exc: BaseException) -> bool:
         | psycopg.errors.InvalidCatalogName
         | asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
+        # Raised instead of a connection error when the server drops the connection between two commands.
+        | asyncpg.InternalClientError
         | asyncpg.exceptions.OperatorInterventionError
         | asyncpg.exceptions.InsufficientResourcesError
         | asyncpg.exceptions.InvalidCatalogNameError,
