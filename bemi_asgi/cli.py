@@ -186,7 +186,8 @@ def worker(
         list[str] | None, typer.Option(help="Never store this column, as schema.table.column (repeatable).")
     ] = None,
     mask_column: Annotated[
-        list[str] | None, typer.Option(help="Store this column's values as the marker \\[masked] (schema.table.column).")
+        list[str] | None,
+        typer.Option(help="Store this column's values as the marker \\[masked] (schema.table.column)."),
     ] = None,
     hash_column: Annotated[
         list[str] | None,
