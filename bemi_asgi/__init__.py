@@ -2,10 +2,13 @@
 
 from ._bemi import Bemi
 from ._changes_api import ChangePage
-from ._context import bemi_context, configure_context, get_context
+from ._config import TrackingConfig
+from ._config import load_config as load_tracking_config
+from ._context import bemi_context, configure_context, get_context, skip_tracking
 from ._exceptions import (
     BemiContextError,
     BemiError,
+    ConfigError,
     DecodeError,
     DestinationNotReadyError,
     MigrationError,
@@ -14,6 +17,7 @@ from ._exceptions import (
     SourceNotReadyError,
 )
 from ._fastapi import get_bemi
+from ._filtering import hash_value
 from ._middleware import BemiMiddleware
 from ._models import Change, FieldChange, Operation
 from ._pool import BemiConnection, connect, create_pool
@@ -29,6 +33,7 @@ __all__ = [
     "BemiMiddleware",
     "Change",
     "ChangePage",
+    "ConfigError",
     "DecodeError",
     "DestinationNotReadyError",
     "FieldChange",
@@ -39,6 +44,7 @@ __all__ = [
     "RevertPlan",
     "RevertStatement",
     "SourceNotReadyError",
+    "TrackingConfig",
     "Worker",
     "bemi_context",
     "configure_context",
@@ -47,4 +53,7 @@ __all__ = [
     "current_lsn",
     "get_bemi",
     "get_context",
+    "hash_value",
+    "load_tracking_config",
+    "skip_tracking",
 ]

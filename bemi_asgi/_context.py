@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, cast, overload
 
 from ._exceptions import BemiContextError
 
-__all__ = ["ContextData", "bemi_context", "configure_context", "current", "get_context"]
+__all__ = ["SKIP_KEY", "ContextData", "bemi_context", "configure_context", "current", "get_context", "skip_tracking"]
 
 DEFAULT_MAX_CONTEXT_BYTES = 8192
 
@@ -260,3 +260,20 @@ class bemi_context:  # lower case: used like a function, `with bemi_context(...)
                 return fn(*args, **kwargs)
 
         return cast(Callable[P, Any], run_sync)
+
+
+#: The context key asking the worker to store nothing of a transaction (see `skip_tracking`).
+SKIP_KEY = "_bemi_skip"
+
+
+def skip_tracking() -> bemi_context:
+    """Store no change of the transactions written inside: for backfills, data migrations, bulk fixes.
+
+        with bemi_asgi.skip_tracking():
+            await pool.execute("UPDATE orders SET total_cents = total * 100")
+
+    A `bemi_context` adding the reserved key `"_bemi_skip": true` (a `with` block or a decorator). The pool emits
+    it like any context and the worker drops every transaction carrying it, whole, even the part written before
+    the block was entered. Note: a deliberate hole in the audit trail: such changes leave no trace at all.
+    """
+    return bemi_context({SKIP_KEY: True})

@@ -144,14 +144,19 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
             ).fetchall()
             published = [TableFacts(**row) for row in rows]
         tracked_schemas: list[str] = []
+        excluded_tables: list[str] = []
         event_trigger = False
         if cur.execute("SELECT to_regclass('bemi.source_publications') IS NOT NULL AS found").fetchone() == {
             "found": True
         }:
             row = cur.execute(
-                "SELECT schemas::text[] AS schemas FROM bemi.source_publications WHERE publication = %s", [publication]
+                # excluded_tables (sql-migration --exclude-table) is missing in databases migrated before it existed.
+                "SELECT schemas::text[] AS schemas, to_jsonb(sp) -> 'excluded_tables' AS excluded"
+                " FROM bemi.source_publications sp WHERE publication = %s",
+                [publication],
             ).fetchone()
             tracked_schemas = list(row["schemas"]) if row else []
+            excluded_tables = list(row["excluded"] or []) if row else []
         event_trigger = bool(
             cur.execute(
                 "SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'bemi_track_new_tables' "
@@ -170,9 +175,11 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
                   AND NOT c.relispartition
                   AND NOT EXISTS (SELECT FROM pg_publication_tables pt
                                   WHERE pt.pubname = %s AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
+                  AND '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
+                      <> ALL (%s::text[])
                 ORDER BY 1, 2
                 """,
-                [tracked_schemas, publication],
+                [tracked_schemas, publication, excluded_tables],
             ).fetchall()
             untracked = [TableFacts(**row) for row in rows]
         slot_rows = cur.execute(

@@ -5,6 +5,7 @@
     ├── SourceNotReadyError   the source database lacks what capture needs (wal_level, publication, ...)
     ├── DestinationNotReadyError  the destination database lacks the `bemi` tables the worker writes
     ├── MigrationError        bad options for `bemi-asgi sql-migration`
+    ├── ConfigError           an invalid tracking configuration (bemi.toml, worker options), or one the tables refuse
     ├── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
     │   └── RevertConflictError   a revert would overwrite later changes, or the row is not as the history says
     ├── DecodeError           a replication message that is not valid pgoutput protocol version 1
@@ -34,6 +35,10 @@ class DestinationNotReadyError(BemiError):
 
 class MigrationError(BemiError, ValueError):
     """Invalid options for the SQL migration."""
+
+
+class ConfigError(BemiError, ValueError):
+    """An invalid tracking, privacy or retention configuration."""
 
 
 class QueryError(BemiError, ValueError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from uuid import uuid4
 
 from ._exceptions import MigrationError
@@ -264,12 +264,19 @@ def migration_sql(
     tables: Sequence[str] | None = None,
     down: bool = False,
     parts: Sequence[Part] = PARTS,
+    exclude_tables: Sequence[str] | None = None,
+    exclude_schemas: Sequence[str] | None = None,
+    partition_by_month: bool = False,
 ) -> str:
     """The SQL script preparing (or, with `down=True`, rolling back) the source and/or the destination.
 
     `schemas` and `tables` take the same text as the command line options: names following SQL's rules, each
-    item possibly a comma-separated list. With neither, the schema `public` is tracked. The same options must be
-    given to `down` as to the migration (the publication name, at least).
+    item possibly a comma-separated list. With neither (nor `exclude_schemas`), the schema `public` is tracked.
+    The same options must be given to `down` as to the migration (the publication name, at least).
+
+    `exclude_tables` are never tracked (remembered: tables created later under these names are not tracked
+    either), `exclude_schemas` stop being tracked; `partition_by_month` creates `bemi.changes` partitioned by
+    month of `committed_at` (see `_prune`).
     """
     publication = check_publication(publication)
     if not parts:
@@ -283,19 +290,28 @@ def migration_sql(
         raise MigrationError("the table list is empty: give one or more schema.table names, or leave the option out")
     schema_names = parse_schemas(schemas) if schemas is not None else []
     table_names = parse_tables(tables) if tables is not None else []
-    if not schema_names and not table_names:
+    excluded_tables = parse_tables(exclude_tables) if exclude_tables else []
+    excluded_schemas = parse_schemas(exclude_schemas) if exclude_schemas else []
+    if not schema_names and not table_names and not excluded_schemas:
         schema_names = list(DEFAULT_SCHEMAS)
+    for name, kind in [(str(t), "table") for t in table_names if t in excluded_tables] + [
+        (s, "schema") for s in schema_names if s in excluded_schemas
+    ]:
+        raise MigrationError(f"{name} is both tracked and excluded: give it to --{kind} or to --exclude-{kind}")
     values = {
         "publication": quote_literal(publication),
         "publication_identifier": quote_ident(publication),
         "schemas": _name_array(schema_names, "name"),
         "tables": _name_array((str(table) for table in table_names), "text"),
+        "excluded_tables": _name_array((str(table) for table in excluded_tables), "text"),
+        "excluded_schemas": _name_array(excluded_schemas, "name"),
     }
     scripts: list[str] = []
     order: Sequence[Part] = ("source", "destination") if down else ("destination", "source")
     for part in order:
         if part in parts:
-            scripts.append(_render(load_sql(f"{part}_{'down' if down else 'up'}.sql"), values))
+            variant = "_partitioned" if part == "destination" and partition_by_month and not down else ""
+            scripts.append(_render(load_sql(f"{part}{variant}_{'down' if down else 'up'}.sql"), values))
     return "\n".join(script.rstrip("\n") + "\n" for script in scripts)
 
 
@@ -424,8 +440,12 @@ def alembic_revision(
     tables: Sequence[str] | None = None,
     parts: Sequence[Part] = PARTS,
     options_text: str = "",
+    **options: Any,
 ) -> str:
-    """The text of an Alembic revision file whose upgrade runs the migration and whose downgrade rolls it back."""
+    """The text of an Alembic revision file whose upgrade runs the migration and whose downgrade rolls it back.
+
+    `options`: the other keyword arguments of `migration_sql` (exclusions, partitioning).
+    """
     revision = revision or uuid4().hex[:12]
     return _ALEMBIC_TEMPLATE.format(
         message="bemi-asgi: prepare change capture",
@@ -434,9 +454,11 @@ def alembic_revision(
         down_revision=down_revision,
         down_revision_text=down_revision or "",
         created=datetime.now(UTC).isoformat(sep=" ", timespec="seconds"),
-        upgrade=_statement_list(migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts)),
+        upgrade=_statement_list(
+            migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, **options)
+        ),
         downgrade=_statement_list(
-            migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, down=True)
+            migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, down=True, **options)
         ),
     )
 
@@ -495,6 +517,7 @@ def write_alembic_revision(
     tables: Sequence[str] | None = None,
     parts: Sequence[Part] = PARTS,
     options_text: str = "",
+    **options: Any,
 ) -> Path:
     """Write an Alembic revision file into `directory` (the `versions/` folder) and return its path.
 
@@ -515,6 +538,7 @@ def write_alembic_revision(
         tables=tables,
         parts=parts,
         options_text=options_text,
+        **options,
     )
     path = folder / f"{revision}_bemi_asgi_change_capture.py"
     path.write_text(text, encoding="utf-8")

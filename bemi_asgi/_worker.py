@@ -37,8 +37,10 @@ from typing import TextIO, TypeAlias
 import asyncpg
 import psycopg
 
+from ._config import TrackingConfig, check_tables
 from ._destination import ChangeRecord, Destination
 from ._exceptions import BemiError
+from ._filtering import Filters, RowPolicy, filter_relation, is_skip_context
 from ._pgoutput import (
     UNCHANGED,
     Begin,
@@ -119,6 +121,10 @@ class Worker:
     changes of one open transaction stay in memory before they move to a temporary file; `status_interval` the
     seconds between status updates; `progress` the stream for a progress line every `progress_interval` seconds
     (None: quiet).
+
+    `tracking` (see `bemi_asgi._config.load_config`) leaves tables out, ignores, masks or hashes columns before
+    anything is written, and drops no-op updates; transactions under `skip_tracking()` are dropped unless it says
+    `honor_skip = false`.
     """
 
     def __init__(
@@ -135,6 +141,7 @@ class Worker:
         progress: TextIO | None = None,
         progress_interval: float = 10.0,
         max_backoff: float = 30.0,
+        tracking: TrackingConfig | None = None,
     ) -> None:
         self.source = source
         self.destination = destination or source
@@ -148,6 +155,9 @@ class Worker:
         self.progress_interval = progress_interval
         self.max_backoff = max_backoff
         self.stats = WorkerStats()
+        self.tracking = tracking
+        self._filters = Filters(tracking) if tracking is not None and tracking.filters_rows else None
+        self._honor_skip = tracking.honor_skip if tracking is not None else True
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self._pipeline: _Pipeline | None = None
@@ -194,6 +204,8 @@ class Worker:
         catalog = await SourceCatalog.connect(self.source)
         try:
             info = await catalog.prepare(slot=self.slot, publication=self.publication)
+            if self._filters is not None and self._filters.config.tables:
+                await check_tables(self.source, self.publication, self._filters)
             destination = await Destination.connect(self.destination)
             try:
                 stored = await destination.last_commit_lsn(self.slot)
@@ -298,6 +310,7 @@ class _RelationInfo:
     replica_key: tuple[int, ...]  # positions the replica identity sends in a key-only old row
     ignored: bool = False  # the worker's own tables, should a FOR ALL TABLES publication include them
     single_key: int = -1  # the key column's position when the key has one column (the common fast path)
+    policy: RowPolicy | None = None  # column rules or no-op dropping (tracking configuration); None: store as is
 
     def primary_key(self, values: tuple[Value, ...], old: tuple[Value, ...] | None) -> str | None:
         """The change's `primary_key`: one key column's text, a JSON array of texts for a composite key."""
@@ -498,7 +511,13 @@ class _Pipeline:
 
     def _message(self, message: Message) -> None:
         if message.prefix == CONTEXT_PREFIX and message.transactional and self.buffer is not None:
-            self.buffer.add_context(context_json(message.content))
+            context = context_json(message.content)
+            if self.worker._honor_skip and is_skip_context(message.content, context):
+                # skip_tracking(): nothing of this transaction is stored; its end still moves the progress on.
+                self.buffer.close()
+                self.buffer, self.skipping = None, True
+                return
+            self.buffer.add_context(context)
 
     async def _relation(self, message: Relation) -> None:
         names = [column.name for column in message.columns]
@@ -511,7 +530,7 @@ class _Pipeline:
             key = tuple(names.index(name) for name in key_names)
         else:
             key = ()
-        self.relations[message.oid] = _RelationInfo(
+        info = self.relations[message.oid] = _RelationInfo(
             message.namespace or "pg_catalog",
             message.name,
             message.columns,
@@ -522,6 +541,10 @@ class _Pipeline:
             ignored=message.namespace == "bemi" and message.name in _OWN_TABLES,
             single_key=key[0] if len(key) == 1 else -1,
         )
+        if self.worker._filters is not None and not info.ignored:
+            # Tracking configuration: leave the table out, or filter its rows (ignored, masked, hashed columns).
+            filter_relation(self.worker._filters, info)
+            info.single_key = info.key[0] if len(info.key) == 1 else -1
 
     def _add(self, key: str | None, before: str, after: str, rel: _RelationInfo, operation: str, lsn: int) -> None:
         assert self.buffer is not None
@@ -534,13 +557,19 @@ class _Pipeline:
         rel = self.relations[message.relation_oid]
         if rel.ignored:
             return
+        policy = rel.policy
         if type(message) is Insert:
-            new = message.new
+            new = message.new if policy is None else policy.row(message.new)
             key = new[rel.single_key] if rel.single_key >= 0 else rel.primary_key(new, None)
             before_json, after_json = _EMPTY, _encode(row_to_dict(rel.columns, new, rel.converters))
             operation = "CREATE"
         elif type(message) is Update:
             old, new = message.old, message.new
+            if policy is not None:
+                if old is not None and not message.old_is_key_only and policy.drops_update(old, new):
+                    return  # only ignored columns changed, or nothing and no-op updates are dropped
+                new = policy.row(new)
+                old = None if old is None else policy.row(old)
             if old is not None and not message.old_is_key_only:
                 before = row_to_dict(rel.columns, old, rel.converters)
                 after = _updated_row(rel, before, old, new)
@@ -559,7 +588,7 @@ class _Pipeline:
             operation = "UPDATE"
         else:
             assert type(message) is Delete
-            old = message.old
+            old = message.old if policy is None else policy.row(message.old)
             key = old[rel.single_key] if rel.single_key >= 0 else rel.primary_key(old, None)
             before_json, after_json = _encode(self._old_row(rel, old, message.old_is_key_only)), _EMPTY
             operation = "DELETE"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,6 +43,17 @@ def sql_migration(
             "capitals, spaces or dots).",
         ),
     ] = None,
+    exclude_table: Annotated[
+        list[str] | None,
+        typer.Option(help="Never track this table, even in a tracked schema or created later (schema.table)."),
+    ] = None,
+    exclude_schema: Annotated[
+        list[str] | None, typer.Option(help="Stop tracking this schema's tables (repeatable).")
+    ] = None,
+    partition_by_month: Annotated[
+        bool,
+        typer.Option("--partition-by-month", help="Create bemi.changes partitioned by month (prune drops months)."),
+    ] = False,
     only: Annotated[
         str | None,
         typer.Option(
@@ -73,30 +85,48 @@ def sql_migration(
         if only is not None and only not in PARTS:
             raise MigrationError(f"--only must be 'source' or 'destination', not {only!r}")
         parts: tuple[Part, ...] = PARTS if only is None else (only,)
+        extra: dict[str, Any] = {
+            "exclude_tables": exclude_table, "exclude_schemas": exclude_schema, "partition_by_month": partition_by_month
+        }  # fmt: skip
         if alembic is not None:
             if down:
                 raise MigrationError("--down and --alembic do not mix: the Alembic revision holds both directions")
             path = write_alembic_revision(
                 alembic, down_revision=down_revision, publication=publication, schemas=schema, tables=table,
-                parts=parts, options_text=_options_text(publication, schema, table, only),
+                parts=parts, options_text=_options_text(publication, schema, table, only, extra), **extra,
             )  # fmt: skip
             typer.echo(f"Wrote {path}")
             return
         typer.echo(
-            migration_sql(publication=publication, schemas=schema, tables=table, down=down, parts=parts), nl=False
+            migration_sql(publication=publication, schemas=schema, tables=table, down=down, parts=parts, **extra),
+            nl=False,
         )
     except MigrationError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
 
 
-def _options_text(publication: str, schemas: list[str] | None, tables: list[str] | None, only: str | None) -> str:
+def _options_text(
+    publication: str,
+    schemas: list[str] | None,
+    tables: list[str] | None,
+    only: str | None,
+    extra: dict[str, Any] | None = None,
+) -> str:
     import shlex
 
+    extra = extra or {}
     args = [] if publication == "bemi" else ["--publication", publication]
-    for option, values in (("--schema", schemas), ("--table", tables)):
+    for option, values in (
+        ("--schema", schemas),
+        ("--table", tables),
+        ("--exclude-table", extra.get("exclude_tables")),
+        ("--exclude-schema", extra.get("exclude_schemas")),
+    ):
         for value in values or ():
             args += [option, value]
+    if extra.get("partition_by_month"):
+        args.append("--partition-by-month")
     if only is not None:
         args += ["--only", only]
     return shlex.join(args)
@@ -148,6 +178,32 @@ def worker(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")] = False,
     progress_interval: Annotated[float, typer.Option(help="Seconds between progress lines.")] = 10.0,
+    config: Annotated[
+        Path | None,
+        typer.Option(envvar="BEMI_CONFIG", help="Tracking configuration (TOML): tables, column rules, no-op updates."),
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Store only tables matching this schema.table pattern (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Store nothing of tables matching this pattern, e.g. 'audit.*'.")
+    ] = None,
+    ignore_column: Annotated[
+        list[str] | None, typer.Option(help="Never store this column, as schema.table.column (repeatable).")
+    ] = None,
+    mask_column: Annotated[
+        list[str] | None,
+        typer.Option(help="Store this column's values as the marker \\[masked] (schema.table.column)."),
+    ] = None,
+    hash_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Store this column's values as HMAC-SHA256 hex, keyed by BEMI_HASH_KEY (schema.table.column)."
+        ),
+    ] = None,
+    drop_noop_updates: Annotated[
+        bool, typer.Option("--drop-noop-updates", help="Store nothing for an UPDATE that changed no value.")
+    ] = False,
 ) -> None:
     """Stream the source's changes into bemi.changes, with their context, exactly once.
 
@@ -159,10 +215,19 @@ def worker(
     import signal
     import sys
 
+    from ._config import load_config
     from ._exceptions import BemiError
     from ._worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
+    try:
+        tracking = load_config(
+            config, include=include or (), exclude=exclude or (), ignore_columns=ignore_column or (),
+            mask_columns=mask_column or (), hash_columns=hash_column or (), drop_noop_updates=drop_noop_updates,
+        )  # fmt: skip
+    except BemiError as exc:
+        typer.echo(f"bemi-asgi worker: {exc}", err=True)
+        raise typer.Exit(2) from None
     capture = Worker(
         source,
         destination=destination,
@@ -170,6 +235,7 @@ def worker(
         publication=publication,
         progress=None if quiet else sys.stderr,
         progress_interval=progress_interval,
+        tracking=tracking,
     )
 
     async def run() -> None:
@@ -191,6 +257,78 @@ def worker(
         # a postgresql:// URL): one line saying what the server said, not a traceback.
         typer.echo(f"bemi-asgi worker: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command()
+def prune(
+    dsn: Annotated[
+        str,
+        typer.Argument(envvar=["BEMI_DESTINATION_URL", "BEMI_SOURCE_URL"], help="The database holding bemi.changes."),
+    ],
+    older_than: Annotated[
+        str | None, typer.Option(help="Delete changes committed longer ago than this: 90d, 12h, 2w, 30min.")
+    ] = None,
+    before: Annotated[
+        datetime | None,
+        typer.Option(help="Or: delete changes committed before this time (ISO 8601, UTC unless it has an offset)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows deleted per transaction.")] = 1000,
+    months_ahead: Annotated[
+        int, typer.Option(help="Partitioned table: create the partitions of this many months ahead.")
+    ] = 3,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print how many changes would go; change nothing.")
+    ] = False,
+) -> None:
+    """Delete old changes: batched deletes, or whole monthly partitions (sql-migration --partition-by-month).
+
+    Safe while the worker runs. Progress goes to stderr. On a partitioned table it also creates the coming months'
+    partitions: run it daily from cron.
+    """
+    import sys
+    from datetime import UTC
+
+    from ._exceptions import BemiError
+    from ._prune import parse_age
+    from ._prune import prune as run_prune
+
+    try:
+        if (older_than is None) == (before is None):
+            raise BemiError("give the cutoff as --older-than AGE (e.g. 90d) or --before TIME, one of the two")
+        cutoff = datetime.now(UTC) - parse_age(older_than) if older_than is not None else before
+        assert cutoff is not None
+        cutoff = cutoff if cutoff.tzinfo is not None else cutoff.replace(tzinfo=UTC)
+        result = run_prune(
+            dsn, before=cutoff, batch_size=batch_size, dry_run=dry_run, months_ahead=months_ahead,
+            progress=sys.stderr,
+        )  # fmt: skip
+    except BemiError as exc:
+        typer.echo(f"bemi-asgi prune: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(result.deleted)
+
+
+@app.command()
+def maintain(
+    dsn: Annotated[
+        str,
+        typer.Argument(envvar=["BEMI_DESTINATION_URL", "BEMI_SOURCE_URL"], help="The database holding bemi.changes."),
+    ],
+    months_ahead: Annotated[int, typer.Option(help="Create the partitions of this many months ahead.")] = 3,
+) -> None:
+    """Create the coming months' partitions of a partitioned bemi.changes (prune does it too); prints their names."""
+    import psycopg
+
+    from ._prune import create_partitions
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if conn.execute("SELECT to_regproc('bemi.create_changes_partitions') IS NULL").fetchone() == (True,):
+            typer.echo(
+                "bemi-asgi maintain: bemi.changes is not partitioned (sql-migration --partition-by-month)", err=True
+            )
+            raise typer.Exit(2)
+        for name in create_partitions(conn, months_ahead):
+            typer.echo(f"bemi.{name}")
 
 
 @app.command()

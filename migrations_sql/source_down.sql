@@ -39,9 +39,12 @@ BEGIN
         DROP EVENT TRIGGER IF EXISTS bemi_track_new_tables;
         DROP FUNCTION IF EXISTS bemi.track_new_tables();
         DROP FUNCTION IF EXISTS bemi.create_publication(name, name[]);
+        DROP FUNCTION IF EXISTS bemi.exclude(name, text[], name[], text[]);
+        DROP FUNCTION IF EXISTS bemi.untrack_table(name, regclass);
         DROP FUNCTION IF EXISTS bemi.track_schema(name, name);
         DROP FUNCTION IF EXISTS bemi.track_table(name, regclass);
         DROP FUNCTION IF EXISTS bemi.set_replica_identity_full(regclass);
+        DROP FUNCTION IF EXISTS bemi.table_key(name, name);
         DROP TABLE bemi.source_replica_identities;
         DROP TABLE bemi.source_publications;
     END IF;

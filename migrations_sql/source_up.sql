@@ -14,6 +14,16 @@ CREATE TABLE IF NOT EXISTS bemi.source_publications (
     schemas      name[] NOT NULL DEFAULT '{}'
 );
 
+-- Tables never tracked by a publication (--exclude-table), as '"schema"."table"' (quoted like --table's names):
+-- schema tracking and the event trigger skip them, even when they are created later. --table takes one back.
+ALTER TABLE bemi.source_publications ADD COLUMN IF NOT EXISTS excluded_tables text[] NOT NULL DEFAULT '{}';
+
+-- A table's name in the form excluded_tables holds.
+CREATE OR REPLACE FUNCTION bemi.table_key(schema_name name, table_name name) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT '"' || replace(schema_name, '"', '""') || '"."' || replace(table_name, '"', '""') || '"'
+$$;
+
 -- Each table's replica identity from before this migration set it to FULL, so the rollback can restore it.
 CREATE TABLE IF NOT EXISTS bemi.source_replica_identities (
     relid        oid PRIMARY KEY,
@@ -108,6 +118,8 @@ BEGIN
     FOR rel IN
         SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = schema_name AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
+          AND bemi.table_key(n.nspname, c.relname) <> ALL (
+              SELECT unnest(excluded_tables) FROM bemi.source_publications WHERE publication = pub)
         ORDER BY c.relname
     LOOP
         PERFORM bemi.track_table(pub, rel);
@@ -124,7 +136,7 @@ DECLARE
     pub name;
 BEGIN
     FOR cmd IN
-        SELECT DISTINCT c.oid AS relid, c.relispartition, n.nspname, e.command_tag
+        SELECT DISTINCT c.oid AS relid, c.relispartition, n.nspname, c.relname, e.command_tag
         FROM pg_event_trigger_ddl_commands() e
         JOIN pg_class c ON c.oid = e.objid
         JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -133,7 +145,7 @@ BEGIN
     LOOP
         FOR pub IN
             SELECT sp.publication FROM bemi.source_publications sp JOIN pg_publication p ON p.pubname = sp.publication
-            WHERE cmd.nspname = ANY (sp.schemas)
+            WHERE cmd.nspname = ANY (sp.schemas) AND bemi.table_key(cmd.nspname, cmd.relname) <> ALL (sp.excluded_tables)
         LOOP
             -- ALTER TABLE only matters when it moved a table into the schema (SET SCHEMA): leave the replica
             -- identity of tables already tracked as their owner set it.
@@ -147,6 +159,71 @@ BEGIN
                     USING HINT = 'Run bemi-asgi sql-migration again as a superuser to track it.';
             END;
         END LOOP;
+    END LOOP;
+END $$;
+
+-- Stop tracking one table: drop it from the publication, and give it back the replica identity it had before
+-- unless another publication still publishes it (or its partitioned root).
+CREATE OR REPLACE FUNCTION bemi.untrack_table(pub name, rel regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    saved record;
+BEGIN
+    IF EXISTS (SELECT FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+               WHERE p.pubname = pub AND pr.prrelid = rel) THEN
+        EXECUTE format('ALTER PUBLICATION %I DROP TABLE %s', pub, rel);
+    END IF;
+    FOR saved IN
+        SELECT s.relid, s.identity, i.relname AS index_name, n.nspname, c.relname
+        FROM bemi.source_replica_identities s
+        JOIN pg_class c ON c.oid = s.relid AND c.relreplident = 'f'
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_class i ON i.oid = s.index_relid
+        WHERE s.relid IN (SELECT rel UNION SELECT relid FROM pg_partition_tree(rel))
+          AND NOT EXISTS (
+            SELECT FROM pg_publication_tables pt
+            JOIN pg_namespace pn ON pn.nspname = pt.schemaname
+            JOIN pg_class pc ON pc.relnamespace = pn.oid AND pc.relname = pt.tablename
+            WHERE pc.oid = s.relid OR pc.oid IN (SELECT relid FROM pg_partition_ancestors(s.relid)))
+    LOOP
+        EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY %s', saved.nspname, saved.relname,
+                       CASE saved.identity
+                           WHEN 'n' THEN 'NOTHING'
+                           WHEN 'i' THEN format('USING INDEX %I', saved.index_name)
+                           ELSE 'DEFAULT'
+                       END);
+        DELETE FROM bemi.source_replica_identities WHERE relid = saved.relid;
+    END LOOP;
+END $$;
+
+-- Remember the exclusions of this run (--exclude-table, --exclude-schema) and forget those --table / --schema
+-- take back, then stop tracking what is excluded. Tracking (track_schema, the event trigger) skips excluded tables.
+CREATE OR REPLACE FUNCTION bemi.exclude(pub name, tables text[], schemas name[], included_tables text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass;
+    old_excluded text[];
+    old_schemas name[];
+    new_excluded text[];
+    new_schemas name[];
+BEGIN
+    SELECT sp.excluded_tables, sp.schemas INTO old_excluded, old_schemas
+    FROM bemi.source_publications sp WHERE sp.publication = pub;
+    new_excluded := ARRAY(SELECT DISTINCT t FROM unnest(old_excluded || tables) AS t
+                          WHERE t <> ALL (included_tables) ORDER BY t);
+    new_schemas := ARRAY(SELECT s FROM unnest(old_schemas) AS s WHERE s <> ALL (exclude.schemas));
+    -- Only when something changes: a second run of the same migration must leave every row as it was.
+    IF new_excluded IS DISTINCT FROM old_excluded OR new_schemas IS DISTINCT FROM old_schemas THEN
+        UPDATE bemi.source_publications sp SET excluded_tables = new_excluded, schemas = new_schemas
+        WHERE sp.publication = pub;
+    END IF;
+    FOR rel IN
+        SELECT c.oid FROM bemi.source_publications sp, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE sp.publication = pub AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+          AND (bemi.table_key(n.nspname, c.relname) = ANY (sp.excluded_tables)
+               OR (n.nspname = ANY (exclude.schemas) AND bemi.table_key(n.nspname, c.relname) <> ALL (included_tables)))
+    LOOP
+        PERFORM bemi.untrack_table(pub, rel);
     END LOOP;
 END $$;
 
@@ -168,6 +245,7 @@ END $$;
 DO $$
 BEGIN
     PERFORM bemi.create_publication({{publication}}, {{schemas}});
+    PERFORM bemi.exclude({{publication}}, {{excluded_tables}}, {{excluded_schemas}}, {{tables}});
     PERFORM bemi.track_schema({{publication}}, s) FROM unnest({{schemas}}) AS s;
     PERFORM bemi.track_table({{publication}}, t::regclass) FROM unnest({{tables}}) AS t;
 END $$;

@@ -1,0 +1,241 @@
+"""Table and column rules applied to decoded rows, before anything is written (memory, spill file or destination).
+
+The worker asks `Filters` once per Relation message (so once per table and schema change, not per row):
+
+- `tracks(schema, table)`: False for a table the rules leave out; the worker then drops its changes as it does
+  for its own tables.
+- `policy(...)`: a `RowPolicy` for a table with column rules (or when no-op updates are dropped), else None. The
+  row path pays one `is None` check when nothing applies.
+
+A `RowPolicy` works on the raw value tuples of pgoutput's text format, before the values are converted to JSON:
+ignored columns are cut out of the tuple, masked values become the marker, hashed values their HMAC-SHA256 in hex.
+The original text of a masked or hashed value is never converted, copied or formatted into a message, so it cannot
+end up in a row, a spill file, a log line or an error. NULL stays NULL (a mask hides a value, not its absence),
+and an unchanged TOASTed value stays UNCHANGED (the worker then fills it from the old row, already filtered).
+
+Hashes are of the value's text as PostgreSQL prints it (`42`, `t`, `alice@example.com`), keyed with the secret
+from the configuration: `hash_value(value, key=...)` computes the same to search with, and so does SQL with
+pgcrypto: `encode(hmac(value::text, key, 'sha256'), 'hex')`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import partial
+from typing import Any, Protocol
+
+from ._config import DEFAULT_HASH_KEY_ENV, ColumnRules, TrackingConfig
+from ._context import SKIP_KEY
+from ._exceptions import ConfigError
+from ._pgoutput import UNCHANGED, Column, Value
+
+__all__ = ["SKIP_KEY", "Filters", "RowPolicy", "filter_relation", "hash_text", "hash_value", "is_skip_context"]
+
+logger = logging.getLogger("bemi_asgi.worker")
+
+_SKIP_BYTES = SKIP_KEY.encode()
+
+
+def hash_text(key: bytes, text: str) -> str:
+    """HMAC-SHA256 of `text` (UTF-8) under `key`, in lower-case hex: what a hashed column stores."""
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def hash_value(value: str | int | bool, *, key: str | bytes | None = None) -> str:
+    """The stored form of a hashed column's value, to search with: `find(after={"email": hash_value(email)})`.
+
+    `value` is the value's text as PostgreSQL prints it (for a bool: True is `t`; an int its digits); `key` the
+    worker's hash key (default: the BEMI_HASH_KEY environment variable).
+    """
+    if key is None:
+        key = os.environ.get(DEFAULT_HASH_KEY_ENV)
+        if not key:
+            raise ConfigError(f"no hash key: pass key=... or set {DEFAULT_HASH_KEY_ENV} to the worker's hash key")
+    raw = key.encode() if isinstance(key, str) else key
+    if isinstance(value, bool):
+        text = "t" if value else "f"
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise TypeError(f"hash_value takes the value's text (str), an int or a bool, not {type(value).__name__}")
+    return hash_text(raw, text)
+
+
+def is_skip_context(content: bytes, text: str) -> bool:
+    """Whether a `_bemi` message (raw payload, and its text as stored) asks to drop its transaction."""
+    if _SKIP_BYTES not in content:  # almost every message: no JSON parsing on the way
+        return False
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get(SKIP_KEY) is True
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+def _masked(marker: str, _text: str) -> str:
+    return marker
+
+
+@dataclass(frozen=True, slots=True)
+class RowPolicy:
+    """How one table's rows are filtered. Positions refer to the Relation message's columns."""
+
+    columns: tuple[Column, ...]  # the columns kept, in order
+    keep: tuple[int, ...] | None  # positions kept (None: all, nothing ignored)
+    transforms: tuple[tuple[int, Callable[[str], str]], ...]  # (position in the kept tuple, mask or hash)
+    ignored: frozenset[int]  # positions ignored
+    drop_noop: bool
+
+    def row(self, values: tuple[Value, ...]) -> tuple[Value, ...]:
+        """The values stored for `values`: ignored columns cut, masked and hashed ones replaced."""
+        keep = self.keep
+        if keep is not None:
+            values = tuple([values[i] for i in keep])
+        if self.transforms:
+            out = list(values)
+            for i, transform in self.transforms:
+                value = out[i]
+                if value is not None and value is not UNCHANGED:
+                    out[i] = transform(value)
+            values = tuple(out)
+        return values
+
+    def drops_update(self, old: tuple[Value, ...], new: tuple[Value, ...]) -> bool:
+        """Whether an UPDATE with this full old row stores nothing: it changed only ignored columns, or nothing
+        at all and no-op updates are dropped. Compared on the original texts, so a change to a masked or hashed
+        column counts."""
+        ignored = self.ignored
+        touched_ignored = False
+        for i, (before, after) in enumerate(zip(old, new, strict=True)):
+            if after is UNCHANGED or after == before:
+                continue
+            if i not in ignored:
+                return False
+            touched_ignored = True
+        return touched_ignored or self.drop_noop
+
+    def position(self, original: int) -> int | None:
+        """Where the column at `original` lands in the filtered tuple (None when ignored)."""
+        if self.keep is None:
+            return original
+        return self.keep.index(original) if original in self.keep else None
+
+
+class Filters:
+    """The compiled rules of a `TrackingConfig`."""
+
+    def __init__(self, config: TrackingConfig) -> None:
+        self.config = config
+        self._mask = config.mask_marker
+        self._hash = partial(hash_text, config.hash_key) if config.hash_key is not None else None
+
+    def tracks(self, schema: str, table: str) -> bool:
+        """False when `include` is given and no pattern matches, or an `exclude` pattern matches."""
+        name = f"{schema}.{table}"
+        config = self.config
+        if config.include and not any(fnmatchcase(name, pattern) for pattern in config.include):
+            return False
+        return not any(fnmatchcase(name, pattern) for pattern in config.exclude)
+
+    def rules(self, schema: str, table: str) -> ColumnRules:
+        """The column rules of every pattern matching the table, added up."""
+        name = f"{schema}.{table}"
+        found = ColumnRules()
+        for pattern, rules in self.config.tables:
+            if fnmatchcase(name, pattern):
+                found = found.merged(rules)
+        return found
+
+    def problems(self, schema: str, table: str, columns: Sequence[str], key: Sequence[str]) -> list[str]:
+        """What is wrong with the rules for this table: rules of an exact (wildcard-free) pattern naming columns
+        it lacks (a typo would store the value in clear), and ignored or masked primary key columns."""
+        name = f"{schema}.{table}"
+        problems: list[str] = []
+        for pattern, rules in self.config.tables:
+            if pattern == name:
+                for kind in ("ignore", "mask", "hash"):
+                    missing = sorted(set(getattr(rules, kind)) - set(columns))
+                    if missing:
+                        problems.append(
+                            f"{name} has no column {', '.join(missing)} (in its {kind} rule): fix the name, or "
+                            "remove it from the rule"
+                        )
+        rules = self.rules(schema, table)
+        for column in key:
+            if column in rules.ignore or column in rules.mask:
+                kind = "ignored" if column in rules.ignore else "masked"
+                problems.append(
+                    f"{name}.{column} is {kind}, but it is part of the primary key, which every change stores (and "
+                    "which identifies the row's history): hash it instead, or leave it out of the rule"
+                )
+        return problems
+
+    def policy(self, schema: str, table: str, columns: Sequence[Column], key: Sequence[str]) -> RowPolicy | None:
+        """The table's RowPolicy, None when nothing applies. Raises ConfigError for an ignored or masked key column."""
+        rules = self.rules(schema, table)
+        if not (rules.ignore or rules.mask or rules.hash or self.config.drop_noop_updates):
+            return None
+        bad = [column for column in key if column in rules.ignore or column in rules.mask]
+        if bad:
+            raise ConfigError(self.problems(schema, table, [c.name for c in columns], key)[-1])
+        ignored = frozenset(i for i, column in enumerate(columns) if column.name in rules.ignore)
+        keep = tuple(i for i in range(len(columns)) if i not in ignored) if ignored else None
+        kept = [columns[i] for i in keep] if keep is not None else list(columns)
+        transforms: list[tuple[int, Callable[[str], str]]] = []
+        for i, column in enumerate(kept):
+            # Strictest first: mask over hash when several patterns name a column.
+            if column.name in rules.mask:
+                transforms.append((i, partial(_masked, self._mask)))
+            elif column.name in rules.hash:
+                if self._hash is None:
+                    raise ConfigError(f"{schema}.{table}.{column.name} is hashed, but no hash key is configured")
+                transforms.append((i, self._hash))
+        return RowPolicy(tuple(kept), keep, tuple(transforms), ignored, self.config.drop_noop_updates)
+
+
+class _Relation(Protocol):
+    """What `filter_relation` reads and sets on the worker's per-relation record."""
+
+    schema: str
+    table: str
+    columns: tuple[Column, ...]
+    converters: tuple[Callable[[str], Any], ...]
+    key: tuple[int, ...]
+    replica_key: tuple[int, ...]
+    ignored: bool
+    policy: RowPolicy | None
+
+
+def filter_relation(filters: Filters, rel: _Relation) -> None:
+    """Apply the rules to a relation the worker just read: leave it out, or give it a RowPolicy and the columns,
+    converters and key positions of the filtered rows. Raises ConfigError for an ignored or masked key column."""
+    if not filters.tracks(rel.schema, rel.table):
+        rel.ignored = True
+        return
+    key_names = [rel.columns[i].name for i in rel.key]
+    for problem in filters.problems(rel.schema, rel.table, [column.name for column in rel.columns], key_names):
+        logger.warning("%s", problem)  # missing columns only: key problems raise just below
+    policy = filters.policy(rel.schema, rel.table, rel.columns, key_names)
+    if policy is None:
+        return
+    converters = [rel.converters[i] for i in policy.keep] if policy.keep is not None else list(rel.converters)
+    for i, _ in policy.transforms:
+        converters[i] = _identity  # the marker or the hash is stored as text, whatever the column type
+    rel.policy = policy
+    rel.columns = policy.columns
+    rel.converters = tuple(converters)
+    rel.key = tuple(position for i in rel.key if (position := policy.position(i)) is not None)
+    rel.replica_key = tuple(position for i in rel.replica_key if (position := policy.position(i)) is not None)

@@ -1,0 +1,165 @@
+"""Retention: delete the changes committed before a cutoff, while the worker keeps storing new ones.
+
+`prune` works in small steps so that it never holds locks for long on a live table:
+
+- On a table partitioned by month (`sql-migration --partition-by-month`), a partition whose whole range is before
+  the cutoff is dropped: instant, and no dead rows left to vacuum. Dropping a partition briefly takes an
+  exclusive lock on `bemi.changes` (PostgreSQL's rule), so it runs with a short `lock_timeout` and retries rather
+  than queueing every reader and the worker behind a long query.
+- The remaining rows before the cutoff (the month that straddles it, the default partition, or all of an
+  unpartitioned table) are deleted in batches of `batch_size`, oldest first, each batch its own transaction. The
+  worker's COPY only inserts, so the two never wait on each other's rows.
+- On a partitioned table, the partitions of the coming months are created (`bemi.create_changes_partitions`), so
+  the worker's rows keep landing in monthly partitions rather than in the default one.
+
+The cutoff is exact: rows with `committed_at < before` go, rows at or after it stay. Deleting history never makes
+the worker store anything again: it skips by its own progress (`bemi.worker_state`), not by the stored rows.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TextIO
+
+import psycopg
+from psycopg import sql
+
+from ._exceptions import ConfigError
+
+__all__ = ["PruneResult", "create_partitions", "parse_age", "prune"]
+
+_AGE = re.compile(r"^\s*(\d+)\s*(s|min|m|h|d|w)\s*$")
+_UNITS = {"s": "seconds", "min": "minutes", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """`90d`, `12h`, `2w`, `30min` (or `30m`), `45s` -> a timedelta."""
+    match = _AGE.match(text)
+    if match is None:
+        raise ConfigError(f"{text!r} is not an age: write a number and a unit, e.g. 90d, 12h, 2w, 30min or 45s")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+@dataclass
+class PruneResult:
+    """What `prune` did (or, with `dry_run`, would do)."""
+
+    cutoff: datetime
+    deleted: int = 0  # changes deleted, including those of dropped partitions
+    dropped_partitions: list[str] = field(default_factory=list)
+    created_partitions: list[str] = field(default_factory=list)
+
+
+def prune(
+    dsn: str,
+    *,
+    before: datetime,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+    months_ahead: int = 3,
+    progress: TextIO | None = None,
+    lock_timeout: float = 2.0,
+) -> PruneResult:
+    """Delete the changes of `bemi.changes` committed before `before` (timezone-aware); see the module docstring."""
+    if before.tzinfo is None:
+        raise ConfigError("the cutoff must be timezone-aware (e.g. datetime.now(UTC) - timedelta(days=90))")
+    if batch_size < 1:
+        raise ConfigError(f"the batch size must be at least 1, got {batch_size}")
+    result = PruneResult(before)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        partitioned = _is_partitioned(conn)
+        if partitioned:
+            for name, rows in _partitions_before(conn, before):
+                if not dry_run:
+                    _drop_partition(conn, name, lock_timeout, progress)
+                result.dropped_partitions.append(name)
+                result.deleted += rows
+                _say(progress, f"{'would drop' if dry_run else 'dropped'} partition bemi.{name} ({rows:,} changes)")
+        if dry_run:
+            row = conn.execute("SELECT count(*) FROM bemi.changes WHERE committed_at < %s", [before]).fetchone()
+            assert row is not None
+            result.deleted += int(row[0])
+        else:
+            result.deleted += _delete_in_batches(conn, before, batch_size, progress)
+        if partitioned and not dry_run:
+            result.created_partitions = create_partitions(conn, months_ahead)
+    verb = "would delete" if dry_run else "deleted"
+    _say(progress, f"{verb} {result.deleted:,} changes committed before {before.isoformat()}")
+    return result
+
+
+def create_partitions(conn: psycopg.Connection[Any], months_ahead: int = 3) -> list[str]:
+    """Create the partitions of this month and the next `months_ahead` that are missing; their names."""
+    rows = conn.execute("SELECT bemi.create_changes_partitions(%s)", [months_ahead]).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def _is_partitioned(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'bemi' AND c.relname = 'changes'"
+    ).fetchone()
+    if row is None:
+        raise ConfigError("bemi.changes does not exist in this database: give the destination database's URL")
+    return bool(row[0] == "p")
+
+
+def _partitions_before(conn: psycopg.Connection[Any], before: datetime) -> list[tuple[str, int]]:
+    """The range partitions whose upper bound is at or before `before` (all their rows are older), with row counts."""
+    rows = conn.execute(
+        r"""
+        SELECT c.relname::text,
+               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz AS upper
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'bemi.changes'::regclass AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
+        ORDER BY upper
+        """
+    ).fetchall()
+    found = []
+    for name, upper in rows:
+        if upper is not None and upper <= before:
+            count = conn.execute(sql.SQL("SELECT count(*) FROM bemi.{}").format(sql.Identifier(name))).fetchone()
+            assert count is not None
+            found.append((str(name), int(count[0])))
+    return found
+
+
+def _drop_partition(conn: psycopg.Connection[Any], name: str, lock_timeout: float, progress: TextIO | None) -> None:
+    statement = sql.SQL("DROP TABLE bemi.{}").format(sql.Identifier(name))
+    for attempt in range(1, 31):
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_timeout * 1000)}ms"])
+                conn.execute(statement)
+            return
+        except psycopg.errors.LockNotAvailable:
+            _say(progress, f"bemi.{name} is busy (attempt {attempt}), retrying")
+            time.sleep(min(0.1 * attempt, 2.0))
+    raise ConfigError(f"could not lock bemi.{name} to drop it: a long query holds bemi.changes; try again later")
+
+
+def _delete_in_batches(
+    conn: psycopg.Connection[Any], before: datetime, batch_size: int, progress: TextIO | None
+) -> int:
+    # (id, committed_at) identifies a row on both layouts (it is the partitioned table's primary key); oldest first,
+    # through the committed_at index, so each batch reads only what it deletes.
+    statement = (
+        "DELETE FROM bemi.changes WHERE (id, committed_at) IN"
+        " (SELECT id, committed_at FROM bemi.changes WHERE committed_at < %s ORDER BY committed_at LIMIT %s)"
+    )
+    total = 0
+    while True:
+        deleted = conn.execute(statement, [before, batch_size]).rowcount
+        total += deleted
+        if deleted:
+            _say(progress, f"deleted {total:,} changes so far")
+        if deleted < batch_size:
+            return total
+
+
+def _say(progress: TextIO | None, text: str) -> None:
+    if progress is not None:
+        print(f"bemi-asgi prune: {text}", file=progress, flush=True)

@@ -1,0 +1,110 @@
+"""What tracking rules cost the worker: no rules vs column rules, and optionally vs another source tree.
+
+    python -m benchmarks.tracking_overhead [--changes 100000] [--repeat 3] [--baseline-tree DIR]
+
+Starts its own throwaway PostgreSQL, commits `--changes` row changes (transactions of 10 inserts, then of 10
+updates, each with a `_bemi` context, as `benchmarks.worker_throughput` does), then stores them all with the
+worker (`--until-caught-up`, a subprocess, one slot per run) in these variants, interleaved in a rotating order,
+best of `--repeat`:
+
+    no rules        this tree, no configuration (the row path must not be slower than before rules existed)
+    rules           this tree, `items`: one column ignored, one masked, one hashed, no-op updates dropped
+    baseline tree   with --baseline-tree DIR: the worker of another checkout (e.g. `git archive worker`), no rules
+
+It prints changes/s (wall time, process start included) and the worker process's own CPU seconds, which is what
+the row path costs (wall time on a small machine is mostly the destination's), with ratios to `no rules`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bemi_asgi._postgres import LocalPostgres  # noqa: E402
+from benchmarks.worker_throughput import count, prepare, reset  # noqa: E402
+
+CONFIG = """
+drop_noop_updates = true
+[tables."public.items"]
+ignore = ["created_at"]
+mask = ["name"]
+hash = ["meta"]
+"""
+
+
+def run(tree: Path, dsn: str, slot: str, *extra: str) -> tuple[float, float]:
+    """Run the worker of `tree` until caught up: wall seconds and the process's CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(tree), "BEMI_HASH_KEY": "benchmark-key-0123456789"}
+    command = [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--quiet", "--until-caught-up"]
+    subprocess.run([*command, "--slot", slot, *extra], cwd=tree, env=env, check=True)
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--changes", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--baseline-tree", type=Path, help="another checkout whose worker to compare with")
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-bench-"))
+    base.chmod(0o755)
+    config = base / "bemi.toml"
+    config.write_text(CONFIG)
+    variants: dict[str, tuple[Path, list[str]]] = {"no rules": (ROOT, []), "rules": (ROOT, ["--config", str(config)])}
+    if args.baseline_tree is not None:
+        variants["baseline tree"] = (args.baseline_tree.resolve(), [])
+    server = LocalPostgres(base / "data", settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
+    try:
+        server.init()
+        server.start()
+        dsn = server.dsn()
+        prepare(dsn)
+        slots = [f"s{n}_{i}" for n in range(args.repeat) for i in range(len(variants))]
+        reset(dsn, *slots)
+        transactions = args.changes // 20
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CALL generate(%s, 10, 0)", [transactions])
+            conn.execute("CALL touch(%s, 10, 0)", [transactions])
+        total = transactions * 20
+        print(f"{total:,} changes in {2 * transactions:,} transactions")
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        items = list(enumerate(variants.items()))
+        for n in range(args.repeat):
+            # Rotate the order each round: later runs in a round are slower (the server's WAL and caches).
+            for i, (name, (tree, extra)) in items[n % len(items) :] + items[: n % len(items)]:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute("TRUNCATE bemi.changes, bemi.worker_state")
+                results[name].append(run(tree, dsn, f"s{n}_{i}", *extra))
+                stored = count(dsn)
+                assert stored > 0, f"{name}: nothing stored"
+        wall_ref = min(seconds for seconds, _ in results["no rules"])
+        cpu_ref = min(cpu for _, cpu in results["no rules"])
+        for name, runs in results.items():
+            wall, cpu = min(seconds for seconds, _ in runs), min(cpu for _, cpu in runs)
+            listed = ", ".join(f"{s:.2f}/{c:.2f}" for s, c in runs)
+            print(f"{name:14} {total / wall:10,.0f} changes/s ({wall_ref / wall:.2f}x)   worker CPU {cpu:5.2f} s "
+                  f"({cpu / cpu_ref:.2f}x of no rules)   runs (wall/CPU s): {listed}")  # fmt: skip
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
