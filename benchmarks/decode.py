@@ -28,6 +28,7 @@ import psycopg
 from bemi_asgi._pgoutput import Insert, Relation, decode
 from bemi_asgi._postgres import LocalPostgres
 from bemi_asgi._values import converter_for, row_to_dict
+from benchmarks._support import Result
 
 TABLE = """
 CREATE TABLE orders (
@@ -88,35 +89,55 @@ def decode_and_convert(buffers: Sequence[memoryview]) -> None:
             relations[message.oid] = (message, [converter_for(c.type_oid) for c in message.columns])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--per-transaction", type=int, default=1_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-
-    buffers = capture(args.rows, args.per_transaction)
+def measure(rows: int, per_transaction: int, rounds: int) -> tuple[int, dict[str, float]]:
+    """Capture, then time each variant (best of `rounds`); prints the table. Messages and best seconds."""
+    buffers = capture(rows, per_transaction)
     inserts = sum(1 for buf in buffers if buf[0] == ord("I"))
-    print(f"captured {len(buffers):,} messages ({inserts:,} inserts of a 6-column row, {args.per_transaction:,} per "
+    print(f"captured {len(buffers):,} messages ({inserts:,} inserts of a 6-column row, {per_transaction:,} per "
           f"transaction), {sum(map(len, buffers)) / len(buffers):.0f} bytes per message on average")  # fmt: skip
-
     variants: dict[str, Callable[[Sequence[memoryview]], None]] = {
         "baseline bytes(buf[:1])": baseline,
         "decode": decode_only,
         "decode+values": decode_and_convert,
     }
     best = dict.fromkeys(variants, float("inf"))
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, run in variants.items():
             started = time.perf_counter()
             run(buffers)
             best[name] = min(best[name], time.perf_counter() - started)
-
     floor = best["baseline bytes(buf[:1])"]
     print(f"{'variant':<26}{'messages/s':>14}{'µs/message':>12}{'time vs baseline':>18}")
     for name, seconds in best.items():
         rate = len(buffers) / seconds
         print(f"{name:<26}{rate:>14,.0f}{seconds / len(buffers) * 1e6:>12.2f}{seconds / floor:>17.1f}x")
+    return len(buffers), best
+
+
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks`: messages/s, and time per message relative to touching each
+    buffer from Python (how many times the floor)."""
+    messages, best = measure(20_000 if quick else 100_000, 1_000, 3 if quick else 5)
+    floor = best["baseline bytes(buf[:1])"]
+    return [
+        Result(
+            "decode",
+            name,
+            f"{messages / seconds:,.0f} messages/s",
+            None if seconds == floor else seconds / floor,
+            "time of bytes(buf[:1])",
+        )
+        for name, seconds in best.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--per-transaction", type=int, default=1_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    measure(args.rows, args.per_transaction, args.rounds)
 
 
 if __name__ == "__main__":

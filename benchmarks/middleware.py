@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Scope
 
 from bemi_asgi import BemiMiddleware, get_context
 from bemi_asgi._context import activate, deactivate
+from benchmarks._support import Result
 
 
 def _hello_app() -> FastAPI:
@@ -106,7 +107,8 @@ async def _run(app: ASGIApp, requests: int) -> float:
     return requests / elapsed
 
 
-async def main(requests: int, rounds: int) -> None:
+async def measure(requests: int, rounds: int) -> dict[str, float]:
+    """Best requests/s of each variant over interleaved rounds; prints the table."""
     variants = _variants()
     for app in variants.values():  # warm up: build middleware stacks, fill caches
         await _run(app, 200)
@@ -118,6 +120,23 @@ async def main(requests: int, rounds: int) -> None:
     print(f"{'variant':42} {'req/s':>10} {'ratio':>7}")
     for name, rate in best.items():
         print(f"{name:42} {rate:10.0f} {rate / baseline:7.3f}x")
+    return best
+
+
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks` (`quick`: fewer requests and rounds, the same ratios)."""
+    best = asyncio.run(measure(1000 if quick else 5000, 3 if quick else 7))
+    baseline = best["no middleware"]
+    return [
+        Result(
+            "middleware",
+            name,
+            f"{rate:,.0f} req/s",
+            None if name == "no middleware" else rate / baseline,
+            "no middleware",
+        )
+        for name, rate in best.items()
+    ]
 
 
 if __name__ == "__main__":
@@ -125,4 +144,4 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=5000, help="requests per round and variant")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; each variant keeps its best")
     args = parser.parse_args()
-    asyncio.run(main(args.requests, args.rounds))
+    asyncio.run(measure(args.requests, args.rounds))

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -29,7 +27,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_asgi import Bemi
-from bemi_asgi._postgres import LocalPostgres
+from benchmarks._support import Result, throwaway_server
 
 MIGRATION = Path(__file__).resolve().parent.parent / "migrations_sql" / "destination_up.sql"
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -65,7 +63,8 @@ def p(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100)[int(q) - 1] if q != 50 else statistics.median(samples)
 
 
-async def run(dsn: str, rows: int, per_row: int, iterations: int) -> None:
+async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, float]:
+    """Fill, time every case, print the table; each case's p50 in ms."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(MIGRATION.read_text())
@@ -112,6 +111,26 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> None:
     history, as_of = p(results["history(row)"], 50), p(results["as_of(row, at=time)"], 50)
     print(f"\ntargets: history p50 < 2 ms: {history:.3f} ms ({'ok' if history < 2 else 'MISSED'}); "
           f"as_of p50 < 5 ms: {as_of:.3f} ms ({'ok' if as_of < 5 else 'MISSED'})")  # fmt: skip
+    return {label: p(samples, 50) for label, samples in results.items()}
+
+
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks`: p50 of each helper relative to a bare `SELECT 1` round trip
+    (`quick`: 200k stored changes instead of 1M, fewer calls)."""
+    rows, iterations = (20_000, 300) if quick else (100_000, 2000)
+    with throwaway_server({"shared_buffers": "'256MB'"}) as server:
+        p50 = asyncio.run(run(server.dsn(), rows, 10, iterations))
+    base = p50["baseline SELECT 1"]
+    return [
+        Result(
+            "queries",
+            f"{label} on {rows * 10:,} changes",
+            f"p50 {ms:.3f} ms",
+            None if label == "baseline SELECT 1" else ms / base,
+            "SELECT 1",
+        )
+        for label, ms in p50.items()
+    ]
 
 
 def main() -> None:
@@ -124,16 +143,8 @@ def main() -> None:
     if args.dsn:
         asyncio.run(run(args.dsn, args.rows, args.changes_per_row, args.iterations))
         return
-    base = Path(tempfile.mkdtemp(prefix="bemi-bench-"))
-    base.chmod(0o755)
-    server = LocalPostgres(base / "data", settings={"shared_buffers": "'256MB'"})
-    try:
-        server.init()
-        server.start()
+    with throwaway_server({"shared_buffers": "'256MB'"}) as server:
         asyncio.run(run(server.dsn(), args.rows, args.changes_per_row, args.iterations))
-    finally:
-        server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bemi_asgi._postgres import LocalPostgres  # noqa: E402
+from benchmarks._support import Result  # noqa: E402
 from benchmarks.worker_throughput import count, prepare, reset  # noqa: E402
 
 CONFIG = """
@@ -56,54 +57,77 @@ def run(tree: Path, dsn: str, slot: str, *extra: str) -> tuple[float, float]:
     return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--changes", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--baseline-tree", type=Path, help="another checkout whose worker to compare with")
-    args = parser.parse_args()
-
+def measure(changes: int, repeat: int, baseline_tree: Path | None = None) -> dict[str, tuple[float, float]]:
+    """Run every variant, print the table; each variant's best changes/s and its best worker CPU seconds."""
     base = Path(tempfile.mkdtemp(prefix="bemi-asgi-bench-"))
     base.chmod(0o755)
     config = base / "bemi.toml"
     config.write_text(CONFIG)
     variants: dict[str, tuple[Path, list[str]]] = {"no rules": (ROOT, []), "rules": (ROOT, ["--config", str(config)])}
-    if args.baseline_tree is not None:
-        variants["baseline tree"] = (args.baseline_tree.resolve(), [])
+    if baseline_tree is not None:
+        variants["baseline tree"] = (baseline_tree.resolve(), [])
     server = LocalPostgres(base / "data", settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
     try:
         server.init()
         server.start()
         dsn = server.dsn()
         prepare(dsn)
-        slots = [f"s{n}_{i}" for n in range(args.repeat) for i in range(len(variants))]
+        slots = [f"s{n}_{i}" for n in range(repeat) for i in range(len(variants))]
         reset(dsn, *slots)
-        transactions = args.changes // 20
+        transactions = changes // 20
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CALL generate(%s, 10, 0)", [transactions])
             conn.execute("CALL touch(%s, 10, 0)", [transactions])
         total = transactions * 20
         print(f"{total:,} changes in {2 * transactions:,} transactions")
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        measured: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         items = list(enumerate(variants.items()))
-        for n in range(args.repeat):
+        for n in range(repeat):
             # Rotate the order each round: later runs in a round are slower (the server's WAL and caches).
             for i, (name, (tree, extra)) in items[n % len(items) :] + items[: n % len(items)]:
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute("TRUNCATE bemi.changes, bemi.worker_state")
-                results[name].append(run(tree, dsn, f"s{n}_{i}", *extra))
+                measured[name].append(run(tree, dsn, f"s{n}_{i}", *extra))
                 stored = count(dsn)
                 assert stored > 0, f"{name}: nothing stored"
-        wall_ref = min(seconds for seconds, _ in results["no rules"])
-        cpu_ref = min(cpu for _, cpu in results["no rules"])
-        for name, runs in results.items():
+        best: dict[str, tuple[float, float]] = {}
+        wall_ref = min(seconds for seconds, _ in measured["no rules"])
+        cpu_ref = min(cpu for _, cpu in measured["no rules"])
+        for name, runs in measured.items():
             wall, cpu = min(seconds for seconds, _ in runs), min(cpu for _, cpu in runs)
             listed = ", ".join(f"{s:.2f}/{c:.2f}" for s, c in runs)
             print(f"{name:14} {total / wall:10,.0f} changes/s ({wall_ref / wall:.2f}x)   worker CPU {cpu:5.2f} s "
                   f"({cpu / cpu_ref:.2f}x of no rules)   runs (wall/CPU s): {listed}")  # fmt: skip
+            best[name] = (total / wall, cpu)
+        return best
     finally:
         server.stop(mode="immediate")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks`: the worker with column rules relative to no rules."""
+    best = measure(30_000 if quick else 100_000, 1 if quick else 3)
+    _, cpu_ref = best["no rules"]
+    return [
+        Result(
+            "tracking_overhead",
+            f"{name}: changes/s, worker CPU",
+            f"{rate:,.0f} changes/s, {cpu:.2f} s CPU",
+            None if name == "no rules" else cpu / cpu_ref,
+            "worker CPU with no rules",
+        )
+        for name, (rate, cpu) in best.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--changes", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--baseline-tree", type=Path, help="another checkout whose worker to compare with")
+    args = parser.parse_args()
+    measure(args.changes, args.repeat, args.baseline_tree)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ import argparse
 import asyncio
 import importlib.util
 import random
-import shutil
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -28,8 +26,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_asgi import Bemi
-from bemi_asgi._postgres import LocalPostgres
 from bemi_asgi.ui import allow_all, bemi_ui
+from benchmarks._support import Result, throwaway_server
 
 _spec = importlib.util.spec_from_file_location("queries", Path(__file__).resolve().parent / "queries.py")
 assert _spec is not None
@@ -53,7 +51,8 @@ async def fill(dsn: str, rows: int, per_row: int) -> None:
     print(f"bemi.changes: {total:,} changes, PostgreSQL {version}")
 
 
-async def run(dsn: str, rows: int, per_row: int, iterations: int) -> None:
+async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, float]:
+    """Fill, request every page, print the table; each case's p50 in ms."""
     await fill(dsn, rows, per_row)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     bemi = Bemi(pool)
@@ -101,6 +100,25 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> None:
     for label, samples in results.items():
         p50, p95 = queries.p(samples, 50), queries.p(samples, 95)
         print(f"{label:28} {p50:8.2f} {p95:8.2f} {p50 / base:10.1f}x")
+    return {label: queries.p(samples, 50) for label, samples in results.items()}
+
+
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks`: each page's p50 relative to the timeline's own find()."""
+    rows, iterations = (5_000, 100) if quick else (20_000, 300)
+    with throwaway_server({"shared_buffers": "'256MB'"}) as server:
+        p50 = asyncio.run(run(server.dsn(), rows, 10, iterations))
+    base = p50["baseline find(limit=50)"]
+    return [
+        Result(
+            "ui",
+            f"{label} on {rows * 10:,} changes",
+            f"p50 {ms:.2f} ms",
+            None if label == "baseline find(limit=50)" else ms / base,
+            "find(limit=50)",
+        )
+        for label, ms in p50.items()
+    ]
 
 
 def main() -> None:
@@ -113,16 +131,8 @@ def main() -> None:
     if args.dsn:
         asyncio.run(run(args.dsn, args.rows, args.changes_per_row, args.iterations))
         return
-    base = Path(tempfile.mkdtemp(prefix="bemi-bench-"))
-    base.chmod(0o755)
-    server = LocalPostgres(base / "data", settings={"shared_buffers": "'256MB'"})
-    try:
-        server.init()
-        server.start()
+    with throwaway_server({"shared_buffers": "'256MB'"}) as server:
         asyncio.run(run(server.dsn(), args.rows, args.changes_per_row, args.iterations))
-    finally:
-        server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bemi_asgi._postgres import LocalPostgres  # noqa: E402
+from benchmarks._support import Result, throwaway_server  # noqa: E402
 
 DESTINATION_SQL = (ROOT / "migrations_sql" / "destination_up.sql").read_text()
 
@@ -148,7 +147,8 @@ def count(dsn: str, where: str = "true") -> int:
         return int(row[0])
 
 
-def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> None:
+def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> dict[str, float]:
+    """Prints the figures; returns the changes/s of pg_recvlogical, the worker and the destination alone."""
     slots = [f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bemi")]
     reset(dsn, *slots)
     transactions = changes // 20
@@ -190,6 +190,7 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> No
     ceiling = max(destination_ceiling(dsn) for _ in range(repeat))
     print(f"destination alone: {ceiling:10,.0f} rows/s  (the same rows COPYed in 10k batches into a copy of "
           f"bemi.changes with its indexes; worker/destination {worker_rate / ceiling:.2f}x)")  # fmt: skip
+    return {"pg_recvlogical": recv_rate, "worker": worker_rate, "destination": ceiling}
 
 
 def destination_ceiling(dsn: str) -> float:
@@ -221,7 +222,8 @@ def destination_ceiling(dsn: str) -> float:
     return asyncio.run(measure())
 
 
-def memory(server: LocalPostgres, dsn: str, rows: int) -> None:
+def memory(server: LocalPostgres, dsn: str, rows: int) -> tuple[float, int]:
+    """Prints the figures; returns the seconds and the worker's peak RSS in bytes."""
     reset(dsn, "bemi")
     with psycopg.connect(dsn) as conn:
         conn.execute(
@@ -236,9 +238,11 @@ def memory(server: LocalPostgres, dsn: str, rows: int) -> None:
     assert right == rows, f"{right:,} of {rows:,} rows have the transaction's context"
     print(f"one {rows:,}-row transaction: stored in {seconds:.1f} s, worker peak RSS {peak / 2**20:.0f} MB "
           f"(target < 200 MB), every row with its context")  # fmt: skip
+    return seconds, peak
 
 
-def lag(dsn: str, seconds: float, rate: int = 1000) -> None:
+def lag(dsn: str, seconds: float, rate: int = 1000) -> tuple[float, float, float]:
+    """Prints the figures; returns the rate achieved and the p50 and p99 lag in ms."""
     reset(dsn, "bemi")
     worker = subprocess.Popen(worker_command(dsn), cwd=ROOT, stderr=subprocess.PIPE)
     try:
@@ -275,6 +279,42 @@ def lag(dsn: str, seconds: float, rate: int = 1000) -> None:
     p50 = statistics.median(lags) * 1000
     p99 = lags[int(len(lags) * 0.99) - 1] * 1000
     print(f"lag at {achieved:,.0f} tx/s for {seconds:.0f} s: p50 {p50:.0f} ms, p99 {p99:.0f} ms (target p99 < 200 ms)")
+    return achieved, p50, p99
+
+
+SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "30min"}
+
+
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks` (`quick`: 50k changes once, a 200k-row transaction, 3 s of lag)."""
+    changes, repeat, big_rows, lag_seconds = (50_000, 1, 200_000, 3.0) if quick else (250_000, 3, 1_000_000, 10.0)
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    with throwaway_server(SETTINGS) as server:
+        dsn = server.dsn()
+        prepare(dsn)
+        rates = throughput(server, dsn, changes, repeat)
+        seconds, peak = memory(server, dsn, big_rows)
+        achieved, p50, p99 = lag(dsn, lag_seconds)
+    recv = rates["pg_recvlogical"]
+    return [
+        Result("worker", f"pg_recvlogical to /dev/null, {changes:,} changes", f"{recv:,.0f} changes/s"),
+        Result(
+            "worker",
+            "worker into bemi.changes",
+            f"{rates['worker']:,.0f} changes/s",
+            rates["worker"] / recv,
+            "pg_recvlogical",
+        ),
+        Result(
+            "worker",
+            "destination COPY alone",
+            f"{rates['destination']:,.0f} rows/s",
+            rates["destination"] / recv,
+            "pg_recvlogical",
+        ),
+        Result("worker", f"one {big_rows:,}-row transaction", f"{seconds:.1f} s, peak RSS {peak / 2**20:.0f} MB"),
+        Result("worker", f"lag at {achieved:,.0f} tx/s", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms"),
+    ]
 
 
 def main() -> None:
@@ -285,23 +325,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs (the best one counts)")
     args = parser.parse_args()
 
-    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-bench-"))
-    base.chmod(0o755)
-    server = LocalPostgres(base / "data", settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
-    try:
-        server.init()
-        server.start()
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    with throwaway_server(SETTINGS) as server:
         dsn = server.dsn()
         prepare(dsn)
-        os.environ.setdefault("PYTHONPATH", str(ROOT))
         throughput(server, dsn, args.changes, args.repeat)
         if args.big_rows:
             memory(server, dsn, args.big_rows)
         if args.lag_seconds:
             lag(dsn, args.lag_seconds)
-    finally:
-        server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

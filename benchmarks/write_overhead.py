@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -27,9 +25,10 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bemi_asgi
-from bemi_asgi._postgres import LocalPostgres
+from benchmarks._support import Result, throwaway_server
 
 Pool = Any  # asyncpg.Pool of either connection class
+T = TypeVar("T")
 Work = Callable[[asyncpg.Connection, int], Awaitable[None]]
 CONTEXT = {"user_id": 12345, "endpoint": "POST /orders", "request_id": "3f2b9c1e-8a4d-4e0b-9c7a-1d2e3f4a5b6c"}
 
@@ -76,7 +75,8 @@ async def measure(pool: Pool, work: Work, connections: int, seconds: float, with
     return sum(counts)
 
 
-async def bench(dsn: str, seconds: float, rounds: int) -> list[tuple[str, int, float]]:
+async def bench(dsn: str, seconds: float, rounds: int) -> list[tuple[str, int, float, float]]:
+    """Each workload's name, connections, bemi/plain ratio and the plain pool's transactions per second."""
     setup = await asyncpg.connect(dsn)
     await setup.execute(
         "DROP TABLE IF EXISTS bench; CREATE TABLE bench (id bigserial PRIMARY KEY, v int, note text);"
@@ -112,11 +112,34 @@ async def bench(dsn: str, seconds: float, rounds: int) -> list[tuple[str, int, f
                 f"bemi {totals['bemi'] / (seconds * rounds):8.0f} tx/s  ratio {ratio:.3f}x",
                 flush=True,
             )
-            results.append((name, connections, ratio))
+            results.append((name, connections, ratio, per_second))
     finally:
         await plain.close()
         await tracked.close()
     return results
+
+
+def with_server(run: Callable[[str], T]) -> T:
+    """Run `run(dsn)` against a throwaway local PostgreSQL."""
+    with throwaway_server() as server:
+        print(f"PostgreSQL {server.version}, local throwaway cluster", flush=True)
+        return run(server.dsn())
+
+
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks`: the bemi pool's throughput relative to a plain asyncpg pool."""
+    seconds, rounds = (0.2, 6) if quick else (0.3, 20)
+    measured = with_server(lambda dsn: asyncio.run(bench(dsn, seconds, rounds)))
+    return [
+        Result(
+            "write_overhead",
+            f"{name}, {connections} conn",
+            f"{per_second:,.0f} tx/s plain",
+            ratio,
+            "plain asyncpg pool",
+        )
+        for name, connections, ratio, per_second in measured
+    ]
 
 
 def main() -> None:
@@ -130,17 +153,7 @@ def main() -> None:
     if args.dsn:
         asyncio.run(bench(args.dsn, args.seconds, args.rounds))
         return
-    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-bench-"))
-    base.chmod(0o755)  # the server may run as another user
-    server = LocalPostgres(base / "data")
-    try:
-        server.init()
-        server.start()
-        print(f"PostgreSQL {server.version}, local throwaway cluster", flush=True)
-        asyncio.run(bench(server.dsn(), args.seconds, args.rounds))
-    finally:
-        server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
+    with_server(lambda dsn: asyncio.run(bench(dsn, args.seconds, args.rounds)))
 
 
 if __name__ == "__main__":
