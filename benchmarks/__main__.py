@@ -18,7 +18,6 @@ import platform
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,15 +102,13 @@ def main() -> None:
     os.environ.setdefault("PYTHONPATH", str(ROOT))  # the worker subprocesses import this tree
     info = machine()
     results: list[Result] = []
-    started = time.monotonic()
     for name in args.only or BENCHMARKS:
         print(f"\n== {name}: {BENCHMARKS[name]}", flush=True)
         collect: Callable[[bool], list[Result]] = importlib.import_module(f"benchmarks.{name}").results
         results += collect(args.quick)
-    minutes = (time.monotonic() - started) / 60
     when = datetime.now(UTC).strftime("%Y-%m-%d")
-    mode = "--quick" if args.quick else "full sizes"
-    header = f"Measured {when} by `python -m benchmarks{' --quick' if args.quick else ''}` ({mode}, {minutes:.0f} min)"
+    sizes = "reduced sizes" if args.quick else "full sizes"
+    header = f"Measured {when} with `python -m benchmarks{' --quick' if args.quick else ''}` ({sizes}) on:"
     rows = table(results)
     print("\n" + plain_text(info, rows, header))
     if args.markdown is not None:

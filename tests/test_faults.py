@@ -203,6 +203,7 @@ def test_pgbench_with_worker_killed_at_random_points(database: str, pg_server: P
     prepare_pgbench(pg_server, database)
     seed = int(os.environ.get("BEMI_FAULT_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
+    print(f"BEMI_FAULT_SEED={seed}")  # shown with a failure: replays the same kill points
     load = subprocess.Popen(
         pgbench(pg_server, database, "-n", "-T", str(PGBENCH_SECONDS), "-c", "4", "-j", "2"),
         stdout=subprocess.PIPE,
