@@ -7,6 +7,7 @@ unprivileged user (`nobody` unless `$BEMI_PG_USER` names another).
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import re
@@ -188,24 +189,29 @@ def _check_traversable(directory: Path, user: pwd.struct_passwd) -> None:
 
 def _reachable_bin_dir(bin_dir: Path, user: pwd.struct_passwd) -> Path:
     """Return `bin_dir`, or a copy of its installation that `user` can execute (a venv under /root is not)."""
-    probe = subprocess.run(
-        [str(bin_dir / "postgres"), "--version"], capture_output=True, user=user.pw_uid, group=user.pw_gid,
-        extra_groups=[], cwd="/",
-    )  # fmt: skip
-    if probe.returncode == 0:
+    try:
+        subprocess.run(
+            [str(bin_dir / "postgres"), "--version"], capture_output=True, user=user.pw_uid, group=user.pw_gid,
+            extra_groups=[], cwd="/", check=True,
+        )  # fmt: skip
         return bin_dir
-    install = bin_dir.parent  # .../pginstall or .../postgresql/NN
-    version = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True).stdout.split()[
-        -1
-    ]
-    cache = Path(tempfile.gettempdir()) / f"bemi-asgi-postgres-{version}"
-    target = cache / install.parent.name / install.name
-    if not (target / "bin" / "postgres").exists():
-        cache.mkdir(mode=0o755, exist_ok=True)
-        shutil.copytree(install, target, symlinks=True, dirs_exist_ok=True)
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not executable for that user: use a copy it can reach
+    if bin_dir not in _reachable_copies:
+        # A private copy per process, made in a fresh mkdtemp directory: a shared, predictable path in /tmp could be
+        # planted by another user, and root would then run their binaries.
+        install = bin_dir.parent  # .../pginstall or .../postgresql/NN
+        copy = Path(tempfile.mkdtemp(prefix="bemi-asgi-postgres-"))
+        atexit.register(shutil.rmtree, copy, ignore_errors=True)
+        target = copy / install.parent.name / install.name
+        shutil.copytree(install, target, symlinks=True)
         libs = install.parent.parent / f"{install.parent.name}.libs"  # auditwheel's vendored libraries
         if libs.is_dir():
-            shutil.copytree(libs, cache / libs.name, symlinks=True, dirs_exist_ok=True)
-        for path in [cache, *cache.rglob("*")]:
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+        for path in [copy, *copy.rglob("*")]:
             path.chmod(path.stat().st_mode | (0o055 if path.is_dir() else 0o044))
-    return target / "bin"
+        _reachable_copies[bin_dir] = target / "bin"
+    return _reachable_copies[bin_dir]
+
+
+_reachable_copies: dict[Path, Path] = {}

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
 import asyncpg
+import pytest
+
+from bemi_asgi._postgres import LocalPostgres, find_bin_dir
 
 
 async def test_server_has_logical_wal_level(database: str) -> None:
@@ -35,3 +44,26 @@ async def test_pgoutput_slot_decodes_a_logical_message(database: str) -> None:
         assert kinds[-1] == b"C"
     finally:
         await conn.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fallback matters only when the server runs as another user")
+def test_binaries_the_server_user_cannot_reach_are_copied(tmp_path: Path) -> None:
+    """Under root, binaries in a directory the server's user cannot enter (a venv under /root) still start a server."""
+    install = Path(find_bin_dir()).parent
+    private = tmp_path / "private"  # pytest's tmp_path is 0700 under root: `nobody` cannot enter it
+    shutil.copytree(install, private / install.parent.name / install.name, symlinks=True)
+    libs = install.parent.parent / f"{install.parent.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, private / libs.name, symlinks=True)
+    data = Path(tempfile.mkdtemp(prefix="bemi-asgi-test-"))
+    data.chmod(0o755)
+    try:
+        server = LocalPostgres(data / "data", bin_dir=private / install.parent.name / install.name / "bin")
+        assert not server.bin_dir.is_relative_to(private)
+        with server:
+            out = subprocess.run(
+                [str(server.bin("psql")), server.dsn(), "-Atc", "SHOW wal_level"], capture_output=True, text=True
+            )
+            assert out.stdout.strip() == "logical"
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
