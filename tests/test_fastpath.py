@@ -1,10 +1,13 @@
-"""The worker's fast path (`_fastpath.RowCodec`) against the general path (decode, `row_to_dict`, encode), on
-pgoutput messages captured from the test server for tables with every supported type."""
+"""The worker's fast paths against the general ones, on pgoutput messages captured from the test server for tables
+with every supported type: `_fastpath.RowCodec` against decode + `row_to_dict` + encode, and the binary COPY
+stream (`_destination.BinaryCopy`) against asyncpg's record COPY."""
 
 from __future__ import annotations
 
 import json
 import struct
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -12,10 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bemi_asgi._destination import BinaryCopy, Destination
 from bemi_asgi._fastpath import RowCodec, _json_text, _jsonb
 from bemi_asgi._pgoutput import UNCHANGED, Delete, Insert, Relation, Update, decode
 from bemi_asgi._replication import SourceCatalog
-from bemi_asgi._spill import TransactionBuffer
+from bemi_asgi._spill import PendingChange, TransactionBuffer
 from bemi_asgi._values import encode_json
 from bemi_asgi._worker import Worker, _Pipeline
 
@@ -213,3 +217,81 @@ def test_jsonb_text_compacts_as_parsing_and_encoding_does(database: str) -> None
                 assert _jsonb(text) == _json_text(text) == encode_json(json.loads(text))
 
         check()
+
+
+DESTINATION_SQL = (Path(__file__).resolve().parent.parent / "migrations_sql" / "destination_up.sql").read_text()
+STORED = (
+    'SELECT primary_key, before::text, after::text, context::text, database, schema, "table", operation,'
+    " committed_at, queued_at, transaction_id, position, commit_lsn, ordinal FROM bemi.changes"
+    " ORDER BY commit_lsn, ordinal"
+)
+
+
+async def pending_changes(dsn: str, frames: list[bytes]) -> list[PendingChange]:
+    """Every row change of `frames` as the worker holds it until its commit."""
+    catalog = await SourceCatalog.connect(dsn)
+    try:
+        pipeline = _Pipeline(Worker(dsn), catalog, None, None, "db", 0, None)  # type: ignore[arg-type]
+        pipeline.buffer = TransactionBuffer(1000)
+        for frame in frames:
+            message = decode(frame[25:])
+            if isinstance(message, Relation):
+                await pipeline._relation(message)
+            elif isinstance(message, Insert | Update | Delete):
+                pipeline._change(message, struct.unpack_from(">Q", frame, 1)[0])
+        return [change for _context, chunks in pipeline.buffer.segments() for chunk in chunks for change in chunk]
+    finally:
+        await catalog.close()
+
+
+async def test_binary_copy_stores_what_record_copy_stores(database: str, captured: dict[str, list[bytes]]) -> None:
+    """The worker's binary COPY stream stores every column of every change exactly as asyncpg's record COPY does:
+    keys (NULL ones too), JSON with unicode, contexts per segment, timestamps, transaction ids and positions."""
+    changes = await pending_changes(database, captured["UTC"])
+    assert len(changes) > 30
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(DESTINATION_SQL)
+    committed_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    queued_at = datetime.now(UTC)
+    contexts = ['{"user_id": 1, "who": "é 🙂 \\"q\\""}', "{}"]
+    halves = [changes[: len(changes) // 2], changes[len(changes) // 2 :]]
+    records = [
+        (key, before, after, context, "dbé", schema, table, operation, committed_at, queued_at, 4_000_000_000 + n,
+         position, 2**40 + n, ordinal)
+        for n, (context, half) in enumerate(zip(contexts, halves, strict=True))
+        for key, before, after, schema, table, operation, position, ordinal in half
+    ]  # fmt: skip
+    destination = await Destination.connect(database)
+    try:
+        assert destination.binary
+        await destination.write("s", records, 1)
+        with psycopg.connect(database, autocommit=True) as conn:
+            expected = conn.execute(STORED).fetchall()
+            conn.execute("TRUNCATE bemi.changes")
+        copy = BinaryCopy("dbé")
+        for n, (context, half) in enumerate(zip(contexts, halves, strict=True)):
+            copy.transaction(committed_at, queued_at, 4_000_000_000 + n, 2**40 + n)
+            copy.context(context)
+            copy.add(half[:3])
+            copy.add(half[3:])
+        await destination.write_binary("s", copy.data(), 2)
+        with psycopg.connect(database, autocommit=True) as conn:
+            assert conn.execute(STORED).fetchall() == expected
+            assert conn.execute("SELECT last_commit_lsn FROM bemi.worker_state").fetchall() == [(2,)]
+    finally:
+        await destination.close()
+    assert len(expected) == len(changes)
+    assert any(row[0] is None for row in expected)
+
+
+async def test_destination_with_other_column_types_is_written_by_records(database: str) -> None:
+    """A `bemi.changes` whose column types differ from the migration's (ordinal widened to bigint) is not sent the
+    binary stream, which would not fit it."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(DESTINATION_SQL)
+        conn.execute("ALTER TABLE bemi.changes ALTER COLUMN ordinal TYPE bigint")
+    destination = await Destination.connect(database)
+    try:
+        assert not destination.binary
+    finally:
+        await destination.close()
