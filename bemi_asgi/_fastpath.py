@@ -2,10 +2,11 @@
 
 The general path decodes a message into a dataclass of text values (`_pgoutput`), converts them into a dict of
 JSON values (`_values.row_to_dict`) and encodes that dict. `RowCodec` does the same in one pass over the frame's
-bytes: each value's JSON text is produced from its bytes by a per-type rule (an int's text is already its JSON, a
-text value needs only string escaping, a jsonb value is parsed and re-encoded compactly), and the row is one
-`%`-format of a per-relation template whose column names are already JSON-escaped. An update's new row reuses the
-old row's JSON for every value whose bytes did not change.
+bytes, with a TupleData reader generated per relation (one unrolled block per column: a loop with a type
+dispatch per value cost as much as the conversions): each value's JSON text comes from its bytes by a per-type
+rule (an int's text is already its JSON, a text value needs only string escaping, jsonb's canonical text is
+compacted), and the row is one `%`-format of a per-relation template whose column names are already JSON-escaped.
+An update's new row reuses the old row's JSON for every value whose bytes did not change.
 
 The output is byte for byte what the general path stores (tests/test_fastpath.py compares the two on real
 streams). Anything out of the ordinary (a key-only or missing old row, a malformed message, a value a rule cannot
@@ -67,7 +68,7 @@ class _Fallback(Exception):
 class RowCodec:
     """One relation's fast path: built from its columns and converters (no column rules), used per change."""
 
-    __slots__ = ("_converters", "_count", "_key", "_kinds", "_single_key", "_template")
+    __slots__ = ("_converters", "_key", "_kinds", "_row", "_single_key", "_template", "_updated")
 
     def __init__(
         self, columns: Sequence[Column], converters: Sequence[Converter], key: Sequence[int], single_key: int
@@ -77,7 +78,7 @@ class RowCodec:
             for column, convert in zip(columns, converters, strict=True)
         )
         self._converters = tuple(converters)
-        self._count = len(columns)
+        self._row, self._updated = _compile(self._kinds, self._value)
         names = [_escape(column.name).replace("%", "%%") for column in columns]
         self._template = "{" + ",".join(f"{name}:%s" for name in names) + "}"
         self._key = tuple(key)
@@ -94,7 +95,7 @@ class RowCodec:
                 pieces, raws, pos = self._row(data, 31)
                 if pos != len(data):
                     return None
-                return self._key_of(raws, None), "{}", self._template % tuple(pieces), "CREATE"
+                return self._key_of(raws, None), "{}", self._template % pieces, "CREATE"
             if kind == 85:  # 'U'
                 if data[30] != 79:  # 'O': the whole old row (REPLICA IDENTITY FULL)
                     return None
@@ -106,20 +107,20 @@ class RowCodec:
                     return None
                 template = self._template
                 key = self._key_of(raws, old_raws)
-                return key, template % tuple(old_pieces), template % tuple(pieces), "UPDATE"
+                return key, template % old_pieces, template % pieces, "UPDATE"
             if kind == 68:  # 'D'
                 if data[30] != 79:
                     return None
                 pieces, raws, pos = self._row(data, 31)
                 if pos != len(data):
                     return None
-                return self._key_of(raws, None), self._template % tuple(pieces), "{}", "DELETE"
+                return self._key_of(raws, None), self._template % pieces, "{}", "DELETE"
         except (_Fallback, IndexError, ValueError, struct.error, StopIteration, RecursionError):
             # UnicodeDecodeError and json's errors are ValueErrors.
             return None
         return None
 
-    def _key_of(self, raws: list[_Raw], old: list[_Raw] | None) -> str | None:
+    def _key_of(self, raws: Sequence[_Raw], old: Sequence[_Raw] | None) -> str | None:
         """The `primary_key` column: one key column's text, or a JSON array of texts for a composite key."""
         single = self._single_key
         if single >= 0:
@@ -136,85 +137,6 @@ class RowCodec:
                 raw = old[i]
             texts.append(raw.decode() if raw.__class__ is bytes else None)
         return encode_json(texts)
-
-    def _row(self, data: bytes, pos: int) -> tuple[list[str], list[_Raw], int]:
-        """TupleData at `pos`: each value's JSON text, its bytes (None for NULL, UNCHANGED for an unchanged TOAST
-        value), and the position after the tuple."""
-        (count,) = _i16(data, pos)
-        if count != self._count:
-            raise _Fallback
-        pos += 2
-        pieces: list[str] = []
-        raws: list[_Raw] = []
-        add_piece, add_raw = pieces.append, raws.append
-        for kind in self._kinds:
-            tag = data[pos]
-            if tag == 116:  # 't'
-                (length,) = _u32(data, pos + 1)
-                start = pos + 5
-                pos = start + length
-                raw = data[start:pos]
-                add_raw(raw)
-                # The common types inline (a call per value costs as much as the conversion), the rest in _value.
-                if kind == _INT:  # int2/int4/int8/oid print their canonical decimal: already JSON
-                    add_piece(raw.decode())
-                elif kind == _TEXT:
-                    add_piece(_escape(raw.decode()))
-                elif kind == _TIMESTAMPTZ and raw[-3:] == b"+00" and raw[10:11] == b" ":
-                    text = raw.decode()
-                    add_piece(f'"{text[:10]}T{text[11:-3]}+00:00"')
-                elif kind == _JSONB:
-                    add_piece(_jsonb(raw.decode()))
-                elif kind == _NUMERIC:
-                    text = raw.decode()
-                    add_piece(str(int(text)) if text.lstrip("-").isdigit() else _escape(text))
-                else:
-                    add_piece(self._value(kind, raw, len(pieces)))
-            elif tag == 110:  # 'n'
-                pos += 1
-                add_raw(None)
-                add_piece("null")
-            elif tag == 117:  # 'u': stored as null, as the general path's encoder does
-                pos += 1
-                add_raw(UNCHANGED)
-                add_piece("null")
-            else:
-                raise _Fallback
-        return pieces, raws, pos
-
-    def _updated(
-        self, data: bytes, pos: int, old_pieces: list[str], old_raws: list[_Raw]
-    ) -> tuple[list[str], list[_Raw], int]:
-        """The new row of an update: the old row's JSON wherever the bytes did not change (and for every
-        unchanged TOAST value), the value's own JSON where they did."""
-        (count,) = _i16(data, pos)
-        if count != self._count:
-            raise _Fallback
-        pos += 2
-        pieces = list(old_pieces)
-        raws: list[_Raw] = []
-        add_raw = raws.append
-        kinds = self._kinds
-        for i in range(count):
-            tag = data[pos]
-            if tag == 116:
-                (length,) = _u32(data, pos + 1)
-                start = pos + 5
-                pos = start + length
-                raw = data[start:pos]
-                add_raw(raw)
-                if raw != old_raws[i]:
-                    pieces[i] = self._value(kinds[i], raw, i)
-            elif tag == 110:
-                pos += 1
-                add_raw(None)
-                pieces[i] = "null"
-            elif tag == 117:
-                pos += 1
-                add_raw(UNCHANGED)
-            else:
-                raise _Fallback
-        return pieces, raws, pos
 
     def _value(self, kind: int, raw: bytes, index: int) -> str:
         """The JSON text of one non-NULL value (`_values.converter_for`'s conversion, then `encode_json`)."""
@@ -241,6 +163,81 @@ class RowCodec:
         except ValueError:
             converted = text
         return encode_json(converted)
+
+
+# TupleData readers, generated per relation: one block per column, unrolled, with the column's type rule inline.
+# Only positions and type codes enter the generated code, never names.
+_Reader: TypeAlias = Callable[[bytes, int], tuple[tuple[str, ...], tuple[_Raw, ...], int]]
+_UpdateReader: TypeAlias = Callable[
+    [bytes, int, tuple[str, ...], tuple[_Raw, ...]], tuple[tuple[str, ...], tuple[_Raw, ...], int]
+]
+
+_READ_VALUE = """\
+    tag = data[pos]
+    if tag == 116:  # 't': Int32 length, then the text
+        end = pos + 5 + _u32(data, pos + 1)[0]
+        r{i} = data[pos + 5 : end]
+        pos = end
+{convert}
+    elif tag == 110:  # 'n'
+        pos += 1
+        r{i} = None
+        p{i} = {null}
+    elif tag == 117:  # 'u'
+        pos += 1
+        r{i} = UNCHANGED
+        p{i} = {unchanged}
+    else:
+        raise _Fallback
+"""
+
+_CONVERT = {
+    # int2/int4/int8/oid print their canonical decimal: already JSON
+    _INT: "        p{i} = r{i}.decode()",
+    _TEXT: "        p{i} = _escape(r{i}.decode())",
+    _JSONB: "        p{i} = _jsonb(r{i}.decode())",
+    _NUMERIC: """\
+        text = r{i}.decode()
+        p{i} = str(int(text)) if text.lstrip("-").isdigit() else _escape(text)""",
+    _TIMESTAMPTZ: """\
+        if r{i}[-3:] == b"+00" and r{i}[10:11] == b" ":  # UTC, four-digit year, AD
+            text = r{i}.decode()
+            p{i} = f'"{{text[:10]}}T{{text[11:-3]}}+00:00"'
+        else:
+            p{i} = value({kind}, r{i}, {i})""",
+}
+
+
+def _compile(kinds: Sequence[int], value: Callable[[int, bytes, int], str]) -> tuple[_Reader, _UpdateReader]:
+    """The relation's TupleData reader (each value's JSON, its bytes (None for NULL, UNCHANGED for an unchanged
+    TOAST value), and the position after the tuple), and its update reader (the new row, reusing the old row's
+    JSON wherever the bytes did not change and for every unchanged TOAST value)."""
+    count = len(kinds)
+    row = [f"def row(data, pos):\n    if _i16(data, pos)[0] != {count}:\n        raise _Fallback\n    pos += 2\n"]
+    updated = [
+        f"def updated(data, pos, old, old_raws):\n    if _i16(data, pos)[0] != {count}:\n        raise _Fallback\n"
+        "    pos += 2\n"
+    ]
+    for i, kind in enumerate(kinds):
+        convert = _CONVERT.get(kind, "        p{i} = value({kind}, r{i}, {i})").format(i=i, kind=kind)
+        row.append(_READ_VALUE.format(i=i, convert=convert, null='"null"', unchanged='"null"'))
+        changed = f"        p{i} = old[{i}] if r{i} == old_raws[{i}] else value({kind}, r{i}, {i})"
+        updated.append(_READ_VALUE.format(i=i, convert=changed, null='"null"', unchanged=f"old[{i}]"))
+    pieces = "".join(f"p{i}, " for i in range(count))
+    raws = "".join(f"r{i}, " for i in range(count))
+    row.append(f"    return ({pieces}), ({raws}), pos\n")
+    updated.append(f"    return ({pieces}), ({raws}), pos\n")
+    namespace: dict[str, object] = {
+        "_i16": _i16,
+        "_u32": _u32,
+        "_escape": _escape,
+        "_jsonb": _jsonb,
+        "_Fallback": _Fallback,
+        "UNCHANGED": UNCHANGED,
+        "value": value,
+    }
+    exec(compile("".join(row) + "".join(updated), "<bemi_asgi._fastpath>", "exec"), namespace)
+    return namespace["row"], namespace["updated"]  # type: ignore[return-value]
 
 
 def _json_text(text: str) -> str:
