@@ -68,7 +68,8 @@ _MICROSECOND: Final = timedelta(microseconds=1)
 _HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # signature, flags, no header extension
 _TRAILER: Final = struct.pack(">h", -1)
 _key_head: Final = struct.Struct(">hi").pack  # the field count, then the key's length
-_NULL_KEY: Final = _key_head(len(BINARY_COLUMNS), -1)
+_FIELDS: Final = len(BINARY_COLUMNS)
+_NULL_KEY: Final = _key_head(_FIELDS, -1)
 _jsonb_head: Final = struct.Struct(">ib").pack  # length, then jsonb's binary format version (1: the JSON text)
 _numbers: Final = struct.Struct(">iqii").pack  # position (int8), ordinal (int4), each after its length
 _length: Final = struct.Struct(">i").pack
@@ -84,19 +85,23 @@ def _microseconds(moment: datetime) -> int:
     return (moment - _PG_EPOCH) // _MICROSECOND
 
 
-async def _chunks(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+async def _stream(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 class BinaryCopy:
     """`bemi.changes` rows as PostgreSQL's binary COPY stream, in `BINARY_COLUMNS` order.
 
     Call `transaction()` for each source transaction, `context()` for each segment of it, `add()` with the
-    segment's changes, then `data()`. A value that cannot be UTF-8 encoded raises UnicodeEncodeError.
+    segment's changes; `take()` returns the stream so far (so a huge transaction goes out in pieces, never whole
+    in memory), `end()` the rest. A value that cannot be UTF-8 encoded raises UnicodeEncodeError.
     """
 
     def __init__(self, database: str) -> None:
         self._parts: list[bytes] = [_HEADER]
+        #: Rows added since the last `take()`.
+        self.rows = 0
         self._database = _text(database)
         self._transaction = b""
         self._tail = b""
@@ -114,12 +119,14 @@ class BinaryCopy:
     def add(self, changes: Iterable[PendingChange]) -> None:
         add = self._parts.append
         tail, shared = self._tail, self._shared
+        rows = 0
         for key, before, after, schema, table, operation, position, ordinal in changes:
+            rows += 1
             if key is None:
                 add(_NULL_KEY)
             else:
                 data = key.encode()
-                add(_key_head(14, len(data)))
+                add(_key_head(_FIELDS, len(data)))
                 add(data)
             data = before.encode()
             add(_jsonb_head(len(data) + 1, 1))
@@ -133,9 +140,17 @@ class BinaryCopy:
                 relation = shared[schema, table, operation] = _text(schema) + _text(table) + _text(operation)
             add(relation)
             add(tail)
+        self.rows += rows
 
-    def data(self) -> bytes:
-        return b"".join((*self._parts, _TRAILER))
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        self.rows = 0
+        return data
+
+    def end(self) -> bytes:
+        self._parts.append(_TRAILER)
+        return self.take()
 
 
 class Destination:
@@ -189,14 +204,15 @@ class Destination:
             await self._conn.copy_records_to_table("changes", schema_name="bemi", columns=COLUMNS, records=records)
             await self._save_progress(slot, last_commit_lsn)
 
-    async def write_binary(self, slot: str, data: bytes, last_commit_lsn: int) -> None:
-        """Store the rows of a `BinaryCopy` stream and move the slot's progress to `last_commit_lsn`, atomically."""
+    async def write_binary(self, slot: str, chunks: Iterable[bytes], last_commit_lsn: int) -> None:
+        """Store the rows of a `BinaryCopy` stream (produced while it is sent) and move the slot's progress to
+        `last_commit_lsn`, atomically."""
         async with self._conn.transaction():
             await self._conn.copy_to_table(
                 "changes",
                 schema_name="bemi",
                 columns=[name for name, _ in BINARY_COLUMNS],
-                source=_chunks(data),  # (bytes would be taken for a file name)
+                source=_stream(chunks),
                 format="binary",
             )
             await self._save_progress(slot, last_commit_lsn)

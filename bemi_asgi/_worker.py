@@ -72,6 +72,7 @@ _encode = encode_json
 _START_LSN = struct.Struct(">Q").unpack_from
 _RELATION_OID = struct.Struct(">I").unpack_from
 _ROW_CHANGES = frozenset(b"IUD")
+_COPY_PIECE_ROWS = 1_000
 _EMPTY = "{}"
 _OWN_TABLES = frozenset({"changes", "worker_state"})
 _Row: TypeAlias = "dict[str, JSONValue | Unchanged]"
@@ -649,8 +650,8 @@ class _Pipeline:
             try:
                 try:
                     if self.destination.binary:
-                        data = _binary_copy(batch, self.database)
-                        await self.destination.write_binary(worker.slot, data, batch[-1].commit_lsn)
+                        pieces = _binary_copy(batch, self.database)
+                        await self.destination.write_binary(worker.slot, pieces, batch[-1].commit_lsn)
                     else:
                         records = chain.from_iterable(item.records(self.database) for item in batch)
                         await self.destination.write(worker.slot, records, batch[-1].commit_lsn)
@@ -678,17 +679,21 @@ class _Pipeline:
                 return
 
 
-def _binary_copy(batch: list[_Committed], database: str) -> bytes:
-    """The batch's `bemi.changes` rows as one binary COPY stream (the stitching rule gives each segment its
-    context, as in `_Committed.records`)."""
+def _binary_copy(batch: list[_Committed], database: str) -> Iterator[bytes]:
+    """The batch's `bemi.changes` rows as a binary COPY stream, in pieces of about a thousand rows (a few hundred
+    kB: larger ones cost memory, not time), so a huge transaction is never held whole. The stitching rule gives
+    each segment its context, as in `_Committed.records`."""
     copy = BinaryCopy(database)
     for item in batch:
         copy.transaction(item.committed_at, item.queued_at, item.xid, item.commit_lsn)
         for context, chunks in item.buffer.segments():
             copy.context(context)
             for chunk in chunks:
-                copy.add(chunk)
-    return copy.data()
+                for start in range(0, len(chunk), _COPY_PIECE_ROWS):
+                    copy.add(chunk[start : start + _COPY_PIECE_ROWS])
+                    if copy.rows >= _COPY_PIECE_ROWS:
+                        yield copy.take()
+    yield copy.end()
 
 
 def _jsonb_safe_record(record: ChangeRecord) -> ChangeRecord:

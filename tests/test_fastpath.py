@@ -269,12 +269,15 @@ async def test_binary_copy_stores_what_record_copy_stores(database: str, capture
             expected = conn.execute(STORED).fetchall()
             conn.execute("TRUNCATE bemi.changes")
         copy = BinaryCopy("dbé")
+        pieces = []
         for n, (context, half) in enumerate(zip(contexts, halves, strict=True)):
             copy.transaction(committed_at, queued_at, 4_000_000_000 + n, 2**40 + n)
             copy.context(context)
             copy.add(half[:3])
+            pieces.append(copy.take())
             copy.add(half[3:])
-        await destination.write_binary("s", copy.data(), 2)
+        pieces.append(copy.end())
+        await destination.write_binary("s", pieces, 2)
         with psycopg.connect(database, autocommit=True) as conn:
             assert conn.execute(STORED).fetchall() == expected
             assert conn.execute("SELECT last_commit_lsn FROM bemi.worker_state").fetchall() == [(2,)]
