@@ -438,7 +438,7 @@ class _Pipeline:
             if frame[0] != 0x77:  # not 'w': a keepalive
                 self._keepalive(frame)
                 continue
-            if frame[25] in _ROW_CHANGES and not self.skipping and self.buffer is not None:
+            if len(frame) > 30 and frame[25] in _ROW_CHANGES and not self.skipping and self.buffer is not None:
                 # The fast path: straight from the frame's bytes to the stored JSON (None: take the general path).
                 data = bytes(frame)
                 rel = relations.get(_RELATION_OID(data, 26)[0])

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bemi_asgi import DecodeError
 from bemi_asgi._destination import BinaryCopy, Destination
 from bemi_asgi._fastpath import RowCodec, _json_text, _jsonb
 from bemi_asgi._pgoutput import UNCHANGED, Delete, Insert, Relation, Update, decode
@@ -298,3 +299,17 @@ async def test_destination_with_other_column_types_is_written_by_records(databas
         assert not destination.binary
     finally:
         await destination.close()
+
+
+@pytest.mark.parametrize("payload", [b"", b"I", b"I\x00\x00", b"I\x00\x00\x40\x00N\x00\x01t\x00\x00\x00\x09ab"])
+async def test_malformed_row_changes_are_reported_as_decode_errors(database: str, payload: bytes) -> None:
+    """A row change frame too short for the fast path to look at, or cut inside a value, stops the worker with
+    the decoder's DecodeError, as it did before the fast path existed."""
+    catalog = await SourceCatalog.connect(database)
+    try:
+        pipeline = _Pipeline(Worker(database), catalog, None, None, "db", 0, None)  # type: ignore[arg-type]
+        pipeline.buffer = TransactionBuffer(1000)
+        with pytest.raises(DecodeError):
+            await pipeline._handle([memoryview(b"w" + bytes(24) + payload)])
+    finally:
+        await catalog.close()
