@@ -36,7 +36,7 @@ from typing import Final, TypeAlias
 
 from bemi_asgi._pgoutput import UNCHANGED, Column, Unchanged, Value
 
-__all__ = ["ARRAY_ELEMENT_OIDS", "JSONValue", "converter_for", "parse_array", "row_to_dict"]
+__all__ = ["ARRAY_ELEMENT_OIDS", "JSONValue", "converter_for", "encode_json", "parse_array", "row_to_dict"]
 
 JSONValue: TypeAlias = "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
 Converter: TypeAlias = Callable[[str], JSONValue]
@@ -196,3 +196,31 @@ def row_to_dict(
             except ValueError:
                 row[column.name] = value
     return row
+
+
+def _unencodable(value: object) -> object:
+    if value is UNCHANGED:  # an unchanged TOAST value with no old row to take it from
+        return None
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+def _make_encoder() -> Callable[[object, int], Sequence[str]]:
+    """Compact JSON, non-ASCII kept as is, as chunks. One reusable C encoder: `json.dumps` builds a new one per
+    call, which is a tenth of the worker's CPU time on small rows."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - Python without the _json accelerator
+        encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_unencodable).encode
+        return lambda value, _level: (encode(value),)
+    encoder: Callable[[object, int], Sequence[str]] = make(
+        None, _unencodable, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+    return encoder
+
+
+#: `json_encoder(value, 0)`: the chunks of `encode_json(value)`.
+json_encoder: Final = _make_encoder()
+
+
+def encode_json(value: object) -> str:
+    """A row (or any JSON value) as the worker stores it: compact JSON text, non-ASCII kept, UNCHANGED as null."""
+    return "".join(json_encoder(value, 0))

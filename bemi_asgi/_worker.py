@@ -38,8 +38,9 @@ import asyncpg
 import psycopg
 
 from ._config import TrackingConfig, check_tables
-from ._destination import ChangeRecord, Destination
+from ._destination import BinaryCopy, ChangeRecord, Destination
 from ._exceptions import BemiError
+from ._fastpath import RowCodec
 from ._filtering import Filters, RowPolicy, filter_relation, is_skip_context
 from ._pgoutput import (
     UNCHANGED,
@@ -60,35 +61,18 @@ from ._pgoutput import (
 from ._replication import Keepalive, ReplicationStream, SourceCatalog, parse_frame
 from ._spill import PendingChange, TransactionBuffer
 from ._stitching import CONTEXT_PREFIX, context_json
-from ._values import JSONValue, converter_for, row_to_dict
+from ._values import JSONValue, converter_for, encode_json, row_to_dict
 
 __all__ = ["Worker", "WorkerStats"]
 
 logger = logging.getLogger("bemi_asgi.worker")
 
 
-def _unencodable(value: object) -> object:
-    if value is UNCHANGED:  # an unchanged TOAST value with no old row to take it from
-        return None
-    raise TypeError(f"cannot store {type(value).__name__} as JSON")
-
-
-def _make_encoder() -> Callable[[object], str]:
-    """Compact JSON text, non-ASCII kept as is. One reusable C encoder: `json.dumps` builds a new one per call,
-    which is a tenth of the worker's CPU time on small rows."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - Python without the _json accelerator
-        return json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_unencodable).encode
-    encoder = make(None, _unencodable, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-
-    def encode(value: object) -> str:
-        return "".join(encoder(value, 0))
-
-    return encode
-
-
-_encode = _make_encoder()
+_encode = encode_json
 _START_LSN = struct.Struct(">Q").unpack_from
+_RELATION_OID = struct.Struct(">I").unpack_from
+_ROW_CHANGES = frozenset(b"IUD")
+_COPY_PIECE_ROWS = 1_000
 _EMPTY = "{}"
 _OWN_TABLES = frozenset({"changes", "worker_state"})
 _Row: TypeAlias = "dict[str, JSONValue | Unchanged]"
@@ -311,6 +295,7 @@ class _RelationInfo:
     ignored: bool = False  # the worker's own tables, should a FOR ALL TABLES publication include them
     single_key: int = -1  # the key column's position when the key has one column (the common fast path)
     policy: RowPolicy | None = None  # column rules or no-op dropping (tracking configuration); None: store as is
+    codec: RowCodec | None = None  # the fast path, for relations stored as is
 
     def primary_key(self, values: tuple[Value, ...], old: tuple[Value, ...] | None) -> str | None:
         """The change's `primary_key`: one key column's text, a JSON array of texts for a composite key."""
@@ -448,10 +433,24 @@ class _Pipeline:
                 await self.send_status(reply_requested=not frames)
 
     async def _handle(self, frames: list[memoryview]) -> None:
+        relations = self.relations
         for frame in frames:
             if frame[0] != 0x77:  # not 'w': a keepalive
                 self._keepalive(frame)
                 continue
+            if len(frame) > 30 and frame[25] in _ROW_CHANGES and not self.skipping and self.buffer is not None:
+                # The fast path: straight from the frame's bytes to the stored JSON (None: take the general path).
+                data = bytes(frame)
+                rel = relations.get(_RELATION_OID(data, 26)[0])
+                if rel is not None and rel.codec is not None:
+                    fast = rel.codec.change(data)
+                    if fast is not None:
+                        self.ordinal += 1
+                        self.buffer.append(
+                            (fast[0], fast[1], fast[2], rel.schema, rel.table, fast[3], _START_LSN(data, 1)[0],
+                             self.ordinal)
+                        )  # fmt: skip
+                        continue
             message = decode(frame[25:])
             kind = type(message)
             if kind is Insert or kind is Update or kind is Delete:
@@ -545,6 +544,8 @@ class _Pipeline:
             # Tracking configuration: leave the table out, or filter its rows (ignored, masked, hashed columns).
             filter_relation(self.worker._filters, info)
             info.single_key = info.key[0] if len(info.key) == 1 else -1
+        if info.policy is None and not info.ignored:
+            info.codec = RowCodec(info.columns, info.converters, info.key, info.single_key)
 
     def _add(self, key: str | None, before: str, after: str, rel: _RelationInfo, operation: str, lsn: int) -> None:
         assert self.buffer is not None
@@ -650,9 +651,13 @@ class _Pipeline:
                 batch.append(item)
                 rows += item.count
             try:
-                records = chain.from_iterable(item.records(self.database) for item in batch)
                 try:
-                    await self.destination.write(worker.slot, records, batch[-1].commit_lsn)
+                    if self.destination.binary:
+                        pieces = _binary_copy(batch, self.database)
+                        await self.destination.write_binary(worker.slot, pieces, batch[-1].commit_lsn)
+                    else:
+                        records = chain.from_iterable(item.records(self.database) for item in batch)
+                        await self.destination.write(worker.slot, records, batch[-1].commit_lsn)
                 except (asyncpg.DataError, UnicodeEncodeError) as exc:
                     # A value jsonb refuses (a NUL or a lone surrogate inside a `json` column): store the batch
                     # again with such characters replaced rather than stop capturing.
@@ -675,6 +680,23 @@ class _Pipeline:
             await self.send_status()
             if last:
                 return
+
+
+def _binary_copy(batch: list[_Committed], database: str) -> Iterator[bytes]:
+    """The batch's `bemi.changes` rows as a binary COPY stream, in pieces of about a thousand rows (a few hundred
+    kB: larger ones cost memory, not time), so a huge transaction is never held whole. The stitching rule gives
+    each segment its context, as in `_Committed.records`."""
+    copy = BinaryCopy(database)
+    for item in batch:
+        copy.transaction(item.committed_at, item.queued_at, item.xid, item.commit_lsn)
+        for context, chunks in item.buffer.segments():
+            copy.context(context)
+            for chunk in chunks:
+                for start in range(0, len(chunk), _COPY_PIECE_ROWS):
+                    copy.add(chunk[start : start + _COPY_PIECE_ROWS])
+                    if copy.rows >= _COPY_PIECE_ROWS:
+                        yield copy.take()
+    yield copy.end()
 
 
 def _jsonb_safe_record(record: ChangeRecord) -> ChangeRecord:

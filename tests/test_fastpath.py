@@ -1,0 +1,315 @@
+"""The worker's fast paths against the general ones, on pgoutput messages captured from the test server for tables
+with every supported type: `_fastpath.RowCodec` against decode + `row_to_dict` + encode, and the binary COPY
+stream (`_destination.BinaryCopy`) against asyncpg's record COPY."""
+
+from __future__ import annotations
+
+import json
+import struct
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bemi_asgi import DecodeError
+from bemi_asgi._destination import BinaryCopy, Destination
+from bemi_asgi._fastpath import RowCodec, _json_text, _jsonb
+from bemi_asgi._pgoutput import UNCHANGED, Delete, Insert, Relation, Update, decode
+from bemi_asgi._replication import SourceCatalog
+from bemi_asgi._spill import PendingChange, TransactionBuffer
+from bemi_asgi._values import encode_json
+from bemi_asgi._worker import Worker, _Pipeline
+
+SCHEMA = r"""
+CREATE TYPE mood AS ENUM ('ok', 'sad "x"');
+CREATE TABLE everything (
+    id bigint PRIMARY KEY,
+    "quo""te" text,
+    "back\slash" int,
+    "ünï cødé %s 🙂" varchar(20),
+    i2 smallint, i4 int, o oid,
+    n numeric, n2 numeric(10, 2),
+    f4 real, f8 double precision,
+    b boolean,
+    j json, jb jsonb,
+    ts timestamp, tstz timestamptz, d date, t time, ttz timetz, iv interval,
+    u uuid, by bytea, m mood, c "char", bp char(3),
+    ai int[], at text[], ajb jsonb[], an numeric[], a2 int[][], ats timestamptz[],
+    big text
+);
+ALTER TABLE everything ALTER COLUMN big SET STORAGE EXTERNAL;
+ALTER TABLE everything REPLICA IDENTITY FULL;
+CREATE TABLE composite (region text, n int, v jsonb, PRIMARY KEY (n, region));
+ALTER TABLE composite REPLICA IDENTITY FULL;
+CREATE TABLE nokey (a text, b int);
+ALTER TABLE nokey REPLICA IDENTITY FULL;
+CREATE TABLE defaultid (id int PRIMARY KEY, v text, big text);
+ALTER TABLE defaultid ALTER COLUMN big SET STORAGE EXTERNAL;
+CREATE PUBLICATION fast FOR TABLE everything, composite, nokey, defaultid;
+"""
+
+ROWS = r"""
+INSERT INTO everything VALUES
+ (1, 'plain', 1, 'short', 1, 2, 3, 42, 1.50, 1.5, 2.25, true, '{"a": 1}', '{"a": 1, "b": [true, null]}',
+  '2026-01-02 03:04:05.123', '2026-01-02 03:04:05.1234+00', '2026-01-02', '03:04:05', '03:04:05+05:30', '1 day',
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x00ff', 'ok', 'x', 'ab',
+  '{1,NULL,3}', '{"a b","c,d","e\"f",NULL,"NULL"}', ARRAY['{"k": 1}'::jsonb], '{1.5,2}', '{{1,2},{3,4}}',
+  '{"2026-01-02 03:04:05+00"}', 'small'),
+ (2, E'quote " back \\ tab \t nl \n ctl \x01 del \x7f é 🙂 \u2028', -7, E'ü\\"', -32768, -2147483648, 4294967295,
+  -0.5, -3, 'NaN', '-Infinity', false,
+  E'  {"a" : "x", "a": "y", "u": "\\u00e9\\ud83d\\ude00", "n": 1.0, "e": 1E2, "s": "\\/"}  ',
+  E'{"str": "a: b, c", "q": "say \\"hi\\"", "emoji": "🙂", "f": 1.50, "big": 123456789012345678901234567890,'
+  ' "neg": -0, "nested": {"k": [1, 2.5, "x, y: z"]}, "ctl": "\\t\\u0001", "": "", "sp ace": " "}',
+  'infinity', '-infinity', '0044-03-15 BC', '24:00:00', '00:00:00-08', '-1 year 2 mons 3 days 04:05:06.789',
+  NULL, '\x', 'sad "x"', '"', ' a ',
+  '{}', '{}', '{}', '{NaN,-1.25,1e30}', '[0:1]={7,8}', '{infinity}', NULL),
+ (3, NULL, NULL, NULL, NULL, NULL, NULL, 1e30, 0, 1e20, 0.1, NULL, 'null', '"just a string"',
+  '10000-01-01 00:00:00', '0001-01-01 00:00:00+00', 'infinity', NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, '{NULL}', NULL, '{-0.0}', NULL, NULL, repeat('x', 4000)),
+ (4, '', 0, '', 0, 0, 0, 0, 0.00, 'Infinity', 3.4e38, true, '[]', '[1, "two", {"3": []}, true, null]', NULL,
+  '1999-12-31 23:59:59.999999+00', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ (5, 'é', 5, 'x', 5, 5, 5, 5, 5, 5, 5, true, '5', '5', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 200) g));
+UPDATE everything SET i4 = i4 + 1 WHERE id IN (1, 2);
+UPDATE everything SET "quo""te" = 'changed "again"', jb = '{"x": "y: z"}', big = 'now small' WHERE id = 1;
+UPDATE everything SET "quo""te" = NULL, n = NULL WHERE id = 2;
+UPDATE everything SET i2 = 9 WHERE id IN (3, 5);
+UPDATE everything SET id = 50 WHERE id = 5;
+UPDATE everything SET b = b WHERE id = 4;
+DELETE FROM everything WHERE id IN (2, 3, 50);
+INSERT INTO composite VALUES ('EU', 1, '{"a": [1, 2]}'), (E'quo"te\\', 2, NULL), ('', 3, '{}')
+  ON CONFLICT DO NOTHING;
+INSERT INTO composite VALUES ('US', 4, '{"b": 1.25}');
+UPDATE composite SET v = '{"c": "d"}' WHERE n = 1;
+UPDATE composite SET n = 5 WHERE n = 4;
+DELETE FROM composite WHERE n = 2;
+INSERT INTO nokey VALUES ('a', 1), (NULL, NULL);
+UPDATE nokey SET b = 2 WHERE a = 'a';
+DELETE FROM nokey WHERE b IS NULL;
+INSERT INTO defaultid VALUES (1, 'a', (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 200) g));
+UPDATE defaultid SET v = 'b' WHERE id = 1;
+UPDATE defaultid SET id = 2 WHERE id = 1;
+DELETE FROM defaultid WHERE id = 2;
+"""
+
+
+def capture(dsn: str, timezone: str) -> list[bytes]:
+    """The messages of ROWS as XLogData frames (a 25-byte header with the message's LSN, then the message)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"SET timezone = '{timezone}'")
+        rows = conn.execute(
+            "SELECT lsn - '0/0'::pg_lsn, data FROM pg_logical_slot_peek_binary_changes('fast', NULL, NULL,"
+            " 'proto_version', '1', 'publication_names', 'fast', 'messages', 'true')"
+        ).fetchall()
+    return [b"w" + struct.pack(">QQq", int(lsn), int(lsn), 0) + bytes(data) for lsn, data in rows]
+
+
+@pytest.fixture
+def captured(database: str) -> dict[str, list[bytes]]:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("SELECT pg_create_logical_replication_slot('fast', 'pgoutput')")
+        conn.execute(ROWS)
+    return {timezone: capture(database, timezone) for timezone in ("UTC", "America/St_Johns")}
+
+
+async def compare(dsn: str, frames: list[bytes]) -> dict[str, Any]:
+    """Run every row change through both paths; return what the fast path handled, by operation."""
+    catalog = await SourceCatalog.connect(dsn)
+    handled: dict[str, Any] = {"CREATE": 0, "UPDATE": 0, "DELETE": 0, "general": 0, "unchanged": 0}
+    try:
+        pipeline = _Pipeline(Worker(dsn), catalog, None, None, "db", 0, None)  # type: ignore[arg-type]
+        for frame in frames:
+            message = decode(frame[25:])
+            if isinstance(message, Relation):
+                await pipeline._relation(message)
+                continue
+            if not isinstance(message, Insert | Update | Delete):
+                continue
+            rel = pipeline.relations[message.relation_oid]
+            assert rel.codec is not None
+            fast = rel.codec.change(frame)
+            pipeline.buffer = TransactionBuffer(1000)
+            pipeline._change(message, 0)
+            [(key, before, after, _schema, _table, operation, _lsn, _ordinal)] = [
+                change for _context, chunks in pipeline.buffer.segments() for chunk in chunks for change in chunk
+            ]
+            if fast is None:
+                handled["general"] += 1
+                continue
+            assert fast == (key, before, after, operation), frame
+            handled[operation] += 1
+            if isinstance(message, Update) and UNCHANGED in message.new:
+                handled["unchanged"] += 1
+    finally:
+        await catalog.close()
+    return handled
+
+
+async def test_fast_path_stores_exactly_what_the_general_path_stores(
+    database: str, captured: dict[str, list[bytes]]
+) -> None:
+    """For inserts, full-row updates (unchanged TOAST values included) and deletes of tables with every supported
+    type, NULLs, unicode and odd column names, the fast path's key, before and after equal the general path's, in
+    UTC and in another session time zone; what it leaves to the general path is only the key-only old rows."""
+    for timezone, frames in captured.items():
+        handled = await compare(database, frames)
+        assert handled == {"CREATE": 12, "UPDATE": 11, "DELETE": 5, "unchanged": 3, "general": 3}, timezone
+        # (general: defaultid has REPLICA IDENTITY DEFAULT, so its updates and delete send a key-only or no old row)
+
+
+async def test_fast_path_declines_malformed_messages(database: str, captured: dict[str, list[bytes]]) -> None:
+    """A truncated message or one with trailing bytes goes to the general path (which reports it) rather than being
+    stored from the fast path."""
+    frames = captured["UTC"]
+    catalog = await SourceCatalog.connect(database)
+    try:
+        pipeline = _Pipeline(Worker(database), catalog, None, None, "db", 0, None)  # type: ignore[arg-type]
+        checked = 0
+        for frame in frames:
+            message = decode(frame[25:])
+            if isinstance(message, Relation):
+                await pipeline._relation(message)
+            elif isinstance(message, Insert | Update | Delete):
+                codec = pipeline.relations[message.relation_oid].codec
+                assert isinstance(codec, RowCodec)
+                if codec.change(frame) is None:
+                    continue
+                assert codec.change(frame[:-1]) is None
+                assert codec.change(frame + b"\0") is None
+                assert codec.change(frame[:32]) is None
+                checked += 1
+        assert checked > 20
+    finally:
+        await catalog.close()
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.decimals(allow_nan=False, allow_infinity=False, places=3).map(lambda d: json.loads(str(d)))
+    | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")), children)
+    ),
+    max_leaves=12,
+)
+
+
+def test_jsonb_text_compacts_as_parsing_and_encoding_does(database: str) -> None:
+    """For any JSON document, the fast jsonb rule gives the same text as parsing jsonb's output and encoding it."""
+    with psycopg.connect(database, autocommit=True) as conn:
+
+        @settings(max_examples=300, deadline=None)
+        @given(st.lists(JSON_VALUES, min_size=1, max_size=10))
+        def check(documents: list[Any]) -> None:
+            texts = conn.execute(
+                "SELECT d::text FROM unnest(%s::jsonb[]) AS d", [[json.dumps(d) for d in documents]]
+            ).fetchall()
+            for (text,) in texts:
+                assert _jsonb(text) == _json_text(text) == encode_json(json.loads(text))
+
+        check()
+
+
+DESTINATION_SQL = (Path(__file__).resolve().parent.parent / "migrations_sql" / "destination_up.sql").read_text()
+STORED = (
+    'SELECT primary_key, before::text, after::text, context::text, database, schema, "table", operation,'
+    " committed_at, queued_at, transaction_id, position, commit_lsn, ordinal FROM bemi.changes"
+    " ORDER BY commit_lsn, ordinal"
+)
+
+
+async def pending_changes(dsn: str, frames: list[bytes]) -> list[PendingChange]:
+    """Every row change of `frames` as the worker holds it until its commit."""
+    catalog = await SourceCatalog.connect(dsn)
+    try:
+        pipeline = _Pipeline(Worker(dsn), catalog, None, None, "db", 0, None)  # type: ignore[arg-type]
+        pipeline.buffer = TransactionBuffer(1000)
+        for frame in frames:
+            message = decode(frame[25:])
+            if isinstance(message, Relation):
+                await pipeline._relation(message)
+            elif isinstance(message, Insert | Update | Delete):
+                pipeline._change(message, struct.unpack_from(">Q", frame, 1)[0])
+        return [change for _context, chunks in pipeline.buffer.segments() for chunk in chunks for change in chunk]
+    finally:
+        await catalog.close()
+
+
+async def test_binary_copy_stores_what_record_copy_stores(database: str, captured: dict[str, list[bytes]]) -> None:
+    """The worker's binary COPY stream stores every column of every change exactly as asyncpg's record COPY does:
+    keys (NULL ones too), JSON with unicode, contexts per segment, timestamps, transaction ids and positions."""
+    changes = await pending_changes(database, captured["UTC"])
+    assert len(changes) > 30
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(DESTINATION_SQL)
+    committed_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    queued_at = datetime.now(UTC)
+    contexts = ['{"user_id": 1, "who": "é 🙂 \\"q\\""}', "{}"]
+    halves = [changes[: len(changes) // 2], changes[len(changes) // 2 :]]
+    records = [
+        (key, before, after, context, "dbé", schema, table, operation, committed_at, queued_at, 4_000_000_000 + n,
+         position, 2**40 + n, ordinal)
+        for n, (context, half) in enumerate(zip(contexts, halves, strict=True))
+        for key, before, after, schema, table, operation, position, ordinal in half
+    ]  # fmt: skip
+    destination = await Destination.connect(database)
+    try:
+        assert destination.binary
+        await destination.write("s", records, 1)
+        with psycopg.connect(database, autocommit=True) as conn:
+            expected = conn.execute(STORED).fetchall()
+            conn.execute("TRUNCATE bemi.changes")
+        copy = BinaryCopy("dbé")
+        pieces = []
+        for n, (context, half) in enumerate(zip(contexts, halves, strict=True)):
+            copy.transaction(committed_at, queued_at, 4_000_000_000 + n, 2**40 + n)
+            copy.context(context)
+            copy.add(half[:3])
+            pieces.append(copy.take())
+            copy.add(half[3:])
+        pieces.append(copy.end())
+        await destination.write_binary("s", pieces, 2)
+        with psycopg.connect(database, autocommit=True) as conn:
+            assert conn.execute(STORED).fetchall() == expected
+            assert conn.execute("SELECT last_commit_lsn FROM bemi.worker_state").fetchall() == [(2,)]
+    finally:
+        await destination.close()
+    assert len(expected) == len(changes)
+    assert any(row[0] is None for row in expected)
+
+
+async def test_destination_with_other_column_types_is_written_by_records(database: str) -> None:
+    """A `bemi.changes` whose column types differ from the migration's (ordinal widened to bigint) is not sent the
+    binary stream, which would not fit it."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(DESTINATION_SQL)
+        conn.execute("ALTER TABLE bemi.changes ALTER COLUMN ordinal TYPE bigint")
+    destination = await Destination.connect(database)
+    try:
+        assert not destination.binary
+    finally:
+        await destination.close()
+
+
+@pytest.mark.parametrize("payload", [b"", b"I", b"I\x00\x00", b"I\x00\x00\x40\x00N\x00\x01t\x00\x00\x00\x09ab"])
+async def test_malformed_row_changes_are_reported_as_decode_errors(database: str, payload: bytes) -> None:
+    """A row change frame too short for the fast path to look at, or cut inside a value, stops the worker with
+    the decoder's DecodeError, as it did before the fast path existed."""
+    catalog = await SourceCatalog.connect(database)
+    try:
+        pipeline = _Pipeline(Worker(database), catalog, None, None, "db", 0, None)  # type: ignore[arg-type]
+        pipeline.buffer = TransactionBuffer(1000)
+        with pytest.raises(DecodeError):
+            await pipeline._handle([memoryview(b"w" + bytes(24) + payload)])
+    finally:
+        await catalog.close()
