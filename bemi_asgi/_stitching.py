@@ -56,7 +56,7 @@ def context_json(content: bytes) -> str:
         text = content.decode("utf-8", errors="replace")
         return json.dumps({INVALID_CONTEXT_KEY: text.replace("\x00", "\ufffd")}, ensure_ascii=False)
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = _decode(text)
         if isinstance(value, dict) and _jsonb_safe(value):
             return text
     except (ValueError, RecursionError):
@@ -66,6 +66,10 @@ def context_json(content: bytes) -> str:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# One decoder for every message: json.loads with a keyword argument builds a new one per call.
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
 def _jsonb_safe(value: object) -> bool:
