@@ -103,18 +103,18 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
             """
         ).fetchone()
         assert settings is not None
+        server = {
+            "server_version_num": settings["version"],
+            "wal_level": settings["wal_level"],
+            "max_replication_slots": settings["max_replication_slots"],
+            "max_wal_senders": settings["max_wal_senders"],
+            "user": settings["user"],
+            "can_replicate": bool(settings["can_replicate"]),
+            "publication": publication,
+        }
         if settings["version"] < MIN_SERVER_VERSION * 10000:
             # Older servers lack catalog columns read below; the version alone is the answer.
-            return SourceFacts(
-                server_version_num=settings["version"],
-                wal_level=settings["wal_level"],
-                max_replication_slots=settings["max_replication_slots"],
-                max_wal_senders=settings["max_wal_senders"],
-                user=settings["user"],
-                can_replicate=bool(settings["can_replicate"]),
-                publication=publication,
-                publication_exists=False,
-            )
+            return SourceFacts(**server, publication_exists=False)
         pub = cur.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", [publication]).fetchone()
         published: list[TableFacts] = []
         if pub is not None:
@@ -193,13 +193,7 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
             """
         ).fetchall()
     return SourceFacts(
-        server_version_num=settings["version"],
-        wal_level=settings["wal_level"],
-        max_replication_slots=settings["max_replication_slots"],
-        max_wal_senders=settings["max_wal_senders"],
-        user=settings["user"],
-        can_replicate=bool(settings["can_replicate"]),
-        publication=publication,
+        **server,
         publication_exists=pub is not None,
         publication_all_tables=bool(pub and pub["puballtables"]),
         published=tuple(published),
