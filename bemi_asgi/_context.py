@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
@@ -24,6 +23,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, ParamSpec, TypeVar, cast, overload
 
 from ._exceptions import BemiContextError
+from ._jsontext import compact_encoder
 
 __all__ = ["SKIP_KEY", "ContextData", "bemi_context", "configure_context", "current", "get_context", "skip_tracking"]
 
@@ -32,26 +32,15 @@ DEFAULT_MAX_CONTEXT_BYTES = 8192
 _max_bytes = DEFAULT_MAX_CONTEXT_BYTES
 
 
-def _make_encoder() -> Callable[[object], str]:
-    """Compact JSON, non-ASCII kept as is, NaN refused.
-
-    `JSONEncoder.encode` builds a new C encoder on every call, which is most of its cost for a small mapping; this
-    builds the C encoder once (every request pays for the encoding) and falls back to the public API where the C
-    accelerator is missing or its signature differs.
-    """
-    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is not None:
-        try:
-            one_shot = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
-            if "".join(one_shot({"k": ["é", 1, 1.5, True, None]}, 0)) == '{"k":["é",1,1.5,true,null]}':
-                return lambda value: "".join(one_shot(value, 0))
-        except TypeError:
-            pass
-    return encoder.encode
+def _not_json(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-_encode = _make_encoder()
+_chunks = compact_encoder(allow_nan=False, default=_not_json)
+
+
+def _encode(value: object) -> str:
+    return "".join(_chunks(value, 0))
 
 
 class ContextData(NamedTuple):

@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final, TypeAlias
 
-from bemi_asgi._pgoutput import UNCHANGED, Column, Unchanged, Value
+from ._jsontext import compact_encoder
+from ._pgoutput import UNCHANGED, Column, Unchanged, Value
 
 __all__ = ["ARRAY_ELEMENT_OIDS", "JSONValue", "converter_for", "encode_json", "parse_array", "row_to_dict"]
 
@@ -204,21 +205,8 @@ def _unencodable(value: object) -> object:
     raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
-def _make_encoder() -> Callable[[object, int], Sequence[str]]:
-    """Compact JSON, non-ASCII kept as is, as chunks. One reusable C encoder: `json.dumps` builds a new one per
-    call, which is a tenth of the worker's CPU time on small rows."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - Python without the _json accelerator
-        encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_unencodable).encode
-        return lambda value, _level: (encode(value),)
-    encoder: Callable[[object, int], Sequence[str]] = make(
-        None, _unencodable, json.encoder.encode_basestring, None, ":", ",", False, False, True
-    )
-    return encoder
-
-
 #: `json_encoder(value, 0)`: the chunks of `encode_json(value)`.
-json_encoder: Final = _make_encoder()
+json_encoder: Final = compact_encoder(allow_nan=True, default=_unencodable)
 
 
 def encode_json(value: object) -> str:
