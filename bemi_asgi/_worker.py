@@ -174,7 +174,7 @@ class Worker:
                     if self.stats.changes > stored_before or time.monotonic() - started > 60:
                         backoff = initial_backoff
                     self.stats.reconnects += 1
-                    logger.warning("connection lost (%s); reconnecting in %.1f s", _one_line(exc), backoff)
+                    logger.warning("cannot stream right now (%s); retrying in %.1f s", _one_line(exc), backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
         finally:
