@@ -216,3 +216,39 @@ async def test_lost_connections_and_missing_destination_are_retried(database: st
         with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}_away" WITH (FORCE)')
         drop_database(pg_server.admin_dsn, name)
+
+
+async def test_a_second_worker_on_the_slot_waits_and_takes_over(database: str) -> None:
+    """A second worker on a slot another worker streams keeps retrying, and stores what comes after the first
+    stops, so a standby worker never duplicates nor loses a change."""
+    prepare_source(database, ITEMS, ["items"])
+
+    def commit(item: int) -> None:
+        with psycopg.connect(database) as conn:
+            conn.execute("INSERT INTO items VALUES (%s, %s)", [item, item])
+            emit(conn, {"batch": item})
+
+    async def wait_stored(count: int, task: asyncio.Task[None]) -> None:
+        while await asyncio.to_thread(stored_count, database) < count:
+            assert not task.done()
+            await asyncio.sleep(0.02)
+
+    first = Worker(database)
+    first_task = asyncio.create_task(first.run())
+    await asyncio.to_thread(commit, 1)
+    await wait_stored(1, first_task)
+    standby = Worker(database, max_backoff=0.2)
+    standby_task = asyncio.create_task(standby.run())
+    while standby.stats.reconnects < 2:
+        assert not standby_task.done()
+        await asyncio.sleep(0.02)
+    assert standby.stats.changes == 0
+    first.stop()
+    await first_task
+    await asyncio.to_thread(commit, 2)
+    await wait_stored(2, standby_task)
+    standby.stop()
+    await standby_task
+    assert standby.stats.changes == 1
+    stored = changes(database)
+    assert [(c["primary_key"], c["context"]) for c in stored] == [("1", {"batch": 1}), ("2", {"batch": 2})]
