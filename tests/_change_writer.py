@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from bemi_asgi import Bemi
 
 MIGRATION = Path(__file__).resolve().parent.parent / "migrations_sql" / "destination_up.sql"
 
@@ -167,3 +171,29 @@ async def tracked(
     operation = "CREATE" if before is None else "DELETE" if after is None else "UPDATE"
     stored_key = tuple(key.values()) if len(key) > 1 else next(iter(key.values()))
     return await writer.commit([Row(operation, table, stored_key, before or {}, after or {})], context=context)
+
+
+@dataclass
+class ChangesEnv:
+    """A migrated database: a connection writing changes as the worker would, and a Bemi reading them."""
+
+    conn: asyncpg.Connection
+    writer: ChangeWriter
+    bemi: Bemi
+
+
+@asynccontextmanager
+async def changes_env(database: str, *, setup_sql: str = "", pool_size: int = 2) -> AsyncIterator[ChangesEnv]:
+    """Migrate `database`, run `setup_sql` (the tables a test reverts, say), and hand out a `ChangesEnv`."""
+    conn = await asyncpg.connect(database)
+    try:
+        await migrate(conn)
+        if setup_sql:
+            await conn.execute(setup_sql)
+        pool = await asyncpg.create_pool(database, min_size=1, max_size=pool_size)
+        try:
+            yield ChangesEnv(conn, ChangeWriter(conn), Bemi(pool))
+        finally:
+            await pool.close()
+    finally:
+        await conn.close()

@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
-import asyncpg
 import pytest
 
 import bemi_asgi
 from bemi_asgi import Bemi, Change, Operation, QueryError
 
-from ._change_writer import ChangeWriter, Row, migrate
+from ._change_writer import ChangesEnv as Env
+from ._change_writer import Row, changes_env
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
-@dataclass
-class Env:
-    conn: asyncpg.Connection
-    writer: ChangeWriter
-    bemi: Bemi
-
-
 @pytest.fixture
 async def env(database: str) -> AsyncIterator[Env]:
-    conn = await asyncpg.connect(database)
-    await migrate(conn)
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
-    try:
-        yield Env(conn, ChangeWriter(conn), Bemi(pool))
-    finally:
-        await pool.close()
-        await conn.close()
+    async with changes_env(database) as env:
+        yield env
 
 
 async def write_item_story(env: Env) -> None:

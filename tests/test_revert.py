@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import asyncpg
 import pytest
 
-from bemi_asgi import Bemi, QueryError, RevertConflictError
+from bemi_asgi import QueryError, RevertConflictError
 
-from ._change_writer import ChangeWriter, Row, migrate, row_image, tracked
+from ._change_writer import ChangesEnv as Env
+from ._change_writer import Row, changes_env, row_image, tracked
 
 ITEMS = '''
 CREATE TABLE items (
@@ -33,24 +32,10 @@ CREATE TABLE serials (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY, label
 '''
 
 
-@dataclass
-class Env:
-    conn: asyncpg.Connection
-    writer: ChangeWriter
-    bemi: Bemi
-
-
 @pytest.fixture
 async def env(database: str) -> AsyncIterator[Env]:
-    conn = await asyncpg.connect(database)
-    await migrate(conn)
-    await conn.execute(ITEMS)
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
-    try:
-        yield Env(conn, ChangeWriter(conn), Bemi(pool))
-    finally:
-        await pool.close()
-        await conn.close()
+    async with changes_env(database, setup_sql=ITEMS) as env:
+        yield env
 
 
 INSERT_ITEM = '''INSERT INTO items (id, name, price, tags, grid, meta, doc, seen_at, ratio, "Odd ""Name""")

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import asyncpg
 import httpx
 import pytest
 from hypothesis import given
@@ -36,33 +35,19 @@ from bemi_asgi._ui_view import (
 from bemi_asgi._worker import Worker
 from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
 
-from ._change_writer import ChangeWriter, Row, migrate
+from ._change_writer import ChangesEnv as Env
+from ._change_writer import ChangeWriter, Row, changes_env
 from .worker_support import prepare_source
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 HOSTILE = "<script>alert('x')</script>"
 
 
-@dataclass
-class Env:
-    conn: asyncpg.Connection
-    writer: ChangeWriter
-    bemi: Bemi
-    xids: dict[str, int]
-
-
 @pytest.fixture
 async def env(database: str) -> AsyncIterator[Env]:
-    conn = await asyncpg.connect(database)
-    await migrate(conn)
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=3)
-    try:
-        env = Env(conn, ChangeWriter(conn), Bemi(pool), {})
+    async with changes_env(database, pool_size=3) as env:
         await write_story(env.writer)
         yield env
-    finally:
-        await pool.close()
-        await conn.close()
 
 
 async def write_story(w: ChangeWriter) -> None:
