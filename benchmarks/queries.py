@@ -114,38 +114,49 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
     return {label: p(samples, 50) for label, samples in results.items()}
 
 
-def results(quick: bool = False) -> list[Result]:
-    """The figures for `python -m benchmarks`: p50 of each helper relative to a bare `SELECT 1` round trip
-    (`quick`: 200k stored changes instead of 1M, fewer calls)."""
-    rows, iterations = (20_000, 300) if quick else (100_000, 2000)
-    with throwaway_server({"shared_buffers": "'256MB'"}) as server:
+Run = Callable[[str, int, int, int], Awaitable[dict[str, float]]]
+_SETTINGS = {"shared_buffers": "'256MB'"}
+
+
+def latency_results(benchmark: str, run: Run, rows: int, iterations: int, baseline: str) -> list[Result]:
+    """Run a latency benchmark (`run(dsn, rows, changes_per_row, iterations)` -> p50 ms per case) on a throwaway
+    server, as `Result` lines relative to its `baseline` case."""
+    with throwaway_server(_SETTINGS) as server:
         p50 = asyncio.run(run(server.dsn(), rows, 10, iterations))
-    base = p50["baseline SELECT 1"]
+    base = p50[baseline]
     return [
         Result(
-            "queries",
+            benchmark,
             f"{label} on {rows * 10:,} changes",
             f"p50 {ms:.3f} ms",
-            None if label == "baseline SELECT 1" else ms / base,
-            "SELECT 1",
+            None if label == baseline else ms / base,
+            baseline.removeprefix("baseline "),
         )
         for label, ms in p50.items()
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000)
+def latency_main(description: str, run: Run, *, rows: int, iterations: int) -> None:
+    """The command line of a latency benchmark: sizes, and an existing database or a throwaway server."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rows", type=int, default=rows)
     parser.add_argument("--changes-per-row", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--iterations", type=int, default=iterations)
     parser.add_argument("--dsn", help="an existing database to fill and query (default: a throwaway server)")
     args = parser.parse_args()
     if args.dsn:
         asyncio.run(run(args.dsn, args.rows, args.changes_per_row, args.iterations))
         return
-    with throwaway_server({"shared_buffers": "'256MB'"}) as server:
+    with throwaway_server(_SETTINGS) as server:
         asyncio.run(run(server.dsn(), args.rows, args.changes_per_row, args.iterations))
 
 
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks`: p50 of each helper relative to a bare `SELECT 1` round trip
+    (`quick`: 200k stored changes instead of 1M, fewer calls)."""
+    rows, iterations = (20_000, 300) if quick else (100_000, 2000)
+    return latency_results("queries", run, rows, iterations, "baseline SELECT 1")
+
+
 if __name__ == "__main__":
-    main()
+    latency_main(__doc__.splitlines()[0], run, rows=100_000, iterations=2000)

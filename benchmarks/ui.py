@@ -10,9 +10,6 @@ cases narrow every query to one user id, as a tenant scope would.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import importlib.util
 import random
 import sys
 from collections.abc import Awaitable, Callable
@@ -27,13 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_asgi import Bemi
 from bemi_asgi.ui import allow_all, bemi_ui
-from benchmarks._support import Result, throwaway_server
-
-_spec = importlib.util.spec_from_file_location("queries", Path(__file__).resolve().parent / "queries.py")
-assert _spec is not None
-assert _spec.loader is not None
-queries = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(queries)
+from benchmarks import queries
+from benchmarks._support import Result
 
 
 async def fill(dsn: str, rows: int, per_row: int) -> None:
@@ -106,34 +98,8 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
 def results(quick: bool = False) -> list[Result]:
     """The figures for `python -m benchmarks`: each page's p50 relative to the timeline's own find()."""
     rows, iterations = (5_000, 100) if quick else (20_000, 300)
-    with throwaway_server({"shared_buffers": "'256MB'"}) as server:
-        p50 = asyncio.run(run(server.dsn(), rows, 10, iterations))
-    base = p50["baseline find(limit=50)"]
-    return [
-        Result(
-            "ui",
-            f"{label} on {rows * 10:,} changes",
-            f"p50 {ms:.2f} ms",
-            None if label == "baseline find(limit=50)" else ms / base,
-            "find(limit=50)",
-        )
-        for label, ms in p50.items()
-    ]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=20_000)
-    parser.add_argument("--changes-per-row", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--dsn", help="an existing database to fill and query (default: a throwaway server)")
-    args = parser.parse_args()
-    if args.dsn:
-        asyncio.run(run(args.dsn, args.rows, args.changes_per_row, args.iterations))
-        return
-    with throwaway_server({"shared_buffers": "'256MB'"}) as server:
-        asyncio.run(run(server.dsn(), args.rows, args.changes_per_row, args.iterations))
+    return queries.latency_results("ui", run, rows, iterations, "baseline find(limit=50)")
 
 
 if __name__ == "__main__":
-    main()
+    queries.latency_main(__doc__.splitlines()[0], run, rows=20_000, iterations=300)
