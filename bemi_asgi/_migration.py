@@ -310,8 +310,10 @@ def migration_sql(
     order: Sequence[Part] = ("source", "destination") if down else ("destination", "source")
     for part in order:
         if part in parts:
-            variant = "_partitioned" if part == "destination" and partition_by_month and not down else ""
-            scripts.append(_render(load_sql(f"{part}{variant}_{'down' if down else 'up'}.sql"), values))
+            if part == "destination" and partition_by_month and not down:
+                # The partitioned table first; destination_up.sql then adds the indexes and the worker's state.
+                scripts.append(_render(load_sql("destination_partitioned_up.sql"), values))
+            scripts.append(_render(load_sql(f"{part}_{'down' if down else 'up'}.sql"), values))
     return "\n".join(script.rstrip("\n") + "\n" for script in scripts)
 
 

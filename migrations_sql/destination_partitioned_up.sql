@@ -81,26 +81,6 @@ END $$;
 
 SELECT count(*) AS partitions_created FROM bemi.create_changes_partitions(3);
 
--- A row's history and time travel: the row's changes in commit order.
-CREATE INDEX IF NOT EXISTS changes_row_idx ON bemi.changes ("schema", "table", primary_key, committed_at);
--- Context containment filters (context @> '{"user_id": 42}').
-CREATE INDEX IF NOT EXISTS changes_context_idx ON bemi.changes USING gin (context jsonb_path_ops);
--- Timelines and retention.
-CREATE INDEX IF NOT EXISTS changes_committed_at_idx ON bemi.changes (committed_at);
-
--- The worker's progress, one row per replication slot: the last commit fully stored. Written in the same
--- transaction as the changes it covers, so a restart skips exactly what is already stored.
-CREATE TABLE IF NOT EXISTS bemi.worker_state (
-    slot_name        text PRIMARY KEY,
-    last_commit_lsn  bigint NOT NULL,
-    updated_at       timestamptz NOT NULL DEFAULT now()
-);
-
--- Query helpers (find, history, as_of, table_as_of, revert).
--- A table's changes in commit order: find(table=...) pages and table_as_of.
-CREATE INDEX IF NOT EXISTS changes_table_order_idx ON bemi.changes ("schema", "table", commit_lsn, ordinal);
--- The few TRUNCATEs of a table, which end every row's existence in time travel.
-CREATE INDEX IF NOT EXISTS changes_truncate_idx ON bemi.changes ("schema", "table", commit_lsn, ordinal)
-    WHERE operation = 'TRUNCATE';
--- find(transaction_id=...) and revert(transaction=...).
-CREATE INDEX IF NOT EXISTS changes_transaction_idx ON bemi.changes (transaction_id);
+-- The indexes (created on the partitioned table, so on every partition) and bemi.worker_state come from
+-- destination_up.sql, which the migration runs right after this script: its CREATE TABLE IF NOT EXISTS
+-- bemi.changes is then a no-op, and both layouts get the same indexes from one definition.
