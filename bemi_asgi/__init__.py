@@ -1,10 +1,5 @@
 """bemi-asgi: PostgreSQL change history for ASGI apps, with the request context of every change."""
 
-from ._bemi import Bemi
-from ._changes_api import ChangePage
-from ._config import TrackingConfig
-from ._config import load_config as load_tracking_config
-from ._context import bemi_context, configure_context, get_context, skip_tracking
 from ._exceptions import (
     BemiContextError,
     BemiError,
@@ -16,14 +11,19 @@ from ._exceptions import (
     RevertConflictError,
     SourceNotReadyError,
 )
-from ._fastapi import get_bemi
-from ._filtering import hash_value
-from ._middleware import BemiMiddleware
-from ._models import Change, FieldChange, Operation
-from ._pool import BemiConnection, connect, create_pool
-from ._revert import RevertPlan, RevertStatement
-from ._wait import current_lsn
-from ._worker import Worker
+from .capture.context import bemi_context, configure_context, get_context, skip_tracking
+from .capture.middleware import BemiMiddleware
+from .capture.pool import BemiConnection, connect, create_pool
+from .history.changes import ChangePage
+from .history.client import Bemi
+from .history.fastapi import get_bemi
+from .history.models import Change, FieldChange, Operation
+from .history.revert import RevertPlan, RevertStatement
+from .history.wait import current_lsn
+from .worker.config import TrackingConfig
+from .worker.config import load_config as load_tracking_config
+from .worker.pipeline import Worker
+from .worker.rules import hash_value
 
 __all__ = [
     "Bemi",

@@ -79,7 +79,7 @@ def sql_migration(
     Destination: the schema bemi with the table bemi.changes. Running it again changes nothing.
     """
     from ._exceptions import MigrationError
-    from ._migration import PARTS, Part, migration_sql, write_alembic_revision
+    from .ops.migration import PARTS, Part, migration_sql, write_alembic_revision
 
     try:
         if only is not None and only not in PARTS:
@@ -147,7 +147,7 @@ def doctor(
     """
     import psycopg
 
-    from ._doctor import check_source, format_report
+    from .ops.doctor import check_source, format_report
 
     try:
         findings = check_source(dsn, publication=publication, max_lag_bytes=int(max_lag_mb * 1024 * 1024))
@@ -215,9 +215,9 @@ def worker(
     import signal
     import sys
 
-    from ._config import load_config
     from ._exceptions import BemiError
-    from ._worker import Worker
+    from .worker.config import load_config
+    from .worker.pipeline import Worker
 
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
     try:
@@ -289,8 +289,8 @@ def prune(
     from datetime import UTC
 
     from ._exceptions import BemiError
-    from ._prune import parse_age
-    from ._prune import prune as run_prune
+    from .ops.prune import parse_age
+    from .ops.prune import prune as run_prune
 
     try:
         if (older_than is None) == (before is None):
@@ -319,7 +319,7 @@ def maintain(
     """Create the coming months' partitions of a partitioned bemi.changes (prune does it too); prints their names."""
     import psycopg
 
-    from ._prune import create_partitions
+    from .ops.prune import create_partitions
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         if conn.execute("SELECT to_regproc('bemi.create_changes_partitions') IS NULL").fetchone() == (True,):
@@ -349,8 +349,8 @@ def demo(
     Seeds a few changes by two users and a job, then prints what to open and what to curl.
     Ctrl-C stops everything. Needs the demo extra: pip install 'bemi-asgi\\[demo]'.
     """
-    from ._demo import run_demo
     from ._exceptions import DemoError
+    from .ops.demo import run_demo
 
     try:
         run_demo(port=port, data_dir=data_dir, host=host)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bemi_asgi._postgres import find_bin_dir
+from bemi_asgi.ops.postgres import find_bin_dir
 from benchmarks._support import Result
 
 ROOT = Path(__file__).resolve().parent.parent

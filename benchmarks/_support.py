@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bemi_asgi._postgres import LocalPostgres
+from bemi_asgi.ops.postgres import LocalPostgres
 
 
 @dataclass(frozen=True)

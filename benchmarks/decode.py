@@ -8,7 +8,7 @@ as the worker receives it: a memoryview of the payload of an XLogData frame. The
 variant keeps its best round, so a noisy neighbour slows all alike):
 
     baseline       bytes(buf[:1]) per message: the floor of touching each buffer from Python
-    decode         bemi_asgi._pgoutput.decode per message
+    decode         bemi_asgi.worker.pgoutput.decode per message
     decode+values  decode, plus row_to_dict with the columns' converters for each Insert (the worker's full cost)
 
 It prints messages/s for each and the ratio of the baseline's time to each variant's.
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import psycopg
 
-from bemi_asgi._pgoutput import Insert, Relation, decode
-from bemi_asgi._postgres import LocalPostgres
-from bemi_asgi._values import converter_for, row_to_dict
+from bemi_asgi.ops.postgres import LocalPostgres
+from bemi_asgi.worker.pgoutput import Insert, Relation, decode
+from bemi_asgi.worker.values import converter_for, row_to_dict
 from benchmarks._support import Result
 
 TABLE = """

@@ -20,7 +20,7 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 from starlette.types import ASGIApp, Message, Scope
 
 from bemi_asgi import BemiMiddleware, get_context
-from bemi_asgi._context import activate, deactivate
+from bemi_asgi.capture.context import activate, deactivate
 from benchmarks._support import Result
 
 

@@ -27,9 +27,10 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_asgi import Bemi
+from bemi_asgi.ops.migration import load_sql
 from benchmarks._support import Result, throwaway_server
 
-MIGRATION = Path(__file__).resolve().parent.parent / "migrations_sql" / "destination_up.sql"
+MIGRATION = load_sql("destination_up.sql")
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 FILL = """
@@ -67,7 +68,7 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
     """Fill, time every case, print the table; each case's p50 in ms."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(MIGRATION.read_text())
+        await conn.execute(MIGRATION)
         if await conn.fetchval("SELECT count(*) FROM bemi.changes") != rows * per_row:
             await conn.execute("TRUNCATE bemi.changes")
             start = time.perf_counter()

@@ -32,7 +32,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bemi_asgi._postgres import LocalPostgres  # noqa: E402
+from bemi_asgi.ops.postgres import LocalPostgres  # noqa: E402
 from benchmarks._support import Result  # noqa: E402
 from benchmarks.worker_throughput import count, prepare, reset  # noqa: E402
 

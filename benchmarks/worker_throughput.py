@@ -37,10 +37,11 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bemi_asgi._postgres import LocalPostgres  # noqa: E402
+from bemi_asgi.ops.migration import load_sql  # noqa: E402
+from bemi_asgi.ops.postgres import LocalPostgres  # noqa: E402
 from benchmarks._support import Result, throwaway_server  # noqa: E402
 
-DESTINATION_SQL = (ROOT / "migrations_sql" / "destination_up.sql").read_text()
+DESTINATION_SQL = load_sql("destination_up.sql")
 
 GENERATE = """
 CREATE PROCEDURE generate(transactions int, rows_per int, first int) LANGUAGE plpgsql AS $$
@@ -199,7 +200,7 @@ def destination_ceiling(dsn: str) -> float:
 
     import asyncpg
 
-    from bemi_asgi._destination import COLUMNS
+    from bemi_asgi.worker.destination import COLUMNS
 
     async def measure() -> float:
         conn = await asyncpg.connect(dsn)

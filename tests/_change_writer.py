@@ -15,18 +15,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from bemi_asgi import Bemi
+from bemi_asgi.ops.migration import load_sql
 
-MIGRATION = Path(__file__).resolve().parent.parent / "migrations_sql" / "destination_up.sql"
+MIGRATION = load_sql("destination_up.sql")
 
 
 async def migrate(conn: asyncpg.Connection) -> None:
-    await conn.execute(MIGRATION.read_text())
+    await conn.execute(MIGRATION)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A real PostgreSQL for the suite: one server per test session, one fresh database per test.
 
-The server is a throwaway cluster with `wal_level=logical` (see `bemi_asgi._postgres`), or an existing one named
+The server is a throwaway cluster with `wal_level=logical` (see `bemi_asgi.ops.postgres`), or an existing one named
 by `BEMI_TEST_DSN` (a superuser postgresql:// URL, server with `wal_level=logical`). `BEMI_PG_BIN` picks the
 binaries: `BEMI_PG_BIN=/usr/lib/postgresql/15/bin pytest` runs the suite on PostgreSQL 15.
 """
@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bemi_asgi._postgres import LocalPostgres
+from bemi_asgi.ops.postgres import LocalPostgres
 
 
 @dataclass

@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request
 
 import bemi_asgi
 from bemi_asgi import BemiMiddleware
-from bemi_asgi._postgres import free_port
-from bemi_asgi._worker import Worker
+from bemi_asgi.ops.postgres import free_port
+from bemi_asgi.worker.pipeline import Worker
 
 from .worker_support import changes, drain, prepare_source
 

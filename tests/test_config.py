@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bemi_asgi import ConfigError
-from bemi_asgi._config import ColumnRules, load_config, parse_column_option, parse_table_pattern
+from bemi_asgi.worker.config import ColumnRules, load_config, parse_column_option, parse_table_pattern
 
 KEY = {"BEMI_HASH_KEY": "0123456789abcdef0123"}
 

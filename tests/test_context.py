@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bemi_asgi import BemiContextError, bemi_context, configure_context, get_context
-from bemi_asgi._context import DEFAULT_MAX_CONTEXT_BYTES, current
+from bemi_asgi.capture.context import DEFAULT_MAX_CONTEXT_BYTES, current
 
 
 def test_no_context_by_default() -> None:

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from bemi_asgi._postgres import free_port
+from bemi_asgi.ops.postgres import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = "Press Ctrl-C to stop"

@@ -12,10 +12,10 @@ import psycopg
 import pytest
 from typer.testing import CliRunner, Result
 
-from bemi_asgi._doctor import collect, diagnose
-from bemi_asgi._migration import migration_sql
-from bemi_asgi._postgres import LocalPostgres
 from bemi_asgi.cli import app
+from bemi_asgi.ops.doctor import collect, diagnose
+from bemi_asgi.ops.migration import migration_sql
+from bemi_asgi.ops.postgres import LocalPostgres
 
 from .conftest import PgServer
 from .test_migration import apply, owner_dsn

@@ -20,9 +20,9 @@ import pytest
 from fastapi import FastAPI
 
 from bemi_asgi import current_lsn
-from bemi_asgi._demo import load_example
-from bemi_asgi._migration import migration_sql
-from bemi_asgi._worker import Worker
+from bemi_asgi.ops.demo import load_example
+from bemi_asgi.ops.migration import migration_sql
+from bemi_asgi.worker.pipeline import Worker
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -200,7 +200,7 @@ def test_examples_are_found_inside_an_installed_package(tmp_path: Path) -> None:
     """Installed from a wheel (examples under bemi_asgi/examples, no repository around), the demo finds its app."""
     shutil.copytree(EXAMPLES.parent / "bemi_asgi", tmp_path / "bemi_asgi", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(EXAMPLES, tmp_path / "bemi_asgi" / "examples", ignore=shutil.ignore_patterns("__pycache__"))
-    code = "from bemi_asgi._demo import load_example; m = load_example(); print(m.__file__); print(m.create_app)"
+    code = "from bemi_asgi.ops.demo import load_example; m = load_example(); print(m.__file__); print(m.create_app)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
         capture_output=True, text=True, check=True,

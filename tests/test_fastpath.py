@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import struct
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -16,13 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bemi_asgi import DecodeError
-from bemi_asgi._destination import BinaryCopy, Destination
-from bemi_asgi._fastpath import RowCodec, _json_text, _jsonb
-from bemi_asgi._pgoutput import UNCHANGED, Delete, Insert, Relation, Update, decode
-from bemi_asgi._replication import SourceCatalog
-from bemi_asgi._spill import PendingChange, TransactionBuffer
-from bemi_asgi._values import encode_json
-from bemi_asgi._worker import Worker, _Pipeline
+from bemi_asgi.ops.migration import load_sql
+from bemi_asgi.worker.destination import BinaryCopy, Destination
+from bemi_asgi.worker.fastpath import RowCodec, _json_text, _jsonb
+from bemi_asgi.worker.pgoutput import UNCHANGED, Delete, Insert, Relation, Update, decode
+from bemi_asgi.worker.pipeline import Worker, _Pipeline
+from bemi_asgi.worker.spill import PendingChange, TransactionBuffer
+from bemi_asgi.worker.stream import SourceCatalog
+from bemi_asgi.worker.values import encode_json
 
 SCHEMA = r"""
 CREATE TYPE mood AS ENUM ('ok', 'sad "x"');
@@ -220,7 +220,7 @@ def test_jsonb_text_compacts_as_parsing_and_encoding_does(database: str) -> None
         check()
 
 
-DESTINATION_SQL = (Path(__file__).resolve().parent.parent / "migrations_sql" / "destination_up.sql").read_text()
+DESTINATION_SQL = load_sql("destination_up.sql")
 STORED = (
     'SELECT primary_key, before::text, after::text, context::text, database, schema, "table", operation,'
     " committed_at, queued_at, transaction_id, position, commit_lsn, ordinal FROM bemi.changes"

@@ -28,10 +28,10 @@ import psycopg
 import pytest
 
 import bemi_asgi
-from bemi_asgi._migration import migration_sql
-from bemi_asgi._pgoutput import str_to_lsn
-from bemi_asgi._postgres import LocalPostgres
-from bemi_asgi._worker import Worker
+from bemi_asgi.ops.migration import migration_sql
+from bemi_asgi.ops.postgres import LocalPostgres
+from bemi_asgi.worker.pgoutput import str_to_lsn
+from bemi_asgi.worker.pipeline import Worker
 
 from .conftest import PgServer
 from .worker_support import DESTINATION_SQL, changes, drain, emit, prepare_source

@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bemi_asgi import ConfigError, hash_value, skip_tracking
-from bemi_asgi._config import load_config
-from bemi_asgi._context import current
-from bemi_asgi._filtering import Filters, RowPolicy, filter_relation, is_skip_context
-from bemi_asgi._pgoutput import UNCHANGED, Column, Value
+from bemi_asgi.capture.context import current
+from bemi_asgi.worker.config import load_config
+from bemi_asgi.worker.pgoutput import UNCHANGED, Column, Value
+from bemi_asgi.worker.rules import Filters, RowPolicy, filter_relation, is_skip_context
 
 KEY = "secret-key-0123456789"
 COLUMNS = tuple(

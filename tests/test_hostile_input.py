@@ -25,8 +25,8 @@ from psycopg import sql
 
 import bemi_asgi
 from bemi_asgi import BemiContextError, bemi_context
-from bemi_asgi._migration import migration_sql
-from bemi_asgi._stitching import INVALID_CONTEXT_KEY
+from bemi_asgi.ops.migration import migration_sql
+from bemi_asgi.worker.stitching import INVALID_CONTEXT_KEY
 
 from .worker_support import DESTINATION_SQL, changes, drain, prepare_source
 

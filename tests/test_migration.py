@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from bemi_asgi import MigrationError
-from bemi_asgi._migration import (
+from bemi_asgi.cli import app
+from bemi_asgi.ops.migration import (
     alembic_head,
     load_sql,
     migration_sql,
@@ -31,7 +32,6 @@ from bemi_asgi._migration import (
     quote_literal,
     split_statements,
 )
-from bemi_asgi.cli import app
 
 from .conftest import PgServer
 
@@ -372,17 +372,16 @@ def test_sql_ships_beside_the_package() -> None:
 
 
 def test_sql_is_read_from_inside_an_installed_package(tmp_path: Path) -> None:
-    """Installed from a wheel (SQL under bemi_asgi/migrations_sql, no repository around), the SQL is still found."""
+    """Installed from a wheel (SQL under bemi_asgi/ops/sql, no repository around), the SQL is still found."""
     root = Path(__file__).resolve().parent.parent
     shutil.copytree(root / "bemi_asgi", tmp_path / "bemi_asgi", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(root / "migrations_sql", tmp_path / "bemi_asgi" / "migrations_sql")
-    code = "from bemi_asgi._migration import migration_sql; print(migration_sql(down=True))"
+    code = "from bemi_asgi.ops.migration import migration_sql; print(migration_sql(down=True))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert out == migration_sql(down=True) + "\n"
-    (tmp_path / "bemi_asgi" / "migrations_sql" / "source_down.sql").write_text("-- packaged copy\n")
+    (tmp_path / "bemi_asgi" / "ops" / "sql" / "source_down.sql").write_text("-- packaged copy\n")
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
         capture_output=True, text=True, check=True,

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from bemi_asgi import DecodeError
-from bemi_asgi._pgoutput import (
+from bemi_asgi.worker.pgoutput import (
     UNCHANGED,
     Begin,
     Column,

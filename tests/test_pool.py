@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import bemi_asgi
 from bemi_asgi import BemiConnection, BemiContextError, bemi_context
-from bemi_asgi._pool import OTHER, READ, WRITE, classify, control, emit_sql, quote_literal
+from bemi_asgi.capture.pool import OTHER, READ, WRITE, classify, control, emit_sql, quote_literal
 
 # --- reading the slot -----------------------------------------------------------------------------------------------
 
@@ -439,7 +439,7 @@ async def test_quote_literal_round_trips_through_the_server(conn: BemiConnection
 def test_emit_sql_is_cached_and_calls_the_three_argument_function() -> None:
     """The emitted SQL calls pg_logical_emit_message with 3 arguments and is built once per context text."""
     with bemi_context(CTX):
-        data = bemi_asgi._context.current()
+        data = bemi_asgi.capture.context.current()
     assert data is not None
     sql = emit_sql(data)
     assert sql is emit_sql(data)
@@ -525,7 +525,7 @@ def test_any_json_round_trips_through_the_wal(database: str, runner: asyncio.Run
 
     async def check(values: dict[str, Any]) -> None:
         with bemi_context(values):
-            data = bemi_asgi._context.current()
+            data = bemi_asgi.capture.context.current()
             assert data is not None
             async with conn.transaction():
                 await conn.execute("INSERT INTO items (name) VALUES ($1)", "x")

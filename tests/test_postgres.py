@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from bemi_asgi._postgres import LocalPostgres, find_bin_dir
+from bemi_asgi.ops.postgres import LocalPostgres, find_bin_dir
 
 
 async def test_server_has_logical_wal_level(database: str) -> None:

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 import bemi_asgi
 from bemi_asgi import Bemi, ConfigError, hash_value, skip_tracking
-from bemi_asgi._config import TrackingConfig, load_config
-from bemi_asgi._doctor import check_source, format_report
-from bemi_asgi._pgoutput import lsn_to_str
-from bemi_asgi._worker import Worker
 from bemi_asgi.cli import app
+from bemi_asgi.ops.doctor import check_source, format_report
+from bemi_asgi.worker.config import TrackingConfig, load_config
+from bemi_asgi.worker.pgoutput import lsn_to_str
+from bemi_asgi.worker.pipeline import Worker
 
 from .worker_support import changes, drain, emit, prepare_source
 
@@ -68,7 +68,7 @@ async def test_masked_and_ignored_values_never_reach_the_destination_spill_files
 ) -> None:
     """Ignored and masked values appear nowhere: not in any stored row (before, after, key, context) nor in the
     spill files of a transaction larger than the spill threshold, nor in a log line."""
-    from bemi_asgi import _spill
+    from bemi_asgi.worker import spill as _spill
 
     spill_files: list[Path] = []
 

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 import bemi_asgi
 from bemi_asgi import Bemi, ConfigError
-from bemi_asgi._migration import migration_sql
-from bemi_asgi._prune import parse_age, prune
-from bemi_asgi._worker import Worker
 from bemi_asgi.cli import app
+from bemi_asgi.ops.migration import migration_sql
+from bemi_asgi.ops.prune import parse_age, prune
 from bemi_asgi.ui import allow_all, bemi_ui
+from bemi_asgi.worker.pipeline import Worker
 
 from .worker_support import changes, drain
 

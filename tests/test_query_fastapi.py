@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 import bemi_asgi
 from bemi_asgi import get_bemi
-from bemi_asgi._worker import Worker
+from bemi_asgi.worker.pipeline import Worker
 
 from .worker_support import prepare_source
 

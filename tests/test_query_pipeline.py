@@ -13,7 +13,7 @@ import pytest
 
 import bemi_asgi
 from bemi_asgi import Bemi, Operation, RevertConflictError, bemi_context
-from bemi_asgi._worker import Worker
+from bemi_asgi.worker.pipeline import Worker
 
 from .worker_support import prepare_source
 

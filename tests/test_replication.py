@@ -6,7 +6,7 @@ import struct
 
 from psycopg.conninfo import conninfo_to_dict
 
-from bemi_asgi._replication import (
+from bemi_asgi.worker.stream import (
     SESSION_OPTIONS,
     Keepalive,
     XLogData,

@@ -22,9 +22,9 @@ from fastapi import FastAPI, Request
 
 import bemi_asgi
 from bemi_asgi import BemiContextError, BemiMiddleware, bemi_context
-from bemi_asgi._context import DEFAULT_MAX_CONTEXT_BYTES
-from bemi_asgi._migration import migration_sql
-from bemi_asgi._postgres import LocalPostgres, free_port
+from bemi_asgi.capture.context import DEFAULT_MAX_CONTEXT_BYTES
+from bemi_asgi.ops.migration import migration_sql
+from bemi_asgi.ops.postgres import LocalPostgres, free_port
 
 from .worker_support import changes, drain, prepare_source
 

@@ -24,7 +24,8 @@ from starlette.routing import Mount
 
 import bemi_asgi
 from bemi_asgi import Bemi, bemi_context
-from bemi_asgi._ui_view import (
+from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
+from bemi_asgi.ui.view import (
     context_value_text,
     merge_scope,
     moment_input,
@@ -32,8 +33,7 @@ from bemi_asgi._ui_view import (
     parse_filters,
     parse_moment,
 )
-from bemi_asgi._worker import Worker
-from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
+from bemi_asgi.worker.pipeline import Worker
 
 from ._change_writer import ChangesEnv as Env
 from ._change_writer import ChangeWriter, Row, changes_env

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bemi_asgi._pgoutput import UNCHANGED, Column, Insert, Relation, decode
-from bemi_asgi._values import JSONValue, converter_for, parse_array, row_to_dict
+from bemi_asgi.worker.pgoutput import UNCHANGED, Column, Insert, Relation, decode
+from bemi_asgi.worker.values import JSONValue, converter_for, parse_array, row_to_dict
 from tests.conftest import PgServer
 
 JSON_DOC = (

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 
 from bemi_asgi import DestinationNotReadyError, SourceNotReadyError
-from bemi_asgi._pgoutput import str_to_lsn
-from bemi_asgi._stitching import INVALID_CONTEXT_KEY
-from bemi_asgi._worker import Worker
+from bemi_asgi.worker.pgoutput import str_to_lsn
+from bemi_asgi.worker.pipeline import Worker
+from bemi_asgi.worker.stitching import INVALID_CONTEXT_KEY
 
 from .worker_support import DESTINATION_SQL, changes, drain, emit, prepare_source
 

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from bemi_asgi._postgres import LocalPostgres
 from bemi_asgi.cli import app
+from bemi_asgi.ops.postgres import LocalPostgres
 
 from .worker_support import DESTINATION_SQL, changes, emit, prepare_source
 

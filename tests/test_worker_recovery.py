@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bemi_asgi._worker import Worker
+from bemi_asgi.worker.pipeline import Worker
 
 from .conftest import PgServer, drop_database
 from .worker_support import DESTINATION_SQL, changes, drain, emit, prepare_source

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bemi_asgi._spill import PendingChange, TransactionBuffer
-from bemi_asgi._stitching import EMPTY_CONTEXT, INVALID_CONTEXT_KEY, context_json, segment_contexts
+from bemi_asgi.worker.spill import PendingChange, TransactionBuffer
+from bemi_asgi.worker.stitching import EMPTY_CONTEXT, INVALID_CONTEXT_KEY, context_json, segment_contexts
 
 
 def change(ordinal: int) -> PendingChange:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from bemi_asgi._worker import Worker
+from bemi_asgi.ops.migration import load_sql
+from bemi_asgi.worker.pipeline import Worker
 
-DESTINATION_SQL = (Path(__file__).parent.parent / "migrations_sql" / "destination_up.sql").read_text()
+DESTINATION_SQL = load_sql("destination_up.sql")
 
 
 def prepare_source(dsn: str, schema_sql: str, tables: list[str], *, slot: str = "bemi") -> None:

@@ -1,6 +1,6 @@
 """Capture real pgoutput messages for the decoder tests; rerun it to regenerate the files next to it.
 
-    python -m tests.data.pgoutput.capture            # a throwaway local server (see bemi_asgi._postgres)
+    python -m tests.data.pgoutput.capture            # a throwaway local server (see bemi_asgi.ops.postgres)
     python -m tests.data.pgoutput.capture --dsn URL  # an existing database (superuser, wal_level=logical)
 
 `run_scenario` creates a few tables, a publication and a pgoutput slot, runs one transaction per case below, and
@@ -188,7 +188,7 @@ def main() -> None:
     if args.dsn:
         capture = run_scenario(args.dsn)
     else:
-        from bemi_asgi._postgres import LocalPostgres
+        from bemi_asgi.ops.postgres import LocalPostgres
 
         base = Path(tempfile.mkdtemp(prefix="bemi-asgi-capture-"))
         base.chmod(0o755)  # the server may run as another user

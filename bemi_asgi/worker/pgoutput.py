@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final, TypeAlias
 
-from bemi_asgi._exceptions import DecodeError
+from .._exceptions import DecodeError
 
 __all__ = [
     "UNCHANGED",

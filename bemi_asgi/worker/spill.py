@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-from ._stitching import segment_contexts
+from .stitching import segment_contexts
 
 __all__ = ["PendingChange", "TransactionBuffer"]
 

@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final, TypeAlias
 
-from ._jsontext import compact_encoder
-from ._pgoutput import UNCHANGED, Column, Unchanged, Value
+from .._jsontext import compact_encoder
+from .pgoutput import UNCHANGED, Column, Unchanged, Value
 
 __all__ = ["ARRAY_ELEMENT_OIDS", "JSONValue", "converter_for", "encode_json", "parse_array", "row_to_dict"]
 

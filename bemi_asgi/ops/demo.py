@@ -45,11 +45,11 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from ._exceptions import DemoError
-from ._migration import migration_sql
-from ._postgres import LocalPostgres, free_port
-from ._wait import current_lsn
-from ._worker import Worker
+from .._exceptions import DemoError
+from ..history.wait import current_lsn
+from ..worker.pipeline import Worker
+from .migration import migration_sql
+from .postgres import LocalPostgres, free_port
 
 __all__ = ["default_data_dir", "load_example", "run_demo"]
 
@@ -191,7 +191,7 @@ def example_path(name: str) -> Path:
     packaged = resources.files("bemi_asgi").joinpath("examples", name)
     if packaged.is_file():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "examples" / name
+    return Path(__file__).resolve().parents[2] / "examples" / name
 
 
 def load_example(name: str = EXAMPLE) -> ModuleType:

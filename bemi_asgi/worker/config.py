@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import ConfigError
+from .._exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from ._filtering import Filters
+    from .rules import Filters
 
 __all__ = ["ColumnRules", "TrackingConfig", "check_tables", "load_config", "parse_column_option", "parse_table_pattern"]
 

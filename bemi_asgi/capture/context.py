@@ -22,8 +22,8 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, NamedTuple, ParamSpec, TypeVar, cast, overload
 
-from ._exceptions import BemiContextError
-from ._jsontext import compact_encoder
+from .._exceptions import BemiContextError
+from .._jsontext import compact_encoder
 
 __all__ = ["SKIP_KEY", "ContextData", "bemi_context", "configure_context", "current", "get_context", "skip_tracking"]
 

@@ -19,7 +19,7 @@ Permissions, checked on every request before anything is read:
   even as its effect on a row's state.
 
 Only GET and HEAD are served; any other method gets 405. Nothing is ever written (no reverts from the UI).
-Jinja2 renders the templates shipped in `bemi_asgi/templates/` with autoescaping on; stored values are shown as
+Jinja2 renders the templates shipped in `bemi_asgi/ui/templates/` with autoescaping on; stored values are shown as
 JSON text. Responses carry a nonce-based Content-Security-Policy and `Cache-Control: no-store`.
 
 Note: the timeline shows no total count (a count over millions of changes on every page view is not free), and
@@ -45,13 +45,13 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from ._bemi import Bemi
-from ._changes_api import ChangePage
-from ._exceptions import QueryError
-from ._filters import Cursor, decode_cursor, encode_cursor
-from ._models import Change, Operation
-from ._replay import row_states, without_idle_truncates
-from ._ui_view import (
+from .._exceptions import QueryError
+from ..history.changes import ChangePage
+from ..history.client import Bemi
+from ..history.filters import Cursor, decode_cursor, encode_cursor
+from ..history.models import Change, Operation
+from ..history.replay import row_states, without_idle_truncates
+from .view import (
     CONTEXT_PREFIX,
     OPERATIONS,
     TimelineFilters,
@@ -186,7 +186,7 @@ class BemiUI:
         self.poll_interval = poll_interval
         self.stream_seconds = stream_seconds
         self._env: jinja2.Environment = jinja.Environment(
-            loader=jinja.PackageLoader("bemi_asgi", "templates"),
+            loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
             autoescape=True,
             undefined=jinja.StrictUndefined,
             trim_blocks=True,

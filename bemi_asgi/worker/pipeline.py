@@ -37,12 +37,11 @@ from typing import TextIO, TypeAlias
 import asyncpg
 import psycopg
 
-from ._config import TrackingConfig, check_tables
-from ._destination import BinaryCopy, ChangeRecord, Destination
-from ._exceptions import BemiError
-from ._fastpath import RowCodec
-from ._filtering import Filters, RowPolicy, filter_relation, is_skip_context
-from ._pgoutput import (
+from .._exceptions import BemiError
+from .config import TrackingConfig, check_tables
+from .destination import BinaryCopy, ChangeRecord, Destination
+from .fastpath import RowCodec
+from .pgoutput import (
     UNCHANGED,
     Begin,
     Column,
@@ -58,10 +57,11 @@ from ._pgoutput import (
     decode,
     lsn_to_str,
 )
-from ._replication import Keepalive, ReplicationStream, SourceCatalog, parse_frame
-from ._spill import PendingChange, TransactionBuffer
-from ._stitching import CONTEXT_PREFIX, context_json
-from ._values import JSONValue, converter_for, encode_json, row_to_dict
+from .rules import Filters, RowPolicy, filter_relation, is_skip_context
+from .spill import PendingChange, TransactionBuffer
+from .stitching import CONTEXT_PREFIX, context_json
+from .stream import Keepalive, ReplicationStream, SourceCatalog, parse_frame
+from .values import JSONValue, converter_for, encode_json, row_to_dict
 
 __all__ = ["Worker", "WorkerStats"]
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._exceptions import QueryError
-from ._filters import (
+from .._exceptions import QueryError
+from .filters import (
     Cursor,
     PrimaryKey,
     Where,
@@ -23,10 +23,10 @@ from ._filters import (
     require_aware,
     split_table,
 )
-from ._models import Change, Operation, change_from_record
+from .models import Change, Operation, change_from_record
 
 if TYPE_CHECKING:
-    from ._bemi import Bemi
+    from .client import Bemi
 
 __all__ = ["SELECT_COLUMNS", "ChangePage", "ChangesAPI"]
 

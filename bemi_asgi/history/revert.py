@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from ._catalog import ColumnInfo, TableInfo, fetch_table_info
-from ._changes_api import SELECT_COLUMNS
-from ._context import bemi_context
-from ._exceptions import QueryError, RevertConflictError
-from ._filters import Where, json_param, quote_ident, require_aware, split_table
-from ._models import Change, Operation, change_from_record
+from .._exceptions import QueryError, RevertConflictError
+from ..capture.context import bemi_context
+from .catalog import ColumnInfo, TableInfo, fetch_table_info
+from .changes import SELECT_COLUMNS
+from .filters import Where, json_param, quote_ident, require_aware, split_table
+from .models import Change, Operation, change_from_record
 
 if TYPE_CHECKING:
-    from ._bemi import Bemi
+    from .client import Bemi
 
 __all__ = ["RevertPlan", "RevertStatement", "apply_plan", "plan_revert", "to_pg_text"]
 

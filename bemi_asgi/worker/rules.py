@@ -31,10 +31,10 @@ from fnmatch import fnmatchcase
 from functools import partial
 from typing import Any, Protocol
 
-from ._config import DEFAULT_HASH_KEY_ENV, ColumnRules, TrackingConfig
-from ._context import SKIP_KEY
-from ._exceptions import ConfigError
-from ._pgoutput import UNCHANGED, Column, Value
+from .._exceptions import ConfigError
+from ..capture.context import SKIP_KEY
+from .config import DEFAULT_HASH_KEY_ENV, ColumnRules, TrackingConfig
+from .pgoutput import UNCHANGED, Column, Value
 
 __all__ = ["SKIP_KEY", "Filters", "RowPolicy", "filter_relation", "hash_text", "hash_value", "is_skip_context"]
 

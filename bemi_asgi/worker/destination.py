@@ -18,8 +18,8 @@ from typing import Final
 
 import asyncpg
 
-from ._exceptions import DestinationNotReadyError
-from ._spill import PendingChange
+from .._exceptions import DestinationNotReadyError
+from .spill import PendingChange
 
 __all__ = ["BINARY_COLUMNS", "COLUMNS", "BinaryCopy", "ChangeRecord", "Destination"]
 

@@ -1,6 +1,6 @@
 """The SQL that prepares a source database for change capture and a destination for the changes, and its rollback.
 
-The SQL lives in `migrations_sql/` (shipped inside the wheel as `bemi_asgi/migrations_sql`). The source script
+The SQL lives in `bemi_asgi/ops/sql/`, inside the package. The source script
 takes the publication name and the tracked schemas and tables as `{{placeholders}}`, filled here with quoted
 literals; the SQL itself quotes every identifier with `format('%I')`, so names with capitals, spaces, quotes or
 dollar signs are safe everywhere.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from uuid import uuid4
 
-from ._exceptions import MigrationError
+from .._exceptions import MigrationError
 
 __all__ = [
     "DEFAULT_PUBLICATION",
@@ -240,11 +240,8 @@ def check_publication(name: str) -> str:
 
 
 def load_sql(name: str) -> str:
-    """Read `migrations_sql/<name>` from the installed package, or from the repository in an editable install."""
-    packaged = resources.files("bemi_asgi").joinpath("migrations_sql", name)
-    if packaged.is_file():
-        return packaged.read_text(encoding="utf-8")
-    return (Path(__file__).resolve().parent.parent / "migrations_sql" / name).read_text(encoding="utf-8")
+    """Read `bemi_asgi/ops/sql/<name>`, the SQL shipped inside the package."""
+    return resources.files(__package__).joinpath("sql", name).read_text(encoding="utf-8")
 
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")

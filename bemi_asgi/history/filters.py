@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from ._exceptions import QueryError
+from .._exceptions import QueryError
 
 __all__ = [
     "DEFAULT_SCHEMA",

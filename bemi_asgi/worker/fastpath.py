@@ -20,8 +20,8 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Final, TypeAlias
 
-from ._pgoutput import UNCHANGED, Column, Unchanged
-from ._values import (
+from .pgoutput import UNCHANGED, Column, Unchanged
+from .values import (
     Converter,
     _bool,
     _float,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
-from ._bemi import Bemi
+from .client import Bemi
 
 __all__ = ["get_bemi"]
 

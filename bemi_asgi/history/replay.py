@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ._models import Change, Operation
+from .models import Change, Operation
 
 __all__ = ["blame_columns", "row_states", "without_idle_truncates"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from ._exceptions import QueryError
-from ._models import Change, Operation
+from .._exceptions import QueryError
+from ..history.models import Change, Operation
 
 __all__ = [
     "CONTEXT_PREFIX",

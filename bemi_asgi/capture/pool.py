@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 from asyncpg.prepared_stmt import PreparedStatement
 
-from ._context import ContextData, activate, current, deactivate
+from .context import ContextData, activate, current, deactivate
 
 __all__ = ["BemiConnection", "BemiPreparedStatement", "classify", "connect", "create_pool", "emit_sql"]
 

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._context import _current, validate
+from .context import _current, validate
 
 __all__ = ["BemiMiddleware", "ContextCallback"]
 

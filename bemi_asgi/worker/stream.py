@@ -22,7 +22,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import ConnStatus, ExecStatus
 
-from ._exceptions import SourceNotReadyError
+from .._exceptions import SourceNotReadyError
 
 __all__ = [
     "Keepalive",

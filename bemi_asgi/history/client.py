@@ -23,14 +23,14 @@ from typing import Any
 
 import asyncpg
 
-from ._catalog import fetch_table_info
-from ._changes_api import SELECT_COLUMNS, ChangesAPI
-from ._exceptions import QueryError
-from ._filters import At, PrimaryKey, encode_primary_key, parse_at, parse_lsn, quote_qualified, split_table
-from ._models import Change, change_from_record
-from ._replay import blame_columns, without_idle_truncates
-from ._revert import RevertPlan, apply_plan, plan_revert
-from ._wait import wait_for_lsn
+from .._exceptions import QueryError
+from .catalog import fetch_table_info
+from .changes import SELECT_COLUMNS, ChangesAPI
+from .filters import At, PrimaryKey, encode_primary_key, parse_at, parse_lsn, quote_qualified, split_table
+from .models import Change, change_from_record
+from .replay import blame_columns, without_idle_truncates
+from .revert import RevertPlan, apply_plan, plan_revert
+from .wait import wait_for_lsn
 
 __all__ = ["Bemi"]
 

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import psycopg
 from psycopg import sql
 
-from ._exceptions import ConfigError
+from .._exceptions import ConfigError
 
 __all__ = ["PruneResult", "create_partitions", "parse_age", "prune"]
 

@@ -1,0 +1,2 @@
+"""Capture: from an HTTP request or a job to the WAL. The context, the ASGI middleware, and the pool whose COMMITs
+carry the context as a `_bemi` logical message."""

@@ -1,0 +1,1 @@
+"""Operations: the migration SQL, doctor, prune, a local PostgreSQL server, and the demo."""
