@@ -57,3 +57,10 @@ __all__ = [
     "load_tracking_config",
     "skip_tracking",
 ]
+
+# Exported names report where users import them from (`bemi_asgi.Bemi`, not the module that defines it), as httpx does.
+for _name in __all__:
+    _exported = globals()[_name]
+    if getattr(_exported, "__module__", "").startswith(__name__ + "."):
+        _exported.__module__ = __name__
+del _name, _exported

@@ -21,7 +21,7 @@ them; a pattern without a dot is a table of the schema `public`. When several `[
 their rules add up, and a column named by several takes the strictest: ignore, then mask, then hash.
 
 The checks that need the database (a rule naming a column the table lacks, an ignored or masked primary key
-column) are in `check_tables`, which the worker runs against the source's catalog when it starts.
+column) are in `rules.check_tables`, which the worker runs against the source's catalog when it starts.
 """
 
 from __future__ import annotations
@@ -31,14 +31,11 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._exceptions import ConfigError
 
-if TYPE_CHECKING:
-    from .rules import Filters
-
-__all__ = ["ColumnRules", "TrackingConfig", "check_tables", "load_config", "parse_column_option", "parse_table_pattern"]
+__all__ = ["ColumnRules", "TrackingConfig", "load_config", "parse_column_option", "parse_table_pattern"]
 
 DEFAULT_HASH_KEY_ENV = "BEMI_HASH_KEY"
 DEFAULT_MASK_MARKER = "[masked]"
@@ -224,35 +221,3 @@ def _rules(value: object, where: str) -> ColumnRules:
                 f"column(s) {', '.join(sorted(both))} in {where} are both in {first} and {second}: choose one"
             )
     return ColumnRules(found["ignore"], found["mask"], found["hash"])
-
-
-async def check_tables(dsn: str, publication: str, filters: Filters) -> None:
-    """Check the column rules against the published tables of the source: raise ConfigError listing every rule
-    that names a column its table lacks, and every ignored or masked primary key column."""
-    import psycopg
-
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cursor = await conn.execute(
-            """
-            SELECT n.nspname::text, c.relname::text,
-                   array(SELECT a.attname::text FROM pg_attribute a
-                         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
-                   array(SELECT a.attname::text
-                         FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                         WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.n)
-            FROM pg_publication_tables pt
-            JOIN pg_namespace n ON n.nspname = pt.schemaname
-            JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
-            WHERE pt.pubname = %s
-            ORDER BY 1, 2
-            """,
-            [publication],
-        )
-        rows = await cursor.fetchall()
-    problems: list[str] = []
-    for schema, table, columns, key in rows:
-        if filters.tracks(schema, table):
-            problems += filters.problems(schema, table, columns, key)
-    if problems:
-        raise ConfigError("the tracking configuration does not fit the tables: " + "; ".join(problems))

@@ -38,7 +38,7 @@ import asyncpg
 import psycopg
 
 from .._exceptions import BemiError
-from .config import TrackingConfig, check_tables
+from .config import TrackingConfig
 from .destination import BinaryCopy, ChangeRecord, Destination
 from .fastpath import RowCodec
 from .pgoutput import (
@@ -57,7 +57,7 @@ from .pgoutput import (
     decode,
     lsn_to_str,
 )
-from .rules import Filters, RowPolicy, filter_relation, is_skip_context
+from .rules import Filters, RowPolicy, check_tables, filter_relation, is_skip_context
 from .spill import PendingChange, TransactionBuffer
 from .stitching import CONTEXT_PREFIX, context_json
 from .stream import Keepalive, ReplicationStream, SourceCatalog, parse_frame

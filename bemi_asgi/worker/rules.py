@@ -36,7 +36,16 @@ from ..capture.context import SKIP_KEY
 from .config import DEFAULT_HASH_KEY_ENV, ColumnRules, TrackingConfig
 from .pgoutput import UNCHANGED, Column, Value
 
-__all__ = ["SKIP_KEY", "Filters", "RowPolicy", "filter_relation", "hash_text", "hash_value", "is_skip_context"]
+__all__ = [
+    "SKIP_KEY",
+    "Filters",
+    "RowPolicy",
+    "check_tables",
+    "filter_relation",
+    "hash_text",
+    "hash_value",
+    "is_skip_context",
+]
 
 logger = logging.getLogger("bemi_asgi.worker")
 
@@ -239,3 +248,35 @@ def filter_relation(filters: Filters, rel: _Relation) -> None:
     rel.converters = tuple(converters)
     rel.key = tuple(position for i in rel.key if (position := policy.position(i)) is not None)
     rel.replica_key = tuple(position for i in rel.replica_key if (position := policy.position(i)) is not None)
+
+
+async def check_tables(dsn: str, publication: str, filters: Filters) -> None:
+    """Check the column rules against the published tables of the source: raise ConfigError listing every rule
+    that names a column its table lacks, and every ignored or masked primary key column."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cursor = await conn.execute(
+            """
+            SELECT n.nspname::text, c.relname::text,
+                   array(SELECT a.attname::text FROM pg_attribute a
+                         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+                   array(SELECT a.attname::text
+                         FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                         WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.n)
+            FROM pg_publication_tables pt
+            JOIN pg_namespace n ON n.nspname = pt.schemaname
+            JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+            WHERE pt.pubname = %s
+            ORDER BY 1, 2
+            """,
+            [publication],
+        )
+        rows = await cursor.fetchall()
+    problems: list[str] = []
+    for schema, table, columns, key in rows:
+        if filters.tracks(schema, table):
+            problems += filters.problems(schema, table, columns, key)
+    if problems:
+        raise ConfigError("the tracking configuration does not fit the tables: " + "; ".join(problems))
