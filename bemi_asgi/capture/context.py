@@ -251,6 +251,8 @@ class bemi_context:  # lower case: used like a function, `with bemi_context(...)
         return cast(Callable[P, Any], run_sync)
 
 
+#: The prefix of the logical messages that carry a context into the WAL; the worker ignores every other prefix.
+MESSAGE_PREFIX = "_bemi"
 #: The context key asking the worker to store nothing of a transaction (see `skip_tracking`).
 SKIP_KEY = "_bemi_skip"
 

@@ -39,11 +39,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 from asyncpg.prepared_stmt import PreparedStatement
 
-from .context import ContextData, activate, current, deactivate
+from .context import MESSAGE_PREFIX, ContextData, activate, current, deactivate
 
 __all__ = ["BemiConnection", "BemiPreparedStatement", "classify", "connect", "create_pool", "emit_sql"]
-
-MESSAGE_PREFIX = "_bemi"
 
 T = TypeVar("T")
 

@@ -38,6 +38,7 @@ import asyncpg
 import psycopg
 
 from .._exceptions import BemiError
+from ..capture.context import MESSAGE_PREFIX
 from .config import TrackingConfig
 from .destination import BinaryCopy, ChangeRecord, Destination
 from .fastpath import RowCodec
@@ -59,7 +60,7 @@ from .pgoutput import (
 )
 from .rules import Filters, RowPolicy, check_tables, filter_relation, is_skip_context
 from .spill import PendingChange, TransactionBuffer
-from .stitching import CONTEXT_PREFIX, context_json
+from .stitching import context_json
 from .stream import Keepalive, ReplicationStream, SourceCatalog, parse_frame
 from .values import JSONValue, converter_for, encode_json, row_to_dict
 
@@ -509,7 +510,7 @@ class _Pipeline:
         return max(4 * self.worker.batch_rows, self.worker.spill_threshold)
 
     def _message(self, message: Message) -> None:
-        if message.prefix == CONTEXT_PREFIX and message.transactional and self.buffer is not None:
+        if message.prefix == MESSAGE_PREFIX and message.transactional and self.buffer is not None:
             context = context_json(message.content)
             if self.worker._honor_skip and is_skip_context(message.content, context):
                 # skip_tracking(): nothing of this transaction is stored; its end still moves the progress on.

@@ -14,15 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
-    "CONTEXT_PREFIX",
     "EMPTY_CONTEXT",
     "INVALID_CONTEXT_KEY",
     "context_json",
     "segment_contexts",
 ]
 
-#: The logical message prefix carrying context. Messages with any other prefix are ignored.
-CONTEXT_PREFIX = "_bemi"
 #: The context of a change no `_bemi` message speaks for.
 EMPTY_CONTEXT = "{}"
 #: A payload that is not a JSON object is kept, as text, under this key (never dropped, never fatal).
