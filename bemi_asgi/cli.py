@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +25,30 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """PostgreSQL change history for ASGI apps."""
+
+
+@contextmanager
+def _reported(command: str, *errors: type[BaseException], code: int) -> Iterator[None]:
+    """Report `errors` raised inside as one line, `bemi-asgi COMMAND: what went wrong`, and exit with `code`: a
+    traceback would bury the message that says the fix."""
+    try:
+        yield
+    except errors as exc:
+        typer.echo(f"bemi-asgi {command}: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(code) from None
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """What the database drivers raise; imported on use, so that `--help` stays quick."""
+    import asyncpg
+    import psycopg
+
+    return psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError
+
+
+class MigrationPart(StrEnum):
+    source = "source"
+    destination = "destination"
 
 
 @app.command("sql-migration")
@@ -55,7 +82,7 @@ def sql_migration(
         typer.Option("--partition-by-month", help="Create bemi.changes partitioned by month (prune drops months)."),
     ] = False,
     only: Annotated[
-        str | None,
+        MigrationPart | None,
         typer.Option(
             help="Only the 'source' part (publication, replica identity, event trigger) or only the "
             "'destination' part (schema bemi with bemi.changes)."
@@ -81,29 +108,23 @@ def sql_migration(
     from ._exceptions import MigrationError
     from .ops.migration import PARTS, Part, migration_sql, write_alembic_revision
 
-    try:
-        if only is not None and only not in PARTS:
-            raise MigrationError(f"--only must be 'source' or 'destination', not {only!r}")
-        parts: tuple[Part, ...] = PARTS if only is None else (only,)
-        extra: dict[str, Any] = {
-            "exclude_tables": exclude_table, "exclude_schemas": exclude_schema, "partition_by_month": partition_by_month
-        }  # fmt: skip
+    if alembic is not None and down:
+        raise typer.BadParameter("the Alembic revision holds both directions: leave out --down", param_hint="--alembic")
+    parts: tuple[Part, ...] = PARTS if only is None else (only.value,)
+    extra: dict[str, Any] = {
+        "exclude_tables": exclude_table, "exclude_schemas": exclude_schema, "partition_by_month": partition_by_month
+    }  # fmt: skip
+    with _reported("sql-migration", MigrationError, code=2):
         if alembic is not None:
-            if down:
-                raise MigrationError("--down and --alembic do not mix: the Alembic revision holds both directions")
+            options_text = _options_text(publication, schema, table, None if only is None else only.value, extra)
             path = write_alembic_revision(
                 alembic, down_revision=down_revision, publication=publication, schemas=schema, tables=table,
-                parts=parts, options_text=_options_text(publication, schema, table, only, extra), **extra,
+                parts=parts, options_text=options_text, **extra,
             )  # fmt: skip
             typer.echo(f"Wrote {path}")
             return
-        typer.echo(
-            migration_sql(publication=publication, schemas=schema, tables=table, down=down, parts=parts, **extra),
-            nl=False,
-        )
-    except MigrationError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        sql = migration_sql(publication=publication, schemas=schema, tables=table, down=down, parts=parts, **extra)
+    typer.echo(sql, nl=False)
 
 
 def _options_text(
@@ -147,16 +168,11 @@ def doctor(
     """
     import psycopg
 
+    from ._exceptions import SourceNotReadyError
     from .ops.doctor import check_source, format_report
 
-    try:
+    with _reported("doctor", SourceNotReadyError, psycopg.Error, code=2):
         findings = check_source(dsn, publication=publication, max_lag_bytes=int(max_lag_mb * 1024 * 1024))
-    except psycopg.OperationalError as exc:
-        typer.echo(f"Error: cannot connect to the source database: {str(exc).strip()}", err=True)
-        raise typer.Exit(2) from None
-    except psycopg.Error as exc:  # a role that may not read what the checks read, say
-        typer.echo(f"Error: cannot check the source database: {' '.join(str(exc).split())}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(format_report(findings))
     if any(finding.blocking for finding in findings):
         raise typer.Exit(1)
@@ -220,14 +236,11 @@ def worker(
     from .worker.pipeline import Worker
 
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
-    try:
+    with _reported("worker", BemiError, code=2):
         tracking = load_config(
             config, include=include or (), exclude=exclude or (), ignore_columns=ignore_column or (),
             mask_columns=mask_column or (), hash_columns=hash_column or (), drop_noop_updates=drop_noop_updates,
         )  # fmt: skip
-    except BemiError as exc:
-        typer.echo(f"bemi-asgi worker: {exc}", err=True)
-        raise typer.Exit(2) from None
     capture = Worker(
         source,
         destination=destination,
@@ -244,19 +257,10 @@ def worker(
             loop.add_signal_handler(signum, capture.stop)
         await capture.run(until_caught_up=until_caught_up)
 
-    import asyncpg
-    import psycopg
-
-    try:
+    # What retrying cannot fix (a missing privilege, a refused password on the destination, a DSN that is not a
+    # postgresql:// URL) ends the worker with what the server said.
+    with _reported("worker", BemiError, *_database_errors(), code=1):
         asyncio.run(run())
-    except BemiError as exc:
-        typer.echo(f"bemi-asgi worker: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except (psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # What retrying cannot fix (a missing privilege, a refused password on the destination, a DSN that is not
-        # a postgresql:// URL): one line saying what the server said, not a traceback.
-        typer.echo(f"bemi-asgi worker: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -292,19 +296,20 @@ def prune(
     from .ops.prune import parse_age
     from .ops.prune import prune as run_prune
 
-    try:
-        if (older_than is None) == (before is None):
-            raise BemiError("give the cutoff as --older-than AGE (e.g. 90d) or --before TIME, one of the two")
-        cutoff = datetime.now(UTC) - parse_age(older_than) if older_than is not None else before
-        assert cutoff is not None
-        cutoff = cutoff if cutoff.tzinfo is not None else cutoff.replace(tzinfo=UTC)
+    if older_than is not None and before is None:
+        try:
+            cutoff = datetime.now(UTC) - parse_age(older_than)
+        except BemiError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--older-than") from None
+    elif before is not None and older_than is None:
+        cutoff = before if before.tzinfo is not None else before.replace(tzinfo=UTC)
+    else:
+        raise typer.BadParameter("give the cutoff as --older-than AGE (e.g. 90d) or --before TIME, one of the two")
+    with _reported("prune", BemiError, code=2):
         result = run_prune(
             dsn, before=cutoff, batch_size=batch_size, dry_run=dry_run, months_ahead=months_ahead,
             progress=sys.stderr,
         )  # fmt: skip
-    except BemiError as exc:
-        typer.echo(f"bemi-asgi prune: {exc}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(result.deleted)
 
 
@@ -317,18 +322,13 @@ def maintain(
     months_ahead: Annotated[int, typer.Option(help="Create the partitions of this many months ahead.")] = 3,
 ) -> None:
     """Create the coming months' partitions of a partitioned bemi.changes (prune does it too); prints their names."""
-    import psycopg
+    from ._exceptions import BemiError
+    from .ops.prune import maintain as create_coming_partitions
 
-    from .ops.prune import create_partitions
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        if conn.execute("SELECT to_regproc('bemi.create_changes_partitions') IS NULL").fetchone() == (True,):
-            typer.echo(
-                "bemi-asgi maintain: bemi.changes is not partitioned (sql-migration --partition-by-month)", err=True
-            )
-            raise typer.Exit(2)
-        for name in create_partitions(conn, months_ahead):
-            typer.echo(f"bemi.{name}")
+    with _reported("maintain", BemiError, *_database_errors(), code=2):
+        names = create_coming_partitions(dsn, months_ahead)
+    for name in names:
+        typer.echo(f"bemi.{name}")
 
 
 @app.command()
@@ -353,10 +353,8 @@ def demo(
     from .ops.demo import run_demo
 
     try:
-        run_demo(port=port, data_dir=data_dir, host=host)
-    except DemoError as exc:
-        typer.echo(f"bemi-asgi demo: error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        with _reported("demo", DemoError, code=1):
+            run_demo(port=port, data_dir=data_dir, host=host)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

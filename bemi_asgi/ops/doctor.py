@@ -15,6 +15,8 @@ from typing import Any, Literal
 import psycopg
 from psycopg.rows import dict_row
 
+from .._exceptions import SourceNotReadyError
+
 __all__ = ["DEFAULT_MAX_LAG_BYTES", "Finding", "SourceFacts", "check_source", "collect", "diagnose", "format_report"]
 
 MIN_SERVER_VERSION = 14
@@ -326,8 +328,13 @@ def _size(count: int) -> str:
 
 
 def check_source(dsn: str, *, publication: str = "bemi", max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES) -> list[Finding]:
-    """Connect to the source named by `dsn` and return the findings."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    """Connect to the source named by `dsn` and return the findings. Raises SourceNotReadyError when it cannot
+    connect, psycopg.Error when the role may not read what the checks read."""
+    try:
+        conn = psycopg.connect(dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise SourceNotReadyError(f"cannot connect to the source database: {exc}") from None
+    with conn:
         return diagnose(collect(conn, publication), max_lag_bytes=max_lag_bytes)
 
 

@@ -29,7 +29,7 @@ from psycopg import sql
 
 from .._exceptions import ConfigError
 
-__all__ = ["PruneResult", "create_partitions", "parse_age", "prune"]
+__all__ = ["PruneResult", "create_partitions", "maintain", "parse_age", "prune"]
 
 _AGE = re.compile(r"^\s*(\d+)\s*(s|min|m|h|d|w)\s*$")
 _UNITS = {"s": "seconds", "min": "minutes", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -95,6 +95,14 @@ def create_partitions(conn: psycopg.Connection[Any], months_ahead: int = 3) -> l
     """Create the partitions of this month and the next `months_ahead` that are missing; their names."""
     rows = conn.execute("SELECT bemi.create_changes_partitions(%s)", [months_ahead]).fetchall()
     return [str(row[0]) for row in rows]
+
+
+def maintain(dsn: str, months_ahead: int = 3) -> list[str]:
+    """Create the coming months' partitions of a partitioned `bemi.changes`; their names."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if not _is_partitioned(conn):
+            raise ConfigError("bemi.changes is not partitioned (sql-migration --partition-by-month)")
+        return create_partitions(conn, months_ahead)
 
 
 def _is_partitioned(conn: psycopg.Connection[Any]) -> bool:
