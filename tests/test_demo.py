@@ -25,6 +25,7 @@ from bemi_asgi.ops.postgres import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = "Press Ctrl-C to stop"
+SEEDED_STEP = "seeded "  # the stderr step line printed just before the instructions
 
 
 def postgres_processes(pgdata: Path) -> list[psutil.Process]:
@@ -85,9 +86,11 @@ class Demo:
         return "".join(self.stderr) + "".join(self.stdout)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Wait until the demo printed its instructions (it is seeded and serving)."""
+        """Wait until the demo printed its instructions (it is seeded and serving) and its step lines up to the
+        seeding have been read too: stdout and stderr are read by two threads, so the instructions on stdout can
+        arrive before the step lines written earlier to stderr."""
         deadline = time.monotonic() + timeout
-        while READY not in "".join(self.stdout):
+        while READY not in "".join(self.stdout) or SEEDED_STEP not in "".join(self.stderr):
             if self.process.poll() is not None:
                 self.drain()
                 pytest.fail(f"the demo exited with {self.process.returncode}:\n{self.output()}")
