@@ -270,7 +270,8 @@ def prune(
         typer.Argument(envvar=["BEMI_DESTINATION_URL", "BEMI_SOURCE_URL"], help="The database holding bemi.changes."),
     ],
     older_than: Annotated[
-        str | None, typer.Option(help="Delete changes committed longer ago than this: 90d, 12h, 2w, 30min.")
+        str | None,
+        typer.Option(help="Delete changes committed longer ago than this: 90d, 2w, 6mo, 1y (calendar months), 12h."),
     ] = None,
     before: Annotated[
         datetime | None,
@@ -283,6 +284,12 @@ def prune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print how many changes would go; change nothing.")
     ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Delete without asking, however many changes would go.")
+    ] = False,
+    confirm_above: Annotated[
+        int, typer.Option(help="Without --yes, ask first (or refuse when not at a terminal) above this many.")
+    ] = 10_000,
 ) -> None:
     """Delete old changes: batched deletes, or whole monthly partitions (sql-migration --partition-by-month).
 
@@ -293,12 +300,12 @@ def prune(
     from datetime import UTC
 
     from ._exceptions import BemiError
-    from .ops.prune import parse_age
+    from .ops.prune import cutoff_for_age
     from .ops.prune import prune as run_prune
 
     if older_than is not None and before is None:
         try:
-            cutoff = datetime.now(UTC) - parse_age(older_than)
+            cutoff = cutoff_for_age(older_than, datetime.now(UTC))
         except BemiError as exc:
             raise typer.BadParameter(str(exc), param_hint="--older-than") from None
     elif before is not None and older_than is None:
@@ -306,11 +313,28 @@ def prune(
     else:
         raise typer.BadParameter("give the cutoff as --older-than AGE (e.g. 90d) or --before TIME, one of the two")
     with _reported("prune", BemiError, code=2):
+        if not (dry_run or yes):
+            # A retention typo must never delete history unseen: count first, and ask before a large delete.
+            going = run_prune(dsn, before=cutoff, dry_run=True).deleted
+            if going > confirm_above and not _confirmed(f"Delete {going:,} changes committed before {cutoff}?"):
+                typer.echo(
+                    f"bemi-asgi prune: would delete {going:,} changes committed before {cutoff.isoformat()}; "
+                    "nothing deleted: run again with --yes to delete them",
+                    err=True,
+                )
+                raise typer.Exit(1)
         result = run_prune(
             dsn, before=cutoff, batch_size=batch_size, dry_run=dry_run, months_ahead=months_ahead,
             progress=sys.stderr,
         )  # fmt: skip
     typer.echo(result.deleted)
+
+
+def _confirmed(question: str) -> bool:
+    """Ask at a terminal; elsewhere (cron, a pipe) the answer is no."""
+    import sys
+
+    return sys.stdin.isatty() and typer.confirm(question, default=False, err=True)
 
 
 @app.command()

@@ -18,7 +18,7 @@ import bemi_asgi
 from bemi_asgi import Bemi, ConfigError
 from bemi_asgi.cli import app
 from bemi_asgi.ops.migration import migration_sql
-from bemi_asgi.ops.prune import parse_age, prune
+from bemi_asgi.ops.prune import cutoff_for_age, prune
 from bemi_asgi.ui import allow_all, bemi_ui
 from bemi_asgi.worker.pipeline import Worker
 
@@ -53,15 +53,25 @@ def committed_at(dsn: str, where: str = "true") -> list[datetime]:
     return [row[0] for row in rows]
 
 
-def test_parse_age_reads_the_units_and_refuses_the_rest() -> None:
-    """`90d`, `12h`, `2w`, `30min`, `45s` are ages; a bare number or an unknown unit is a ConfigError."""
-    assert [parse_age(t) for t in ("90d", "12h", "2w", "30min", "30m", "45s")] == [
-        timedelta(days=90), timedelta(hours=12), timedelta(weeks=2), timedelta(minutes=30), timedelta(minutes=30),
-        timedelta(seconds=45),
+def test_ages_read_the_units_people_write_for_retention() -> None:
+    """Days, weeks, calendar months and years (short or spelt out, any case), hours, minutes and seconds are ages;
+    `m` and `M` are refused as ambiguous, a bare number or an unknown unit is refused, each naming the units."""
+    now = datetime(2026, 3, 31, 12, 30, tzinfo=UTC)
+    assert [now - cutoff_for_age(t, now) for t in ("90d", "90 days", "2w", "2W", "12h", "30min", "45s")] == [
+        timedelta(days=90), timedelta(days=90), timedelta(weeks=2), timedelta(weeks=2), timedelta(hours=12),
+        timedelta(minutes=30), timedelta(seconds=45),
     ]  # fmt: skip
-    for text in ("90", "3y", "d", "-1d"):
-        with pytest.raises(ConfigError, match="is not an age"):
-            parse_age(text)
+    assert cutoff_for_age("1mo", now) == datetime(2026, 2, 28, 12, 30, tzinfo=UTC)
+    assert cutoff_for_age("6 months", now) == datetime(2025, 9, 30, 12, 30, tzinfo=UTC)
+    assert cutoff_for_age("1y", now) == cutoff_for_age("12mo", now) == datetime(2025, 3, 31, 12, 30, tzinfo=UTC)
+    assert cutoff_for_age("1Y", datetime(2028, 2, 29, tzinfo=UTC)) == datetime(2027, 2, 28, tzinfo=UTC)
+    for text in ("6m", "6M"):
+        with pytest.raises(ConfigError, match=r"ambiguous .* write 6min or 6mo"):
+            cutoff_for_age(text, now)
+    for text, words in (("90", "is not an age"), ("d", "is not an age"), ("-1d", "is not an age"), ("3q", "unknown")):
+        with pytest.raises(ConfigError, match=words) as raised:
+            cutoff_for_age(text, now)
+        assert "mo, y" in str(raised.value)
 
 
 @pytest.mark.parametrize("partitioned", [False, True])
@@ -119,9 +129,30 @@ def test_dry_run_prints_the_count_and_deletes_nothing(database: str) -> None:
     assert result.stdout.strip() == "2"
     assert "would delete 2 changes" in result.stderr
     assert len(committed_at(database)) == 3
-    result = CliRunner().invoke(app, ["prune", database, "--older-than", "3y"])
+    result = CliRunner().invoke(app, ["prune", database, "--older-than", "6m"])
     assert result.exit_code == 2
-    assert "is not an age" in result.stderr
+    assert "ambiguous" in result.stderr
+    assert len(committed_at(database)) == 3
+
+
+def test_a_large_delete_is_shown_and_waits_for_yes(database: str) -> None:
+    """Above the confirmation threshold, prune without --yes prints what would go and deletes nothing (exit 1);
+    with --yes it deletes; below the threshold it deletes without asking."""
+    prepare(database, partitioned=False)
+    seed(database, [CUTOFF - timedelta(days=2), CUTOFF - timedelta(days=1), CUTOFF])
+    args = ["prune", database, "--before", CUTOFF.isoformat()]
+    refused = CliRunner().invoke(app, [*args, "--confirm-above", "1"])
+    assert refused.exit_code == 1, refused.output
+    assert "would delete 2 changes" in refused.stderr
+    assert "--yes" in refused.stderr
+    assert len(committed_at(database)) == 3
+    confirmed = CliRunner().invoke(app, [*args, "--confirm-above", "1", "--yes"])
+    assert confirmed.exit_code == 0, confirmed.output
+    assert committed_at(database) == [CUTOFF]
+    seed(database, [CUTOFF - timedelta(days=3)])
+    small = CliRunner().invoke(app, [*args, "--confirm-above", "1"])
+    assert small.exit_code == 0, small.output
+    assert committed_at(database) == [CUTOFF]
 
 
 async def test_partitioned_table_ingests_answers_queries_and_prunes_whole_months(database: str) -> None:

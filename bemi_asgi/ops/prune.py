@@ -18,6 +18,7 @@ the worker store anything again: it skips by its own progress (`bemi.worker_stat
 
 from __future__ import annotations
 
+import calendar
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,18 +30,52 @@ from psycopg import sql
 
 from .._exceptions import ConfigError
 
-__all__ = ["PruneResult", "create_partitions", "maintain", "parse_age", "prune"]
+__all__ = ["ACCEPTED_AGE_UNITS", "PruneResult", "create_partitions", "cutoff_for_age", "maintain", "prune"]
 
-_AGE = re.compile(r"^\s*(\d+)\s*(s|min|m|h|d|w)\s*$")
-_UNITS = {"s": "seconds", "min": "minutes", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# The spellings people write for a retention, each to its unit. A bare `m` (or `M`) is refused: minutes to some,
+# months to others, and a retention typo must never delete history.
+_UNIT_SPELLINGS = {
+    "seconds": ("s", "sec", "secs", "second", "seconds"),
+    "minutes": ("min", "mins", "minute", "minutes"),
+    "hours": ("h", "hr", "hrs", "hour", "hours"),
+    "days": ("d", "day", "days"),
+    "weeks": ("w", "wk", "wks", "week", "weeks"),
+    "months": ("mo", "mon", "mons", "month", "months"),
+    "years": ("y", "yr", "yrs", "year", "years"),
+}
+_UNITS = {spelling: unit for unit, spellings in _UNIT_SPELLINGS.items() for spelling in spellings}
+_AGE = re.compile(r"^\s*(\d+)\s*([a-z]+)\s*$", re.IGNORECASE)
+ACCEPTED_AGE_UNITS = "s, min, h, d, w, mo, y (or the words: seconds, minutes, hours, days, weeks, months, years)"
 
 
-def parse_age(text: str) -> timedelta:
-    """`90d`, `12h`, `2w`, `30min` (or `30m`), `45s` -> a timedelta."""
-    match = _AGE.match(text)
+def cutoff_for_age(age: str, now: datetime) -> datetime:
+    """The moment `age` before `now`: `90d`, `2w`, `6mo`, `1y`, `12h`, `30min`, `3 months`. Months and years are
+    calendar ones (2026-03-31 minus 1mo is 2026-02-28). Ambiguous or unknown units are a ConfigError."""
+    match = _AGE.match(age)
     if match is None:
-        raise ConfigError(f"{text!r} is not an age: write a number and a unit, e.g. 90d, 12h, 2w, 30min or 45s")
-    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+        raise ConfigError(
+            f"{age!r} is not an age: write a number and a unit, e.g. 90d, 6mo or 1y ({ACCEPTED_AGE_UNITS})"
+        )
+    count, spelling = int(match[1]), match[2]
+    if spelling.lower() == "m":
+        raise ConfigError(
+            f"{age!r} is ambiguous (minutes or months?): write {count}min or {count}mo ({ACCEPTED_AGE_UNITS})"
+        )
+    unit = _UNITS.get(spelling.lower())
+    if unit is None:
+        raise ConfigError(f"{age!r} has an unknown unit {spelling!r}: use one of {ACCEPTED_AGE_UNITS}")
+    if unit in ("months", "years"):
+        return _months_before(now, count * 12 if unit == "years" else count)
+    return now - timedelta(**{unit: count})
+
+
+def _months_before(moment: datetime, months: int) -> datetime:
+    """The same day and time `months` calendar months earlier, the day clamped to the month's last."""
+    year, month = divmod(moment.year * 12 + moment.month - 1 - months, 12)
+    if year < 1:
+        raise ConfigError(f"{months} months before {moment.date()} is before year 1")
+    day = min(moment.day, calendar.monthrange(year, month + 1)[1])
+    return moment.replace(year=year, month=month + 1, day=day)
 
 
 @dataclass
