@@ -46,6 +46,11 @@ def _database_errors() -> tuple[type[BaseException], ...]:
     return psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError
 
 
+def _flag(*names: str, help: str) -> Any:
+    """An on/off option, shown in --help without a value placeholder (Typer would print `<bool>`)."""
+    return typer.Option(*names, help=help, metavar="")
+
+
 class MigrationPart(StrEnum):
     source = "source"
     destination = "destination"
@@ -59,6 +64,7 @@ def sql_migration(
     schema: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="SCHEMA",
             help="Track every table of this schema, now and later (repeat it or separate with commas). "
             "Default: public, unless --table is given.",
         ),
@@ -66,20 +72,24 @@ def sql_migration(
     table: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="SCHEMA.TABLE",
             help='Track this table, as schema.table (repeat it or separate with commas; "Quote" names with '
             "capitals, spaces or dots).",
         ),
     ] = None,
     exclude_table: Annotated[
         list[str] | None,
-        typer.Option(help="Never track this table, even in a tracked schema or created later (schema.table)."),
+        typer.Option(
+            metavar="SCHEMA.TABLE",
+            help="Never track this table, even in a tracked schema or created later (schema.table).",
+        ),
     ] = None,
     exclude_schema: Annotated[
-        list[str] | None, typer.Option(help="Stop tracking this schema's tables (repeatable).")
+        list[str] | None, typer.Option(metavar="SCHEMA", help="Stop tracking this schema's tables (repeatable).")
     ] = None,
     partition_by_month: Annotated[
         bool,
-        typer.Option("--partition-by-month", help="Create bemi.changes partitioned by month (prune drops months)."),
+        _flag("--partition-by-month", help="Create bemi.changes partitioned by month (prune drops months)."),
     ] = False,
     only: Annotated[
         MigrationPart | None,
@@ -88,9 +98,7 @@ def sql_migration(
             "'destination' part (schema bemi with bemi.changes)."
         ),
     ] = None,
-    down: Annotated[
-        bool, typer.Option("--down", help="Print the rollback instead (drops the stored changes).")
-    ] = False,
+    down: Annotated[bool, _flag("--down", help="Print the rollback instead (drops the stored changes).")] = False,
     alembic: Annotated[
         Path | None,
         typer.Option(help="Write an Alembic revision file (upgrade and downgrade) into this versions directory."),
@@ -180,45 +188,58 @@ def doctor(
 
 @app.command()
 def worker(
-    source: Annotated[str, typer.Option(envvar="BEMI_SOURCE_URL", help="The database to capture (postgresql:// URL).")],
+    source: Annotated[
+        str, typer.Option(metavar="URL", envvar="BEMI_SOURCE_URL", help="The database to capture (postgresql:// URL).")
+    ],
     destination: Annotated[
         str | None,
-        typer.Option(envvar="BEMI_DESTINATION_URL", help="Where bemi.changes lives (default: the source)."),
+        typer.Option(
+            metavar="URL", envvar="BEMI_DESTINATION_URL", help="Where bemi.changes lives (default: the source)."
+        ),
     ] = None,
     slot: Annotated[str, typer.Option(envvar="BEMI_SLOT", help="Replication slot (created when missing).")] = "bemi",
     publication: Annotated[
         str, typer.Option(envvar="BEMI_PUBLICATION", help="Publication naming the tracked tables.")
     ] = "bemi",
     until_caught_up: Annotated[
-        bool, typer.Option("--until-caught-up", help="Store what is committed now, then exit.")
+        bool, _flag("--until-caught-up", help="Store what is committed now, then exit.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")] = False,
+    quiet: Annotated[bool, _flag("--quiet", "-q", help="No progress line.")] = False,
     progress_interval: Annotated[float, typer.Option(help="Seconds between progress lines.")] = 10.0,
     config: Annotated[
         Path | None,
         typer.Option(envvar="BEMI_CONFIG", help="Tracking configuration (TOML): tables, column rules, no-op updates."),
     ] = None,
     include: Annotated[
-        list[str] | None, typer.Option(help="Store only tables matching this schema.table pattern (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="PATTERN", help="Store only tables matching this schema.table pattern (repeatable)."),
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option(help="Store nothing of tables matching this pattern, e.g. 'audit.*'.")
+        list[str] | None,
+        typer.Option(metavar="PATTERN", help="Store nothing of tables matching this pattern, e.g. 'audit.*'."),
     ] = None,
     ignore_column: Annotated[
-        list[str] | None, typer.Option(help="Never store this column, as schema.table.column (repeatable).")
+        list[str] | None,
+        typer.Option(
+            metavar="SCHEMA.TABLE.COLUMN", help="Never store this column, as schema.table.column (repeatable)."
+        ),
     ] = None,
     mask_column: Annotated[
         list[str] | None,
-        typer.Option(help="Store this column's values as the marker \\[masked] (schema.table.column)."),
+        typer.Option(
+            metavar="SCHEMA.TABLE.COLUMN",
+            help="Store this column's values as the marker \\[masked] (schema.table.column).",
+        ),
     ] = None,
     hash_column: Annotated[
         list[str] | None,
         typer.Option(
-            help="Store this column's values as HMAC-SHA256 hex, keyed by BEMI_HASH_KEY (schema.table.column)."
+            metavar="SCHEMA.TABLE.COLUMN",
+            help="Store this column's values as HMAC-SHA256 hex, keyed by BEMI_HASH_KEY (schema.table.column).",
         ),
     ] = None,
     drop_noop_updates: Annotated[
-        bool, typer.Option("--drop-noop-updates", help="Store nothing for an UPDATE that changed no value.")
+        bool, _flag("--drop-noop-updates", help="Store nothing for an UPDATE that changed no value.")
     ] = False,
 ) -> None:
     """Stream the source's changes into bemi.changes, with their context, exactly once.
@@ -271,22 +292,24 @@ def prune(
     ],
     older_than: Annotated[
         str | None,
-        typer.Option(help="Delete changes committed longer ago than this: 90d, 2w, 6mo, 1y (calendar months), 12h."),
+        typer.Option(
+            metavar="AGE",
+            help="Delete changes committed longer ago than this: 90d, 2w, 6mo, 1y (calendar months), 12h.",
+        ),
     ] = None,
     before: Annotated[
         datetime | None,
-        typer.Option(help="Or: delete changes committed before this time (ISO 8601, UTC unless it has an offset)."),
+        typer.Option(
+            metavar="TIME",
+            help="Or: delete changes committed before this time (ISO 8601, UTC unless it has an offset).",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Rows deleted per transaction.")] = 1000,
     months_ahead: Annotated[
         int, typer.Option(help="Partitioned table: create the partitions of this many months ahead.")
     ] = 3,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print how many changes would go; change nothing.")
-    ] = False,
-    yes: Annotated[
-        bool, typer.Option("--yes", "-y", help="Delete without asking, however many changes would go.")
-    ] = False,
+    dry_run: Annotated[bool, _flag("--dry-run", help="Print how many changes would go; change nothing.")] = False,
+    yes: Annotated[bool, _flag("--yes", "-y", help="Delete without asking, however many changes would go.")] = False,
     confirm_above: Annotated[
         int, typer.Option(help="Without --yes, ask first (or refuse when not at a terminal) above this many.")
     ] = 10_000,
