@@ -108,13 +108,14 @@ def sql_migration(
         typer.Option(help="With --alembic: the revision it follows (default: the directory's single head)."),
     ] = None,
 ) -> None:
-    """Print the SQL that prepares a database for change capture: bemi-asgi sql-migration | psql "$DATABASE_URL"
+    """Print the SQL that prepares a database for change capture:
+    bemi-asgi sql-migration | psql -v ON_ERROR_STOP=1 "$DATABASE_URL"
 
     Source: a publication of the tracked tables, REPLICA IDENTITY FULL on them, an event trigger tracking new tables.
     Destination: the schema bemi with the table bemi.changes. Running it again changes nothing.
     """
     from ._exceptions import MigrationError
-    from .ops.migration import PARTS, Part, migration_sql, write_alembic_revision
+    from .ops.migration import PARTS, Part, migration_sql, migration_transaction, write_alembic_revision
 
     if alembic is not None and down:
         raise typer.BadParameter("the Alembic revision holds both directions: leave out --down", param_hint="--alembic")
@@ -132,7 +133,7 @@ def sql_migration(
             typer.echo(f"Wrote {path}")
             return
         sql = migration_sql(publication=publication, schemas=schema, tables=table, down=down, parts=parts, **extra)
-    typer.echo(sql, nl=False)
+    typer.echo(migration_transaction(sql), nl=False)
 
 
 def _options_text(

@@ -4,7 +4,8 @@
     DATABASE_URL=postgresql://... uvicorn examples.todo_app:app
 
 On your own database, once: create the table (`SCHEMA_SQL` below), prepare capture with
-`bemi-asgi sql-migration | psql "$DATABASE_URL"` and keep `bemi-asgi worker --source "$DATABASE_URL"` running.
+`bemi-asgi sql-migration | psql -v ON_ERROR_STOP=1 "$DATABASE_URL"` and keep
+`bemi-asgi worker --source "$DATABASE_URL"` running.
 
 What it shows:
 - The context of each request (`request_context`): the user from the `X-User` header (a stand-in for your auth),

@@ -32,6 +32,7 @@ from bemi_asgi.ops.migration import (
     quote_literal,
     split_statements,
 )
+from bemi_asgi.ops.postgres import find_bin_dir
 
 from .conftest import PgServer
 
@@ -150,6 +151,28 @@ def test_migration_applied_twice_is_a_no_op(database: str) -> None:
     first = snapshot(database, with_xmin=True)
     apply(database, script)
     assert snapshot(database, with_xmin=True) == first
+
+
+def psql(dsn: str, script: str) -> subprocess.CompletedProcess[str]:
+    """Pipe `script` into psql as the README says: `sql-migration | psql -v ON_ERROR_STOP=1 URL`."""
+    command = [str(find_bin_dir() / "psql"), "-X", "-v", "ON_ERROR_STOP=1", dsn]
+    return subprocess.run(command, input=script, capture_output=True, text=True, timeout=60)
+
+
+def test_printed_migration_stops_at_the_first_error_and_reruns_quietly(database: str) -> None:
+    """Piped into psql, a migration that fails exits non-zero and leaves the database exactly as it was (the
+    destination part it ran first is rolled back with the rest); one that succeeds prints no notice when run again."""
+    apply(database, APP_TABLES)
+    before = snapshot(database)
+    failed = psql(database, cli("--table", "public.users, public.missing"))
+    assert failed.returncode == 3, failed.stderr
+    assert "public.missing" in failed.stderr
+    assert snapshot(database) == before
+    first = psql(database, cli())
+    assert first.returncode == 0, first.stderr
+    assert snapshot(database) != before
+    again = psql(database, cli())
+    assert (again.returncode, again.stderr) == (0, "")
 
 
 def test_down_leaves_nothing_behind(database: str) -> None:
@@ -330,7 +353,8 @@ def test_quoted_literals_round_trip(conn: psycopg.Connection[Any], text: str) ->
 
 
 def test_without_event_trigger_privilege(database: str, owner_dsn: str) -> None:
-    """Run by a non-superuser, the migration tracks existing tables and explains, in a notice, how to track new ones."""
+    """Run by a non-superuser, the migration tracks existing tables and explains, in a warning, how to track new
+    ones."""
     apply(owner_dsn, "CREATE TABLE users (id int PRIMARY KEY)")
     notices = apply(owner_dsn, cli())
     assert any("may not create event triggers" in notice for notice in notices)

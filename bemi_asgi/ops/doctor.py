@@ -210,7 +210,7 @@ def diagnose(facts: SourceFacts, *, max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES) 
     """Turn the facts into findings, in plain words with what to do."""
     findings: list[Finding] = []
     add = findings.append
-    migrate = "run `bemi-asgi sql-migration | psql <source DSN>`"
+    migrate = "run `bemi-asgi sql-migration | psql -v ON_ERROR_STOP=1 <source DSN>`"
 
     if facts.server_version_num >= MIN_SERVER_VERSION * 10000:
         add(Finding("ok", f"PostgreSQL {facts.server_version} ({MIN_SERVER_VERSION} or newer is needed)"))

@@ -30,6 +30,7 @@ __all__ = [
     "alembic_revision",
     "load_sql",
     "migration_sql",
+    "migration_transaction",
     "parse_identifiers",
     "parse_tables",
     "quote_ident",
@@ -312,6 +313,19 @@ def migration_sql(
                 scripts.append(_render(load_sql("destination_partitioned_up.sql"), values))
             scripts.append(_render(load_sql(f"{part}_{'down' if down else 'up'}.sql"), values))
     return "\n".join(script.rstrip("\n") + "\n" for script in scripts)
+
+
+def migration_transaction(script: str) -> str:
+    """`script` as one transaction, for psql and other clients that run a script statement by statement: an error
+    leaves the database as it was (psql then rolls back at COMMIT, and with `-v ON_ERROR_STOP=1` exits 3 at once),
+    and the notices of objects that already exist stay quiet, so a re-run prints nothing."""
+    return (
+        "-- One transaction: an error anywhere leaves the database as it was.\n"
+        "BEGIN;\n"
+        "SET LOCAL client_min_messages = warning;\n"
+        f"{script.rstrip()}\n"
+        "COMMIT;\n"
+    )
 
 
 def split_statements(script: str) -> list[str]:

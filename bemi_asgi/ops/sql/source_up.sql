@@ -237,7 +237,7 @@ BEGIN
             EXECUTE FUNCTION bemi.track_new_tables();
     END IF;
 EXCEPTION WHEN insufficient_privilege THEN
-    RAISE NOTICE 'bemi-asgi: this role may not create event triggers (that needs a superuser), so tables created from now on are not tracked automatically'
+    RAISE WARNING 'bemi-asgi: this role may not create event triggers (that needs a superuser), so tables created from now on are not tracked automatically'
         USING HINT = 'Run bemi-asgi sql-migration again after creating tables; bemi-asgi doctor lists untracked ones.';
 END $$;
 
