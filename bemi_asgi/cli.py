@@ -336,7 +336,7 @@ def prune(
         cutoff = before if before.tzinfo is not None else before.replace(tzinfo=UTC)
     else:
         raise typer.BadParameter("give the cutoff as --older-than AGE (e.g. 90d) or --before TIME, one of the two")
-    with _reported("prune", BemiError, code=2):
+    with _reported("prune", BemiError, *_database_errors(), code=2):
         if not (dry_run or yes):
             # A retention typo must never delete history unseen: count first, and ask before a large delete.
             going = run_prune(dsn, before=cutoff, dry_run=True).deleted

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from typer.testing import CliRunner
 
 import bemi_asgi
@@ -133,6 +135,29 @@ def test_dry_run_prints_the_count_and_deletes_nothing(database: str) -> None:
     assert result.exit_code == 2
     assert "ambiguous" in result.stderr
     assert len(committed_at(database)) == 3
+
+
+def test_prune_and_maintain_without_privileges_fail_in_one_line(database: str) -> None:
+    """Run as a role that may read bemi.changes but not delete from it (nor create partitions), prune and maintain
+    exit 2 with one line saying what the server refused, no traceback, and delete nothing."""
+    prepare(database, partitioned=True)
+    seed(database, [CUTOFF - timedelta(days=40), CUTOFF])
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA bemi TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA bemi TO {role}")
+    reader = make_conninfo(database, user=role)
+    try:
+        for args in (["prune", reader, "--before", CUTOFF.isoformat(), "--yes"], ["maintain", reader, "--months-ahead", "12"]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 2, (args[0], result.output)
+            assert result.stderr.startswith(f"bemi-asgi {args[0]}: ")
+            assert "permission denied" in result.stderr or "must be owner" in result.stderr, result.stderr
+            assert result.stderr.count("\n") == 1, result.stderr
+        assert len(committed_at(database)) == 2
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 def test_a_large_delete_is_shown_and_waits_for_yes(database: str) -> None:
