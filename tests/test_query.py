@@ -10,6 +10,7 @@ import pytest
 
 import bemi_asgi
 from bemi_asgi import Bemi, Change, Operation, QueryError
+from bemi_asgi._pgtext import format_lsn
 
 from ._change_writer import ChangesEnv as Env
 from ._change_writer import Row, changes_env
@@ -207,7 +208,7 @@ async def test_as_of_walks_back_in_time_and_respects_deletes(env: Env) -> None:
     assert await as_of("items", 2, at=T0 + timedelta(minutes=2)) is None
     history = await env.bemi.history("items", 1)
     assert await as_of("items", 1, at=history[1].commit_lsn) == history[1].after
-    lsn_text = bemi_asgi.history.filters.lsn_to_str(history[1].commit_lsn - 1)
+    lsn_text = format_lsn(history[1].commit_lsn - 1)
     assert await as_of("items", 1, at=lsn_text) == history[0].after
 
 
@@ -337,7 +338,7 @@ async def test_wait_for_returns_once_the_worker_has_stored_the_position(env: Env
     assert await waiter == target
     with pytest.raises(TimeoutError, match="worker"):
         await env.bemi.wait_for(target + 1, timeout=0.1)
-    assert await env.bemi.wait_for(bemi_asgi.history.filters.lsn_to_str(target), timeout=1) == target
+    assert await env.bemi.wait_for(format_lsn(target), timeout=1) == target
 
 
 async def test_current_lsn_is_past_the_last_commit(env: Env) -> None:

@@ -24,9 +24,10 @@ from typing import Any
 import asyncpg
 
 from .._exceptions import QueryError
+from .._pgtext import quote_qualified
 from .catalog import fetch_table_info
 from .changes import SELECT_COLUMNS, ChangesAPI
-from .filters import At, PrimaryKey, encode_primary_key, parse_at, parse_lsn, quote_qualified, split_table
+from .filters import At, PrimaryKey, encode_primary_key, parse_at, read_lsn, split_table
 from .models import Change, change_from_record
 from .replay import blame_columns, without_idle_truncates
 from .revert import RevertPlan, apply_plan, plan_revert
@@ -69,8 +70,8 @@ class Bemi:
             raise TypeError(f"Bemi() takes an asyncpg pool or a DSN string, got {type(pool_or_dsn).__name__}")
         self._owns_pool = self._pool is None
         self._pool_lock = asyncio.Lock()
-        self.changes_table_sql = quote_qualified(changes_table)
-        self.worker_state_table_sql = quote_qualified(worker_state_table)
+        self.changes_table_sql = quote_qualified(*split_table(changes_table, None))
+        self.worker_state_table_sql = quote_qualified(*split_table(worker_state_table, None))
         self._columns: dict[tuple[str, str], frozenset[str]] = {}
         self.changes = ChangesAPI(self)
 
@@ -277,7 +278,7 @@ class Bemi:
         Get `lsn` with `current_lsn(conn)` on the connection that wrote, after its COMMIT. Raises TimeoutError after
         `timeout` seconds. `slot_name` picks one worker (default: any). The rule is explained in `bemi_asgi._wait`.
         """
-        position = parse_lsn(lsn) if isinstance(lsn, str) else lsn
+        position = read_lsn(lsn) if isinstance(lsn, str) else lsn
         return await wait_for_lsn(
             await self.pool(), self.worker_state_table_sql, position, timeout=timeout, slot_name=slot_name
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from .._exceptions import QueryError
+from .._pgtext import parse_lsn
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -29,11 +29,8 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "encode_primary_key",
-    "lsn_to_str",
     "parse_at",
-    "parse_lsn",
-    "quote_ident",
-    "quote_qualified",
+    "read_lsn",
     "require_aware",
     "split_table",
 ]
@@ -41,18 +38,6 @@ __all__ = [
 DEFAULT_SCHEMA = "public"
 
 PrimaryKey = int | str | uuid.UUID | Sequence[int | str | uuid.UUID]
-
-
-def quote_ident(name: str) -> str:
-    """Quote an identifier the way PostgreSQL's quote_ident does, always (safe for any name)."""
-    if "\x00" in name:
-        raise QueryError(f"identifier {name!r} contains a NUL character")
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_qualified(dotted: str) -> str:
-    """Quote a `schema.name` (or bare `name`) table reference given in configuration."""
-    return ".".join(quote_ident(part) for part in dotted.split(".", 1))
 
 
 def split_table(table: str, schema: str | None) -> tuple[str, str]:
@@ -100,19 +85,12 @@ def require_aware(value: datetime, name: str) -> datetime:
     return value
 
 
-_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
-
-
-def parse_lsn(text: str) -> int:
-    """'16/B374D848' (pg_lsn text) -> 0x16B374D848."""
-    match = _LSN.match(text)
-    if match is None:
-        raise QueryError(f"{text!r} is not an LSN: expected the pg_lsn form 'X/XXXXXXXX' or an int")
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
-
-
-def lsn_to_str(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+def read_lsn(text: str) -> int:
+    """An LSN argument given as text ('16/B374D848'), refused with QueryError when it is not one."""
+    try:
+        return parse_lsn(text)
+    except ValueError:
+        raise QueryError(f"{text!r} is not an LSN: expected the pg_lsn form 'X/XXXXXXXX' or an int") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +119,7 @@ def parse_at(at: datetime | int | str, now: datetime) -> At:
             raise QueryError(f"at={at} is not an LSN: LSNs are non-negative")
         return At("lsn", lsn=at)
     if isinstance(at, str):
-        return At("lsn", lsn=parse_lsn(at))
+        return At("lsn", lsn=read_lsn(at))
     raise QueryError(f"at must be a timezone-aware datetime or an LSN (int or 'X/XXXXXXXX'), got {type(at).__name__}")
 
 

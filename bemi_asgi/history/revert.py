@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from .._exceptions import QueryError, RevertConflictError
+from .._pgtext import quote_ident, quote_qualified
 from ..capture.context import bemi_context
 from .catalog import ColumnInfo, TableInfo, fetch_table_info
 from .changes import SELECT_COLUMNS
-from .filters import Where, json_param, quote_ident, require_aware, split_table
+from .filters import Where, json_param, require_aware, split_table
 from .models import Change, Operation, change_from_record
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def build_statement(
     info: TableInfo, key: str, current: Mapping[str, Any] | None, target: Mapping[str, Any] | None
 ) -> RevertStatement | None:
     """The statement taking the row from `current` to `target` (None: the row does not exist); None if equal."""
-    table_sql = f"{quote_ident(info.schema)}.{quote_ident(info.name)}"
+    table_sql = quote_qualified(info.schema, info.name)
     params: list[str | None] = []
 
     def value(column: ColumnInfo, item: Any) -> str:
