@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._changes_table import COLUMNS
 from .._exceptions import QueryError
+from .._pgtext import quote_ident
 from .filters import (
     Cursor,
     PrimaryKey,
@@ -30,9 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SELECT_COLUMNS", "ChangePage", "ChangesAPI"]
 
-SELECT_COLUMNS = (
-    'id, primary_key, "before"::text AS "before", "after"::text AS "after", context::text AS context, database, '
-    '"schema", "table", operation, committed_at, queued_at, created_at, transaction_id, position, commit_lsn, ordinal'
+#: Every column of `bemi.changes`, jsonb as text (asyncpg would decode it twice otherwise): what `change_from_record`
+#: reads.
+SELECT_COLUMNS = ", ".join(
+    f"{name}::text AS {name}" if column.is_json else name for column in COLUMNS for name in [quote_ident(column.name)]
 )
 
 MAX_LIMIT = 10_000

@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 
+from .._changes_table import CHANGES, SCHEMA, WORKER_STATE
 from .._exceptions import QueryError
 from .._pgtext import quote_qualified
 from .catalog import fetch_table_info
@@ -50,16 +51,10 @@ class Bemi:
 
     `pool_or_dsn` is any asyncpg pool (the pool from `bemi_asgi.create_pool` works, and costs nothing for reads)
     or a DSN, for which Bemi opens its own small pool on first use (close it with `await bemi.close()` or
-    `async with Bemi(dsn) as bemi`). `changes_table` and `worker_state_table` name the tables the worker writes.
+    `async with Bemi(dsn) as bemi`). It reads `bemi.changes` and `bemi.worker_state`, the tables the worker writes.
     """
 
-    def __init__(
-        self,
-        pool_or_dsn: asyncpg.Pool | str,
-        *,
-        changes_table: str = "bemi.changes",
-        worker_state_table: str = "bemi.worker_state",
-    ) -> None:
+    def __init__(self, pool_or_dsn: asyncpg.Pool | str) -> None:
         if isinstance(pool_or_dsn, str):
             self._dsn: str | None = pool_or_dsn
             self._pool: asyncpg.Pool | None = None
@@ -70,8 +65,8 @@ class Bemi:
             raise TypeError(f"Bemi() takes an asyncpg pool or a DSN string, got {type(pool_or_dsn).__name__}")
         self._owns_pool = self._pool is None
         self._pool_lock = asyncio.Lock()
-        self.changes_table_sql = quote_qualified(*split_table(changes_table, None))
-        self.worker_state_table_sql = quote_qualified(*split_table(worker_state_table, None))
+        self.changes_table_sql = quote_qualified(SCHEMA, CHANGES)
+        self.worker_state_table_sql = quote_qualified(SCHEMA, WORKER_STATE)
         self._columns: dict[tuple[str, str], frozenset[str]] = {}
         self.changes = ChangesAPI(self)
 
