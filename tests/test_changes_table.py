@@ -8,7 +8,7 @@ import pytest
 
 from bemi_asgi import Change
 from bemi_asgi._changes_table import CHANGES, COLUMNS, SCHEMA, WRITTEN
-from bemi_asgi.history.changes import SELECT_COLUMNS
+from bemi_asgi.history.store import SELECT_COLUMNS
 from bemi_asgi.ops.migration import migration_sql
 from bemi_asgi.worker.destination import BINARY_COLUMNS
 from bemi_asgi.worker.destination import COLUMNS as WORKER_COLUMNS

@@ -212,6 +212,38 @@ async def test_as_of_walks_back_in_time_and_respects_deletes(env: Env) -> None:
     assert await as_of("items", 1, at=lsn_text) == history[0].after
 
 
+async def test_history_and_as_of_take_a_context_scope(env: Env) -> None:
+    """With context=, history() and as_of() see only the matching changes, TRUNCATEs included: the row as those
+    changes alone made it."""
+    await write_item_story(env)
+    await env.writer.commit([Row("TRUNCATE", "items")], context={"user": "bob"}, committed_at=T0 + timedelta(minutes=4))
+    alice = {"user": "alice"}
+    assert [c.operation.value for c in await env.bemi.history("items", 1, context=alice)] == ["CREATE", "UPDATE"]
+    assert [c.operation.value for c in await env.bemi.history("items", 1, context={"user": "bob"})] == [
+        "UPDATE",
+        "TRUNCATE",
+    ]
+    assert await env.bemi.history("items", 1, context={"user": "carol"}) == []
+    now = datetime.now(UTC)
+    assert await env.bemi.as_of("items", 1, at=now, context=alice) == {"id": 1, "name": "ink pen", "price": 4}
+    assert await env.bemi.as_of("items", 1, at=T0 + timedelta(minutes=2), context=alice) == {
+        "id": 1,
+        "name": "pen",
+        "price": 3,
+    }
+    assert await env.bemi.as_of("items", 1, at=now) is None  # truncated, for everyone
+    with pytest.raises(QueryError, match="context must be a mapping"):
+        await env.bemi.history("items", 1, context=["user"])  # type: ignore[arg-type]
+
+
+async def test_filters_are_keyword_arguments_checked_by_name(env: Env) -> None:
+    """find() and count() refuse a filter they do not know, as a function refuses an unknown keyword."""
+    with pytest.raises(TypeError, match="find\\(\\) got an unexpected keyword argument 'tabel'"):
+        await env.bemi.changes.find(tabel="items")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="count\\(\\) got an unexpected keyword argument 'user'"):
+        await env.bemi.changes.count(user="bob")  # type: ignore[call-arg]
+
+
 async def test_truncate_ends_a_rows_existence(env: Env) -> None:
     """A TRUNCATE in the middle of a row's history ends the row until it is created again."""
     w = env.writer
