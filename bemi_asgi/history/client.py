@@ -24,7 +24,7 @@ import asyncpg
 
 from .._exceptions import QueryError
 from .changes import ChangesAPI
-from .filters import FilterArgs, PrimaryKey, Where, encode_primary_key, parse_at, read_lsn, split_table
+from .filters import ChangeFilter, FilterArgs, PrimaryKey, encode_primary_key, parse_at, read_lsn, split_table
 from .models import Change
 from .replay import blame_columns, row_states
 from .revert import RevertPlan, apply_plan, plan_revert, revert_selection
@@ -119,8 +119,7 @@ class Bemi:
         schema_name, table_name = split_table(table, schema)
         point = parse_at(at, datetime.now(UTC))
         await self.store.require_known_table(schema_name, table_name)
-        where = Where()
-        where.add(f'"schema" = {where.param(schema_name)} AND "table" = {where.param(table_name)}')
+        where = ChangeFilter(FilterArgs(table=table_name, schema=schema_name)).where()
         where.add(at_condition(point, where))
         pool = await self.pool()
         async with pool.acquire() as conn:
@@ -218,7 +217,7 @@ class Bemi:
             await bemi.wait_for(lsn)  # now history() includes the update
 
         Get `lsn` with `current_lsn(conn)` on the connection that wrote, after its COMMIT. Raises TimeoutError after
-        `timeout` seconds. `slot_name` picks one worker (default: any). The rule is explained in `bemi_asgi._wait`.
+        `timeout` seconds. `slot_name` picks one worker (default: any). The rule: `bemi_asgi.history.wait`.
         """
         position = read_lsn(lsn) if isinstance(lsn, str) else lsn
         return await wait_for_lsn(await self.pool(), WORKER_STATE_SQL, position, timeout=timeout, slot_name=slot_name)

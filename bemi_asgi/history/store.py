@@ -19,7 +19,7 @@ from .._changes_table import CHANGES, COLUMNS, SCHEMA, WORKER_STATE
 from .._exceptions import QueryError
 from .._pgtext import quote_ident, quote_qualified
 from .catalog import fetch_table_info
-from .filters import At, ChangeFilter, Where, json_param
+from .filters import At, ChangeFilter, FilterArgs, Where
 from .models import Change, change_from_record
 from .replay import without_idle_truncates
 
@@ -119,12 +119,9 @@ class ChangeStore:
         `at` keeps what was committed by then, `context` what matches that context filter (the TRUNCATEs too), and
         `limit` the row's latest changes, with the TRUNCATEs after the oldest of them.
         """
-        where = Where()
-        where.add(f'"schema" = {where.param(schema)} AND "table" = {where.param(table)}')
+        where = ChangeFilter(FilterArgs(table=table, schema=schema, context=context)).where()
         if at is not None:
             where.add(at_condition(at, where))
-        if context is not None:
-            where.add(f"context @> {where.param(json_param(context, 'context'))}::jsonb")
         scope = where.sql()
         sql = f"""
             WITH row_changes AS (
