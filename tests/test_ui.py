@@ -584,7 +584,7 @@ async def _close_streams() -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-def open_stream(app: BemiUI, query: str, headers: dict[str, str]) -> RawStream:
+def open_stream(app: BemiUI, query: str, headers: dict[str, str], spec_version: str = "2.4") -> RawStream:
     incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     incoming.put_nowait({"type": "http.request", "body": b"", "more_body": False})
     sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -597,7 +597,7 @@ def open_stream(app: BemiUI, query: str, headers: dict[str, str]) -> RawStream:
 
     scope = {
         "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "asgi": {"version": "3.0", "spec_version": spec_version},
         "http_version": "1.1",
         "method": "GET",
         "scheme": "http",
@@ -654,6 +654,16 @@ async def test_stream_sends_new_in_scope_changes_and_stops_on_disconnect(env: En
     await stream.hang_up()
     await asyncio.wait_for(stream.task, 30)
     assert stream.task.done()
+    assert stream.task.exception() is None
+
+
+async def test_an_idle_stream_ends_as_soon_as_the_client_disconnects(env: Env) -> None:
+    """Between polls (here a minute apart) a stream still notices the client leaving, and ends at once."""
+    app = tenant_ui(env, poll_interval=60)
+    stream = open_stream(app, "", {"x-user": "ann", "x-tenant": "1"}, spec_version="2.3")
+    await stream.next_event()
+    await stream.hang_up()
+    await asyncio.wait_for(stream.task, 10)
     assert stream.task.exception() is None
 
 
