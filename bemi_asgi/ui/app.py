@@ -343,11 +343,8 @@ class BemiUI:
         return StreamingResponse(
             self._events(request, poll, first),
             media_type="text/event-stream",
-            headers={
-                **_security_headers("-"),
-                "Cache-Control": "no-store",
-                "X-Accel-Buffering": "no",  # proxies must pass events through at once
-            },
+            # Proxies must pass events through at once.
+            headers={**_security_headers("-"), "X-Accel-Buffering": "no"},
         )
 
     async def _events(
@@ -360,9 +357,9 @@ class BemiUI:
         `stream_seconds`. Each event's id is the cursor to continue from, which the browser sends back as
         Last-Event-ID when it reconnects.
 
-        Starlette's StreamingResponse stops this generator when the client disconnects (ASGI servers before spec
-        2.4 report it while the stream is idle too); each poll also asks `request.is_disconnected()`, for servers
-        that report it only there.
+        Starlette's StreamingResponse ends the stream when the client disconnects: under ASGI spec < 2.4 it listens
+        for `http.disconnect` (so an idle stream stops too), under 2.4 a send fails. Each poll also asks
+        `request.is_disconnected()`, so a 2.4 server that reports the disconnect stops an idle stream as well.
         """
         yield b"retry: 2000\n\n"
         loop = asyncio.get_running_loop()
