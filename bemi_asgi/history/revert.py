@@ -108,7 +108,7 @@ class RevertSelection:
     """What a revert undoes: one change, or the changes a filter matches; and its description for the context."""
 
     change: Change | None
-    selection: ChangeFilter | None
+    matching: ChangeFilter | None
     description: Mapping[str, Any]
     #: A transaction id given as an int: it must match a single transaction (ids wrap around).
     transaction_id: int | None = None
@@ -151,8 +151,8 @@ async def _select(store: ChangeStore, chosen: RevertSelection) -> list[Change]:
     """The selected changes in commit order."""
     if chosen.change is not None:
         return [chosen.change]
-    assert chosen.selection is not None
-    selected = await store.select(chosen.selection.where())
+    assert chosen.matching is not None
+    selected = await store.select(chosen.matching.where())
     if chosen.transaction_id is not None and len({c.commit_lsn for c in selected}) > 1:
         raise QueryError(
             f"transaction id {chosen.transaction_id} matches several transactions (ids wrap around): pass "
