@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from bemi_asgi import Bemi
+from bemi_asgi._pgtext import quote_ident
 from bemi_asgi.ops.migration import load_sql
 
 MIGRATION = load_sql("destination_up.sql")
@@ -109,10 +110,6 @@ class ChangeWriter:
 _INTS = {20, 21, 23, 26}
 
 
-def quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 _FLOATS = {700, 701}
 
 
@@ -125,10 +122,12 @@ async def row_image(conn: asyncpg.Connection, table: str, key: dict[str, Any]) -
         table,
     )
     selects = ", ".join(
-        f"to_jsonb({quote(c['attname'])})::text" if c["typcategory"] == "A" else f"{quote(c['attname'])}::text"
+        f"to_jsonb({quote_ident(c['attname'])})::text"
+        if c["typcategory"] == "A"
+        else f"{quote_ident(c['attname'])}::text"
         for c in columns
     )
-    condition = " AND ".join(f"{quote(name)}::text = ${i}" for i, name in enumerate(key, 1))
+    condition = " AND ".join(f"{quote_ident(name)}::text = ${i}" for i, name in enumerate(key, 1))
     record = await conn.fetchrow(
         f"SELECT {selects} FROM {table} WHERE {condition}", *(str(value) for value in key.values())
     )

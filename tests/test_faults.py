@@ -28,9 +28,9 @@ import psycopg
 import pytest
 
 import bemi_asgi
+from bemi_asgi._pgtext import parse_lsn
 from bemi_asgi.ops.migration import migration_sql
 from bemi_asgi.ops.postgres import LocalPostgres
-from bemi_asgi.worker.pgoutput import str_to_lsn
 from bemi_asgi.worker.pipeline import Worker
 
 from .conftest import PgServer
@@ -50,7 +50,7 @@ def scalar(dsn: str, query: str, *args: Any) -> Any:
 
 
 def current_wal_lsn(dsn: str) -> int:
-    return str_to_lsn(scalar(dsn, "SELECT pg_current_wal_lsn()::text"))
+    return parse_lsn(scalar(dsn, "SELECT pg_current_wal_lsn()::text"))
 
 
 def slot_positions(dsn: str, slot: str = "bemi") -> tuple[int, int]:
@@ -61,7 +61,7 @@ def slot_positions(dsn: str, slot: str = "bemi") -> tuple[int, int]:
             [slot],
         ).fetchone()
     assert row is not None
-    return str_to_lsn(row[0]), str_to_lsn(row[1])
+    return parse_lsn(row[0]), parse_lsn(row[1])
 
 
 def worker_command(source: str, *extra: str) -> list[str]:

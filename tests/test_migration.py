@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from bemi_asgi import MigrationError
+from bemi_asgi._pgtext import quote_literal
 from bemi_asgi.cli import app
 from bemi_asgi.ops.migration import (
     alembic_head,
@@ -29,7 +30,6 @@ from bemi_asgi.ops.migration import (
     migration_sql,
     parse_identifiers,
     parse_tables,
-    quote_literal,
     split_statements,
 )
 from bemi_asgi.ops.postgres import find_bin_dir

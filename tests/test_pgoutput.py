@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import psycopg
 import pytest
 
 from bemi_asgi import DecodeError
+from bemi_asgi._pgtext import parse_lsn
 from bemi_asgi.worker.pgoutput import (
     UNCHANGED,
     Begin,
@@ -30,8 +30,6 @@ from bemi_asgi.worker.pgoutput import (
     Type,
     Update,
     decode,
-    lsn_to_str,
-    str_to_lsn,
 )
 from tests.data.pgoutput import capture as scenario
 
@@ -97,7 +95,7 @@ def expected_changes(facts: dict[str, Any]) -> list[list[PgOutputMessage] | Mess
         [Delete(accounts, ("7", scenario.EMAIL_AFTER, big), old_is_key_only=False)],
         Message(False, -1, "other", scenario.MESSAGE_CONTENT),
         [
-            Origin(str_to_lsn(scenario.ORIGIN_LSN), scenario.ORIGIN_NAME),
+            Origin(parse_lsn(scenario.ORIGIN_LSN), scenario.ORIGIN_NAME),
             Insert(oids["parents"], ("1", "p")),
             Insert(oids["children"], ("1", "1")),
         ],
@@ -149,7 +147,7 @@ def check_scenario(capture: scenario.Capture) -> None:
                 assert oid is None or oid in seen_relations, "a Relation message precedes the first change"
             if isinstance(message, Message):
                 assert message.lsn > 0
-                assert message.lsn <= (open_begin.final_lsn if open_begin else str_to_lsn(lsn))
+                assert message.lsn <= (open_begin.final_lsn if open_begin else parse_lsn(lsn))
                 message = Message(message.transactional, -1, message.prefix, message.content)
             if open_begin is None:
                 assert isinstance(message, Message)
@@ -230,21 +228,3 @@ def test_bad_tuple_column_kinds_raise_decode_error() -> None:
         decode(insert[:value_start] + b"\xff" + insert[value_start + 1 :])
     with pytest.raises(DecodeError, match=r"expected 'N' \(new tuple\) at offset 5"):
         decode(insert[:5] + b"Q" + insert[6:])
-
-
-def test_lsn_text_matches_pg_lsn(database: str) -> None:
-    """lsn_to_str formats like the server's pg_lsn, and str_to_lsn parses its output back."""
-    values = [0, 1, 0xFFFFFFFF, 0x1_0000_0000, 0x16_B374D848, 2**64 - 1]
-    with psycopg.connect(database) as conn:
-        for value in values:
-            row = conn.execute("SELECT ('0/0'::pg_lsn + %s::numeric)::text", [value]).fetchone()
-            assert row is not None
-            assert lsn_to_str(value) == row[0]
-            assert str_to_lsn(row[0]) == value
-
-
-@pytest.mark.parametrize("text", ["", "1", "/1", "1/", "G/1", "1/123456789", " 1/2", "-1/2", "1/+2"])
-def test_str_to_lsn_rejects_non_lsn_text(text: str) -> None:
-    """str_to_lsn raises ValueError for text pg_lsn would not produce."""
-    with pytest.raises(ValueError, match="not an LSN"):
-        str_to_lsn(text)

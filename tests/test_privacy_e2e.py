@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 import bemi_asgi
 from bemi_asgi import Bemi, ConfigError, hash_value, skip_tracking
+from bemi_asgi._pgtext import format_lsn
 from bemi_asgi.cli import app
 from bemi_asgi.ops.doctor import check_source, format_report
 from bemi_asgi.worker.config import TrackingConfig, load_config
-from bemi_asgi.worker.pgoutput import lsn_to_str
 from bemi_asgi.worker.pipeline import Worker
 
 from .worker_support import changes, drain, emit, prepare_source
@@ -226,7 +226,7 @@ async def test_skipped_transaction_stores_nothing_and_progress_moves_past_it(dat
         with psycopg.connect(database) as conn:
             row = conn.execute(
                 "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = 'bemi'",
-                [lsn_to_str(skipped_end)],
+                [format_lsn(skipped_end)],
             ).fetchone()
         assert row == (True,)
         with bemi_asgi.bemi_context(user_id=2):

@@ -148,7 +148,10 @@ def test_prune_and_maintain_without_privileges_fail_in_one_line(database: str) -
         conn.execute(f"GRANT USAGE ON SCHEMA bemi TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA bemi TO {role}")
     reader = make_conninfo(database, user=role)
     try:
-        for args in (["prune", reader, "--before", CUTOFF.isoformat(), "--yes"], ["maintain", reader, "--months-ahead", "12"]):
+        for args in (
+            ["prune", reader, "--before", CUTOFF.isoformat(), "--yes"],
+            ["maintain", reader, "--months-ahead", "12"],
+        ):
             result = CliRunner().invoke(app, args)
             assert result.exit_code == 2, (args[0], result.output)
             assert result.stderr.startswith(f"bemi-asgi {args[0]}: ")

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from bemi_asgi import DestinationNotReadyError, SourceNotReadyError
-from bemi_asgi.worker.pgoutput import str_to_lsn
+from bemi_asgi._pgtext import parse_lsn
 from bemi_asgi.worker.pipeline import Worker
 from bemi_asgi.worker.stitching import INVALID_CONTEXT_KEY
 
@@ -317,7 +317,7 @@ async def test_idle_slot_advances_past_untracked_traffic(database: str) -> None:
                         emit(conn, {"i": i})
                 row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
                 assert row is not None
-                return str_to_lsn(row[0])
+                return parse_lsn(row[0])
 
         written = await asyncio.to_thread(write_untracked)
 
@@ -325,7 +325,7 @@ async def test_idle_slot_advances_past_untracked_traffic(database: str) -> None:
             with psycopg.connect(database) as conn:
                 row = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots").fetchone()
                 assert row is not None
-                return str_to_lsn(row[0])
+                return parse_lsn(row[0])
 
         while (await asyncio.to_thread(confirmed)) < written:
             assert not task.done(), task

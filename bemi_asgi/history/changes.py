@@ -7,33 +7,15 @@ skips (the worker stores commits in commit order, so new changes sort after ever
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import Literal, Unpack
 
 from .._exceptions import QueryError
-from .filters import (
-    Cursor,
-    PrimaryKey,
-    Where,
-    decode_cursor,
-    encode_cursor,
-    encode_primary_key,
-    json_param,
-    require_aware,
-    split_table,
-)
-from .models import Change, Operation, change_from_record
+from .filters import ChangeFilter, Cursor, FilterArgs, decode_cursor, encode_cursor
+from .models import Change
+from .store import ChangeStore
 
-if TYPE_CHECKING:
-    from .client import Bemi
-
-__all__ = ["SELECT_COLUMNS", "ChangePage", "ChangesAPI"]
-
-SELECT_COLUMNS = (
-    'id, primary_key, "before"::text AS "before", "after"::text AS "after", context::text AS context, database, '
-    '"schema", "table", operation, committed_at, queued_at, created_at, transaction_id, position, commit_lsn, ordinal'
-)
+__all__ = ["ChangePage", "ChangesAPI"]
 
 MAX_LIMIT = 10_000
 
@@ -48,55 +30,35 @@ class ChangePage(list[Change]):
         self.next_cursor = next_cursor
 
 
-def _operations(operation: Operation | str | Sequence[Operation | str]) -> list[str]:
-    items = [operation] if isinstance(operation, Operation | str) else list(operation)
-    result = []
-    for item in items:
-        try:
-            result.append(Operation(item.upper() if isinstance(item, str) else item).value)
-        except ValueError:
-            raise QueryError(f"operation {item!r} is not one of {', '.join(op.value for op in Operation)}") from None
-    return result
-
-
 class ChangesAPI:
     """Finding stored changes; reached as `bemi.changes`."""
 
-    def __init__(self, bemi: Bemi) -> None:
-        self._bemi = bemi
+    def __init__(self, store: ChangeStore) -> None:
+        self._store = store
 
     async def find(
         self,
         *,
-        table: str | None = None,
-        schema: str | None = None,
-        primary_key: PrimaryKey | None = None,
-        operation: Operation | str | Sequence[Operation | str] | None = None,
-        context: Mapping[str, Any] | None = None,
-        before: Mapping[str, Any] | None = None,
-        after: Mapping[str, Any] | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        transaction_id: int | None = None,
         limit: int = 100,
         order: Literal["asc", "desc"] = "desc",
         cursor: str | None = None,
+        **filters: Unpack[FilterArgs],
     ) -> ChangePage:
         """Return one page of the changes matching every given filter.
 
-        `table` is "name" or "schema.name" (schema `public` by default; `schema=` alone matches every table of a
-        schema). `primary_key` is the row's key: an int or str, a tuple for a composite key. `context`, `before`
-        and `after` match by containment: `context={"user_id": 42}` finds changes whose context holds that pair.
-        `since` is inclusive and `until` exclusive (aware datetimes). Pass the returned page's `next_cursor` as
-        `cursor` with the same filters to get the next page.
+        Filters: `table` is "name" or "schema.name" (schema `public` by default; `schema=` alone matches every
+        table of a schema). `primary_key` is the row's key: an int or str, a tuple for a composite key.
+        `operation` is one operation or several. `context`, `before` and `after` match by containment:
+        `context={"user_id": 42}` finds changes whose context holds that pair. `since` is inclusive and `until`
+        exclusive (aware datetimes). `transaction_id` is the source transaction's id. Pass the returned page's
+        `next_cursor` as `cursor` with the same filters to get the next page.
         """
         if order not in ("asc", "desc"):
             raise QueryError(f"order must be 'asc' or 'desc', got {order!r}")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise QueryError(f"limit must be an int from 1 to {MAX_LIMIT}, got {limit!r}")
-        where, table_ref = await self._where(
-            table, schema, primary_key, operation, context, before, after, since, until, transaction_id
-        )
+        selection = ChangeFilter(filters, caller="find")
+        where = await self._store.where(selection)
         if cursor is not None:
             position = decode_cursor(cursor)
             if position.order != order:
@@ -106,90 +68,20 @@ class ChangesAPI:
                 f"(commit_lsn, ordinal) {comparison} ({where.param(position.commit_lsn)}::bigint, "
                 f"{where.param(position.ordinal)}::integer)"
             )
-        direction = "ASC" if order == "asc" else "DESC"
-        sql = (
-            f"SELECT {SELECT_COLUMNS} FROM {self._bemi.changes_table_sql} WHERE {where.sql()} "
-            f"ORDER BY commit_lsn {direction}, ordinal {direction} LIMIT {where.param(limit + 1)}"
-        )
-        pool = await self._bemi.pool()
-        records = await pool.fetch(sql, *where.params)
-        changes = [change_from_record(record) for record in records[:limit]]
-        if not changes and table_ref is not None and cursor is None:
-            await self._bemi.require_known_table(*table_ref)
+        found = await self._store.select(where, order=order, limit=limit + 1)
+        changes = found[:limit]
+        if not changes and selection.table is not None and cursor is None:
+            await self._store.require_known_table(*selection.table)
         next_cursor = None
-        if len(records) > limit:
+        if len(found) > limit:
             last = changes[-1]
             next_cursor = encode_cursor(Cursor(last.commit_lsn, last.ordinal, order))
         return ChangePage(changes, next_cursor)
 
-    async def count(
-        self,
-        *,
-        table: str | None = None,
-        schema: str | None = None,
-        primary_key: PrimaryKey | None = None,
-        operation: Operation | str | Sequence[Operation | str] | None = None,
-        context: Mapping[str, Any] | None = None,
-        before: Mapping[str, Any] | None = None,
-        after: Mapping[str, Any] | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        transaction_id: int | None = None,
-    ) -> int:
+    async def count(self, **filters: Unpack[FilterArgs]) -> int:
         """Count the changes matching the filters (the same filters as `find`)."""
-        where, table_ref = await self._where(
-            table, schema, primary_key, operation, context, before, after, since, until, transaction_id
-        )
-        pool = await self._bemi.pool()
-        total: int = await pool.fetchval(
-            f"SELECT count(*) FROM {self._bemi.changes_table_sql} WHERE {where.sql()}", *where.params
-        )
-        if total == 0 and table_ref is not None:
-            await self._bemi.require_known_table(*table_ref)
+        selection = ChangeFilter(filters, caller="count")
+        total = await self._store.count(await self._store.where(selection))
+        if total == 0 and selection.table is not None:
+            await self._store.require_known_table(*selection.table)
         return total
-
-    async def _where(
-        self,
-        table: str | None,
-        schema: str | None,
-        primary_key: PrimaryKey | None,
-        operation: Operation | str | Sequence[Operation | str] | None,
-        context: Mapping[str, Any] | None,
-        before: Mapping[str, Any] | None,
-        after: Mapping[str, Any] | None,
-        since: datetime | None,
-        until: datetime | None,
-        transaction_id: int | None,
-    ) -> tuple[Where, tuple[str, str] | None]:
-        where = Where()
-        table_ref: tuple[str, str] | None = None
-        if table is not None:
-            table_ref = split_table(table, schema)
-            where.add(f'"schema" = {where.param(table_ref[0])} AND "table" = {where.param(table_ref[1])}')
-        elif schema is not None:
-            where.add(f'"schema" = {where.param(schema)}')
-        if primary_key is not None:
-            if table_ref is None:
-                raise QueryError("primary_key needs table=...: a key only identifies a row within one table")
-            where.add(f"primary_key = {where.param(encode_primary_key(primary_key))}")
-        if operation is not None:
-            where.add(f"operation = ANY({where.param(_operations(operation))}::text[])")
-        if context is not None:
-            where.add(f"context @> {where.param(json_param(context, 'context'))}::jsonb")
-        for name, values in (("before", before), ("after", after)):
-            if values is None:
-                continue
-            if table_ref is None:
-                raise QueryError(f"{name}= filters on a table's columns: pass table=... too")
-            text = json_param(values, name)
-            await self._bemi.require_columns(table_ref[0], table_ref[1], values.keys())
-            where.add(f'"{name}" @> {where.param(text)}::jsonb')
-        if since is not None:
-            where.add(f"committed_at >= {where.param(require_aware(since, 'since'))}")
-        if until is not None:
-            where.add(f"committed_at < {where.param(require_aware(until, 'until'))}")
-        if transaction_id is not None:
-            if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
-                raise QueryError(f"transaction_id must be an int, got {transaction_id!r}")
-            where.add(f"transaction_id = {where.param(transaction_id)}::bigint")
-        return where, table_ref

@@ -14,9 +14,8 @@ Note: only rows with stored changes are known. A row that has not changed since 
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -24,24 +23,15 @@ from typing import Any
 import asyncpg
 
 from .._exceptions import QueryError
-from .catalog import fetch_table_info
-from .changes import SELECT_COLUMNS, ChangesAPI
-from .filters import At, PrimaryKey, encode_primary_key, parse_at, parse_lsn, quote_qualified, split_table
-from .models import Change, change_from_record
-from .replay import blame_columns, without_idle_truncates
-from .revert import RevertPlan, apply_plan, plan_revert
+from .changes import ChangesAPI
+from .filters import ChangeFilter, FilterArgs, PrimaryKey, encode_primary_key, parse_at, read_lsn, split_table
+from .models import Change
+from .replay import blame_columns, row_states
+from .revert import RevertPlan, apply_plan, plan_revert, revert_selection
+from .store import CHANGES_SQL, WORKER_STATE_SQL, ChangeStore, at_condition
 from .wait import wait_for_lsn
 
 __all__ = ["Bemi"]
-
-
-def _at_condition(at: At, alias: str, param: str) -> str:
-    column = "committed_at" if at.kind == "time" else "commit_lsn"
-    return f"{alias}{column} <= {param}"
-
-
-def _at_value(at: At) -> Any:
-    return at.time if at.kind == "time" else at.lsn
 
 
 class Bemi:
@@ -49,44 +39,24 @@ class Bemi:
 
     `pool_or_dsn` is any asyncpg pool (the pool from `bemi_asgi.create_pool` works, and costs nothing for reads)
     or a DSN, for which Bemi opens its own small pool on first use (close it with `await bemi.close()` or
-    `async with Bemi(dsn) as bemi`). `changes_table` and `worker_state_table` name the tables the worker writes.
+    `async with Bemi(dsn) as bemi`). It reads `bemi.changes` and `bemi.worker_state`, the tables the worker writes.
+
+    Row helpers take `context=`, a context filter like `find`'s: the row's history made of the matching changes
+    only (the change browser's tenant scope uses it).
     """
 
-    def __init__(
-        self,
-        pool_or_dsn: asyncpg.Pool | str,
-        *,
-        changes_table: str = "bemi.changes",
-        worker_state_table: str = "bemi.worker_state",
-    ) -> None:
-        if isinstance(pool_or_dsn, str):
-            self._dsn: str | None = pool_or_dsn
-            self._pool: asyncpg.Pool | None = None
-        elif isinstance(pool_or_dsn, asyncpg.Pool):
-            self._dsn = None
-            self._pool = pool_or_dsn
-        else:
-            raise TypeError(f"Bemi() takes an asyncpg pool or a DSN string, got {type(pool_or_dsn).__name__}")
-        self._owns_pool = self._pool is None
-        self._pool_lock = asyncio.Lock()
-        self.changes_table_sql = quote_qualified(changes_table)
-        self.worker_state_table_sql = quote_qualified(worker_state_table)
-        self._columns: dict[tuple[str, str], frozenset[str]] = {}
-        self.changes = ChangesAPI(self)
+    def __init__(self, pool_or_dsn: asyncpg.Pool | str) -> None:
+        #: The reads every helper shares (`bemi.changes`, revert and the change browser use it too).
+        self.store = ChangeStore(pool_or_dsn)
+        self.changes = ChangesAPI(self.store)
 
     async def pool(self) -> asyncpg.Pool:
         """The pool queries run on (opened on first use when Bemi was given a DSN)."""
-        if self._pool is None:
-            async with self._pool_lock:
-                if self._pool is None:
-                    self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4)
-        return self._pool
+        return await self.store.pool()
 
     async def close(self) -> None:
         """Close the pool Bemi opened itself (a pool passed in is left to its owner)."""
-        if self._owns_pool and self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+        await self.store.close()
 
     async def __aenter__(self) -> Bemi:
         await self.pool()
@@ -99,42 +69,45 @@ class Bemi:
 
     # Row history and time travel.
 
-    async def history(self, table: str, primary_key: PrimaryKey, *, schema: str | None = None) -> list[Change]:
-        """The row's changes in commit order, with the TRUNCATEs that ended its existence."""
+    async def history(
+        self,
+        table: str,
+        primary_key: PrimaryKey,
+        *,
+        schema: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> list[Change]:
+        """The row's changes in commit order, with the TRUNCATEs that ended its existence (those matching
+        `context`, when given)."""
         schema_name, table_name = split_table(table, schema)
-        changes = await self._row_changes(schema_name, table_name, encode_primary_key(primary_key), None)
+        changes = await self.store.row_changes(
+            schema_name, table_name, encode_primary_key(primary_key), context=context
+        )
         if not changes:
-            await self.require_known_table(schema_name, table_name)
+            await self.store.require_known_table(schema_name, table_name)
         return changes
 
     async def as_of(
-        self, table: str, primary_key: PrimaryKey, at: datetime | int | str, *, schema: str | None = None
+        self,
+        table: str,
+        primary_key: PrimaryKey,
+        at: datetime | int | str,
+        *,
+        schema: str | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """The row as it was at `at`: an aware datetime (changes committed at or before it) or an LSN (changes
         whose commit LSN is at or below it). None when the row did not exist then: not yet created, deleted, or
-        removed by a TRUNCATE of its table."""
+        removed by a TRUNCATE of its table. With `context`, as the changes matching it alone make it."""
         schema_name, table_name = split_table(table, schema)
         point = parse_at(at, datetime.now(UTC))
         key = encode_primary_key(primary_key)
-        sql = f"""
-            SELECT last.operation, last."after"::text AS "after",
-                   EXISTS (SELECT 1 FROM {self.changes_table_sql} t
-                            WHERE t."schema" = $1 AND t."table" = $2 AND t.operation = 'TRUNCATE'
-                              AND (t.commit_lsn, t.ordinal) > (last.commit_lsn, last.ordinal)
-                              AND {_at_condition(point, "t.", "$4")}) AS truncated
-              FROM (SELECT operation, "after", commit_lsn, ordinal FROM {self.changes_table_sql}
-                     WHERE "schema" = $1 AND "table" = $2 AND primary_key = $3 AND {_at_condition(point, "", "$4")}
-                     ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1) AS last
-        """
-        pool = await self.pool()
-        record = await pool.fetchrow(sql, schema_name, table_name, key, _at_value(point))
-        if record is None:
-            await self.require_known_table(schema_name, table_name)
+        changes = await self.store.row_changes(schema_name, table_name, key, at=point, context=context, limit=1)
+        if not changes:
+            await self.store.require_known_table(schema_name, table_name)
             return None
-        if record["truncated"] or record["operation"] == "DELETE":
-            return None
-        row: dict[str, Any] = json.loads(record["after"])
-        return row
+        _, state = list(row_states(changes))[-1]
+        return state
 
     async def table_as_of(
         self, table: str, at: datetime | int | str, *, schema: str | None = None, batch_size: int = 1000
@@ -145,34 +118,31 @@ class Bemi:
         """
         schema_name, table_name = split_table(table, schema)
         point = parse_at(at, datetime.now(UTC))
-        await self.require_known_table(schema_name, table_name)
+        await self.store.require_known_table(schema_name, table_name)
+        where = ChangeFilter(FilterArgs(table=table_name, schema=schema_name)).where()
+        where.add(at_condition(point, where))
         pool = await self.pool()
         async with pool.acquire() as conn:
             truncate = await conn.fetchrow(
-                f"""SELECT commit_lsn, ordinal FROM {self.changes_table_sql}
-                     WHERE "schema" = $1 AND "table" = $2 AND operation = 'TRUNCATE'
-                       AND {_at_condition(point, "", "$3")}
+                f"""SELECT commit_lsn, ordinal FROM {CHANGES_SQL} WHERE {where.sql()} AND operation = 'TRUNCATE'
                      ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1""",
-                schema_name,
-                table_name,
-                _at_value(point),
+                *where.params,
             )
             after_lsn, after_ordinal = (truncate["commit_lsn"], truncate["ordinal"]) if truncate else (-1, -1)
+            after = f"({where.param(after_lsn)}::bigint, {where.param(after_ordinal)}::integer)"
             sql = f"""
                 SELECT "after" FROM (
                     SELECT DISTINCT ON (primary_key) primary_key, operation, "after"::text AS "after"
-                      FROM {self.changes_table_sql}
-                     WHERE "schema" = $1 AND "table" = $2 AND primary_key IS NOT NULL
-                       AND {_at_condition(point, "", "$3")} AND (commit_lsn, ordinal) > ($4::bigint, $5::integer)
+                      FROM {CHANGES_SQL}
+                     WHERE {where.sql()} AND primary_key IS NOT NULL
+                       AND (commit_lsn, ordinal) > {after}
                      ORDER BY primary_key, commit_lsn DESC, ordinal DESC
                 ) AS last
                 WHERE operation <> 'DELETE'
                 ORDER BY primary_key
             """
             async with conn.transaction(readonly=True):
-                cursor = conn.cursor(
-                    sql, schema_name, table_name, _at_value(point), after_lsn, after_ordinal, prefetch=batch_size
-                )
+                cursor = conn.cursor(sql, *where.params, prefetch=batch_size)
                 async for record in cursor:
                     row: dict[str, Any] = json.loads(record["after"])
                     yield row
@@ -189,28 +159,10 @@ class Bemi:
         who and where. {} when the row does not exist (then or now)."""
         schema_name, table_name = split_table(table, schema)
         point = None if at is None else parse_at(at, datetime.now(UTC))
-        changes = await self._row_changes(schema_name, table_name, encode_primary_key(primary_key), point)
+        changes = await self.store.row_changes(schema_name, table_name, encode_primary_key(primary_key), at=point)
         if not changes:
-            await self.require_known_table(schema_name, table_name)
+            await self.store.require_known_table(schema_name, table_name)
         return blame_columns(changes)
-
-    async def _row_changes(self, schema: str, table: str, key: str, at: At | None) -> list[Change]:
-        """The row's changes and the TRUNCATEs that ended it, in commit order."""
-        until = "" if at is None else f"AND {_at_condition(at, '', '$4')}"
-        sql = f"""
-            SELECT {SELECT_COLUMNS} FROM {self.changes_table_sql}
-             WHERE "schema" = $1 AND "table" = $2 AND primary_key = $3 {until}
-            UNION ALL
-            SELECT {SELECT_COLUMNS} FROM {self.changes_table_sql}
-             WHERE "schema" = $1 AND "table" = $2 AND operation = 'TRUNCATE' {until}
-             ORDER BY commit_lsn, ordinal
-        """
-        args: list[Any] = [schema, table, key]
-        if at is not None:
-            args.append(_at_value(at))
-        pool = await self.pool()
-        records = await pool.fetch(sql, *args)
-        return without_idle_truncates(change_from_record(record) for record in records)
 
     # Reverting.
 
@@ -239,18 +191,8 @@ class Bemi:
         the statements run in one transaction on `conn` (a connection to the tracked database; take it from the
         bemi pool so the revert is itself tracked, with a context saying what it reverted).
         """
-        plan = await plan_revert(
-            self,
-            conn,
-            change=change,
-            transaction=transaction,
-            context=context,
-            table=table,
-            schema=schema,
-            since=since,
-            until=until,
-            force=force,
-        )
+        narrow = FilterArgs(table=table, schema=schema, since=since, until=until)
+        plan = await plan_revert(self.store, conn, revert_selection(change, transaction, context, narrow), force=force)
         if not dry_run:
             if conn is None:
                 raise QueryError("revert() needs conn=... (a connection to the tracked database) unless dry_run=True")
@@ -275,58 +217,7 @@ class Bemi:
             await bemi.wait_for(lsn)  # now history() includes the update
 
         Get `lsn` with `current_lsn(conn)` on the connection that wrote, after its COMMIT. Raises TimeoutError after
-        `timeout` seconds. `slot_name` picks one worker (default: any). The rule is explained in `bemi_asgi._wait`.
+        `timeout` seconds. `slot_name` picks one worker (default: any). The rule: `bemi_asgi.history.wait`.
         """
-        position = parse_lsn(lsn) if isinstance(lsn, str) else lsn
-        return await wait_for_lsn(
-            await self.pool(), self.worker_state_table_sql, position, timeout=timeout, slot_name=slot_name
-        )
-
-    # Validation shared by the helpers.
-
-    async def require_known_table(self, schema: str, table: str) -> None:
-        """Raise QueryError unless the table has stored changes or exists in this database."""
-        pool = await self.pool()
-        known = await pool.fetchval(
-            f"""SELECT EXISTS (SELECT 1 FROM {self.changes_table_sql} WHERE "schema" = $1 AND "table" = $2)
-                    OR EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                                WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))""",
-            schema,
-            table,
-        )
-        if not known:
-            raise QueryError(
-                f"unknown table {schema}.{table}: it has no stored changes and does not exist in this database; "
-                "check the name and schema (tables are 'name' in schema public, or 'schema.name')"
-            )
-
-    async def require_columns(self, schema: str, table: str, names: Iterable[str]) -> None:
-        """Raise QueryError naming any of `names` that is not a column of the table."""
-        wanted = set(names)
-        columns = self._columns.get((schema, table))
-        if columns is None or not wanted <= columns:
-            columns = await self._load_columns(schema, table)
-            self._columns[(schema, table)] = columns
-        missing = sorted(wanted - columns)
-        if missing:
-            raise QueryError(
-                f"{schema}.{table} has no column {', '.join(missing)}: its columns are {', '.join(sorted(columns))}"
-            )
-
-    async def _load_columns(self, schema: str, table: str) -> frozenset[str]:
-        pool = await self.pool()
-        info = await fetch_table_info(pool, schema, table)
-        if info is not None:
-            return frozenset(column.name for column in info.columns)
-        # Not in this database (the history may be stored elsewhere): the columns the latest change shows.
-        record = await pool.fetchrow(
-            f"""SELECT "before"::text AS "before", "after"::text AS "after" FROM {self.changes_table_sql}
-                 WHERE "schema" = $1 AND "table" = $2 AND operation <> 'TRUNCATE'
-                 ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1""",
-            schema,
-            table,
-        )
-        if record is None:
-            await self.require_known_table(schema, table)
-            return frozenset()
-        return frozenset(json.loads(record["before"])) | frozenset(json.loads(record["after"]))
+        position = read_lsn(lsn) if isinstance(lsn, str) else lsn
+        return await wait_for_lsn(await self.pool(), WORKER_STATE_SQL, position, timeout=timeout, slot_name=slot_name)

@@ -1,5 +1,8 @@
 """Turning query-helper arguments into SQL: table names, primary keys, times, LSNs, cursors, WHERE clauses.
 
+`ChangeFilter` is the one reading of the filters `find`, `count`, `revert` and the change browser take: it checks
+them and writes their WHERE clause.
+
 Pure functions, no I/O. Every value reaches PostgreSQL as a query parameter; identifiers are quoted.
 
 Times: `since`, `until` and `at` must be timezone-aware datetimes. A naive datetime raises QueryError instead of
@@ -12,28 +15,28 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from .._exceptions import QueryError
+from .._pgtext import parse_lsn
+from .models import Operation
 
 __all__ = [
     "DEFAULT_SCHEMA",
     "At",
+    "ChangeFilter",
     "Cursor",
+    "FilterArgs",
     "Where",
     "decode_cursor",
     "encode_cursor",
     "encode_primary_key",
-    "lsn_to_str",
     "parse_at",
-    "parse_lsn",
-    "quote_ident",
-    "quote_qualified",
+    "read_lsn",
     "require_aware",
     "split_table",
 ]
@@ -41,18 +44,6 @@ __all__ = [
 DEFAULT_SCHEMA = "public"
 
 PrimaryKey = int | str | uuid.UUID | Sequence[int | str | uuid.UUID]
-
-
-def quote_ident(name: str) -> str:
-    """Quote an identifier the way PostgreSQL's quote_ident does, always (safe for any name)."""
-    if "\x00" in name:
-        raise QueryError(f"identifier {name!r} contains a NUL character")
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_qualified(dotted: str) -> str:
-    """Quote a `schema.name` (or bare `name`) table reference given in configuration."""
-    return ".".join(quote_ident(part) for part in dotted.split(".", 1))
 
 
 def split_table(table: str, schema: str | None) -> tuple[str, str]:
@@ -100,19 +91,12 @@ def require_aware(value: datetime, name: str) -> datetime:
     return value
 
 
-_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
-
-
-def parse_lsn(text: str) -> int:
-    """'16/B374D848' (pg_lsn text) -> 0x16B374D848."""
-    match = _LSN.match(text)
-    if match is None:
-        raise QueryError(f"{text!r} is not an LSN: expected the pg_lsn form 'X/XXXXXXXX' or an int")
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
-
-
-def lsn_to_str(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+def read_lsn(text: str) -> int:
+    """An LSN argument given as text ('16/B374D848'), refused with QueryError when it is not one."""
+    try:
+        return parse_lsn(text)
+    except ValueError:
+        raise QueryError(f"{text!r} is not an LSN: expected the pg_lsn form 'X/XXXXXXXX' or an int") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +125,7 @@ def parse_at(at: datetime | int | str, now: datetime) -> At:
             raise QueryError(f"at={at} is not an LSN: LSNs are non-negative")
         return At("lsn", lsn=at)
     if isinstance(at, str):
-        return At("lsn", lsn=parse_lsn(at))
+        return At("lsn", lsn=read_lsn(at))
     raise QueryError(f"at must be a timezone-aware datetime or an LSN (int or 'X/XXXXXXXX'), got {type(at).__name__}")
 
 
@@ -198,3 +182,94 @@ class Where:
 
     def sql(self) -> str:
         return " AND ".join(self.conditions) if self.conditions else "true"
+
+
+class FilterArgs(TypedDict, total=False):
+    """The filters of `bemi.changes.find` and `count`, each narrowing the result (see `find`'s docstring)."""
+
+    table: str | None
+    schema: str | None
+    primary_key: PrimaryKey | None
+    operation: Operation | str | Sequence[Operation | str] | None
+    context: Mapping[str, Any] | None
+    before: Mapping[str, Any] | None
+    after: Mapping[str, Any] | None
+    since: datetime | None
+    until: datetime | None
+    transaction_id: int | None
+
+
+def _operations(operation: Operation | str | Sequence[Operation | str]) -> list[str]:
+    items = [operation] if isinstance(operation, Operation | str) else list(operation)
+    result = []
+    for item in items:
+        try:
+            result.append(Operation(item.upper() if isinstance(item, str) else item).value)
+        except ValueError:
+            raise QueryError(f"operation {item!r} is not one of {', '.join(op.value for op in Operation)}") from None
+    return result
+
+
+class ChangeFilter:
+    """Which stored changes a query means: `FilterArgs` (and, for revert, one transaction's commit LSN), checked
+    and written as a WHERE clause. Every filter given must match; none given matches every change."""
+
+    def __init__(self, args: FilterArgs, *, commit_lsn: int | None = None, caller: str = "find") -> None:
+        unknown = sorted(set(args) - set(FilterArgs.__annotations__))
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        self.args = args
+        self.commit_lsn = commit_lsn
+
+    @property
+    def table(self) -> tuple[str, str] | None:
+        """The (schema, name) of the one table filtered on, if any."""
+        table = self.args.get("table")
+        return None if table is None else split_table(table, self.args.get("schema"))
+
+    def column_filters(self) -> list[tuple[tuple[str, str], list[str]]]:
+        """The table and column names the `before`/`after` filters rely on (checked against the table by I/O)."""
+        table = self.table
+        names = [name for side in (self.args.get("before"), self.args.get("after")) for name in (side or {})]
+        return [(table, names)] if table is not None and names else []
+
+    def where(self) -> Where:
+        """The WHERE clause (raises QueryError for a filter that cannot mean anything)."""
+        args = self.args
+        where = Where()
+        table = self.table
+        schema = args.get("schema")
+        if table is not None:
+            where.add(f'"schema" = {where.param(table[0])} AND "table" = {where.param(table[1])}')
+        elif schema is not None:
+            where.add(f'"schema" = {where.param(schema)}')
+        primary_key = args.get("primary_key")
+        if primary_key is not None:
+            if table is None:
+                raise QueryError("primary_key needs table=...: a key only identifies a row within one table")
+            where.add(f"primary_key = {where.param(encode_primary_key(primary_key))}")
+        operation = args.get("operation")
+        if operation is not None:
+            where.add(f"operation = ANY({where.param(_operations(operation))}::text[])")
+        context = args.get("context")
+        if context is not None:
+            where.add(f"context @> {where.param(json_param(context, 'context'))}::jsonb")
+        for name, values in (("before", args.get("before")), ("after", args.get("after"))):
+            if values is None:
+                continue
+            if table is None:
+                raise QueryError(f"{name}= filters on a table's columns: pass table=... too")
+            where.add(f'"{name}" @> {where.param(json_param(values, name))}::jsonb')
+        since, until = args.get("since"), args.get("until")
+        if since is not None:
+            where.add(f"committed_at >= {where.param(require_aware(since, 'since'))}")
+        if until is not None:
+            where.add(f"committed_at < {where.param(require_aware(until, 'until'))}")
+        transaction_id = args.get("transaction_id")
+        if transaction_id is not None:
+            if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
+                raise QueryError(f"transaction_id must be an int, got {transaction_id!r}")
+            where.add(f"transaction_id = {where.param(transaction_id)}::bigint")
+        if self.commit_lsn is not None:
+            where.add(f"commit_lsn = {where.param(self.commit_lsn)}::bigint")
+        return where

@@ -11,6 +11,8 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from .._changes_table import COLUMNS
+
 __all__ = ["Change", "FieldChange", "Operation", "change_from_record"]
 
 
@@ -34,6 +36,8 @@ class FieldChange(BaseModel):
 
 class Change(BaseModel):
     """One row change as stored in `bemi.changes`, with the application context that caused it.
+
+    Its fields are the table's columns (`bemi_asgi._changes_table`), checked by `tests/test_changes_table.py`.
 
     `before` and `after` are the row's columns as JSON values (`{}` for the side where the row does not exist);
     `context` is what the application set (user, endpoint, request id, ...). Changes are ordered by
@@ -84,24 +88,7 @@ def diff_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, 
 
 
 def change_from_record(record: asyncpg.Record | Mapping[str, Any]) -> Change:
-    """Build a Change from a `bemi.changes` row fetched by asyncpg (jsonb arrives as text)."""
+    """Build a Change from a `bemi.changes` row fetched by asyncpg (jsonb selected as text)."""
     return Change.model_validate(
-        {
-            "id": record["id"],
-            "primary_key": record["primary_key"],
-            "before": json.loads(record["before"]),
-            "after": json.loads(record["after"]),
-            "context": json.loads(record["context"]),
-            "database": record["database"],
-            "schema": record["schema"],
-            "table": record["table"],
-            "operation": record["operation"],
-            "committed_at": record["committed_at"],
-            "queued_at": record["queued_at"],
-            "created_at": record["created_at"],
-            "transaction_id": record["transaction_id"],
-            "position": record["position"],
-            "commit_lsn": record["commit_lsn"],
-            "ordinal": record["ordinal"],
-        }
+        {column.name: json.loads(record[column.name]) if column.is_json else record[column.name] for column in COLUMNS}
     )

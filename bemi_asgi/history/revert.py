@@ -22,22 +22,27 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 
 from .._exceptions import QueryError, RevertConflictError
+from .._pgtext import quote_ident, quote_qualified
 from ..capture.context import bemi_context
 from .catalog import ColumnInfo, TableInfo, fetch_table_info
-from .changes import SELECT_COLUMNS
-from .filters import Where, json_param, quote_ident, require_aware, split_table
-from .models import Change, Operation, change_from_record
+from .filters import ChangeFilter, FilterArgs, require_aware
+from .models import Change, Operation
+from .store import ChangeStore
 
-if TYPE_CHECKING:
-    from .client import Bemi
-
-__all__ = ["RevertPlan", "RevertStatement", "apply_plan", "plan_revert", "to_pg_text"]
+__all__ = [
+    "RevertPlan",
+    "RevertSelection",
+    "RevertStatement",
+    "apply_plan",
+    "plan_revert",
+    "revert_selection",
+    "to_pg_text",
+]
 
 #: The context key a revert adds (over the caller's context) while it applies its statements.
 CONTEXT_KEY = "bemi_revert"
@@ -98,78 +103,70 @@ def _array_literal(items: list[Any], element_is_json: bool) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-async def _select(
-    bemi: Bemi,
+@dataclass(frozen=True, slots=True)
+class RevertSelection:
+    """What a revert undoes: one change, or the changes a filter matches; and its description for the context."""
+
+    change: Change | None
+    matching: ChangeFilter | None
+    description: Mapping[str, Any]
+    #: A transaction id given as an int: it must match a single transaction (ids wrap around).
+    transaction_id: int | None = None
+
+
+def revert_selection(
     change: Change | None,
     transaction: Change | int | None,
     context: Mapping[str, Any] | None,
-    table: str | None,
-    schema: str | None,
-    since: datetime | None,
-    until: datetime | None,
-) -> tuple[list[Change], dict[str, Any]]:
-    """The selected changes in commit order, and a description of the selection for the revert's context."""
+    narrow: FilterArgs,
+) -> RevertSelection:
+    """Check the selectors of `Bemi.revert` (exactly one of change, transaction, context; `narrow` narrows the
+    last two to a table or schema and a time range) and say what they select."""
     if sum(selector is not None for selector in (change, transaction, context)) != 1:
         raise QueryError("revert() takes exactly one of change=, transaction= or context= to select what to undo")
     if change is not None:
         if not isinstance(change, Change):
             raise QueryError(f"change= takes a Change (from find or history), got {type(change).__name__}")
-        return [change], {"change_id": change.id}
-    where = Where()
+        return RevertSelection(change, None, {"change_id": change.id})
     description: dict[str, Any]
-    if transaction is not None:
-        if isinstance(transaction, Change):
-            where.add(f"commit_lsn = {where.param(transaction.commit_lsn)}::bigint")
-            description = {"transaction_id": transaction.transaction_id}
-        elif isinstance(transaction, int) and not isinstance(transaction, bool):
-            where.add(f"transaction_id = {where.param(transaction)}::bigint")
-            description = {"transaction_id": transaction}
-        else:
+    if isinstance(transaction, Change):
+        selection = ChangeFilter(narrow, commit_lsn=transaction.commit_lsn, caller="revert")
+        description = {"transaction_id": transaction.transaction_id}
+    elif transaction is not None:
+        if isinstance(transaction, bool) or not isinstance(transaction, int):
             raise QueryError(f"transaction= takes a Change or a transaction id, got {type(transaction).__name__}")
+        selection = ChangeFilter({**narrow, "transaction_id": transaction}, caller="revert")
+        description = {"transaction_id": transaction}
     else:
         assert context is not None
-        where.add(f"context @> {where.param(json_param(context, 'context'))}::jsonb")
+        selection = ChangeFilter({**narrow, "context": context}, caller="revert")
         description = {"context": dict(context)}
-    if table is not None:
-        schema_name, table_name = split_table(table, schema)
-        where.add(f'"schema" = {where.param(schema_name)} AND "table" = {where.param(table_name)}')
-    elif schema is not None:
-        where.add(f'"schema" = {where.param(schema)}')
-    if since is not None:
-        where.add(f"committed_at >= {where.param(require_aware(since, 'since'))}")
-        description["since"] = since.isoformat()
-    if until is not None:
-        where.add(f"committed_at < {where.param(require_aware(until, 'until'))}")
-        description["until"] = until.isoformat()
-    pool = await bemi.pool()
-    records = await pool.fetch(
-        f"SELECT {SELECT_COLUMNS} FROM {bemi.changes_table_sql} WHERE {where.sql()} ORDER BY commit_lsn, ordinal",
-        *where.params,
-    )
-    selected = [change_from_record(record) for record in records]
-    if isinstance(transaction, int) and len({c.commit_lsn for c in selected}) > 1:
+    for bound, moment in (("since", narrow.get("since")), ("until", narrow.get("until"))):
+        if moment is not None:
+            description[bound] = require_aware(moment, bound).isoformat()
+    return RevertSelection(None, selection, description, transaction if isinstance(transaction, int) else None)
+
+
+async def _select(store: ChangeStore, chosen: RevertSelection) -> list[Change]:
+    """The selected changes in commit order."""
+    if chosen.change is not None:
+        return [chosen.change]
+    assert chosen.matching is not None
+    selected = await store.select(chosen.matching.where())
+    if chosen.transaction_id is not None and len({c.commit_lsn for c in selected}) > 1:
         raise QueryError(
-            f"transaction id {transaction} matches several transactions (ids wrap around): pass transaction= a "
-            "Change of the one to revert"
+            f"transaction id {chosen.transaction_id} matches several transactions (ids wrap around): pass "
+            "transaction= a Change of the one to revert"
         )
-    return selected, description
+    return selected
 
 
 async def plan_revert(
-    bemi: Bemi,
-    conn: asyncpg.Connection | None,
-    *,
-    change: Change | None,
-    transaction: Change | int | None,
-    context: Mapping[str, Any] | None,
-    table: str | None,
-    schema: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    force: bool,
+    store: ChangeStore, conn: asyncpg.Connection | None, chosen: RevertSelection, *, force: bool
 ) -> RevertPlan:
     """Select the changes, check for conflicts and build the statements (see the module docstring)."""
-    selected, description = await _select(bemi, change, transaction, context, table, schema, since, until)
+    selected = await _select(store, chosen)
+    description = dict(chosen.description)
     for item in selected:
         if item.operation is Operation.TRUNCATE:
             raise QueryError(
@@ -184,14 +181,14 @@ async def plan_revert(
         assert item.primary_key is not None
         rows.setdefault((item.schema_, item.table, item.primary_key), []).append(item)
 
-    catalog = conn if conn is not None else await bemi.pool()
+    catalog = conn if conn is not None else await store.pool()
     tables: dict[tuple[str, str], TableInfo] = {}
     selected_ids = {item.id for item in selected}
     conflicts: list[str] = []
     planned: list[tuple[Change, RevertStatement]] = []
     for (schema_name, table_name, key), row_changes in rows.items():
         first, last = row_changes[0], row_changes[-1]
-        history = await bemi._row_changes(schema_name, table_name, key, None)
+        history = await store.row_changes(schema_name, table_name, key)
         later = [
             item
             for item in history
@@ -250,7 +247,7 @@ def build_statement(
     info: TableInfo, key: str, current: Mapping[str, Any] | None, target: Mapping[str, Any] | None
 ) -> RevertStatement | None:
     """The statement taking the row from `current` to `target` (None: the row does not exist); None if equal."""
-    table_sql = f"{quote_ident(info.schema)}.{quote_ident(info.name)}"
+    table_sql = quote_qualified(info.schema, info.name)
     params: list[str | None] = []
 
     def value(column: ColumnInfo, item: Any) -> str:

@@ -16,6 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .._exceptions import SourceNotReadyError
+from .._pgtext import quote_ident, quote_qualified
 
 __all__ = ["DEFAULT_MAX_LAG_BYTES", "Finding", "SourceFacts", "check_source", "collect", "diagnose", "format_report"]
 
@@ -48,7 +49,7 @@ class TableFacts:
 
     @property
     def qualified(self) -> str:
-        return f"{_ident(self.schema)}.{_ident(self.name)}"
+        return quote_qualified(self.schema, self.name, bare_if_plain=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,11 @@ class SlotFacts:
     lag_bytes: int | None
     #: pg_replication_slots.wal_status: reserved, extended, unreserved or lost
     wal_status: str | None
+
+
+def _shown(name: str) -> str:
+    """A name in the SQL of a hint, quoted only when it must be."""
+    return quote_ident(name, bare_if_plain=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +90,6 @@ class SourceFacts:
     def server_version(self) -> str:
         major, minor = divmod(self.server_version_num, 10000)
         return f"{major}.{minor}"
-
-
-def _ident(name: str) -> str:
-    plain = name.isidentifier() and name.isascii() and name == name.lower()
-    return name if plain else '"' + name.replace('"', '""') + '"'
 
 
 def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
@@ -236,7 +237,7 @@ def diagnose(facts: SourceFacts, *, max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES) 
         add(Finding("ok", f"role {facts.user!r} may stream replication"))
     else:
         add(Finding("missing", f"role {facts.user!r} lacks the REPLICATION privilege the worker needs to stream "
-                    f"changes: ALTER ROLE {_ident(facts.user)} REPLICATION (on managed services, grant the provider's "
+                    f"changes: ALTER ROLE {_shown(facts.user)} REPLICATION (on managed services, grant the provider's "
                     "replication role, e.g. rds_replication), or give the worker a role that has it"))  # fmt: skip
 
     findings.extend(_publication_findings(facts, migrate))
@@ -258,7 +259,7 @@ def _publication_findings(facts: SourceFacts, migrate: str) -> list[Finding]:
     if own and not facts.publication_all_tables:
         names = ", ".join(table.qualified for table in own)
         add(Finding("missing", f"publication {pub!r} publishes bemi's own table(s) {names} (the worker would record "
-                    f"its own writes): ALTER PUBLICATION {_ident(pub)} DROP TABLE {names}"))  # fmt: skip
+                    f"its own writes): ALTER PUBLICATION {_shown(pub)} DROP TABLE {names}"))  # fmt: skip
     tables = [table for table in facts.published if table.schema != "bemi"]
     direct = [table for table in tables if not table.partition]
     if not direct:

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from uuid import uuid4
 
 from .._exceptions import MigrationError
+from .._pgtext import quote_ident, quote_literal
 
 __all__ = [
     "DEFAULT_PUBLICATION",
@@ -33,8 +34,6 @@ __all__ = [
     "migration_transaction",
     "parse_identifiers",
     "parse_tables",
-    "quote_ident",
-    "quote_literal",
     "split_statements",
     "write_alembic_revision",
 ]
@@ -60,30 +59,6 @@ class TableName:
 
     def __str__(self) -> str:
         return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
-
-
-def quote_ident(name: str) -> str:
-    """Quote an identifier for SQL, always: `"..."` with inner double quotes doubled (PostgreSQL's rule)."""
-    _check_name(name)
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(value: str) -> str:
-    """Quote a string as a SQL expression that is safe anywhere, dollar-quoted function bodies included.
-
-    Quotes are doubled; a value with backslashes becomes an `E'...'` string, whose meaning does not depend on
-    `standard_conforming_strings` (PostgreSQL's own `quote_literal` does the same); a `$` is spliced in as
-    `chr(36)`, so no value can end a `$$ ... $$` body.
-    """
-    if "\x00" in value:
-        raise MigrationError(f"{value!r} contains a NUL character, which PostgreSQL text cannot hold")
-    parts = []
-    for piece in value.split("$"):
-        quoted = "'" + piece.replace("'", "''") + "'"
-        if "\\" in piece:
-            quoted = "E" + quoted.replace("\\", "\\\\")
-        parts.append(quoted)
-    return parts[0] if len(parts) == 1 else "(" + " || chr(36) || ".join(parts) + ")"
 
 
 def _name_array(values: Iterable[str], element_type: str) -> str:

@@ -29,30 +29,30 @@ the row page shows a row's latest `HISTORY_LIMIT` changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlencode
 
 import asyncpg
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from .._exceptions import QueryError
 from ..history.changes import ChangePage
 from ..history.client import Bemi
-from ..history.filters import Cursor, decode_cursor, encode_cursor
-from ..history.models import Change, Operation
-from ..history.replay import row_states, without_idle_truncates
+from ..history.filters import At, ChangeFilter, Cursor, FilterArgs, decode_cursor, encode_cursor
+from ..history.models import Change
+from ..history.replay import row_states
+from ..history.store import CHANGES_SQL
 from .view import (
-    CONTEXT_PREFIX,
+    CONTEXT_PARAM_PREFIX,
     OPERATIONS,
     TimelineFilters,
     context_value_text,
@@ -87,6 +87,7 @@ _ACCESS = "bemi_asgi.ui.access"
 # Input a query refuses: a malformed filter, a value PostgreSQL rejects (NUL, out of range), a time out of range.
 _BAD_INPUT = (QueryError, asyncpg.DataError, OverflowError)
 _METHODS = ("GET", "HEAD")
+_LAST_MOMENT = datetime.max.replace(tzinfo=UTC)
 
 
 def allow_all(request: Request) -> bool:
@@ -115,17 +116,7 @@ def _load_jinja() -> Any:
     return jinja2
 
 
-def bemi_ui(
-    bemi: Bemi,
-    *,
-    authorize: Authorize | None = None,
-    scope: ScopeCallback | None = None,
-    title: str = "Change history",
-    page_size: int = 50,
-    request_id_key: str = "request_id",
-    poll_interval: float = 1.0,
-    stream_seconds: float = 300.0,
-) -> BemiUI:
+class BemiUI:
     """The change browser as an ASGI app to mount, e.g. `app.mount("/bemi", bemi_ui(bemi, authorize=fn))`.
 
     `authorize` and `scope` are described in the module docstring. `page_size` changes per timeline page;
@@ -133,26 +124,12 @@ def bemi_ui(
     The live stream polls every `poll_interval` seconds and ends after `stream_seconds` (the browser then
     reconnects where it left off, and `authorize` runs again).
     """
-    return BemiUI(
-        bemi,
-        authorize=authorize,
-        scope=scope,
-        title=title,
-        page_size=page_size,
-        request_id_key=request_id_key,
-        poll_interval=poll_interval,
-        stream_seconds=stream_seconds,
-    )
-
-
-class BemiUI:
-    """The change browser ASGI app; create it with `bemi_ui` (the arguments are documented there)."""
 
     def __init__(
         self,
         bemi: Bemi,
         *,
-        authorize: Authorize | None,
+        authorize: Authorize | None = None,
         scope: ScopeCallback | None = None,
         title: str = "Change history",
         page_size: int = 50,
@@ -199,7 +176,7 @@ class BemiUI:
             value_text=context_value_text,
             shorten=shorten,
             operations=OPERATIONS,
-            context_prefix=CONTEXT_PREFIX,
+            context_param_prefix=CONTEXT_PARAM_PREFIX,
             moment_input=moment_input,
             moment_param=moment_param,
             request_id_key=request_id_key,
@@ -236,7 +213,10 @@ class BemiUI:
         if denied is not None:
             await denied(scope, receive, send)
             return
-        await self._router(scope, receive, send)
+        try:
+            await self._router(scope, receive, send)
+        except ClientDisconnect:
+            return  # the client left mid-response (a live stream, usually): no one to answer
 
     async def _check(self, request: Request) -> Response | None:
         """Run the permission callbacks; a response to send instead of the page, or None to go on."""
@@ -360,7 +340,43 @@ class BemiUI:
             return html, encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc"))
 
         first = await poll(start)  # here, so that input the query refuses is a 400, not a broken stream
-        return _EventStream(poll, first, self.poll_interval, self.stream_seconds)
+        return StreamingResponse(
+            self._events(request, poll, first),
+            media_type="text/event-stream",
+            # Proxies must pass events through at once.
+            headers={**_security_headers("-"), "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(
+        self,
+        request: Request,
+        poll: Callable[[str | None], Awaitable[tuple[str | None, str | None]]],
+        first: tuple[str | None, str | None],
+    ) -> AsyncIterator[bytes]:
+        """Server-sent events: new changes as HTML rows, polled every `poll_interval` seconds, for at most
+        `stream_seconds`. Each event's id is the cursor to continue from, which the browser sends back as
+        Last-Event-ID when it reconnects.
+
+        Starlette's StreamingResponse ends the stream when the client disconnects: under ASGI spec < 2.4 it listens
+        for `http.disconnect` (so an idle stream stops too), under 2.4 a send fails. Each poll also asks
+        `request.is_disconnected()`, so a 2.4 server that reports the disconnect stops an idle stream as well.
+        """
+        yield b"retry: 2000\n\n"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stream_seconds
+        last_sent = loop.time()
+        html, cursor = first
+        while True:
+            if html is not None:
+                yield f"id: {cursor}\ndata: {json.dumps({'html': html})}\n\n".encode()
+                last_sent = loop.time()
+            elif loop.time() - last_sent >= KEEPALIVE_SECONDS:
+                yield b": keepalive\n\n"
+                last_sent = loop.time()
+            await asyncio.sleep(self.poll_interval)
+            if loop.time() >= deadline or await request.is_disconnected():
+                return
+            html, cursor = await poll(cursor)
 
     async def _row(self, request: Request) -> Response:
         scope = self._access(request)
@@ -369,6 +385,9 @@ class BemiUI:
         if not table or not key:
             return self._error(request, 400, "A row page needs table=... and key=... (and schema=..., default public).")
         at = parse_moment(params.get("at"), "at")
+        if at is not None and at == _LAST_MOMENT:
+            # The page's moment is inclusive: "committed before the next microsecond", and this one has none.
+            raise QueryError(f"at={params['at']!r} is out of range: pick an earlier moment")
         history = await self._row_history(schema, table, key, scope)
         as_of = await self._row_as_of(schema, table, key, at, scope) if at is not None else None
         if not history:
@@ -424,21 +443,12 @@ class BemiUI:
         *,
         limit: int,
         cursor: str | None,
-        order: str = "desc",
+        order: Literal["asc", "desc"] = "desc",
     ) -> ChangePage:
-        context = merge_scope(filters.context, scope)
-        if context is None:
+        query = filters.query(scope)
+        if query is None:
             return ChangePage([], None)
-        return await self.bemi.changes.find(
-            table=filters.table,
-            operation=list(filters.operations) or None,
-            context=context or None,
-            since=filters.since,
-            until=filters.until,
-            limit=limit,
-            cursor=cursor,
-            order="asc" if order == "asc" else "desc",
-        )
+        return await self.bemi.changes.find(**query, limit=limit, cursor=cursor, order=order)
 
     async def _group(self, *, context: Mapping[str, Any] | None, transaction_id: int | None = None) -> ChangePage:
         if context is None:
@@ -449,50 +459,42 @@ class BemiUI:
 
     async def _row_history(self, schema: str, table: str, key: str, scope: Mapping[str, Any]) -> list[Change]:
         """The row's latest in-scope changes and the in-scope TRUNCATEs that ended it, in commit order."""
-        find = self.bemi.changes.find
-        context = dict(scope) or None
-        changes = await find(table=table, schema=schema, primary_key=key, context=context, limit=HISTORY_LIMIT)
+        store = self.bemi.store
+        changes = await store.row_changes(schema, table, key, context=dict(scope) or None, limit=HISTORY_LIMIT)
         if not changes:
-            return []
-        oldest = (changes[-1].commit_lsn, changes[-1].ordinal)
-        truncates = await find(
-            table=table, schema=schema, operation="TRUNCATE", context=context, since=changes[-1].committed_at
-        )
-        merged = [*changes, *(t for t in truncates if (t.commit_lsn, t.ordinal) > oldest)]
-        merged.sort(key=lambda change: (change.commit_lsn, change.ordinal))
-        return without_idle_truncates(merged)
+            await store.require_known_table(schema, table)
+        return changes
 
     async def _row_as_of(
         self, schema: str, table: str, key: str, at: datetime, scope: Mapping[str, Any]
     ) -> tuple[Change | None, dict[str, Any] | None]:
         """The change in effect at `at` and the row's state then (None: it did not exist), as `Bemi.as_of`
         computes it, from in-scope changes only."""
-        find = self.bemi.changes.find
-        context = dict(scope) or None
-        until = at + timedelta(microseconds=1)  # `until` is exclusive; as-of includes changes committed at `at`
-        last = await find(table=table, schema=schema, primary_key=key, context=context, until=until, limit=1)
-        if not last:
+        changes = await self.bemi.store.row_changes(
+            schema, table, key, at=At("time", time=at), context=dict(scope) or None, limit=1
+        )
+        if not changes:
             return None, None
-        change = last[0]
-        truncate = await find(table=table, schema=schema, operation="TRUNCATE", context=context, until=until, limit=1)
-        if truncate and (truncate[0].commit_lsn, truncate[0].ordinal) > (change.commit_lsn, change.ordinal):
-            return truncate[0], None
-        return change, None if change.operation is Operation.DELETE else dict(change.after)
+        return list(row_states(changes))[-1]
 
     async def _suggestions(self, scope: Mapping[str, Any]) -> tuple[list[str], list[str]]:
         """Tables and context keys seen in the latest in-scope changes, for the filter form's suggestions."""
+        where = ChangeFilter(FilterArgs(context=dict(scope) or None)).where()
         pool = await self.bemi.pool()
         records = await pool.fetch(
             f"""SELECT DISTINCT s."schema", s."table", k.key
-                  FROM (SELECT "schema", "table", context FROM {self.bemi.changes_table_sql}
-                         WHERE context @> $1::jsonb ORDER BY commit_lsn DESC, ordinal DESC LIMIT $2) AS s
+                  FROM (SELECT "schema", "table", context FROM {CHANGES_SQL} WHERE {where.sql()}
+                         ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(SUGGESTION_SAMPLE)}) AS s
                   LEFT JOIN LATERAL jsonb_object_keys(s.context) AS k(key) ON true""",
-            json.dumps(dict(scope)),
-            SUGGESTION_SAMPLE,
+            *where.params,
         )
         tables = sorted({r["table"] if r["schema"] == "public" else f"{r['schema']}.{r['table']}" for r in records})
         keys = sorted({r["key"] for r in records if r["key"] is not None})
         return tables, keys
+
+
+#: The documented name: `bemi_ui(bemi, authorize=...)` creates the app.
+bemi_ui = BemiUI
 
 
 def _table_params(change: Change) -> list[tuple[str, str]]:
@@ -518,62 +520,3 @@ def _security_headers(nonce: str) -> dict[str, str]:
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "same-origin",
     }
-
-
-class _EventStream(Response):
-    """Server-sent events: new changes as HTML rows, polled every `interval` seconds, for at most `lifetime`
-    seconds, stopping as soon as the client disconnects (a listener task waits for `http.disconnect`, so an
-    idle stream notices too). Each event's id is the cursor to continue from, which the browser sends back as
-    Last-Event-ID when it reconnects."""
-
-    def __init__(
-        self,
-        poll: Callable[[str | None], Awaitable[tuple[str | None, str | None]]],
-        first: tuple[str | None, str | None],
-        interval: float,
-        lifetime: float,
-    ) -> None:
-        super().__init__(status_code=200, media_type="text/event-stream", headers=_security_headers("-"))
-        del self.headers["content-length"]  # the body is a stream of unknown length
-        self.headers["Cache-Control"] = "no-store"
-        self.headers["X-Accel-Buffering"] = "no"  # proxies must pass events through at once
-        self._poll = poll
-        self._first = first
-        self._interval = interval
-        self._lifetime = lifetime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        disconnected = asyncio.Event()
-
-        async def listen() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            disconnected.set()
-
-        listener = asyncio.create_task(listen())
-        try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            await send({"type": "http.response.body", "body": b"retry: 2000\n\n", "more_body": True})
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._lifetime
-            last_sent = loop.time()
-            html, cursor = self._first
-            while True:
-                if html is not None:
-                    event = f"id: {cursor}\ndata: {json.dumps({'html': html})}\n\n"
-                    await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-                    last_sent = loop.time()
-                elif loop.time() - last_sent >= KEEPALIVE_SECONDS:
-                    await send({"type": "http.response.body", "body": b": keepalive\n\n", "more_body": True})
-                    last_sent = loop.time()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(disconnected.wait(), self._interval)
-                if disconnected.is_set() or loop.time() >= deadline:
-                    break
-                html, cursor = await self._poll(cursor)
-            if not disconnected.is_set():
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            return  # the client went away while we were sending
-        finally:
-            listener.cancel()

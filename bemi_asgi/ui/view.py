@@ -19,10 +19,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from .._exceptions import QueryError
+from ..history.filters import FilterArgs
 from ..history.models import Change, Operation
 
 __all__ = [
-    "CONTEXT_PREFIX",
+    "CONTEXT_PARAM_PREFIX",
     "FieldRow",
     "TimelineFilters",
     "context_value_text",
@@ -37,8 +38,9 @@ __all__ = [
     "shorten",
 ]
 
-# Query parameters `c.<key>=<value>` filter the timeline by context (`c.user=alice`).
-CONTEXT_PREFIX = "c."
+#: The query-string prefix of context filters: `c.<key>=<value>` narrows the timeline to that context pair
+#: (`c.user=alice`).
+CONTEXT_PARAM_PREFIX = "c."
 OPERATIONS = tuple(op.value for op in Operation)
 
 
@@ -123,7 +125,7 @@ class TimelineFilters:
             result.append(("since", moment_param(self.since)))
         if self.until is not None:
             result.append(("until", moment_param(self.until)))
-        result.extend((CONTEXT_PREFIX + key, context_value_text(value)) for key, value in self.context.items())
+        result.extend((CONTEXT_PARAM_PREFIX + key, context_value_text(value)) for key, value in self.context.items())
         page = self.cursor if cursor is False else cursor
         if page:
             result.append(("cursor", page))
@@ -139,6 +141,19 @@ class TimelineFilters:
     @property
     def active(self) -> bool:
         return bool(self.table or self.operations or self.since or self.until or self.context)
+
+    def query(self, scope: Mapping[str, Any]) -> FilterArgs | None:
+        """The query helpers' filters for these filters within `scope`; None when the two contradict."""
+        context = merge_scope(self.context, scope)
+        if context is None:
+            return None
+        return FilterArgs(
+            table=self.table,
+            operation=list(self.operations) or None,
+            context=context or None,
+            since=self.since,
+            until=self.until,
+        )
 
 
 def parse_filters(params: Sequence[tuple[str, str]]) -> TimelineFilters:
@@ -156,9 +171,9 @@ def parse_filters(params: Sequence[tuple[str, str]]) -> TimelineFilters:
                 raise QueryError(f"op={value!r} is not one of {', '.join(OPERATIONS)}")
             if op not in operations:
                 operations.append(op)
-        elif name.startswith(CONTEXT_PREFIX) and len(name) > len(CONTEXT_PREFIX):
+        elif name.startswith(CONTEXT_PARAM_PREFIX) and len(name) > len(CONTEXT_PARAM_PREFIX):
             if value != "":  # an empty form field means no filter
-                context[name[len(CONTEXT_PREFIX) :]] = parse_context_value(value)
+                context[name[len(CONTEXT_PARAM_PREFIX) :]] = parse_context_value(value)
         else:
             single.setdefault(name, value)
     extra_key = single.get("ck", "").strip()

@@ -18,49 +18,38 @@ from typing import Final
 
 import asyncpg
 
+from .._changes_table import TYPES, WRITTEN
 from .._exceptions import DestinationNotReadyError
 from .spill import PendingChange
 
 __all__ = ["BINARY_COLUMNS", "COLUMNS", "BinaryCopy", "ChangeRecord", "Destination"]
 
 #: The `bemi.changes` columns the worker writes, in the order of the records it produces.
-COLUMNS = (
-    "primary_key",
-    "before",
-    "after",
-    "context",
-    "database",
-    "schema",
-    "table",
-    "operation",
-    "committed_at",
-    "queued_at",
-    "transaction_id",
-    "position",
-    "commit_lsn",
-    "ordinal",
-)
+COLUMNS: Final = WRITTEN
 
 #: One row of `bemi.changes` in `COLUMNS` order (JSON columns as JSON text).
 ChangeRecord = tuple[object, ...]
 
 #: The columns of `BinaryCopy`'s stream with their types: each change's own values first, then those it shares
 #: with the other changes of its relation (and operation), its transaction's segment and its transaction.
-BINARY_COLUMNS: Final = (
-    ("primary_key", "text"),
-    ("before", "jsonb"),
-    ("after", "jsonb"),
-    ("position", "bigint"),
-    ("ordinal", "integer"),
-    ("schema", "text"),
-    ("table", "text"),
-    ("operation", "text"),
-    ("database", "text"),
-    ("context", "jsonb"),
-    ("committed_at", "timestamp with time zone"),
-    ("queued_at", "timestamp with time zone"),
-    ("transaction_id", "bigint"),
-    ("commit_lsn", "bigint"),
+BINARY_COLUMNS: Final = tuple(
+    (name, TYPES[name])
+    for name in (
+        "primary_key",
+        "before",
+        "after",
+        "position",
+        "ordinal",
+        "schema",
+        "table",
+        "operation",
+        "database",
+        "context",
+        "committed_at",
+        "queued_at",
+        "transaction_id",
+        "commit_lsn",
+    )
 )
 
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)

@@ -15,7 +15,6 @@ are binary-format values ('b', requested with `binary 'true'`).
 from __future__ import annotations
 
 import enum
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,8 +40,6 @@ __all__ = [
     "Update",
     "Value",
     "decode",
-    "lsn_to_str",
-    "str_to_lsn",
 ]
 
 
@@ -357,19 +354,3 @@ def decode(data: bytes | bytearray | memoryview) -> PgOutputMessage:
     except IndexError:
         problem = f"truncated: the message ends at offset {len(data)} inside a field"
     raise DecodeError(f"malformed pgoutput {_NAMES[data[0]]} message ({len(data)} bytes): {problem}")
-
-
-_LSN: Final = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
-
-
-def lsn_to_str(lsn: int) -> str:
-    """Format an LSN as PostgreSQL's pg_lsn does: '16/B374D848'."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def str_to_lsn(text: str) -> int:
-    """Parse a pg_lsn text ('16/B374D848') into an int; ValueError on anything else."""
-    match = _LSN.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not an LSN: {text!r} (expected two hexadecimal numbers like '16/B374D848')")
-    return (int(match[1], 16) << 32) | int(match[2], 16)

@@ -38,6 +38,7 @@ import asyncpg
 import psycopg
 
 from .._exceptions import BemiError
+from .._pgtext import format_lsn
 from ..capture.context import MESSAGE_PREFIX
 from .config import TrackingConfig
 from .destination import BinaryCopy, ChangeRecord, Destination
@@ -56,7 +57,6 @@ from .pgoutput import (
     Update,
     Value,
     decode,
-    lsn_to_str,
 )
 from .rules import Filters, RowPolicy, check_tables, filter_relation, is_skip_context
 from .spill import PendingChange, TransactionBuffer
@@ -246,7 +246,7 @@ class Worker:
         parts.append(f"lag {'?' if lag_bytes is None else f'{lag_bytes:,}'} bytes / {lag_seconds:.1f} s")
         last = stats.last_commit_time.isoformat(timespec="seconds") if stats.last_commit_time else "none yet"
         parts.append(f"last commit {last}")
-        parts.append(f"flushed {lsn_to_str(stats.flushed_lsn)}")
+        parts.append(f"flushed {format_lsn(stats.flushed_lsn)}")
         print(", ".join(parts), file=self.progress, flush=True)
 
 

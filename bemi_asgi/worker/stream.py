@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import ConnStatus, ExecStatus
 
 from .._exceptions import SourceNotReadyError
+from .._pgtext import format_lsn
 
 __all__ = [
     "Keepalive",
@@ -117,7 +118,7 @@ class ReplicationStream:
             names = sql.Identifier(publication).as_string(conn).replace("'", "''")
             slot_name = sql.Identifier(slot).as_string(conn)
             await conn.execute(
-                f"START_REPLICATION SLOT {slot_name} LOGICAL {_lsn_text(start_lsn)}"
+                f"START_REPLICATION SLOT {slot_name} LOGICAL {format_lsn(start_lsn)}"
                 f" (proto_version '1', publication_names '{names}', messages 'true')"
             )
         except BaseException:
@@ -206,10 +207,6 @@ class ReplicationStream:
             await waiter
         finally:
             loop.remove_writer(self._fd)
-
-
-def _lsn_text(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 @dataclass(frozen=True, slots=True)
