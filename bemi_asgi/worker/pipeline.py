@@ -193,6 +193,8 @@ class Worker:
                 await check_tables(self.source, self.publication, self._filters)
             destination = await Destination.connect(self.destination)
             try:
+                if self._filters is not None and self._filters.config.tables:
+                    await destination.record_rules(info.database, self._filters.config.recorded_rules())
                 stored = await destination.last_commit_lsn(self.slot)
                 stream = await ReplicationStream.open(self.source, slot=self.slot, publication=self.publication)
                 try:
