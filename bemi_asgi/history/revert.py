@@ -129,10 +129,22 @@ async def _select(
     """The selected changes in commit order, and a description of the selection for the revert's context."""
     if sum(selector is not None for selector in (change, transaction, context)) != 1:
         raise QueryError("revert() takes exactly one of change=, transaction= or context= to select what to undo")
+    pool = await bemi.pool()
     if change is not None:
         if not isinstance(change, Change):
             raise QueryError(f"change= takes a Change (from find or history), got {type(change).__name__}")
-        return [change], {"change_id": change.id}
+        # Planned from the stored row, never from the object given (which anyone can build with any values).
+        record = await pool.fetchrow(
+            f"SELECT {SELECT_COLUMNS} FROM {bemi.changes_table_sql} WHERE id = $1::bigint", change.id
+        )
+        if record is None:
+            raise QueryError(f"no stored change with id {change.id}: pass a Change from find or history")
+        return [change_from_record(record)], {"change_id": change.id}
+    if context is not None and not context:
+        raise QueryError(
+            "revert(context={}) is an empty selector, which would select every stored change: give the context keys "
+            "of the writes to undo"
+        )
     where = Where()
     description: dict[str, Any]
     if transaction is not None:
@@ -159,7 +171,6 @@ async def _select(
     if until is not None:
         where.add(f"committed_at < {where.param(require_aware(until, 'until'))}")
         description["until"] = until.isoformat()
-    pool = await bemi.pool()
     records = await pool.fetch(
         f"SELECT {SELECT_COLUMNS} FROM {bemi.changes_table_sql} WHERE {where.sql()} ORDER BY commit_lsn, ordinal",
         *where.params,
