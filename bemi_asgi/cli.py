@@ -147,15 +147,17 @@ def doctor(
     """
     import psycopg
 
+    from ._dsn import redact
     from .ops.doctor import check_source, format_report
 
+    _check_urls("Error:", source=dsn)
     try:
         findings = check_source(dsn, publication=publication, max_lag_bytes=int(max_lag_mb * 1024 * 1024))
     except psycopg.OperationalError as exc:
-        typer.echo(f"Error: cannot connect to the source database: {str(exc).strip()}", err=True)
+        typer.echo(f"Error: cannot connect to the source database: {redact(_one_line(exc), dsn)}", err=True)
         raise typer.Exit(2) from None
     except psycopg.Error as exc:  # a role that may not read what the checks read, say
-        typer.echo(f"Error: cannot check the source database: {' '.join(str(exc).split())}", err=True)
+        typer.echo(f"Error: cannot check the source database: {redact(_one_line(exc), dsn)}", err=True)
         raise typer.Exit(2) from None
     typer.echo(format_report(findings))
     if any(finding.blocking for finding in findings):
@@ -215,10 +217,12 @@ def worker(
     import signal
     import sys
 
+    from ._dsn import redact
     from ._exceptions import BemiError
     from .worker.config import load_config
     from .worker.pipeline import Worker
 
+    _check_urls("bemi-asgi worker:", source=source, destination=destination)
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
     try:
         tracking = load_config(
@@ -250,12 +254,12 @@ def worker(
     try:
         asyncio.run(run())
     except BemiError as exc:
-        typer.echo(f"bemi-asgi worker: {exc}", err=True)
+        typer.echo(f"bemi-asgi worker: {redact(str(exc), source, destination)}", err=True)
         raise typer.Exit(1) from None
     except (psycopg.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # What retrying cannot fix (a missing privilege, a refused password on the destination, a DSN that is not
         # a postgresql:// URL): one line saying what the server said, not a traceback.
-        typer.echo(f"bemi-asgi worker: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
+        typer.echo(f"bemi-asgi worker: error: {redact(_one_line(exc), source, destination)}", err=True)
         raise typer.Exit(1) from None
 
 
@@ -288,10 +292,14 @@ def prune(
     import sys
     from datetime import UTC
 
+    import psycopg
+
+    from ._dsn import redact
     from ._exceptions import BemiError
     from .ops.prune import parse_age
     from .ops.prune import prune as run_prune
 
+    _check_urls("bemi-asgi prune:", database=dsn)
     try:
         if (older_than is None) == (before is None):
             raise BemiError("give the cutoff as --older-than AGE (e.g. 90d) or --before TIME, one of the two")
@@ -303,7 +311,10 @@ def prune(
             progress=sys.stderr,
         )  # fmt: skip
     except BemiError as exc:
-        typer.echo(f"bemi-asgi prune: {exc}", err=True)
+        typer.echo(f"bemi-asgi prune: {redact(str(exc), dsn)}", err=True)
+        raise typer.Exit(2) from None
+    except psycopg.Error as exc:  # a refused connection or a missing privilege: one line, not a traceback
+        typer.echo(f"bemi-asgi prune: error: {redact(_one_line(exc), dsn)}", err=True)
         raise typer.Exit(2) from None
     typer.echo(result.deleted)
 
@@ -319,16 +330,24 @@ def maintain(
     """Create the coming months' partitions of a partitioned bemi.changes (prune does it too); prints their names."""
     import psycopg
 
+    from ._dsn import redact
     from .ops.prune import create_partitions
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        if conn.execute("SELECT to_regproc('bemi.create_changes_partitions') IS NULL").fetchone() == (True,):
-            typer.echo(
-                "bemi-asgi maintain: bemi.changes is not partitioned (sql-migration --partition-by-month)", err=True
-            )
-            raise typer.Exit(2)
-        for name in create_partitions(conn, months_ahead):
-            typer.echo(f"bemi.{name}")
+    _check_urls("bemi-asgi maintain:", database=dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            if conn.execute("SELECT to_regproc('bemi.create_changes_partitions') IS NULL").fetchone() == (True,):
+                typer.echo(
+                    "bemi-asgi maintain: bemi.changes is not partitioned (sql-migration --partition-by-month)",
+                    err=True,
+                )
+                raise typer.Exit(2)
+            names = create_partitions(conn, months_ahead)
+    except psycopg.Error as exc:  # a refused connection or a missing privilege: one line, not a traceback
+        typer.echo(f"bemi-asgi maintain: error: {redact(_one_line(exc), dsn)}", err=True)
+        raise typer.Exit(2) from None
+    for name in names:
+        typer.echo(f"bemi.{name}")
 
 
 @app.command()
@@ -359,6 +378,26 @@ def demo(
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _check_urls(prefix: str, **urls: str | None) -> None:
+    """Refuse a URL that cannot be read safely, in one line naming no part of it (exit 2)."""
+    from ._dsn import check_dsn
+    from ._exceptions import ConfigError
+
+    for what, url in urls.items():
+        if url is not None:
+            try:
+                check_dsn(url, what=f"the {what} URL")
+            except ConfigError as exc:
+                typer.echo(f"{prefix} {exc}", err=True)
+                raise typer.Exit(2) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and its words."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def main() -> None:

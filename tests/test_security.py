@@ -222,7 +222,7 @@ def test_passwords_never_appear_in_output(secured: Secured, tmp_path: Path) -> N
     assert "password authentication failed" in outputs["worker, wrong password"]
     assert "no-such-host.invalid" in outputs["worker, wrong host"]
     for name, expected in (
-        ("worker, no REPLICATION", "REPLICATION attribute"),
+        ("worker, no REPLICATION", "replication"),  # PostgreSQL 16+: "REPLICATION attribute", 15: "replication role"
         ("worker, wrong destination password", "password authentication failed"),
         ("worker, valid, keyword form", '"postgresql"'),  # the worker takes URLs; retrying will not change that
     ):
@@ -230,6 +230,41 @@ def test_passwords_never_appear_in_output(secured: Secured, tmp_path: Path) -> N
         assert returncode == 1, (name, output)
         assert expected in output, (name, output)
         assert "Traceback" not in output, (name, output)
+
+
+def fragments(password: str, size: int = 4) -> set[str]:
+    """Every piece of `password` `size` characters long: what a parser quoting part of a URL could print."""
+    return {password[i : i + size] for i in range(len(password) - size + 1)}
+
+
+def test_passwords_never_appear_whatever_the_dsn_shape(tmp_path: Path) -> None:
+    """A password with an unencoded %, @, / or space, an unterminated quote in the keyword form or a broken
+    host breaks the URL apart; doctor, worker, prune and maintain then print one line saying what to encode, and
+    no piece of the password, whether the parser's message quoted it or it spilled into the host name."""
+    port = free_port()
+    shapes = {
+        "raw %": "Kx7%zzA1b2C3d4",
+        "raw @": "Kx7@A1b2C3d4",
+        "raw /": "Kx7/A1b2C3d4@",
+        "raw space": "Kx7 A1b2C3d4",
+    }
+    dsns = {name: f"postgresql://bemi_worker:{pw}@127.0.0.1:{port}/app" for name, pw in shapes.items()}
+    dsns["unterminated quote"] = f"host=127.0.0.1 port={port} user=bemi_worker password='Kx7A1b2C3d4"
+    dsns["broken IPv6 host"] = f"postgresql://bemi_worker:Kx7A1b2C3d4@[::1:{port}/app"
+    passwords = {**shapes, "unterminated quote": "Kx7A1b2C3d4", "broken IPv6 host": "Kx7A1b2C3d4"}
+    commands: dict[str, list[str]] = {}
+    for name, dsn in dsns.items():
+        commands[f"doctor, {name}"] = ["doctor", dsn]
+        commands[f"worker, {name}"] = ["worker", "--source", dsn, "--slot", "leak"]
+        commands[f"prune, {name}"] = ["prune", dsn, "--older-than", "1d"]
+        commands[f"maintain, {name}"] = ["maintain", dsn]
+    results = run_all(commands, tmp_path)
+    for command, (returncode, output) in results.items():
+        password = passwords[command.split(", ", 1)[1]]
+        assert not [piece for piece in fragments(password) if piece in output], (command, output)
+        assert returncode == 2, (command, output)
+        assert output.count("\n") == 1, (command, output)
+        assert "percent-encoded" in output, (command, output)
 
 
 def test_doctor_without_read_access_is_a_one_line_error(secured: Secured) -> None:

@@ -37,6 +37,7 @@ from typing import TextIO, TypeAlias
 import asyncpg
 import psycopg
 
+from .._dsn import check_dsn, redact
 from .._exceptions import BemiError
 from ..capture.context import MESSAGE_PREFIX
 from .config import TrackingConfig
@@ -128,6 +129,9 @@ class Worker:
         max_backoff: float = 30.0,
         tracking: TrackingConfig | None = None,
     ) -> None:
+        check_dsn(source, what="the source URL")
+        if destination is not None:
+            check_dsn(destination, what="the destination URL")
         self.source = source
         self.destination = destination or source
         self.slot = slot
@@ -175,7 +179,8 @@ class Worker:
                     if self.stats.changes > stored_before or time.monotonic() - started > 60:
                         backoff = initial_backoff
                     self.stats.reconnects += 1
-                    logger.warning("cannot stream right now (%s); retrying in %.1f s", _one_line(exc), backoff)
+                    reason = redact(_one_line(exc), self.source, self.destination)
+                    logger.warning("cannot stream right now (%s); retrying in %.1f s", reason, backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
         finally:
