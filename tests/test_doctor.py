@@ -175,3 +175,20 @@ def test_server_without_logical_decoding(replica_level_server: str) -> None:
     assert "max_replication_slots is 0" in missing
     assert "max_wal_senders is 0" in missing
     assert "publication 'bemi' does not exist" in missing
+
+
+def test_publication_without_partition_root_is_set_by_the_migration_and_reported(database: str) -> None:
+    """A publication sending partitions under their own names gets publish_via_partition_root from the migration
+    (as it documents), and doctor warns about one that lacks it."""
+    apply(
+        database,
+        "CREATE TABLE users (id int PRIMARY KEY);"
+        "CREATE PUBLICATION bemi FOR TABLE users WITH (publish_via_partition_root = false)",
+    )
+    result = doctor(database)
+    assert any("publish_via_partition_root" in line for line in lines_with(result, "warning")), result.stdout
+    apply(database, migration_sql())
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = 'bemi'").fetchone() == (True,)
+    result = doctor(database)
+    assert lines_with(result, "warning") == [], result.stdout

@@ -402,3 +402,38 @@ async def test_revert_refuses_values_that_were_masked_hashed_or_ignored(database
         [statement] = plan.statements
         assert statement.sql.startswith('UPDATE "public"."users" SET "note" = ')
         assert "password" not in statement.sql
+
+
+# -- partitions -------------------------------------------------------------------------------------------------
+
+
+async def test_rules_apply_to_partitions_published_under_their_own_names(database: str) -> None:
+    """With a publication that sends partitions under their own names (publish_via_partition_root off), a mask
+    rule for the partitioned table masks the partition's values, and its other rules (hash, ignore) apply too."""
+    prepare_source(
+        database,
+        "CREATE TABLE accounts (id int PRIMARY KEY, token text, email text, seen int) PARTITION BY RANGE (id);"
+        "CREATE TABLE accounts_p1 PARTITION OF accounts FOR VALUES FROM (0) TO (100);"
+        "ALTER TABLE accounts_p1 REPLICA IDENTITY FULL",
+        ["accounts"],
+    )
+    run_sql(database, "INSERT INTO accounts VALUES (1, 'tok-SECRET-1', 'a@example.com', 5)", context={})
+    config = load_config(
+        mask_columns=["public.accounts.token"], hash_columns=["public.accounts.email"],
+        ignore_columns=["public.accounts.seen"], environ={"BEMI_HASH_KEY": KEY},
+    )  # fmt: skip
+    await drain(database, tracking=config)
+    [change] = changes(database)
+    assert (change["table"], change["after"]) == (
+        "accounts_p1",
+        {"id": 1, "token": "[masked]", "email": hash_value("a@example.com", key=KEY)},
+    )
+    assert "tok-SECRET-1" not in stored_text(database)
+
+
+async def test_a_rule_matching_no_published_table_is_refused_at_start(database: str) -> None:
+    """A rule naming a table the publication does not send (a typo, or a partition when changes arrive under the
+    partitioned table's name) would never apply: the worker refuses to start, naming it."""
+    prepare_source(database, USERS, ["users"])
+    with pytest.raises(ConfigError, match=r"public\.userz.*matches no published table"):
+        await drain(database, tracking=load_config(mask_columns=["public.userz.password"]))

@@ -72,6 +72,7 @@ class SourceFacts:
     publication: str
     publication_exists: bool
     publication_all_tables: bool = False
+    publication_via_root: bool = True
     published: Sequence[TableFacts] = ()
     tracked_schemas: Sequence[str] = ()
     untracked: Sequence[TableFacts] = ()
@@ -115,7 +116,9 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
         if settings["version"] < MIN_SERVER_VERSION * 10000:
             # Older servers lack catalog columns read below; the version alone is the answer.
             return SourceFacts(**server, publication_exists=False)
-        pub = cur.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", [publication]).fetchone()
+        pub = cur.execute(
+            "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = %s", [publication]
+        ).fetchone()
         published: list[TableFacts] = []
         if pub is not None:
             # Every table whose UPDATE/DELETE the publication affects: the published ones, and the partitions of
@@ -196,6 +199,7 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
         **server,
         publication_exists=pub is not None,
         publication_all_tables=bool(pub and pub["puballtables"]),
+        publication_via_root=bool(pub is None or pub["pubviaroot"]),
         published=tuple(published),
         tracked_schemas=tuple(tracked_schemas),
         untracked=tuple(untracked),
@@ -257,6 +261,11 @@ def _publication_findings(facts: SourceFacts, migrate: str) -> list[Finding]:
         names = ", ".join(table.qualified for table in own)
         add(Finding("missing", f"publication {pub!r} publishes bemi's own table(s) {names} (the worker would record "
                     f"its own writes): ALTER PUBLICATION {_ident(pub)} DROP TABLE {names}"))  # fmt: skip
+    if not facts.publication_via_root:
+        add(Finding("warning", f"publication {pub!r} sends the changes of partitions under their own names "
+                    "(publish_via_partition_root is off), so the history of a partitioned table is split by "
+                    f"partition: ALTER PUBLICATION {_ident(pub)} SET (publish_via_partition_root = true), or "
+                    + migrate))  # fmt: skip
     tables = [table for table in facts.published if table.schema != "bemi"]
     direct = [table for table in tables if not table.partition]
     if not direct:

@@ -550,7 +550,8 @@ class _Pipeline:
         )
         if self.worker._filters is not None and not info.ignored:
             # Tracking configuration: leave the table out, or filter its rows (ignored, masked, hashed columns).
-            filter_relation(self.worker._filters, info)
+            ancestors = await self.catalog.partition_ancestors(message.oid)
+            filter_relation(self.worker._filters, info, ancestors)
             info.single_key = info.key[0] if len(info.key) == 1 else -1
         if info.policy is None and not info.ignored:
             info.codec = RowCodec(info.columns, info.converters, info.key, info.single_key)

@@ -94,14 +94,18 @@ CREATE OR REPLACE FUNCTION bemi.create_publication(pub name, tracked_schemas nam
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     all_tables boolean;
+    via_root boolean;
 BEGIN
-    SELECT puballtables INTO all_tables FROM pg_publication WHERE pubname = pub;
+    SELECT puballtables, pubviaroot INTO all_tables, via_root FROM pg_publication WHERE pubname = pub;
     IF all_tables IS NULL THEN
         -- Changes to partitions arrive under the partitioned table's name, the table the application queries.
         EXECUTE format('CREATE PUBLICATION %I WITH (publish_via_partition_root = true)', pub);
     ELSIF all_tables THEN
         RAISE EXCEPTION 'publication "%" is FOR ALL TABLES, which includes bemi''s own tables', pub
             USING HINT = 'Choose another publication name (--publication) or drop this publication.';
+    ELSIF NOT via_root THEN
+        -- A publication created before (or by hand) gets the same setting.
+        EXECUTE format('ALTER PUBLICATION %I SET (publish_via_partition_root = true)', pub);
     END IF;
     INSERT INTO bemi.source_publications (publication, schemas) VALUES (pub, '{}')
     ON CONFLICT (publication) DO NOTHING;
