@@ -192,3 +192,20 @@ def test_publication_without_partition_root_is_set_by_the_migration_and_reported
         assert conn.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = 'bemi'").fetchone() == (True,)
     result = doctor(database)
     assert lines_with(result, "warning") == [], result.stdout
+
+
+def test_a_table_name_with_a_newline_cannot_forge_report_lines(database: str) -> None:
+    """A table name holding a newline and a status word is printed escaped: every line of the report is one of
+    doctor's own, and the name is shown as SQL that names the table."""
+    forged = "t\nok       everything is fine\\"
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE TABLE {} (id int)").format(psycopg.sql.Identifier(forged)))
+        conn.execute(psycopg.sql.SQL("CREATE PUBLICATION bemi FOR TABLE {}").format(psycopg.sql.Identifier(forged)))
+    result = doctor(database)
+    assert "everything is fine" in result.stdout
+    assert not any(line.startswith("ok       everything") for line in result.stdout.splitlines())
+    [line] = [line for line in result.stdout.splitlines() if "everything is fine" in line]
+    name = line.split("ALTER TABLE ", 1)[1].split(" REPLICA IDENTITY", 1)[0]
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {name} REPLICA IDENTITY FULL")
+        assert conn.execute("SELECT relreplident FROM pg_class WHERE relname = %s", [forged]).fetchone() == ("f",)

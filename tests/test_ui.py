@@ -701,3 +701,26 @@ def test_moment_input_rounds_up_to_keep_the_moment() -> None:
     assert moment_input(T0.replace(microsecond=123_456)) == "2025-03-01T12:00:00.124"
     assert moment_input(T0.replace(microsecond=123_000)) == "2025-03-01T12:00:00.123"
     assert parse_moment(moment_input(T0.replace(microsecond=1)), "at") >= T0.replace(microsecond=1)  # type: ignore[operator]
+
+
+async def test_deeply_nested_json_is_a_400_and_the_streams_400_is_not_sniffed_or_stored(env: Env) -> None:
+    """JSON nested deeper than the parser's recursion in a context filter or a cursor answers 400 (not a 500 from
+    RecursionError), on the timeline and the stream; the stream's plain-text 400, which repeats the input, is sent
+    with nosniff and no-store."""
+    import base64
+
+    deep = "[" * 3_000 + "]" * 3_000
+    nested = "[" * 60 + "1" + "]" * 60  # parses, but deeper than a filter needs
+    cursor = base64.urlsafe_b64encode(("[1," + deep + ',0,"asc"]').encode()).decode()
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        responses = [
+            await client.get("/", params={"c.user": deep}),
+            await client.get("/", params={"c.user": nested}),
+            await client.get("/", params={"cursor": cursor}),
+            await client.get("/stream", params={"c.user": deep}),
+            await client.get("/stream", params={"after": cursor}),
+        ]
+    assert [r.status_code for r in responses] == [400] * len(responses)
+    for stream in responses[3:]:
+        assert stream.headers["x-content-type-options"] == "nosniff"
+        assert stream.headers["cache-control"] == "no-store"

@@ -86,8 +86,15 @@ class SourceFacts:
 
 
 def _ident(name: str) -> str:
+    """A name as SQL to paste; one with control characters (a newline would forge report lines) in SQL's Unicode
+    escape form, `U&"t\\+00000A..."`, which names the same table."""
     plain = name.isidentifier() and name.isascii() and name == name.lower()
-    return name if plain else '"' + name.replace('"', '""') + '"'
+    if plain:
+        return name
+    quoted = name.replace('"', '""')
+    if quoted.isprintable():
+        return '"' + quoted + '"'
+    return 'U&"' + "".join(ch if ch.isprintable() and ch != "\\" else f"\\+{ord(ch):06X}" for ch in quoted) + '"'
 
 
 def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:

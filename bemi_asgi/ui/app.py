@@ -343,7 +343,13 @@ class BemiUI:
             if start is not None and decode_cursor(start).order != "asc":
                 raise QueryError("the stream continues from an ascending cursor: pass the one the timeline gives")
         except QueryError as exc:
-            return Response(f"{exc}\n", status_code=400, media_type="text/plain")
+            # The reason repeats the input: never sniffed as HTML, never cached.
+            return Response(
+                f"{exc}\n",
+                status_code=400,
+                media_type="text/plain",
+                headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+            )
         if request.method == "HEAD":  # the headers only: no stream to keep open
             return Response(media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 

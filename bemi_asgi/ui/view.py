@@ -42,12 +42,43 @@ CONTEXT_PREFIX = "c."
 OPERATIONS = tuple(op.value for op in Operation)
 
 
+#: How deep a context filter value may nest: containment needs no more, and deeper JSON only costs (Python's
+#: parser raises RecursionError near 1,000 levels, PostgreSQL's a stack depth error).
+MAX_FILTER_DEPTH = 32
+
+
 def parse_context_value(text: str) -> Any:
-    """A context filter value as typed: JSON when it parses, otherwise the text itself."""
+    """A context filter value as typed: JSON when it parses, otherwise the text itself. JSON nested deeper than
+    MAX_FILTER_DEPTH is refused (QueryError)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
+    except RecursionError:
+        value = _TOO_DEEP
     except ValueError:
         return text
+    if value is _TOO_DEEP or _depth(value) > MAX_FILTER_DEPTH:
+        raise QueryError(
+            f"a context filter value nests deeper than {MAX_FILTER_DEPTH} levels: filter on a shallower value"
+        )
+    return value
+
+
+_TOO_DEEP = object()
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (0 for a scalar), without recursion."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            if level > MAX_FILTER_DEPTH:
+                break
+            pending.extend((child, level) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def context_value_text(value: Any) -> str:
@@ -55,7 +86,7 @@ def context_value_text(value: Any) -> str:
     if isinstance(value, str):
         try:
             json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return value
     return json_text(value)
 

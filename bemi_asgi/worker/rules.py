@@ -90,6 +90,21 @@ def is_skip_context(content: bytes, text: str) -> bool:
     return isinstance(value, dict) and value.get(SKIP_KEY) is True
 
 
+class _Hasher:
+    """HMAC-SHA256 hex of a value under the configured key; its repr never shows the key (a partial would)."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def __call__(self, text: str) -> str:
+        return hash_text(self._key, text)
+
+    def __repr__(self) -> str:
+        return "<HMAC-SHA256, key hidden>"
+
+
 def _identity(text: str) -> str:
     return text
 
@@ -149,7 +164,7 @@ class Filters:
     def __init__(self, config: TrackingConfig) -> None:
         self.config = config
         self._mask = config.mask_marker
-        self._hash = partial(hash_text, config.hash_key) if config.hash_key is not None else None
+        self._hash = _Hasher(config.hash_key) if config.hash_key is not None else None
 
     def tracks(self, schema: str, table: str, ancestors: Sequence[str] = ()) -> bool:
         """False when `include` is given and no pattern matches, or an `exclude` pattern matches. `ancestors`: the
