@@ -4,6 +4,8 @@ least-privilege roles (the grants the README documents), on a dedicated server t
 
 from __future__ import annotations
 
+import itertools
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 import httpx
@@ -334,3 +336,67 @@ async def test_context_size_limit_holds_through_the_pool(database: str, items_po
         ("5", limit - len('{"pad":""}')),
     ]
     assert await items_pool.fetchval("SELECT array_agg(id ORDER BY id) FROM items") == [1, 5]
+
+
+# -- who may write the context ----------------------------------------------------------------------------------
+
+_context_roles = itertools.count()
+
+
+async def test_only_roles_allowed_to_emit_messages_can_write_a_context(database: str) -> None:
+    """Any role that may call pg_logical_emit_message can attach any context to its own transaction (the WAL does
+    not say which role emitted it): another role's write shows up under tenant 1. Revoking EXECUTE from PUBLIC and
+    granting it to the application's role, as the README says, leaves that role able to write contexts through the
+    pool and refuses every other role."""
+    suffix = f"{os.getpid()}_{next(_context_roles)}"
+    app_role, other_role = f"ctx_app_{suffix}", f"ctx_other_{suffix}"
+    prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"])
+    with psycopg.connect(database, autocommit=True) as conn:
+        for role in (app_role, other_role):
+            conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            conn.execute(f'GRANT SELECT, INSERT ON items TO "{role}"')
+    parts = urlsplit(database)
+    app_dsn, other_dsn = (
+        parts._replace(netloc=f"{r}@{parts.hostname}:{parts.port}").geturl() for r in (app_role, other_role)
+    )
+    try:
+        with psycopg.connect(other_dsn) as conn:
+            conn.execute("INSERT INTO items VALUES (1)")
+            conn.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"tenant_id\": 1}')")
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(RESTRICT_EMIT.format(role=app_role))
+        with psycopg.connect(other_dsn) as conn:
+            conn.execute("INSERT INTO items VALUES (2)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"tenant_id\": 1}')")
+        pool = await bemi_asgi.create_pool(app_dsn, min_size=1, max_size=1)
+        try:
+            with bemi_context(tenant_id=1):
+                await pool.execute("INSERT INTO items VALUES (3)")
+        finally:
+            await pool.close()
+        await drain(database)
+        assert [(c["primary_key"], c["context"]) for c in changes(database)] == [
+            ("1", {"tenant_id": 1}),  # the limit: a role allowed to emit claims any context for its own writes
+            ("3", {"tenant_id": 1}),
+        ]
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            for role in (app_role, other_role):
+                conn.execute(f'DROP OWNED BY "{role}"')
+                conn.execute(f'DROP ROLE "{role}"')
+
+
+# The README's "Who can write the context": every overload (PostgreSQL 17 added one with a flush argument).
+RESTRICT_EMIT = """
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message'
+             AND pronamespace = 'pg_catalog'::regnamespace LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO "{role}"', f);
+    END LOOP;
+END $$
+"""
