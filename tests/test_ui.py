@@ -724,3 +724,41 @@ async def test_deeply_nested_json_is_a_400_and_the_streams_400_is_not_sniffed_or
     for stream in responses[3:]:
         assert stream.headers["x-content-type-options"] == "nosniff"
         assert stream.headers["cache-control"] == "no-store"
+
+
+async def test_work_per_request_is_bounded(env: Env) -> None:
+    """A context filter with no value to look up (`c.x={}`, `[]`), which the index cannot answer and the live
+    stream would rescan every second, is refused; a transaction's or request's page shows a bounded number of
+    changes with a link to the next ones, and cuts long values with a link to the full value (plain text, in
+    scope only)."""
+    big = "x" * 50_000
+    rows = [Row("CREATE", "items", 100 + i, after={"id": 100 + i, "name": big if i == 0 else "n"}) for i in range(150)]
+    await env.writer.commit(rows, context={"tenant_id": 1, "request_id": "bulk"}, transaction_id=777)
+    app = tenant_ui(env)
+    headers = {"x-user": "ann", "x-tenant": "1"}
+    async with client_for(app) as client:
+        for value in ("{}", "[]", '{"a": []}'):
+            for path in ("/", "/stream"):
+                response = await client.get(path, params={"c.user": value}, headers=headers)
+                assert response.status_code == 400, (path, value)
+        for first in (
+            await client.get("/transaction/777", headers=headers),
+            await client.get("/request", params={"id": "bulk"}, headers=headers),
+        ):
+            assert first.status_code == 200
+            assert len(section_ids(first.text)) == 100
+            assert len(first.text) < 200_000
+            assert big not in first.text
+            [next_href] = re.findall(r'<a class="next" href="([^"]+)"', first.text)
+            rest = await client.get(html.unescape(next_href), headers=headers)
+            assert len(section_ids(rest.text)) == 50
+            assert not set(section_ids(rest.text)) & set(section_ids(first.text))
+        [value_href] = re.findall(r'<a class="full" href="([^"]+)"', first.text)
+        full = await client.get(html.unescape(value_href), headers=headers)
+        assert full.status_code == 200
+        assert full.text == json.dumps(big)
+        assert full.headers["content-type"].startswith("text/plain")
+        assert full.headers["x-content-type-options"] == "nosniff"
+        other_tenant = await client.get(html.unescape(value_href), headers={"x-user": "bo", "x-tenant": "2"})
+        assert other_tenant.status_code == 404
+        assert big not in other_tenant.text

@@ -189,12 +189,13 @@ def parse_filters(params: Sequence[tuple[str, str]]) -> TimelineFilters:
                 operations.append(op)
         elif name.startswith(CONTEXT_PREFIX) and len(name) > len(CONTEXT_PREFIX):
             if value != "":  # an empty form field means no filter
-                context[name[len(CONTEXT_PREFIX) :]] = parse_context_value(value)
+                key = name[len(CONTEXT_PREFIX) :]
+                context[key] = _lookup_value(key, parse_context_value(value))
         else:
             single.setdefault(name, value)
     extra_key = single.get("ck", "").strip()
     if extra_key and single.get("cv", "") != "":
-        context[extra_key] = parse_context_value(single["cv"])
+        context[extra_key] = _lookup_value(extra_key, parse_context_value(single["cv"]))
     return TimelineFilters(
         table=single.get("table", "").strip() or None,
         operations=tuple(operations),
@@ -202,6 +203,24 @@ def parse_filters(params: Sequence[tuple[str, str]]) -> TimelineFilters:
         until=parse_moment(single.get("until"), "until"),
         context=context,
         cursor=single.get("cursor") or None,
+    )
+
+
+def _lookup_value(key: str, value: Any) -> Any:
+    """Refuse a filter value without a single scalar (`{}`, `[]`, `{"a": []}`): the context index (jsonb_path_ops)
+    holds scalars only, so such a filter scans the whole history, and the live stream would do so every second."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        else:
+            return value
+    raise QueryError(
+        f"the filter {CONTEXT_PREFIX}{key} names no value to look up (an empty object or array matches any), which "
+        "would scan the whole history: filter on a value, e.g. c.user=alice"
     )
 
 
@@ -228,6 +247,9 @@ class FieldRow:
     before: str | None
     after: str | None
     status: Literal["changed", "added", "removed", "same"]
+    #: Whether `before` / `after` were cut to MAX_VALUE_CHARS (the page links to the full value).
+    before_cut: bool = False
+    after_cut: bool = False
 
 
 def _same(old: Any, new: Any) -> bool:
@@ -238,17 +260,37 @@ def _same(old: Any, new: Any) -> bool:
     return bool(old == new)
 
 
+#: Longer values are cut on pages (a page of large values would weigh megabytes); the full value is a link away.
+MAX_VALUE_CHARS = 2000
+
+
 def field_rows(change: Change) -> list[FieldRow]:
-    """Every column of the change, in the row's column order, with its before/after JSON text and status."""
+    """Every column of the change, in the row's column order, with its before/after JSON text (cut to
+    MAX_VALUE_CHARS) and status."""
     before, after = change.before, change.after
     rows: list[FieldRow] = []
     for name in (*after, *(key for key in before if key not in after)):
+        old = _cut(json_text(before[name])) if name in before else None
+        new = _cut(json_text(after[name])) if name in after else None
+        status: Literal["changed", "added", "removed", "same"]
         if name in before and name in after:
-            old, new = before[name], after[name]
-            status: Literal["changed", "added", "removed", "same"] = "same" if _same(old, new) else "changed"
-            rows.append(FieldRow(name, json_text(old), json_text(new), status))
-        elif name in after:
-            rows.append(FieldRow(name, None, json_text(after[name]), "added"))
+            status = "same" if _same(before[name], after[name]) else "changed"
         else:
-            rows.append(FieldRow(name, json_text(before[name]), None, "removed"))
+            status = "added" if name in after else "removed"
+        rows.append(
+            FieldRow(
+                name,
+                old[0] if old else None,
+                new[0] if new else None,
+                status,
+                before_cut=bool(old and old[1]),
+                after_cut=bool(new and new[1]),
+            )
+        )
     return rows
+
+
+def _cut(text: str) -> tuple[str, bool]:
+    if len(text) <= MAX_VALUE_CHARS:
+        return text, False
+    return text[:MAX_VALUE_CHARS] + "…", True
