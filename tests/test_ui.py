@@ -762,3 +762,28 @@ async def test_work_per_request_is_bounded(env: Env) -> None:
         other_tenant = await client.get(html.unescape(value_href), headers={"x-user": "bo", "x-tenant": "2"})
         assert other_tenant.status_code == 404
         assert big not in other_tenant.text
+
+
+async def test_a_scoped_visitor_cannot_tell_unknown_tables_from_tables_outside_its_scope(env: Env) -> None:
+    """Under a scope, a table nobody wrote (or a catalog table), a table only other tenants wrote and a table the
+    visitor's tenant never wrote answer alike: the timeline is empty (200), a row page 404, the stream 200. Without
+    a scope, an unknown table is still a 400 that says so."""
+    app = tenant_ui(env)
+    headers = {"x-user": "ann", "x-tenant": "1"}
+    tables = ("nosuch", "pg_catalog.pg_class", "notes")  # notes: only tenant 2 wrote it
+    async with client_for(app) as client:
+        timelines = [await client.get("/", params={"table": name}, headers=headers) for name in tables]
+        rows = [await client.get("/row", params={"table": name, "key": "1"}, headers=headers) for name in tables]
+        streams = [
+            await asyncio.wait_for(client.head("/stream", params={"table": name}, headers=headers), 30)
+            for name in tables
+        ]
+    assert [r.status_code for r in timelines] == [200] * 3
+    assert [row_ids(r.text) for r in timelines] == [[]] * 3
+    assert [r.status_code for r in rows] == [404] * 3
+    assert [r.status_code for r in streams] == [200] * 3
+    assert not [r for r in (*timelines, *rows) if "unknown table" in r.text]
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        unscoped = await client.get("/", params={"table": "nosuch"})
+    assert unscoped.status_code == 400
+    assert "unknown table" in unscoped.text

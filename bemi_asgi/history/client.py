@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from .._exceptions import QueryError
+from .._exceptions import QueryError, UnknownTableError
 from .catalog import fetch_table_info
 from .changes import SELECT_COLUMNS, ChangesAPI
 from .filters import At, PrimaryKey, encode_primary_key, parse_at, parse_lsn, quote_qualified, split_table
@@ -295,7 +295,7 @@ class Bemi:
             table,
         )
         if not known:
-            raise QueryError(
+            raise UnknownTableError(
                 f"unknown table {schema}.{table}: it has no stored changes and does not exist in this database; "
                 "check the name and schema (tables are 'name' in schema public, or 'schema.name')"
             )

@@ -36,6 +36,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -45,7 +46,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from .._exceptions import QueryError
+from .._exceptions import QueryError, UnknownTableError
 from ..history.changes import ChangePage
 from ..history.client import Bemi
 from ..history.filters import Cursor, decode_cursor, encode_cursor
@@ -451,10 +452,12 @@ class BemiUI:
         side, field_name = params.get("side", ""), params.get("field", "")
         if side not in ("before", "after"):
             return self._error(request, 400, "side= is before or after.")
-        context = merge_scope({}, self._access(request))
+        scope = self._access(request)
+        context = merge_scope({}, scope)
         found: Change | None = None
         if context is not None:
-            page = await self.bemi.changes.find(
+            page = await self._lookup(
+                scope,
                 table=params.get("table", ""),
                 schema=params.get("schema", "public"),
                 primary_key=params.get("key") or None,
@@ -486,7 +489,8 @@ class BemiUI:
         context = merge_scope(filters.context, scope)
         if context is None:
             return ChangePage([], None)
-        return await self.bemi.changes.find(
+        return await self._lookup(
+            scope,
             table=filters.table,
             operation=list(filters.operations) or None,
             context=context or None,
@@ -506,9 +510,20 @@ class BemiUI:
             transaction_id=transaction_id, context=context or None, order="asc", limit=GROUP_LIMIT, cursor=cursor
         )
 
+    async def _lookup(self, scope: Mapping[str, Any], **options: Any) -> ChangePage:
+        """`find` for a visitor: under a scope, a table that is unknown (no stored changes, not in the database)
+        reads as one with nothing in the scope, so a tenant learns nothing of other tenants' tables or the catalog
+        from the difference."""
+        try:
+            return await self.bemi.changes.find(**options)
+        except UnknownTableError:
+            if scope:
+                return ChangePage([], None)
+            raise
+
     async def _row_history(self, schema: str, table: str, key: str, scope: Mapping[str, Any]) -> list[Change]:
         """The row's latest in-scope changes and the in-scope TRUNCATEs that ended it, in commit order."""
-        find = self.bemi.changes.find
+        find = partial(self._lookup, scope)
         context = dict(scope) or None
         changes = await find(table=table, schema=schema, primary_key=key, context=context, limit=HISTORY_LIMIT)
         if not changes:
@@ -526,7 +541,7 @@ class BemiUI:
     ) -> tuple[Change | None, dict[str, Any] | None]:
         """The change in effect at `at` and the row's state then (None: it did not exist), as `Bemi.as_of`
         computes it, from in-scope changes only."""
-        find = self.bemi.changes.find
+        find = partial(self._lookup, scope)
         context = dict(scope) or None
         until = at + timedelta(microseconds=1)  # `until` is exclusive; as-of includes changes committed at `at`
         last = await find(table=table, schema=schema, primary_key=key, context=context, until=until, limit=1)
