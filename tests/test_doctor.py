@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -209,3 +210,17 @@ def test_a_table_name_with_a_newline_cannot_forge_report_lines(database: str) ->
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(f"ALTER TABLE {name} REPLICA IDENTITY FULL")
         assert conn.execute("SELECT relreplident FROM pg_class WHERE relname = %s", [forged]).fetchone() == ("f",)
+
+
+def test_event_trigger_code_owned_by_another_role_blocks(database: str, owner_dsn: str) -> None:
+    """On an installation where a role other than a superuser owns code the event trigger runs (as migrations
+    before the ownership check could leave it), doctor names each object and exits with 1."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, migration_sql())
+    assert lines_with(doctor(database), "MISSING") == []
+    role = urlsplit(owner_dsn).username
+    apply(database, f'ALTER FUNCTION bemi.track_table(name, regclass) OWNER TO "{role}"')
+    result = doctor(database)
+    assert result.exit_code == 1
+    [line] = lines_with(result, "MISSING")
+    assert f"function bemi.track_table(name,regclass) (owned by {role})" in line
