@@ -409,7 +409,8 @@ async def test_revert_refuses_values_that_were_masked_hashed_or_ignored(database
 
 async def test_rules_apply_to_partitions_published_under_their_own_names(database: str) -> None:
     """With a publication that sends partitions under their own names (publish_via_partition_root off), a mask
-    rule for the partitioned table masks the partition's values, and its other rules (hash, ignore) apply too."""
+    rule for the partitioned table masks the partition's values, and its other rules (hash, ignore) apply too;
+    revert knows them for the partition's changes."""
     prepare_source(
         database,
         "CREATE TABLE accounts (id int PRIMARY KEY, token text, email text, seen int) PARTITION BY RANGE (id);"
@@ -429,6 +430,13 @@ async def test_rules_apply_to_partitions_published_under_their_own_names(databas
         {"id": 1, "token": "[masked]", "email": hash_value("a@example.com", key=KEY)},
     )
     assert "tok-SECRET-1" not in stored_text(database)
+    # Revert reads the same rules for the partition: re-creating the row would write the marker and the hash.
+    run_sql(database, "DELETE FROM accounts WHERE id = 1", context={})
+    await drain(database, tracking=config)
+    async with Bemi(database) as bemi:
+        [delete] = await bemi.changes.find(table="accounts_p1", operation="DELETE")
+        with pytest.raises(bemi_asgi.QueryError, match=r"token \(masked\), email \(hashed\), seen \(ignored\)"):
+            await bemi.revert(change=delete, dry_run=True)
 
 
 async def test_a_rule_matching_no_published_table_is_refused_at_start(database: str) -> None:
