@@ -601,3 +601,17 @@ def test_event_trigger_function_cannot_be_replaced_by_the_app_role(database: str
     with pytest.raises(psycopg.Error, match=r"function bemi\.track_table\(name,oid\) is owned by role"):
         apply(database, cli())
     assert not is_superuser(database, role)
+
+
+def test_rollback_runs_only_postgresql_functions(database: str, owner_dsn: str) -> None:
+    """A role that may create functions in a schema the superuser's session searches plants a `format` that
+    matches the rollback's call better than PostgreSQL's own (and does its job, unnoticed); a superuser's rollback
+    does not run it."""
+    role = role_of(owner_dsn)
+    apply(owner_dsn, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, cli())
+    planted = ESCALATE.format(returns="text", role=role, end="RETURN pg_catalog.format(a, b, c, d);")
+    apply(owner_dsn, planted.replace("public.escalate()", "public.format(a text, b name, c name, d text)"))
+    apply(database, cli("--down"))
+    assert not is_superuser(database, role)
+    assert published(database) == set()
