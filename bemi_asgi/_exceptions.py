@@ -7,6 +7,7 @@
     ├── MigrationError        bad options for `bemi-asgi sql-migration`
     ├── ConfigError           an invalid tracking configuration (bemi.toml, worker options), or one the tables refuse
     ├── QueryError            a query helper was asked something it cannot answer (unknown table, bad filter)
+    │   ├── UnknownTableError     a table with no stored changes that does not exist in the database
     │   └── RevertConflictError   a revert would overwrite later changes, or the row is not as the history says
     ├── DecodeError           a replication message that is not valid pgoutput protocol version 1
     └── DemoError             `bemi-asgi demo` cannot start (port in use, unusable data directory, ...)
@@ -47,6 +48,10 @@ class QueryError(BemiError, ValueError):
 
 class DecodeError(BemiError, ValueError):
     """A pgoutput message that cannot be decoded (truncated, unknown type, unsupported protocol feature)."""
+
+
+class UnknownTableError(QueryError):
+    """A table filter names a table with no stored changes that does not exist in the database either."""
 
 
 class RevertConflictError(QueryError):

@@ -33,13 +33,19 @@ def parse_lsn(text: str) -> int:
 def quote_ident(name: str, *, bare_if_plain: bool = False) -> str:
     """An identifier quoted for SQL (`"..."`, inner double quotes doubled), safe for any name.
 
-    `bare_if_plain` leaves a lower-case ASCII name unquoted, for SQL shown to people in hints (`public.items`
-    reads better than `"public"."items"`); SQL that runs always quotes, so keywords need no thought.
+    `bare_if_plain` is for SQL shown to people in hints and reports: a lower-case ASCII name stays unquoted
+    (`public.items` reads better than `"public"."items"`), and a name holding control characters is written in
+    SQL's Unicode escape form (`U&"a\\+00000Ab"`), which names the same object and cannot break a line of output.
+    SQL that runs always quotes, so keywords need no thought.
     """
     if "\x00" in name:
         raise ValueError(f"identifier {name!r} contains a NUL character, which PostgreSQL names cannot hold")
-    if bare_if_plain and name.isidentifier() and name.isascii() and name == name.lower():
-        return name
+    if bare_if_plain:
+        if name.isidentifier() and name.isascii() and name == name.lower():
+            return name
+        if not name.isprintable():
+            escaped = "".join(ch if ch.isprintable() and ch != "\\" else f"\\+{ord(ch):06X}" for ch in name)
+            return 'U&"' + escaped.replace('"', '""') + '"'
     return sql.Identifier(name).as_string()
 
 

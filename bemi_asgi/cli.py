@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
@@ -28,14 +28,33 @@ def _root() -> None:
 
 
 @contextmanager
-def _reported(command: str, *errors: type[BaseException], code: int) -> Iterator[None]:
+def _reported(command: str, *errors: type[BaseException], code: int, urls: Sequence[str | None] = ()) -> Iterator[None]:
     """Report `errors` raised inside as one line, `bemi-asgi COMMAND: what went wrong`, and exit with `code`: a
-    traceback would bury the message that says the fix."""
+    traceback would bury the message that says the fix (and its locals could hold the URLs). The passwords of
+    `urls` never appear in the line."""
+    from ._dsn import redact
+    from ._exceptions import BemiError
+
     try:
         yield
     except errors as exc:
-        typer.echo(f"bemi-asgi {command}: {' '.join(str(exc).split())}", err=True)
+        words = " ".join(str(exc).split())
+        if not isinstance(exc, BemiError):  # a driver's error: its type says which side failed
+            words = f"error: {type(exc).__name__}: {words}" if words else f"error: {type(exc).__name__}"
+        typer.echo(f"bemi-asgi {command}: {redact(words, *urls)}", err=True)
         raise typer.Exit(code) from None
+
+
+def _check_urls(command: str, **urls: str | None) -> None:
+    """Refuse a URL that cannot be read safely (a password with an unencoded @ breaks a URL apart), in one line
+    naming no part of it; exit 2."""
+    from ._dsn import check_dsn
+    from ._exceptions import ConfigError
+
+    with _reported(command, ConfigError, code=2):
+        for what, url in urls.items():
+            if url is not None:
+                check_dsn(url, what=f"the {what} URL")
 
 
 def _database_errors() -> tuple[type[BaseException], ...]:
@@ -180,7 +199,8 @@ def doctor(
     from ._exceptions import SourceNotReadyError
     from .ops.doctor import check_source, format_report
 
-    with _reported("doctor", SourceNotReadyError, psycopg.Error, code=2):
+    _check_urls("doctor", source=dsn)
+    with _reported("doctor", SourceNotReadyError, psycopg.Error, code=2, urls=[dsn]):
         findings = check_source(dsn, publication=publication, max_lag_bytes=int(max_lag_mb * 1024 * 1024))
     typer.echo(format_report(findings))
     if any(finding.blocking for finding in findings):
@@ -257,6 +277,7 @@ def worker(
     from .worker.config import load_config
     from .worker.pipeline import Worker
 
+    _check_urls("worker", source=source, destination=destination)
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
     with _reported("worker", BemiError, code=2):
         tracking = load_config(
@@ -281,7 +302,7 @@ def worker(
 
     # What retrying cannot fix (a missing privilege, a refused password on the destination, a DSN that is not a
     # postgresql:// URL) ends the worker with what the server said.
-    with _reported("worker", BemiError, *_database_errors(), code=1):
+    with _reported("worker", BemiError, *_database_errors(), code=1, urls=[source, destination]):
         asyncio.run(run())
 
 
@@ -336,7 +357,8 @@ def prune(
         cutoff = before if before.tzinfo is not None else before.replace(tzinfo=UTC)
     else:
         raise typer.BadParameter("give the cutoff as --older-than AGE (e.g. 90d) or --before TIME, one of the two")
-    with _reported("prune", BemiError, *_database_errors(), code=2):
+    _check_urls("prune", database=dsn)
+    with _reported("prune", BemiError, *_database_errors(), code=2, urls=[dsn]):
         if not (dry_run or yes):
             # A retention typo must never delete history unseen: count first, and ask before a large delete.
             going = run_prune(dsn, before=cutoff, dry_run=True).deleted
@@ -373,7 +395,8 @@ def maintain(
     from ._exceptions import BemiError
     from .ops.prune import maintain as create_coming_partitions
 
-    with _reported("maintain", BemiError, *_database_errors(), code=2):
+    _check_urls("maintain", database=dsn)
+    with _reported("maintain", BemiError, *_database_errors(), code=2, urls=[dsn]):
         names = create_coming_partitions(dsn, months_ahead)
     for name in names:
         typer.echo(f"bemi.{name}")

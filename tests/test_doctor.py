@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -175,3 +176,51 @@ def test_server_without_logical_decoding(replica_level_server: str) -> None:
     assert "max_replication_slots is 0" in missing
     assert "max_wal_senders is 0" in missing
     assert "publication 'bemi' does not exist" in missing
+
+
+def test_publication_without_partition_root_is_set_by_the_migration_and_reported(database: str) -> None:
+    """A publication sending partitions under their own names gets publish_via_partition_root from the migration
+    (as it documents), and doctor warns about one that lacks it."""
+    apply(
+        database,
+        "CREATE TABLE users (id int PRIMARY KEY);"
+        "CREATE PUBLICATION bemi FOR TABLE users WITH (publish_via_partition_root = false)",
+    )
+    result = doctor(database)
+    assert any("publish_via_partition_root" in line for line in lines_with(result, "warning")), result.stdout
+    apply(database, migration_sql())
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = 'bemi'").fetchone() == (True,)
+    result = doctor(database)
+    assert lines_with(result, "warning") == [], result.stdout
+
+
+def test_a_table_name_with_a_newline_cannot_forge_report_lines(database: str) -> None:
+    """A table name holding a newline and a status word is printed escaped: every line of the report is one of
+    doctor's own, and the name is shown as SQL that names the table."""
+    forged = "t\nok       everything is fine\\"
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE TABLE {} (id int)").format(psycopg.sql.Identifier(forged)))
+        conn.execute(psycopg.sql.SQL("CREATE PUBLICATION bemi FOR TABLE {}").format(psycopg.sql.Identifier(forged)))
+    result = doctor(database)
+    assert "everything is fine" in result.stdout
+    assert not any(line.startswith("ok       everything") for line in result.stdout.splitlines())
+    [line] = [line for line in result.stdout.splitlines() if "everything is fine" in line]
+    name = line.split("ALTER TABLE ", 1)[1].split(" REPLICA IDENTITY", 1)[0]
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {name} REPLICA IDENTITY FULL")
+        assert conn.execute("SELECT relreplident FROM pg_class WHERE relname = %s", [forged]).fetchone() == ("f",)
+
+
+def test_event_trigger_code_owned_by_another_role_blocks(database: str, owner_dsn: str) -> None:
+    """On an installation where a role other than a superuser owns code the event trigger runs (as migrations
+    before the ownership check could leave it), doctor names each object and exits with 1."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, migration_sql())
+    assert lines_with(doctor(database), "MISSING") == []
+    role = urlsplit(owner_dsn).username
+    apply(database, f'ALTER FUNCTION bemi.track_table(name, regclass) OWNER TO "{role}"')
+    result = doctor(database)
+    assert result.exit_code == 1
+    [line] = lines_with(result, "MISSING")
+    assert f"function bemi.track_table(name,regclass) (owned by {role})" in line

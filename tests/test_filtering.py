@@ -172,3 +172,15 @@ def test_hash_value_reads_the_key_from_the_environment(monkeypatch: pytest.Monke
     monkeypatch.delenv("BEMI_HASH_KEY")
     with pytest.raises(ConfigError, match="BEMI_HASH_KEY"):
         hash_value("x")
+
+
+def test_the_hash_key_never_appears_in_a_repr() -> None:
+    """A row policy that hashes holds the key: neither its repr nor its filters' shows it."""
+    key = "K" * 20 + "-unique-key-text"
+    config = load_config(hash_columns=["users.email"], environ={"BEMI_HASH_KEY": key})
+    policy = Filters(config).policy("public", "users", COLUMNS, ["id"])
+    assert policy is not None
+    for text in (repr(policy), repr(config), repr(Filters(config)), str(policy.transforms)):
+        assert key not in text
+        assert key.encode().hex() not in text
+        assert "KKKK" not in text

@@ -502,3 +502,140 @@ def test_alembic_refuses_several_heads(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "--down-revision" in result.stderr
     assert cli("--alembic", str(tmp_path), "--down-revision", "b").startswith("Wrote ")
+
+
+# -- no path from the application's role to superuser ----------------------------------------------------------
+
+
+def role_of(dsn: str) -> str:
+    return urlsplit(dsn).username or ""
+
+
+def is_superuser(dsn: str, role: str) -> bool:
+    return bool(query(dsn, "SELECT rolsuper FROM pg_roles WHERE rolname = %s", [role])[0][0])
+
+
+def apply_like_psql(dsn: str, script: str) -> list[str]:
+    """Run a script statement by statement, going on after errors as psql does without ON_ERROR_STOP; the errors."""
+    errors: list[str] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in split_statements(script):
+            try:
+                conn.execute(statement.encode())
+            except psycopg.Error as error:
+                errors.append(str(error))
+    return errors
+
+
+ESCALATE = """
+CREATE FUNCTION public.escalate() RETURNS {returns} LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('ALTER ROLE %I SUPERUSER', '{role}');
+    {end}
+END $$;
+"""
+
+
+def test_superuser_migration_refuses_objects_the_app_role_owns(database: str, owner_dsn: str) -> None:
+    """An application role that ran the migration first owns the schema bemi and its functions, and plants a
+    trigger on bookkeeping the migration writes; a superuser's migration then refuses, naming the objects, in every
+    statement that would run code or install the event trigger (also when the script goes on after an error, as
+    psql does): the role never becomes a superuser, and no event trigger runs code it can change."""
+    role = role_of(owner_dsn)
+    apply(owner_dsn, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(owner_dsn, cli())  # no event trigger: not a superuser
+    apply(owner_dsn, ESCALATE.format(returns="trigger", role=role, end="RETURN NEW;"))
+    apply(
+        owner_dsn,
+        "CREATE TRIGGER escalate BEFORE INSERT ON bemi.source_replica_identities "
+        "FOR EACH ROW EXECUTE FUNCTION public.escalate()",
+    )
+    apply(owner_dsn, "CREATE TABLE orders (id int PRIMARY KEY)")  # the superuser's run would record its identity
+
+    with pytest.raises(psycopg.Error, match="refus") as refused:
+        apply(database, cli())
+    message = str(refused.value)
+    assert f'schema bemi is owned by role "{role}"' in message
+    assert "bemi.track_new_tables()" in message
+    assert "trigger escalate on bemi.source_replica_identities" in message
+    errors = apply_like_psql(database, cli())
+    assert errors
+    assert all("refuses" in error for error in errors), errors
+    assert not is_superuser(database, role)
+    assert query(database, "SELECT count(*) FROM pg_event_trigger")[0][0] == 0
+
+    # Once a superuser owns everything the trigger path uses (the statements the refusal's hint gives), the
+    # migration goes through, and the role can change none of it.
+    hint = refused.value.diag.message_hint or ""
+    assert "DROP TRIGGER escalate ON bemi.source_replica_identities" in hint
+    apply(database, hint.split(": ", 1)[1].split(". ", 1)[0])
+    apply(database, cli())
+    assert query(database, "SELECT count(*) FROM pg_event_trigger")[0][0] == 1
+    assert published(database) == {("public", "users"), ("public", "orders")}
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        apply(
+            owner_dsn,
+            ESCALATE.format(returns="event_trigger", role=role, end="")
+            .replace("public.escalate()", "bemi.track_new_tables()")
+            .replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"),
+        )
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        apply(owner_dsn, "CREATE FUNCTION bemi.track_table(pub name, rel oid) RETURNS void LANGUAGE sql AS ''")
+    apply(database, "CREATE TABLE later (id int PRIMARY KEY)")
+    assert not is_superuser(database, role)
+    assert ("public", "later") in published(database)
+
+
+def test_event_trigger_function_cannot_be_replaced_by_the_app_role(database: str, owner_dsn: str) -> None:
+    """Run by a superuser, the migration leaves every object the event trigger runs owned by that superuser: the
+    application's role can neither replace the trigger's function nor add an overload it would call, so a
+    superuser's CREATE TABLE runs only the migration's code."""
+    role = role_of(owner_dsn)
+    apply(database, cli())
+    apply(database, f'GRANT USAGE, CREATE ON SCHEMA bemi TO "{role}"')  # as a partitioned destination's owner needs
+    owners = query(
+        database,
+        "SELECT DISTINCT r.rolsuper FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'bemi'",
+    )
+    assert owners == [(True,)]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        apply(
+            owner_dsn,
+            "CREATE OR REPLACE FUNCTION bemi.track_new_tables() RETURNS event_trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN NULL; END $$",
+        )
+    # An overload with an exact type match would win over the migration's function: calls cast their arguments.
+    apply(
+        owner_dsn,
+        ESCALATE.format(returns="void", role=role, end="").replace(
+            "public.escalate()", "bemi.track_table(pub name, rel oid)"
+        ),
+    )
+    apply(
+        owner_dsn,
+        ESCALATE.format(returns="void", role=role, end="").replace(
+            "public.escalate()", "bemi.create_publication(pub text, tracked_schemas name[])"
+        ),
+    )
+    apply(database, "CREATE TABLE later (id int PRIMARY KEY)")
+    assert not is_superuser(database, role)
+    assert ("public", "later") in published(database)
+    # Run again, the migration refuses to call functions beside overloads another role owns.
+    with pytest.raises(psycopg.Error, match=r"function bemi\.track_table\(name,oid\) is owned by role"):
+        apply(database, cli())
+    assert not is_superuser(database, role)
+
+
+def test_rollback_runs_only_postgresql_functions(database: str, owner_dsn: str) -> None:
+    """A role that may create functions in a schema the superuser's session searches plants a `format` that
+    matches the rollback's call better than PostgreSQL's own (and does its job, unnoticed); a superuser's rollback
+    does not run it."""
+    role = role_of(owner_dsn)
+    apply(owner_dsn, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, cli())
+    planted = ESCALATE.format(returns="text", role=role, end="RETURN pg_catalog.format(a, b, c, d);")
+    apply(owner_dsn, planted.replace("public.escalate()", "public.format(a text, b name, c name, d text)"))
+    apply(database, cli("--down"))
+    assert not is_superuser(database, role)
+    assert published(database) == set()

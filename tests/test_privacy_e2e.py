@@ -366,3 +366,82 @@ async def test_table_added_while_running_with_an_ignored_key_column_stops_the_wo
         if not task.done():
             await asyncio.wait_for(task, 30)
     assert changes(database) == []
+
+
+# -- revert never writes back what the worker did not store -----------------------------------------------------
+
+
+async def test_revert_refuses_values_that_were_masked_hashed_or_ignored(database: str) -> None:
+    """Reverting a DELETE would re-insert the mask marker (a known value that then authenticates), the HMAC as an
+    email and defaults for ignored columns: the plan is refused, naming each column and why, even as a dry run.
+    Reverting an UPDATE that changed a hashed column is refused too; one that changed only clear columns goes
+    through (masked columns it did not change are left as they are)."""
+    prepare_source(database, USERS, ["users"])
+    password, ssn = SECRETS
+    run_sql(database, f"INSERT INTO users (id, email, password, ssn, age) VALUES (1, 'a@example.com', '{password}',"
+            f" '{ssn}', 30), (2, 'b@example.com', 'x', 'y', 40)", context={})  # fmt: skip
+    run_sql(database, "UPDATE users SET email = 'c@example.com' WHERE id = 2", context={})
+    run_sql(database, "UPDATE users SET note = 'n' WHERE id = 2", context={})
+    run_sql(database, "DELETE FROM users WHERE id = 1", context={})
+    await drain(database, tracking=privacy_config())
+    async with Bemi(database) as bemi:
+        delete, *_ = await bemi.changes.find(table="users", operation="DELETE")
+        for dry_run in (True, False):
+            with pytest.raises(bemi_asgi.QueryError) as refused:
+                await bemi.revert(change=delete, dry_run=dry_run)
+            message = str(refused.value)
+            assert f"change {delete.id}" in message
+            for words in ("password (masked)", "email (hashed)", "age (hashed)", "ssn (ignored)"):
+                assert words in message, message
+        with psycopg.connect(database) as conn:
+            assert conn.execute("SELECT count(*) FROM users WHERE id = 1").fetchone() == (0,)
+        email, note = sorted(await bemi.changes.find(table="users", operation="UPDATE"), key=lambda c: c.id)
+        with pytest.raises(bemi_asgi.QueryError, match=r"email \(hashed\)"):
+            await bemi.revert(change=email, dry_run=True, force=True)
+        plan = await bemi.revert(transaction=note, dry_run=True)
+        [statement] = plan.statements
+        assert statement.sql.startswith('UPDATE "public"."users" SET "note" = ')
+        assert "password" not in statement.sql
+
+
+# -- partitions -------------------------------------------------------------------------------------------------
+
+
+async def test_rules_apply_to_partitions_published_under_their_own_names(database: str) -> None:
+    """With a publication that sends partitions under their own names (publish_via_partition_root off), a mask
+    rule for the partitioned table masks the partition's values, and its other rules (hash, ignore) apply too;
+    revert knows them for the partition's changes."""
+    prepare_source(
+        database,
+        "CREATE TABLE accounts (id int PRIMARY KEY, token text, email text, seen int) PARTITION BY RANGE (id);"
+        "CREATE TABLE accounts_p1 PARTITION OF accounts FOR VALUES FROM (0) TO (100);"
+        "ALTER TABLE accounts_p1 REPLICA IDENTITY FULL",
+        ["accounts"],
+    )
+    run_sql(database, "INSERT INTO accounts VALUES (1, 'tok-SECRET-1', 'a@example.com', 5)", context={})
+    config = load_config(
+        mask_columns=["public.accounts.token"], hash_columns=["public.accounts.email"],
+        ignore_columns=["public.accounts.seen"], environ={"BEMI_HASH_KEY": KEY},
+    )  # fmt: skip
+    await drain(database, tracking=config)
+    [change] = changes(database)
+    assert (change["table"], change["after"]) == (
+        "accounts_p1",
+        {"id": 1, "token": "[masked]", "email": hash_value("a@example.com", key=KEY)},
+    )
+    assert "tok-SECRET-1" not in stored_text(database)
+    # Revert reads the same rules for the partition: re-creating the row would write the marker and the hash.
+    run_sql(database, "DELETE FROM accounts WHERE id = 1", context={})
+    await drain(database, tracking=config)
+    async with Bemi(database) as bemi:
+        [delete] = await bemi.changes.find(table="accounts_p1", operation="DELETE")
+        with pytest.raises(bemi_asgi.QueryError, match=r"token \(masked\), email \(hashed\), seen \(ignored\)"):
+            await bemi.revert(change=delete, dry_run=True)
+
+
+async def test_a_rule_matching_no_published_table_is_refused_at_start(database: str) -> None:
+    """A rule naming a table the publication does not send (a typo, or a partition when changes arrive under the
+    partitioned table's name) would never apply: the worker refuses to start, naming it."""
+    prepare_source(database, USERS, ["users"])
+    with pytest.raises(ConfigError, match=r"public\.userz.*matches no published table"):
+        await drain(database, tracking=load_config(mask_columns=["public.userz.password"]))

@@ -4,6 +4,8 @@ least-privilege roles (the grants the README documents), on a dedicated server t
 
 from __future__ import annotations
 
+import itertools
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 import httpx
@@ -42,11 +44,12 @@ GRANT SELECT ON items TO bemi_worker;
 GRANT USAGE ON SCHEMA bemi TO bemi_worker;
 GRANT SELECT, INSERT ON bemi.changes TO bemi_worker;
 GRANT SELECT, INSERT, UPDATE ON bemi.worker_state TO bemi_worker;
+GRANT SELECT, INSERT ON bemi.tracking_rules TO bemi_worker;
 GRANT SELECT ON bemi.source_publications TO bemi_worker;  -- for bemi-asgi doctor
 
 CREATE ROLE bemi_reader LOGIN PASSWORD '{password}';
 GRANT USAGE ON SCHEMA bemi TO bemi_reader;
-GRANT SELECT ON bemi.changes, bemi.worker_state TO bemi_reader;
+GRANT SELECT ON bemi.changes, bemi.worker_state, bemi.tracking_rules TO bemi_reader;
 
 CREATE ROLE app LOGIN PASSWORD '{password}';
 GRANT SELECT, INSERT, UPDATE, DELETE ON items, secrets TO app;
@@ -221,7 +224,7 @@ def test_passwords_never_appear_in_output(secured: Secured, tmp_path: Path) -> N
     assert "password authentication failed" in outputs["worker, wrong password"]
     assert "no-such-host.invalid" in outputs["worker, wrong host"]
     for name, expected in (
-        ("worker, no REPLICATION", "REPLICATION attribute"),
+        ("worker, no REPLICATION", "replication"),  # PostgreSQL 16+: "REPLICATION attribute", 15: "replication role"
         ("worker, wrong destination password", "password authentication failed"),
         ("worker, valid, keyword form", '"postgresql"'),  # the worker takes URLs; retrying will not change that
     ):
@@ -229,6 +232,41 @@ def test_passwords_never_appear_in_output(secured: Secured, tmp_path: Path) -> N
         assert returncode == 1, (name, output)
         assert expected in output, (name, output)
         assert "Traceback" not in output, (name, output)
+
+
+def fragments(password: str, size: int = 4) -> set[str]:
+    """Every piece of `password` `size` characters long: what a parser quoting part of a URL could print."""
+    return {password[i : i + size] for i in range(len(password) - size + 1)}
+
+
+def test_passwords_never_appear_whatever_the_dsn_shape(tmp_path: Path) -> None:
+    """A password with an unencoded %, @, / or space, an unterminated quote in the keyword form or a broken
+    host breaks the URL apart; doctor, worker, prune and maintain then print one line saying what to encode, and
+    no piece of the password, whether the parser's message quoted it or it spilled into the host name."""
+    port = free_port()
+    shapes = {
+        "raw %": "Kx7%zzA1b2C3d4",
+        "raw @": "Kx7@A1b2C3d4",
+        "raw /": "Kx7/A1b2C3d4@",
+        "raw space": "Kx7 A1b2C3d4",
+    }
+    dsns = {name: f"postgresql://bemi_worker:{pw}@127.0.0.1:{port}/app" for name, pw in shapes.items()}
+    dsns["unterminated quote"] = f"host=127.0.0.1 port={port} user=bemi_worker password='Kx7A1b2C3d4"
+    dsns["broken IPv6 host"] = f"postgresql://bemi_worker:Kx7A1b2C3d4@[::1:{port}/app"
+    passwords = {**shapes, "unterminated quote": "Kx7A1b2C3d4", "broken IPv6 host": "Kx7A1b2C3d4"}
+    commands: dict[str, list[str]] = {}
+    for name, dsn in dsns.items():
+        commands[f"doctor, {name}"] = ["doctor", dsn]
+        commands[f"worker, {name}"] = ["worker", "--source", dsn, "--slot", "leak"]
+        commands[f"prune, {name}"] = ["prune", dsn, "--older-than", "1d"]
+        commands[f"maintain, {name}"] = ["maintain", dsn]
+    results = run_all(commands, tmp_path)
+    for command, (returncode, output) in results.items():
+        password = passwords[command.split(", ", 1)[1]]
+        assert not [piece for piece in fragments(password) if piece in output], (command, output)
+        assert returncode == 2, (command, output)
+        assert output.count("\n") == 1, (command, output)
+        assert "percent-encoded" in output, (command, output)
 
 
 def test_doctor_without_read_access_is_a_one_line_error(secured: Secured) -> None:
@@ -298,3 +336,67 @@ async def test_context_size_limit_holds_through_the_pool(database: str, items_po
         ("5", limit - len('{"pad":""}')),
     ]
     assert await items_pool.fetchval("SELECT array_agg(id ORDER BY id) FROM items") == [1, 5]
+
+
+# -- who may write the context ----------------------------------------------------------------------------------
+
+_context_roles = itertools.count()
+
+
+async def test_only_roles_allowed_to_emit_messages_can_write_a_context(database: str) -> None:
+    """Any role that may call pg_logical_emit_message can attach any context to its own transaction (the WAL does
+    not say which role emitted it): another role's write shows up under tenant 1. Revoking EXECUTE from PUBLIC and
+    granting it to the application's role, as the README says, leaves that role able to write contexts through the
+    pool and refuses every other role."""
+    suffix = f"{os.getpid()}_{next(_context_roles)}"
+    app_role, other_role = f"ctx_app_{suffix}", f"ctx_other_{suffix}"
+    prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"])
+    with psycopg.connect(database, autocommit=True) as conn:
+        for role in (app_role, other_role):
+            conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            conn.execute(f'GRANT SELECT, INSERT ON items TO "{role}"')
+    parts = urlsplit(database)
+    app_dsn, other_dsn = (
+        parts._replace(netloc=f"{r}@{parts.hostname}:{parts.port}").geturl() for r in (app_role, other_role)
+    )
+    try:
+        with psycopg.connect(other_dsn) as conn:
+            conn.execute("INSERT INTO items VALUES (1)")
+            conn.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"tenant_id\": 1}')")
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(RESTRICT_EMIT.format(role=app_role))
+        with psycopg.connect(other_dsn) as conn:
+            conn.execute("INSERT INTO items VALUES (2)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"tenant_id\": 1}')")
+        pool = await bemi_asgi.create_pool(app_dsn, min_size=1, max_size=1)
+        try:
+            with bemi_context(tenant_id=1):
+                await pool.execute("INSERT INTO items VALUES (3)")
+        finally:
+            await pool.close()
+        await drain(database)
+        assert [(c["primary_key"], c["context"]) for c in changes(database)] == [
+            ("1", {"tenant_id": 1}),  # the limit: a role allowed to emit claims any context for its own writes
+            ("3", {"tenant_id": 1}),
+        ]
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            for role in (app_role, other_role):
+                conn.execute(f'DROP OWNED BY "{role}"')
+                conn.execute(f'DROP ROLE "{role}"')
+
+
+# The README's "Who can write the context": every overload (PostgreSQL 17 added one with a flush argument).
+RESTRICT_EMIT = """
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message'
+             AND pronamespace = 'pg_catalog'::regnamespace LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO "{role}"', f);
+    END LOOP;
+END $$
+"""

@@ -720,3 +720,89 @@ def test_moment_input_rounds_up_to_keep_the_moment() -> None:
     assert moment_input(T0.replace(microsecond=123_456)) == "2025-03-01T12:00:00.124"
     assert moment_input(T0.replace(microsecond=123_000)) == "2025-03-01T12:00:00.123"
     assert parse_moment(moment_input(T0.replace(microsecond=1)), "at") >= T0.replace(microsecond=1)  # type: ignore[operator]
+
+
+async def test_deeply_nested_json_is_a_400_and_the_streams_400_is_not_sniffed_or_stored(env: Env) -> None:
+    """JSON nested deeper than the parser's recursion in a context filter or a cursor answers 400 (not a 500 from
+    RecursionError), on the timeline and the stream; the stream's plain-text 400, which repeats the input, is sent
+    with nosniff and no-store."""
+    import base64
+
+    deep = "[" * 3_000 + "]" * 3_000
+    nested = "[" * 60 + "1" + "]" * 60  # parses, but deeper than a filter needs
+    cursor = base64.urlsafe_b64encode(("[1," + deep + ',0,"asc"]').encode()).decode()
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        responses = [
+            await client.get("/", params={"c.user": deep}),
+            await client.get("/", params={"c.user": nested}),
+            await client.get("/", params={"cursor": cursor}),
+            await client.get("/stream", params={"c.user": deep}),
+            await client.get("/stream", params={"after": cursor}),
+        ]
+    assert [r.status_code for r in responses] == [400] * len(responses)
+    for stream in responses[3:]:
+        assert stream.headers["x-content-type-options"] == "nosniff"
+        assert stream.headers["cache-control"] == "no-store"
+
+
+async def test_work_per_request_is_bounded(env: Env) -> None:
+    """A context filter with no value to look up (`c.x={}`, `[]`), which the index cannot answer and the live
+    stream would rescan every second, is refused; a transaction's or request's page shows a bounded number of
+    changes with a link to the next ones, and cuts long values with a link to the full value (plain text, in
+    scope only)."""
+    big = "x" * 50_000
+    rows = [Row("CREATE", "items", 100 + i, after={"id": 100 + i, "name": big if i == 0 else "n"}) for i in range(150)]
+    await env.writer.commit(rows, context={"tenant_id": 1, "request_id": "bulk"}, transaction_id=777)
+    app = tenant_ui(env)
+    headers = {"x-user": "ann", "x-tenant": "1"}
+    async with client_for(app) as client:
+        for value in ("{}", "[]", '{"a": []}'):
+            for path in ("/", "/stream"):
+                response = await client.get(path, params={"c.user": value}, headers=headers)
+                assert response.status_code == 400, (path, value)
+        for first in (
+            await client.get("/transaction/777", headers=headers),
+            await client.get("/request", params={"id": "bulk"}, headers=headers),
+        ):
+            assert first.status_code == 200
+            assert len(section_ids(first.text)) == 100
+            assert len(first.text) < 200_000
+            assert big not in first.text
+            [next_href] = re.findall(r'<a class="next" href="([^"]+)"', first.text)
+            rest = await client.get(html.unescape(next_href), headers=headers)
+            assert len(section_ids(rest.text)) == 50
+            assert not set(section_ids(rest.text)) & set(section_ids(first.text))
+        [value_href] = re.findall(r'<a class="full" href="([^"]+)"', first.text)
+        full = await client.get(html.unescape(value_href), headers=headers)
+        assert full.status_code == 200
+        assert full.text == json.dumps(big)
+        assert full.headers["content-type"].startswith("text/plain")
+        assert full.headers["x-content-type-options"] == "nosniff"
+        other_tenant = await client.get(html.unescape(value_href), headers={"x-user": "bo", "x-tenant": "2"})
+        assert other_tenant.status_code == 404
+        assert big not in other_tenant.text
+
+
+async def test_a_scoped_visitor_cannot_tell_unknown_tables_from_tables_outside_its_scope(env: Env) -> None:
+    """Under a scope, a table nobody wrote (or a catalog table), a table only other tenants wrote and a table the
+    visitor's tenant never wrote answer alike: the timeline is empty (200), a row page 404, the stream 200. Without
+    a scope, an unknown table is still a 400 that says so."""
+    app = tenant_ui(env)
+    headers = {"x-user": "ann", "x-tenant": "1"}
+    tables = ("nosuch", "pg_catalog.pg_class", "notes")  # notes: only tenant 2 wrote it
+    async with client_for(app) as client:
+        timelines = [await client.get("/", params={"table": name}, headers=headers) for name in tables]
+        rows = [await client.get("/row", params={"table": name, "key": "1"}, headers=headers) for name in tables]
+        streams = [
+            await asyncio.wait_for(client.head("/stream", params={"table": name}, headers=headers), 30)
+            for name in tables
+        ]
+    assert [r.status_code for r in timelines] == [200] * 3
+    assert [row_ids(r.text) for r in timelines] == [[]] * 3
+    assert [r.status_code for r in rows] == [404] * 3
+    assert [r.status_code for r in streams] == [200] * 3
+    assert not [r for r in (*timelines, *rows) if "unknown table" in r.text]
+    async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
+        unscoped = await client.get("/", params={"table": "nosuch"})
+    assert unscoped.status_code == 400
+    assert "unknown table" in unscoped.text

@@ -149,7 +149,7 @@ def decode_cursor(text: str) -> Cursor:
         version, lsn, ordinal, order = json.loads(raw)
         if version != 1 or order not in ("asc", "desc") or type(lsn) is not int or type(ordinal) is not int:
             raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise QueryError(
             f"cursor {text[:40]!r} is not a cursor returned by find(): pass `page.next_cursor` unchanged"
         ) from None

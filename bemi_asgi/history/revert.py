@@ -14,14 +14,26 @@ SQL safety: identifiers are quoted, every value is a query parameter passed as t
 read from the catalog (`$1::text::integer`): the values come back exactly as the worker stored them. JSON values are
 written in PostgreSQL's text form: json documents for json/jsonb columns, array literals for arrays.
 
+Values the worker did not store are never written back: a masked value is stored as the mask marker (a known
+value: written into a password column it would authenticate), a hashed one as its HMAC, an ignored one not at all.
+The worker records its column rules in `bemi.tracking_rules` before it stores anything; a plan that would write such
+a value, address a row by a hashed key, or re-create a row without an ignored column is refused, naming the
+columns. A column counts as redacted when a recorded rule for the table (or a partitioned table it belongs to)
+names it and its stored value has the redacted form (the marker, 64 hex digits, absent): a clear value of that form
+is refused too, a redacted one is never written. Masked and ignored columns that a reverted UPDATE may have changed
+are left as they are now (the history cannot say whether they changed).
+
 Note: TRUNCATE cannot be reverted this way (restore from `table_as_of`), nor changes of tables without a primary key.
+Changes stored by a worker that did not record its rules (before `bemi.tracking_rules` existed) are not checked.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import asyncpg
@@ -30,7 +42,7 @@ from .._exceptions import QueryError, RevertConflictError
 from .._pgtext import quote_ident, quote_qualified
 from ..capture.context import bemi_context
 from .catalog import ColumnInfo, TableInfo, fetch_table_info
-from .filters import ChangeFilter, FilterArgs, require_aware
+from .filters import ChangeFilter, FilterArgs, Where, require_aware
 from .models import Change, Operation
 from .store import ChangeStore
 
@@ -46,6 +58,12 @@ __all__ = [
 
 #: The context key a revert adds (over the caller's context) while it applies its statements.
 CONTEXT_KEY = "bemi_revert"
+#: Where the worker records the column rules of each run (destination_up.sql).
+RULES_TABLE = "bemi.tracking_rules"
+#: What a hashed value is stored as: HMAC-SHA256 in lower-case hex.
+_HASH_FORM = re.compile(r"[0-9a-f]{64}")
+#: A column's recorded redactions: ("ignore" | "mask" | "hash", the mask marker or None).
+Redactions = Mapping[str, frozenset[tuple[str, str | None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +142,11 @@ def revert_selection(
     last two to a table or schema and a time range) and say what they select."""
     if sum(selector is not None for selector in (change, transaction, context)) != 1:
         raise QueryError("revert() takes exactly one of change=, transaction= or context= to select what to undo")
+    if context is not None and not context:
+        raise QueryError(
+            "revert(context={}) is an empty selector, which would select every stored change: give the context keys "
+            "of the writes to undo"
+        )
     if change is not None:
         if not isinstance(change, Change):
             raise QueryError(f"change= takes a Change (from find or history), got {type(change).__name__}")
@@ -150,7 +173,13 @@ def revert_selection(
 async def _select(store: ChangeStore, chosen: RevertSelection) -> list[Change]:
     """The selected changes in commit order."""
     if chosen.change is not None:
-        return [chosen.change]
+        # Planned from the stored row, never from the object given (which anyone can build with any values).
+        by_id = Where()
+        by_id.add(f"id = {by_id.param(chosen.change.id)}::bigint")
+        stored = await store.select(by_id)
+        if not stored:
+            raise QueryError(f"no stored change with id {chosen.change.id}: pass a Change from find or history")
+        return stored
     assert chosen.matching is not None
     selected = await store.select(chosen.matching.where())
     if chosen.transaction_id is not None and len({c.commit_lsn for c in selected}) > 1:
@@ -183,6 +212,7 @@ async def plan_revert(
 
     catalog = conn if conn is not None else await store.pool()
     tables: dict[tuple[str, str], TableInfo] = {}
+    redactions: dict[tuple[str, str], Redactions] = {}
     selected_ids = {item.id for item in selected}
     conflicts: list[str] = []
     planned: list[tuple[Change, RevertStatement]] = []
@@ -216,6 +246,15 @@ async def plan_revert(
             if not info.primary_key:
                 raise QueryError(f"{schema_name}.{table_name} has no primary key now: cannot address its rows")
             tables[(schema_name, table_name)] = info
+            redactions[(schema_name, table_name)] = await _redactions(store, catalog, first.database, info)
+        redacted = redacted_values(
+            tables[(schema_name, table_name)], current, target, redactions[schema_name, table_name]
+        )
+        if redacted:
+            raise QueryError(
+                f"revert refused: change {first.id} of {schema_name}.{table_name} row {key} needs values the worker "
+                f"did not store, by the tracking rules: {', '.join(redacted)}. Restore this row another way"
+            )
         statement = build_statement(tables[(schema_name, table_name)], key, current, target)
         if statement is not None:
             planned.append((last, statement))
@@ -243,6 +282,92 @@ def _state_after(history: Sequence[Change]) -> dict[str, Any] | None:
     return None if last.operation in (Operation.DELETE, Operation.TRUNCATE) else dict(last.after)
 
 
+async def _redactions(
+    store: ChangeStore, catalog: asyncpg.Connection | asyncpg.Pool, database: str, info: TableInfo
+) -> Redactions:
+    """The column rules recorded by the workers of `database` for this table (or a partitioned table it belongs
+    to), strictest kind first within each recorded set, all sets together (when the rules changed, any of them)."""
+    pool = await store.pool()
+    if await pool.fetchval("SELECT to_regclass($1) IS NULL", RULES_TABLE):
+        return {}
+    records = await pool.fetch(f"SELECT rules::text AS rules FROM {RULES_TABLE} WHERE database = $1", database)
+    if not records:
+        return {}
+    names = [f"{info.schema}.{info.name}"] + [
+        row["name"]
+        for row in await catalog.fetch(
+            "SELECT n.nspname::text || '.' || c.relname::text AS name"
+            " FROM pg_partition_ancestors(to_regclass(format('%I.%I', $1::text, $2::text))) a"
+            " JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace",
+            info.schema,
+            info.name,
+        )
+    ]
+    found: dict[str, set[tuple[str, str | None]]] = {}
+    for record in records:
+        rules = json.loads(record["rules"])
+        kinds: dict[str, set[str]] = {"ignore": set(), "mask": set(), "hash": set()}
+        for pattern, columns in rules.get("tables", []):
+            if any(fnmatchcase(name, pattern) for name in names):
+                for kind, names_of_kind in columns.items():
+                    kinds.setdefault(kind, set()).update(names_of_kind)
+        marker = rules.get("mask_marker")
+        for column in kinds["ignore"] | kinds["mask"] | kinds["hash"]:
+            # As the worker applies them: ignore over mask over hash.
+            kind = "ignore" if column in kinds["ignore"] else "mask" if column in kinds["mask"] else "hash"
+            found.setdefault(column, set()).add((kind, marker if kind == "mask" else None))
+    return {column: frozenset(kinds_found) for column, kinds_found in found.items()}
+
+
+def redacted_values(
+    info: TableInfo, current: Mapping[str, Any] | None, target: Mapping[str, Any] | None, redactions: Redactions
+) -> list[str]:
+    """The columns whose stored values the statement from `current` to `target` would need but the worker did not
+    store, each as `name (masked|hashed|ignored)`: values it writes, key values it addresses the row by, and
+    columns a re-created row would lack."""
+    if not redactions:
+        return []
+    found: dict[str, None] = {}
+
+    def check(name: str, value: Any) -> None:
+        for kind, marker in redactions.get(name, ()):
+            if (kind == "mask" and value is not None and value == marker) or (
+                kind == "hash" and isinstance(value, str) and _HASH_FORM.fullmatch(value)
+            ):
+                found[f"{name} ({kind}ed)"] = None
+
+    if target is not None:
+        for column in _written_columns(info, current, target):
+            check(column.name, target[column.name])
+        if current is None:
+            for column in info.columns:
+                kinds = {kind for kind, _ in redactions.get(column.name, ())}
+                if column.name not in target and not column.generated and "ignore" in kinds:
+                    found[f"{column.name} (ignored)"] = None
+    if current is not None:
+        for name in info.primary_key:
+            check(name, current.get(name))
+    return list(found)
+
+
+def _written_columns(info: TableInfo, current: Mapping[str, Any] | None, target: Mapping[str, Any]) -> list[ColumnInfo]:
+    """The columns a statement taking the row to `target` writes: all stored ones for an INSERT (current None),
+    those that differ for an UPDATE. Generated columns are never written."""
+    if current is None:
+        return [column for column in info.columns if column.name in target and not column.generated]
+    return [
+        column
+        for column in info.columns
+        if column.name in target
+        and not column.generated
+        and (
+            column.name not in current
+            or current[column.name] != target[column.name]
+            or type(current[column.name]) is not type(target[column.name])
+        )
+    ]
+
+
 def build_statement(
     info: TableInfo, key: str, current: Mapping[str, Any] | None, target: Mapping[str, Any] | None
 ) -> RevertStatement | None:
@@ -268,7 +393,7 @@ def build_statement(
         return None
     if current is None:
         assert target is not None
-        columns = [column for column in info.columns if column.name in target and not column.generated]
+        columns = _written_columns(info, None, target)
         overriding = " OVERRIDING SYSTEM VALUE" if any(column.identity_always for column in columns) else ""
         names = ", ".join(quote_ident(column.name) for column in columns)
         values = ", ".join(value(column, target[column.name]) for column in columns)
@@ -276,17 +401,7 @@ def build_statement(
     elif target is None:
         sql = f"DELETE FROM {table_sql} WHERE {key_condition(current)}"
     else:
-        changed = [
-            column
-            for column in info.columns
-            if column.name in target
-            and not column.generated
-            and (
-                column.name not in current
-                or current[column.name] != target[column.name]
-                or type(current[column.name]) is not type(target[column.name])
-            )
-        ]
+        changed = _written_columns(info, current, target)
         if not changed:
             return None
         assignments = ", ".join(

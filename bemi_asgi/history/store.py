@@ -16,7 +16,7 @@ from typing import Any, Literal
 import asyncpg
 
 from .._changes_table import CHANGES, COLUMNS, SCHEMA, WORKER_STATE
-from .._exceptions import QueryError
+from .._exceptions import QueryError, UnknownTableError
 from .._pgtext import quote_ident, quote_qualified
 from .catalog import fetch_table_info
 from .filters import At, ChangeFilter, FilterArgs, Where
@@ -151,7 +151,7 @@ class ChangeStore:
             table,
         )
         if not known:
-            raise QueryError(
+            raise UnknownTableError(
                 f"unknown table {schema}.{table}: it has no stored changes and does not exist in this database; "
                 "check the name and schema (tables are 'name' in schema public, or 'schema.name')"
             )

@@ -80,16 +80,24 @@ class SourceFacts:
     publication: str
     publication_exists: bool
     publication_all_tables: bool = False
+    publication_via_root: bool = True
     published: Sequence[TableFacts] = ()
     tracked_schemas: Sequence[str] = ()
     untracked: Sequence[TableFacts] = ()
     event_trigger: bool = False
+    #: Objects the event trigger's code path uses that a role other than a superuser owns ("what (owner)").
+    trigger_path_owners: Sequence[str] = ()
     slots: Sequence[SlotFacts] = field(default_factory=tuple)
 
     @property
     def server_version(self) -> str:
         major, minor = divmod(self.server_version_num, 10000)
         return f"{major}.{minor}"
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped, so a name cannot forge report lines."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
@@ -118,7 +126,9 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
         if settings["version"] < MIN_SERVER_VERSION * 10000:
             # Older servers lack catalog columns read below; the version alone is the answer.
             return SourceFacts(**server, publication_exists=False)
-        pub = cur.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", [publication]).fetchone()
+        pub = cur.execute(
+            "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = %s", [publication]
+        ).fetchone()
         published: list[TableFacts] = []
         if pub is not None:
             # Every table whose UPDATE/DELETE the publication affects: the published ones, and the partitions of
@@ -167,6 +177,10 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
             ).fetchone()
             == {"found": True}
         )
+        trigger_path_owners: list[str] = []
+        if event_trigger:
+            rows = cur.execute(_TRIGGER_PATH_OWNERS).fetchall()
+            trigger_path_owners = [row["what"] for row in rows]
         untracked: list[TableFacts] = []
         if tracked_schemas:
             rows = cur.execute(
@@ -199,12 +213,34 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
         **server,
         publication_exists=pub is not None,
         publication_all_tables=bool(pub and pub["puballtables"]),
+        publication_via_root=bool(pub is None or pub["pubviaroot"]),
         published=tuple(published),
         tracked_schemas=tuple(tracked_schemas),
         untracked=tuple(untracked),
         event_trigger=event_trigger,
+        trigger_path_owners=tuple(trigger_path_owners),
         slots=tuple(SlotFacts(**row) for row in slot_rows),
     )
+
+
+# What the event trigger runs with a superuser's rights, owned by a role that is not one (source_guard.sql's rule).
+_TRIGGER_PATH_OWNERS = """
+SELECT format('%s (owned by %s)', o.what, quote_ident(r.rolname)) AS what
+FROM (
+    SELECT 'schema bemi' AS what, n.nspowner AS owner FROM pg_namespace n WHERE n.nspname = 'bemi'
+    UNION ALL
+    SELECT 'function ' || p.oid::regprocedure::text, p.proowner
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = 'bemi' AND p.proname IN ('table_key', 'set_replica_identity_full', 'track_table',
+        'create_publication', 'track_schema', 'track_new_tables', 'untrack_table', 'exclude')
+    UNION ALL
+    SELECT 'table ' || c.oid::regclass::text, c.relowner
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'bemi' AND c.relname IN ('source_publications', 'source_replica_identities')
+) o JOIN pg_roles r ON r.oid = o.owner
+WHERE NOT r.rolsuper
+ORDER BY 1
+"""
 
 
 def diagnose(facts: SourceFacts, *, max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES) -> list[Finding]:
@@ -260,6 +296,11 @@ def _publication_findings(facts: SourceFacts, migrate: str) -> list[Finding]:
         names = ", ".join(table.qualified for table in own)
         add(Finding("missing", f"publication {pub!r} publishes bemi's own table(s) {names} (the worker would record "
                     f"its own writes): ALTER PUBLICATION {_shown(pub)} DROP TABLE {names}"))  # fmt: skip
+    if not facts.publication_via_root:
+        add(Finding("warning", f"publication {pub!r} sends the changes of partitions under their own names "
+                    "(publish_via_partition_root is off), so the history of a partitioned table is split by "
+                    f"partition: ALTER PUBLICATION {_shown(pub)} SET (publish_via_partition_root = true), or "
+                    + migrate))  # fmt: skip
     tables = [table for table in facts.published if table.schema != "bemi"]
     direct = [table for table in tables if not table.partition]
     if not direct:
@@ -290,7 +331,12 @@ def _publication_findings(facts: SourceFacts, migrate: str) -> list[Finding]:
         add(Finding("warning", f"table(s) {names} in tracked schema(s) are not in publication {pub!r}, so their "
                     f"changes are not recorded: {migrate} again"))  # fmt: skip
     if facts.tracked_schemas:
-        if facts.event_trigger:
+        if facts.event_trigger and facts.trigger_path_owners:
+            add(Finding("missing", "the event trigger bemi_track_new_tables runs, with a superuser's rights, code "
+                        "that other roles can change: " + "; ".join(_printable(w) for w in facts.trigger_path_owners)
+                        + ". Any of them can make itself a superuser: run `bemi-asgi sql-migration` as a superuser, "
+                        "which refuses and gives the statements that fix the owners"))  # fmt: skip
+        elif facts.event_trigger:
             add(Finding("ok", "tables created later in the tracked schemas are tracked automatically"))
         else:
             add(Finding("warning", "tables created later are not tracked automatically (the event trigger is "

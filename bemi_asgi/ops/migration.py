@@ -230,6 +230,12 @@ def _render(template: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(fill, template)
 
 
+def _plpgsql_block(text: str) -> str:
+    """A PL/pgSQL block file, without its comment lines, indented to sit inside a DO block."""
+    lines = [line for line in text.splitlines() if not line.startswith("--")]
+    return "\n    ".join(lines).strip()
+
+
 def migration_sql(
     *,
     publication: str = DEFAULT_PUBLICATION,
@@ -278,6 +284,7 @@ def migration_sql(
         "tables": _name_array((str(table) for table in table_names), "text"),
         "excluded_tables": _name_array((str(table) for table in excluded_tables), "text"),
         "excluded_schemas": _name_array(excluded_schemas, "name"),
+        "guard": _plpgsql_block(load_sql("source_guard.sql")),
     }
     scripts: list[str] = []
     order: Sequence[Part] = ("source", "destination") if down else ("destination", "source")

@@ -44,7 +44,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from .._exceptions import QueryError
+from .._exceptions import QueryError, UnknownTableError
 from ..history.changes import ChangePage
 from ..history.client import Bemi
 from ..history.filters import At, ChangeFilter, Cursor, FilterArgs, decode_cursor, encode_cursor
@@ -77,8 +77,11 @@ Authorize = Callable[[Request], "bool | Response | Awaitable[bool | Response | N
 ScopeCallback = Callable[[Request], "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"]
 
 HISTORY_LIMIT = 500
-GROUP_LIMIT = 1000
+#: Changes per page of a transaction or a request (each shows every field: pages of them stay bounded).
+GROUP_LIMIT = 100
 STREAM_BATCH = 100
+#: The changes of one row in one transaction a value link looks through (a row changes a few times per transaction).
+MAX_GROUP_SCAN = 1000
 KEEPALIVE_SECONDS = 15.0
 # Context keys and tables offered in the filter form come from this many latest (in-scope) changes.
 SUGGESTION_SAMPLE = 500
@@ -190,6 +193,7 @@ class BemiUI:
                 Route("/stream", self._guard(self._stream), methods=["GET"]),
                 Route("/row", self._guard(self._row), methods=["GET"]),
                 Route("/transaction/{xid:int}", self._guard(self._transaction), methods=["GET"]),
+                Route("/value", self._guard(self._value), methods=["GET"]),
                 Route("/request", self._guard(self._request), methods=["GET"]),
             ]
         )
@@ -323,7 +327,13 @@ class BemiUI:
             if start is not None and decode_cursor(start).order != "asc":
                 raise QueryError("the stream continues from an ascending cursor: pass the one the timeline gives")
         except QueryError as exc:
-            return Response(f"{exc}\n", status_code=400, media_type="text/plain")
+            # The reason repeats the input: never sniffed as HTML, never cached.
+            return Response(
+                f"{exc}\n",
+                status_code=400,
+                media_type="text/plain",
+                headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+            )
         if request.method == "HEAD":  # the headers only: no stream to keep open
             return Response(media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
@@ -417,22 +427,71 @@ class BemiUI:
     async def _transaction(self, request: Request) -> Response:
         xid: int = request.path_params["xid"]
         context = merge_scope({}, self._access(request))
-        page = await self._group(transaction_id=xid, context=context)
+        cursor = request.query_params.get("cursor") or None
+        page = await self._group(transaction_id=xid, context=context, cursor=cursor)
         if not page:
             return self._error(request, 404, f"No changes of transaction {xid} are visible to you.")
-        heading = f"Transaction {xid}"
-        return self._render(request, "group.html", heading=heading, page=page, limit=GROUP_LIMIT)
+        return self._group_page(request, f"/transaction/{xid}", {}, f"Transaction {xid}", page, cursor)
 
     async def _request(self, request: Request) -> Response:
         text = request.query_params.get("id", "")
         if not text:
             return self._error(request, 400, f"A request page needs id=... (the context's {self.request_id_key}).")
         context = merge_scope({self.request_id_key: parse_context_value(text)}, self._access(request))
-        page = await self._group(context=context)
+        cursor = request.query_params.get("cursor") or None
+        page = await self._group(context=context, cursor=cursor)
         if not page:
             return self._error(request, 404, f"No changes of request {text} are visible to you.")
-        heading = f"Request {text}"
-        return self._render(request, "group.html", heading=heading, page=page, limit=GROUP_LIMIT)
+        return self._group_page(request, "/request", {"id": text}, f"Request {text}", page, cursor)
+
+    def _group_page(
+        self, request: Request, path: str, params: dict[str, str], heading: str, page: ChangePage, cursor: str | None
+    ) -> Response:
+        next_href = None
+        if page.next_cursor:
+            next_href = _linker(self._base(request))(path, {**params, "cursor": page.next_cursor})
+        return self._render(
+            request,
+            "group.html",
+            heading=heading,
+            page=page,
+            limit=GROUP_LIMIT,
+            next_href=next_href,
+            continued=cursor is not None,
+        )
+
+    async def _value(self, request: Request) -> Response:
+        """One field's full stored value (JSON text), which pages cut: plain text, found only within the scope."""
+        params = request.query_params
+        try:
+            change_id, xid = int(params.get("id", "")), int(params.get("transaction", ""))
+        except ValueError:
+            return self._error(request, 400, "A value link needs id=... and transaction=... as integers.")
+        side, field_name = params.get("side", ""), params.get("field", "")
+        if side not in ("before", "after"):
+            return self._error(request, 400, "side= is before or after.")
+        scope = self._access(request)
+        context = merge_scope({}, scope)
+        found: Change | None = None
+        if context is not None:
+            page = await self._lookup(
+                scope,
+                table=params.get("table", ""),
+                schema=params.get("schema", "public"),
+                primary_key=params.get("key") or None,
+                transaction_id=xid,
+                context=context or None,
+                limit=MAX_GROUP_SCAN,
+            )
+            found = next((change for change in page if change.id == change_id), None)
+        image = None if found is None else (found.before if side == "before" else found.after)
+        if image is None or field_name not in image:
+            return self._error(request, 404, "No such value is visible to you.")
+        return Response(
+            json_text(image[field_name]),
+            media_type="text/plain",
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+        )
 
     # Queries: every one goes through the scope.
 
@@ -448,20 +507,33 @@ class BemiUI:
         query = filters.query(scope)
         if query is None:
             return ChangePage([], None)
-        return await self.bemi.changes.find(**query, limit=limit, cursor=cursor, order=order)
+        return await self._lookup(scope, **query, limit=limit, cursor=cursor, order=order)
 
-    async def _group(self, *, context: Mapping[str, Any] | None, transaction_id: int | None = None) -> ChangePage:
+    async def _group(
+        self, *, context: Mapping[str, Any] | None, transaction_id: int | None = None, cursor: str | None = None
+    ) -> ChangePage:
         if context is None:
             return ChangePage([], None)
         return await self.bemi.changes.find(
-            transaction_id=transaction_id, context=context or None, order="asc", limit=GROUP_LIMIT
+            transaction_id=transaction_id, context=context or None, order="asc", limit=GROUP_LIMIT, cursor=cursor
         )
+
+    async def _lookup(self, scope: Mapping[str, Any], **options: Any) -> ChangePage:
+        """`find` for a visitor: under a scope, a table that is unknown (no stored changes, not in the database)
+        reads as one with nothing in the scope, so a tenant learns nothing of other tenants' tables or the catalog
+        from the difference."""
+        try:
+            return await self.bemi.changes.find(**options)
+        except UnknownTableError:
+            if scope:
+                return ChangePage([], None)
+            raise
 
     async def _row_history(self, schema: str, table: str, key: str, scope: Mapping[str, Any]) -> list[Change]:
         """The row's latest in-scope changes and the in-scope TRUNCATEs that ended it, in commit order."""
         store = self.bemi.store
         changes = await store.row_changes(schema, table, key, context=dict(scope) or None, limit=HISTORY_LIMIT)
-        if not changes:
+        if not changes and not scope:  # under a scope, an unknown table reads as one with nothing in it
             await store.require_known_table(schema, table)
         return changes
 

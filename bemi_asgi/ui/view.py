@@ -44,12 +44,43 @@ CONTEXT_PARAM_PREFIX = "c."
 OPERATIONS = tuple(op.value for op in Operation)
 
 
+#: How deep a context filter value may nest: containment needs no more, and deeper JSON only costs (Python's
+#: parser raises RecursionError near 1,000 levels, PostgreSQL's a stack depth error).
+MAX_FILTER_DEPTH = 32
+
+
 def parse_context_value(text: str) -> Any:
-    """A context filter value as typed: JSON when it parses, otherwise the text itself."""
+    """A context filter value as typed: JSON when it parses, otherwise the text itself. JSON nested deeper than
+    MAX_FILTER_DEPTH is refused (QueryError)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
+    except RecursionError:
+        value = _TOO_DEEP
     except ValueError:
         return text
+    if value is _TOO_DEEP or _depth(value) > MAX_FILTER_DEPTH:
+        raise QueryError(
+            f"a context filter value nests deeper than {MAX_FILTER_DEPTH} levels: filter on a shallower value"
+        )
+    return value
+
+
+_TOO_DEEP = object()
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (0 for a scalar), without recursion."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            if level > MAX_FILTER_DEPTH:
+                break
+            pending.extend((child, level) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def context_value_text(value: Any) -> str:
@@ -57,7 +88,7 @@ def context_value_text(value: Any) -> str:
     if isinstance(value, str):
         try:
             json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return value
     return json_text(value)
 
@@ -173,12 +204,13 @@ def parse_filters(params: Sequence[tuple[str, str]]) -> TimelineFilters:
                 operations.append(op)
         elif name.startswith(CONTEXT_PARAM_PREFIX) and len(name) > len(CONTEXT_PARAM_PREFIX):
             if value != "":  # an empty form field means no filter
-                context[name[len(CONTEXT_PARAM_PREFIX) :]] = parse_context_value(value)
+                key = name[len(CONTEXT_PARAM_PREFIX) :]
+                context[key] = _lookup_value(key, parse_context_value(value))
         else:
             single.setdefault(name, value)
     extra_key = single.get("ck", "").strip()
     if extra_key and single.get("cv", "") != "":
-        context[extra_key] = parse_context_value(single["cv"])
+        context[extra_key] = _lookup_value(extra_key, parse_context_value(single["cv"]))
     return TimelineFilters(
         table=single.get("table", "").strip() or None,
         operations=tuple(operations),
@@ -186,6 +218,24 @@ def parse_filters(params: Sequence[tuple[str, str]]) -> TimelineFilters:
         until=parse_moment(single.get("until"), "until"),
         context=context,
         cursor=single.get("cursor") or None,
+    )
+
+
+def _lookup_value(key: str, value: Any) -> Any:
+    """Refuse a filter value without a single scalar (`{}`, `[]`, `{"a": []}`): the context index (jsonb_path_ops)
+    holds scalars only, so such a filter scans the whole history, and the live stream would do so every second."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        else:
+            return value
+    raise QueryError(
+        f"the filter {CONTEXT_PARAM_PREFIX}{key} names no value to look up (an empty object or array matches any), "
+        "which would scan the whole history: filter on a value, e.g. c.user=alice"
     )
 
 
@@ -212,6 +262,9 @@ class FieldRow:
     before: str | None
     after: str | None
     status: Literal["changed", "added", "removed", "same"]
+    #: Whether `before` / `after` were cut to MAX_VALUE_CHARS (the page links to the full value).
+    before_cut: bool = False
+    after_cut: bool = False
 
 
 def _same(old: Any, new: Any) -> bool:
@@ -222,17 +275,37 @@ def _same(old: Any, new: Any) -> bool:
     return bool(old == new)
 
 
+#: Longer values are cut on pages (a page of large values would weigh megabytes); the full value is a link away.
+MAX_VALUE_CHARS = 2000
+
+
 def field_rows(change: Change) -> list[FieldRow]:
-    """Every column of the change, in the row's column order, with its before/after JSON text and status."""
+    """Every column of the change, in the row's column order, with its before/after JSON text (cut to
+    MAX_VALUE_CHARS) and status."""
     before, after = change.before, change.after
     rows: list[FieldRow] = []
     for name in (*after, *(key for key in before if key not in after)):
+        old = _cut(json_text(before[name])) if name in before else None
+        new = _cut(json_text(after[name])) if name in after else None
+        status: Literal["changed", "added", "removed", "same"]
         if name in before and name in after:
-            old, new = before[name], after[name]
-            status: Literal["changed", "added", "removed", "same"] = "same" if _same(old, new) else "changed"
-            rows.append(FieldRow(name, json_text(old), json_text(new), status))
-        elif name in after:
-            rows.append(FieldRow(name, None, json_text(after[name]), "added"))
+            status = "same" if _same(before[name], after[name]) else "changed"
         else:
-            rows.append(FieldRow(name, json_text(before[name]), None, "removed"))
+            status = "added" if name in after else "removed"
+        rows.append(
+            FieldRow(
+                name,
+                old[0] if old else None,
+                new[0] if new else None,
+                status,
+                before_cut=bool(old and old[1]),
+                after_cut=bool(new and new[1]),
+            )
+        )
     return rows
+
+
+def _cut(text: str) -> tuple[str, bool]:
+    if len(text) <= MAX_VALUE_CHARS:
+        return text, False
+    return text[:MAX_VALUE_CHARS] + "…", True

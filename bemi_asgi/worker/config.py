@@ -72,6 +72,15 @@ class TrackingConfig:
     mask_marker: str = DEFAULT_MASK_MARKER
     honor_skip: bool = True
 
+    def recorded_rules(self) -> dict[str, Any]:
+        """The column rules as the worker records them in `bemi.tracking_rules` (no key, nothing secret)."""
+        return {
+            "mask_marker": self.mask_marker,
+            "tables": [
+                [pattern, {kind: sorted(getattr(rules, kind)) for kind in _RULE_KEYS}] for pattern, rules in self.tables
+            ],
+        }
+
     @property
     def filters_rows(self) -> bool:
         """Whether any table or column rule, or the no-op update rule, is configured."""

@@ -11,10 +11,11 @@ retry of a batch the destination refused, and for a `bemi.changes` whose column 
 
 from __future__ import annotations
 
+import json
 import struct
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
@@ -181,6 +182,20 @@ class Destination:
             await self._conn.close(timeout=5)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             self._conn.terminate()
+
+    async def record_rules(self, database: str, rules: Mapping[str, Any]) -> None:
+        """Record the column rules this run applies (once per distinct set), for revert to read."""
+        if await self._conn.fetchval("SELECT to_regclass('bemi.tracking_rules') IS NULL"):
+            raise DestinationNotReadyError(
+                "the destination database lacks bemi.tracking_rules, where the worker records its column rules "
+                "(revert reads them): run `bemi-asgi sql-migration --only destination` on it again"
+            )
+        await self._conn.execute(
+            "INSERT INTO bemi.tracking_rules (database, rules) SELECT $1, $2::jsonb WHERE NOT EXISTS"
+            " (SELECT FROM bemi.tracking_rules WHERE database = $1 AND rules = $2::jsonb)",
+            database,
+            json.dumps(rules),
+        )
 
     async def last_commit_lsn(self, slot: str) -> int:
         """The commit LSN of the last source transaction stored for `slot` (0 when nothing is)."""

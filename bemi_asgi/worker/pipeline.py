@@ -37,6 +37,7 @@ from typing import TextIO, TypeAlias
 import asyncpg
 import psycopg
 
+from .._dsn import check_dsn, redact
 from .._exceptions import BemiError
 from .._pgtext import format_lsn
 from ..capture.context import MESSAGE_PREFIX
@@ -128,6 +129,9 @@ class Worker:
         max_backoff: float = 30.0,
         tracking: TrackingConfig | None = None,
     ) -> None:
+        check_dsn(source, what="the source URL")
+        if destination is not None:
+            check_dsn(destination, what="the destination URL")
         self.source = source
         self.destination = destination or source
         self.slot = slot
@@ -175,7 +179,8 @@ class Worker:
                     if self.stats.changes > stored_before or time.monotonic() - started > 60:
                         backoff = initial_backoff
                     self.stats.reconnects += 1
-                    logger.warning("cannot stream right now (%s); retrying in %.1f s", _one_line(exc), backoff)
+                    reason = redact(_one_line(exc), self.source, self.destination)
+                    logger.warning("cannot stream right now (%s); retrying in %.1f s", reason, backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
         finally:
@@ -193,6 +198,8 @@ class Worker:
                 await check_tables(self.source, self.publication, self._filters)
             destination = await Destination.connect(self.destination)
             try:
+                if self._filters is not None and self._filters.config.tables:
+                    await destination.record_rules(info.database, self._filters.config.recorded_rules())
                 stored = await destination.last_commit_lsn(self.slot)
                 stream = await ReplicationStream.open(self.source, slot=self.slot, publication=self.publication)
                 try:
@@ -543,7 +550,8 @@ class _Pipeline:
         )
         if self.worker._filters is not None and not info.ignored:
             # Tracking configuration: leave the table out, or filter its rows (ignored, masked, hashed columns).
-            filter_relation(self.worker._filters, info)
+            ancestors = await self.catalog.partition_ancestors(message.oid)
+            filter_relation(self.worker._filters, info, ancestors)
             info.single_key = info.key[0] if len(info.key) == 1 else -1
         if info.policy is None and not info.ignored:
             info.codec = RowCodec(info.columns, info.converters, info.key, info.single_key)

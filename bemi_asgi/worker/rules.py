@@ -90,6 +90,21 @@ def is_skip_context(content: bytes, text: str) -> bool:
     return isinstance(value, dict) and value.get(SKIP_KEY) is True
 
 
+class _Hasher:
+    """HMAC-SHA256 hex of a value under the configured key; its repr never shows the key (a partial would)."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def __call__(self, text: str) -> str:
+        return hash_text(self._key, text)
+
+    def __repr__(self) -> str:
+        return "<HMAC-SHA256, key hidden>"
+
+
 def _identity(text: str) -> str:
     return text
 
@@ -149,32 +164,38 @@ class Filters:
     def __init__(self, config: TrackingConfig) -> None:
         self.config = config
         self._mask = config.mask_marker
-        self._hash = partial(hash_text, config.hash_key) if config.hash_key is not None else None
+        self._hash = _Hasher(config.hash_key) if config.hash_key is not None else None
 
-    def tracks(self, schema: str, table: str) -> bool:
-        """False when `include` is given and no pattern matches, or an `exclude` pattern matches."""
-        name = f"{schema}.{table}"
+    def tracks(self, schema: str, table: str, ancestors: Sequence[str] = ()) -> bool:
+        """False when `include` is given and no pattern matches, or an `exclude` pattern matches. `ancestors`: the
+        partitioned tables (`schema.table`) a partition belongs to, whose patterns apply to it too."""
+        names = (f"{schema}.{table}", *ancestors)
         config = self.config
-        if config.include and not any(fnmatchcase(name, pattern) for pattern in config.include):
+        if config.include and not any(fnmatchcase(n, pattern) for n in names for pattern in config.include):
             return False
-        return not any(fnmatchcase(name, pattern) for pattern in config.exclude)
+        return not any(fnmatchcase(n, pattern) for n in names for pattern in config.exclude)
 
-    def rules(self, schema: str, table: str) -> ColumnRules:
-        """The column rules of every pattern matching the table, added up."""
-        name = f"{schema}.{table}"
+    def rules(self, schema: str, table: str, ancestors: Sequence[str] = ()) -> ColumnRules:
+        """The column rules of every pattern matching the table or a partitioned table it belongs to, added up:
+        a partition keeps its partitioned table's rules whether the publication sends it under its own name or
+        under its root's."""
+        names = (f"{schema}.{table}", *ancestors)
         found = ColumnRules()
         for pattern, rules in self.config.tables:
-            if fnmatchcase(name, pattern):
+            if any(fnmatchcase(name, pattern) for name in names):
                 found = found.merged(rules)
         return found
 
-    def problems(self, schema: str, table: str, columns: Sequence[str], key: Sequence[str]) -> list[str]:
+    def problems(
+        self, schema: str, table: str, columns: Sequence[str], key: Sequence[str], ancestors: Sequence[str] = ()
+    ) -> list[str]:
         """What is wrong with the rules for this table: rules of an exact (wildcard-free) pattern naming columns
         it lacks (a typo would store the value in clear), and ignored or masked primary key columns."""
         name = f"{schema}.{table}"
+        names = (name, *ancestors)
         problems: list[str] = []
         for pattern, rules in self.config.tables:
-            if pattern == name:
+            if pattern in names:
                 for kind in ("ignore", "mask", "hash"):
                     missing = sorted(set(getattr(rules, kind)) - set(columns))
                     if missing:
@@ -182,7 +203,7 @@ class Filters:
                             f"{name} has no column {', '.join(missing)} (in its {kind} rule): fix the name, or "
                             "remove it from the rule"
                         )
-        rules = self.rules(schema, table)
+        rules = self.rules(schema, table, ancestors)
         for column in key:
             if column in rules.ignore or column in rules.mask:
                 kind = "ignored" if column in rules.ignore else "masked"
@@ -192,14 +213,16 @@ class Filters:
                 )
         return problems
 
-    def policy(self, schema: str, table: str, columns: Sequence[Column], key: Sequence[str]) -> RowPolicy | None:
+    def policy(
+        self, schema: str, table: str, columns: Sequence[Column], key: Sequence[str], ancestors: Sequence[str] = ()
+    ) -> RowPolicy | None:
         """The table's RowPolicy, None when nothing applies. Raises ConfigError for an ignored or masked key column."""
-        rules = self.rules(schema, table)
+        rules = self.rules(schema, table, ancestors)
         if not (rules.ignore or rules.mask or rules.hash or self.config.drop_noop_updates):
             return None
         bad = [column for column in key if column in rules.ignore or column in rules.mask]
         if bad:
-            raise ConfigError(self.problems(schema, table, [c.name for c in columns], key)[-1])
+            raise ConfigError(self.problems(schema, table, [c.name for c in columns], key, ancestors)[-1])
         ignored = frozenset(i for i, column in enumerate(columns) if column.name in rules.ignore)
         keep = tuple(i for i in range(len(columns)) if i not in ignored) if ignored else None
         kept = [columns[i] for i in keep] if keep is not None else list(columns)
@@ -228,16 +251,18 @@ class _Relation(Protocol):
     policy: RowPolicy | None
 
 
-def filter_relation(filters: Filters, rel: _Relation) -> None:
+def filter_relation(filters: Filters, rel: _Relation, ancestors: Sequence[str] = ()) -> None:
     """Apply the rules to a relation the worker just read: leave it out, or give it a RowPolicy and the columns,
-    converters and key positions of the filtered rows. Raises ConfigError for an ignored or masked key column."""
-    if not filters.tracks(rel.schema, rel.table):
+    converters and key positions of the filtered rows. Raises ConfigError for an ignored or masked key column.
+    `ancestors`: the partitioned tables the relation is a partition of, as `schema.table`."""
+    if not filters.tracks(rel.schema, rel.table, ancestors):
         rel.ignored = True
         return
     key_names = [rel.columns[i].name for i in rel.key]
-    for problem in filters.problems(rel.schema, rel.table, [column.name for column in rel.columns], key_names):
+    columns = [column.name for column in rel.columns]
+    for problem in filters.problems(rel.schema, rel.table, columns, key_names, ancestors):
         logger.warning("%s", problem)  # missing columns only: key problems raise just below
-    policy = filters.policy(rel.schema, rel.table, rel.columns, key_names)
+    policy = filters.policy(rel.schema, rel.table, rel.columns, key_names, ancestors)
     if policy is None:
         return
     converters = [rel.converters[i] for i in policy.keep] if policy.keep is not None else list(rel.converters)
@@ -252,7 +277,10 @@ def filter_relation(filters: Filters, rel: _Relation) -> None:
 
 async def check_tables(dsn: str, publication: str, filters: Filters) -> None:
     """Check the column rules against the published tables of the source: raise ConfigError listing every rule
-    that names a column its table lacks, and every ignored or masked primary key column."""
+    that names a column its table lacks, every ignored or masked primary key column, and every exact (wildcard-free)
+    table pattern that matches no published table or partitioned table one belongs to (a typo, or a partition whose
+    changes arrive under its root's name: the rule would never apply). A wildcard pattern matching nothing yet is
+    logged, not refused (it may be meant for tables created later)."""
     import psycopg
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -264,7 +292,10 @@ async def check_tables(dsn: str, publication: str, filters: Filters) -> None:
                    array(SELECT a.attname::text
                          FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                         WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.n)
+                         WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.n),
+                   array(SELECT an.nspname::text || '.' || ac.relname::text
+                         FROM pg_partition_ancestors(c.oid) a JOIN pg_class ac ON ac.oid = a.relid
+                         JOIN pg_namespace an ON an.oid = ac.relnamespace WHERE a.relid <> c.oid)
             FROM pg_publication_tables pt
             JOIN pg_namespace n ON n.nspname = pt.schemaname
             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
@@ -275,8 +306,26 @@ async def check_tables(dsn: str, publication: str, filters: Filters) -> None:
         )
         rows = await cursor.fetchall()
     problems: list[str] = []
-    for schema, table, columns, key in rows:
-        if filters.tracks(schema, table):
-            problems += filters.problems(schema, table, columns, key)
+    names: list[str] = []
+    for schema, table, columns, key, ancestors in rows:
+        names += [f"{schema}.{table}", *ancestors]
+        if filters.tracks(schema, table, ancestors):
+            problems += filters.problems(schema, table, columns, key, ancestors)
+    for pattern, _ in filters.config.tables:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            if any(char in pattern for char in "*?["):
+                logger.warning("the rule for %s matches no published table yet", _printable(pattern))
+            else:
+                problems.append(
+                    f"the rule for {_printable(pattern)} matches no published table (nor a partitioned table one "
+                    f"belongs to) of publication {_printable(publication)}, so it would never apply: fix the name, "
+                    "or give the rule to the table the changes arrive under (a partition's changes arrive under "
+                    "its partitioned table's name with publish_via_partition_root)"
+                )
     if problems:
         raise ConfigError("the tracking configuration does not fit the tables: " + "; ".join(problems))
+
+
+def _printable(text: str) -> str:
+    """A name for a message: quoted with its control characters escaped, so it cannot forge lines."""
+    return json.dumps(text, ensure_ascii=False)

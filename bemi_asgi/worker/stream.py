@@ -300,6 +300,16 @@ class SourceCatalog:
         assert isinstance(names, list)
         return [str(name) for name in names]
 
+    async def partition_ancestors(self, relation_oid: int) -> list[str]:
+        """The partitioned tables `relation_oid` is a partition of (`schema.table`, nearest first); [] for none."""
+        cursor = await self._conn.execute(
+            "SELECT n.nspname::text || '.' || c.relname::text FROM pg_partition_ancestors(%s::oid) a"
+            " JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE a.relid <> %s::oid",
+            [relation_oid, relation_oid],
+        )
+        return [str(row[0]) for row in await cursor.fetchall()]
+
     async def current_wal_lsn(self) -> int:
         row = await (await self._conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")).fetchone()
         assert row is not None

@@ -6,6 +6,7 @@ CREATE SCHEMA IF NOT EXISTS bemi;
 
 DO $$
 BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);  -- PostgreSQL's own functions only
     IF EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                WHERE n.nspname = 'bemi' AND c.relname = 'changes' AND c.relkind <> 'p') THEN
         RAISE EXCEPTION 'bemi.changes already exists and is not partitioned'

@@ -51,3 +51,12 @@ CREATE INDEX IF NOT EXISTS changes_truncate_idx ON bemi.changes ("schema", "tabl
     WHERE operation = 'TRUNCATE';
 -- find(transaction_id=...) and revert(transaction=...).
 CREATE INDEX IF NOT EXISTS changes_transaction_idx ON bemi.changes (transaction_id);
+
+-- The column rules of each worker run that had any (ignore, mask, hash), with the mask marker, as the worker
+-- records them before it stores anything. Revert reads them to refuse writing a masked, hashed or ignored value
+-- back into live data (the stored change holds only the marker or the hash, or nothing).
+CREATE TABLE IF NOT EXISTS bemi.tracking_rules (
+    database     text NOT NULL,
+    rules        jsonb NOT NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT now()
+);

@@ -9,6 +9,9 @@ DO $$
 DECLARE
     saved record;
 BEGIN
+    -- Only PostgreSQL's own functions: one in a schema the session searches could be a better match for a call
+    -- below and run with the rights of the role rolling back.
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF to_regclass('bemi.source_publications') IS NULL THEN
         RETURN;
     END IF;

@@ -6,6 +6,15 @@
 -- does not exist and FOR ALL TABLES would include bemi's own tables). Tracked tables get REPLICA IDENTITY FULL:
 -- the change stream then carries the whole old row of an UPDATE or DELETE, and a table without a primary key keeps
 -- accepting UPDATE and DELETE once it is published. The schema `bemi` is never tracked.
+--
+-- Who owns what: run it as a superuser (everything it creates is then that superuser's, and the event trigger
+-- runs only code no other role can change), or as the tables' owner without the event trigger. It refuses to work
+-- over objects another role owns: see source_guard.sql, checked first and again before each step that runs code.
+DO $$
+BEGIN
+    {{guard}}
+END $$;
+
 CREATE SCHEMA IF NOT EXISTS bemi;
 
 -- The publications this migration manages, and the schemas whose new tables join them.
@@ -85,14 +94,18 @@ CREATE OR REPLACE FUNCTION bemi.create_publication(pub name, tracked_schemas nam
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     all_tables boolean;
+    via_root boolean;
 BEGIN
-    SELECT puballtables INTO all_tables FROM pg_publication WHERE pubname = pub;
+    SELECT puballtables, pubviaroot INTO all_tables, via_root FROM pg_publication WHERE pubname = pub;
     IF all_tables IS NULL THEN
         -- Changes to partitions arrive under the partitioned table's name, the table the application queries.
         EXECUTE format('CREATE PUBLICATION %I WITH (publish_via_partition_root = true)', pub);
     ELSIF all_tables THEN
         RAISE EXCEPTION 'publication "%" is FOR ALL TABLES, which includes bemi''s own tables', pub
             USING HINT = 'Choose another publication name (--publication) or drop this publication.';
+    ELSIF NOT via_root THEN
+        -- A publication created before (or by hand) gets the same setting.
+        EXECUTE format('ALTER PUBLICATION %I SET (publish_via_partition_root = true)', pub);
     END IF;
     INSERT INTO bemi.source_publications (publication, schemas) VALUES (pub, '{}')
     ON CONFLICT (publication) DO NOTHING;
@@ -153,7 +166,8 @@ BEGIN
                 SELECT FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
                 WHERE p.pubname = pub AND pr.prrelid = cmd.relid));
             BEGIN
-                PERFORM bemi.track_table(pub, cmd.relid);
+                -- Exact argument types: an overload of another role cannot be a better match.
+                PERFORM bemi.track_table(pub, cmd.relid::regclass);
             EXCEPTION WHEN OTHERS THEN
                 RAISE WARNING 'bemi-asgi could not track table %: %', cmd.relid::regclass, SQLERRM
                     USING HINT = 'Run bemi-asgi sql-migration again as a superuser to track it.';
@@ -231,6 +245,7 @@ END $$;
 -- new tables instead of failing the whole migration.
 DO $$
 BEGIN
+    {{guard}}
     IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'bemi_track_new_tables') THEN
         CREATE EVENT TRIGGER bemi_track_new_tables ON ddl_command_end
             WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
@@ -242,10 +257,12 @@ EXCEPTION WHEN insufficient_privilege THEN
 END $$;
 
 -- The tracked tables. (Values spliced in here never contain a dollar sign: they cannot end the $$ body.)
+-- Every argument has its function's exact type, so no overload can be a better match.
 DO $$
 BEGIN
-    PERFORM bemi.create_publication({{publication}}, {{schemas}});
-    PERFORM bemi.exclude({{publication}}, {{excluded_tables}}, {{excluded_schemas}}, {{tables}});
-    PERFORM bemi.track_schema({{publication}}, s) FROM unnest({{schemas}}) AS s;
-    PERFORM bemi.track_table({{publication}}, t::regclass) FROM unnest({{tables}}) AS t;
+    {{guard}}
+    PERFORM bemi.create_publication({{publication}}::name, {{schemas}});
+    PERFORM bemi.exclude({{publication}}::name, {{excluded_tables}}, {{excluded_schemas}}, {{tables}});
+    PERFORM bemi.track_schema({{publication}}::name, s) FROM unnest({{schemas}}) AS s;
+    PERFORM bemi.track_table({{publication}}::name, t::regclass) FROM unnest({{tables}}) AS t;
 END $$;
