@@ -14,6 +14,10 @@ SQL safety: identifiers are quoted, every value is a query parameter passed as t
 read from the catalog (`$1::text::integer`): the values come back exactly as the worker stored them. JSON values are
 written in PostgreSQL's text form: json documents for json/jsonb columns, array literals for arrays.
 
+Baselines (SNAPSHOT, stored by `bemi-asgi backfill`) record a row's state, not a change: they are never undone
+(selecting one alone is an error, a selection that includes some leaves them out), and one stored after a selected
+change is no conflict.
+
 Note: TRUNCATE cannot be reverted this way (restore from `table_as_of`), nor changes of tables without a primary key.
 """
 
@@ -170,6 +174,15 @@ async def plan_revert(
 ) -> RevertPlan:
     """Select the changes, check for conflicts and build the statements (see the module docstring)."""
     selected, description = await _select(bemi, change, transaction, context, table, schema, since, until)
+    baselines = sum(item.operation is Operation.SNAPSHOT for item in selected)
+    if baselines:
+        if baselines == len(selected):
+            raise QueryError(
+                "nothing to revert: the selection holds only baselines (SNAPSHOT, stored by bemi-asgi backfill), "
+                "which record a row's state and undo nothing; select the changes to undo instead"
+            )
+        selected = [item for item in selected if item.operation is not Operation.SNAPSHOT]
+        description["baselines_left_out"] = baselines
     for item in selected:
         if item.operation is Operation.TRUNCATE:
             raise QueryError(
@@ -195,7 +208,9 @@ async def plan_revert(
         later = [
             item
             for item in history
-            if (item.commit_lsn, item.ordinal) > (first.commit_lsn, first.ordinal) and item.id not in selected_ids
+            if (item.commit_lsn, item.ordinal) > (first.commit_lsn, first.ordinal)
+            and item.id not in selected_ids
+            and item.operation is not Operation.SNAPSHOT
         ]
         if later:
             conflicts.append(

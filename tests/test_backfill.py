@@ -1,0 +1,395 @@
+"""`bemi-asgi backfill`: baselines consistent with the stream, while the app writes and the worker runs.
+
+The normal suite uses a few thousand rows; `BEMI_LONG_TESTS=1 pytest tests/test_backfill.py` runs the proof on
+100,000 existing rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+import bemi_asgi
+from bemi_asgi import Bemi, Operation, QueryError, bemi_context
+from bemi_asgi.cli import app
+from bemi_asgi.ops.migration import load_sql, migration_sql
+from bemi_asgi.worker.backfill import FIRST_ORDINAL, Backfill
+from bemi_asgi.worker.config import load_config
+from bemi_asgi.worker.pgoutput import lsn_to_str
+from bemi_asgi.worker.pipeline import Worker
+
+from .worker_support import prepare_source
+
+LONG = os.environ.get("BEMI_LONG_TESTS", "") not in ("", "0")
+ROWS = 100_000 if LONG else 4_000
+ROOT = Path(__file__).resolve().parent.parent
+BACKFILL_SQL = load_sql("destination_backfill_up.sql")
+
+pytestmark = pytest.mark.timeout(900 if LONG else 180)
+
+SCHEMA = """
+CREATE TABLE items (id integer PRIMARY KEY, name text NOT NULL, qty integer, flag boolean, meta jsonb);
+CREATE TABLE stock (region text, sku integer, qty integer NOT NULL, PRIMARY KEY (region, sku));
+CREATE TABLE notes (body text);
+"""
+
+
+def seed(dsn: str, rows: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO items SELECT g, 'item ' || g, g %% 100, g %% 2 = 0, jsonb_build_object('n', g)"
+            " FROM generate_series(1, %s) g",
+            [rows],
+        )
+        conn.execute("INSERT INTO stock SELECT 'EU', g, g FROM generate_series(1, 50) g")
+        conn.execute("INSERT INTO notes VALUES ('no key')")
+
+
+def prepare(dsn: str, *, rows: int = ROWS, slot: bool = True) -> None:
+    """The tables with `rows` items written before capture began, the destination with the backfill's SQL, and
+    (with `slot`) the worker's slot."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    seed(dsn, rows)
+    prepare_source(dsn, "", ["items", "stock", "notes"])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(BACKFILL_SQL)
+        if not slot:
+            conn.execute("SELECT pg_drop_replication_slot('bemi')")
+
+
+def table_rows(dsn: str, table: str = "items") -> dict[Any, dict[str, Any]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(f"SELECT to_jsonb(t)::text FROM {table} t").fetchall()
+    parsed = [json.loads(row[0]) for row in rows]
+    return {row["id"]: row for row in parsed}
+
+
+@dataclass
+class App:
+    """The application: random inserts, updates and deletes through the bemi pool, each with a context, one
+    transaction at a time; every few transactions, a copy of the table and the WAL position it corresponds to."""
+
+    dsn: str
+    pool: asyncpg.Pool
+    next_id: int = ROWS + 1
+    transactions: int = 0
+    samples: list[tuple[int, dict[Any, dict[str, Any]]]] = field(default_factory=list)
+    rng: random.Random = field(default_factory=lambda: random.Random(21))
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, sample_every: int = 40) -> None:
+        while not self.stop.is_set():
+            await self.transaction()
+            if self.transactions % sample_every == 0:
+                await self.sample()
+
+    async def transaction(self) -> None:
+        rng = self.rng
+        self.transactions += 1
+        with bemi_context(user=f"u{rng.randrange(5)}", request=self.transactions):
+            async with self.pool.acquire() as conn, conn.transaction():
+                for _ in range(rng.randrange(1, 4)):
+                    kind = rng.random()
+                    target = rng.randrange(1, self.next_id)
+                    if kind < 0.3:
+                        await conn.execute(
+                            "INSERT INTO items VALUES ($1, $2, $3, true, '{\"new\": true}')",
+                            self.next_id,
+                            f"new {self.next_id}",
+                            rng.randrange(100),
+                        )
+                        self.next_id += 1
+                    elif kind < 0.8:
+                        await conn.execute("UPDATE items SET qty = qty + 1, name = name || '+' WHERE id = $1", target)
+                    else:
+                        await conn.execute("DELETE FROM items WHERE id = $1", target)
+
+    async def sample(self) -> None:
+        """The table now, and the WAL position it is the state at (nothing else writes to it in between)."""
+        async with self.pool.acquire() as conn:
+            records = await conn.fetch("SELECT to_jsonb(t)::text AS row FROM items t")
+            lsn = await bemi_asgi.current_lsn(conn)
+        rows = [json.loads(record["row"]) for record in records]
+        self.samples.append((lsn, {row["id"]: row for row in rows}))
+
+
+@asynccontextmanager
+async def running(dsn: str, *, worker: bool = True) -> AsyncIterator[App]:
+    """The worker streaming (when `worker`) and the app writing, for the duration of the block; on exit every
+    write is stored."""
+    capture = Worker(dsn, status_interval=1.0) if worker else None
+    worker_task = asyncio.create_task(capture.run()) if capture is not None else None
+    pool = await bemi_asgi.create_pool(dsn, min_size=1, max_size=2)
+    application = App(dsn, pool)
+    app_task = asyncio.create_task(application.run())
+    try:
+        yield application
+        await asyncio.sleep(0.3)  # writes after the backfill, too
+    finally:
+        application.stop.set()
+        await app_task
+        await pool.close()
+        if capture is not None and worker_task is not None:
+            capture.stop()
+            await asyncio.wait_for(worker_task, 60)
+
+
+async def catch_up(dsn: str) -> None:
+    """Store everything committed so far (a worker run until caught up)."""
+    await Worker(dsn).run(until_caught_up=True)
+
+
+async def verify(dsn: str, application: App | None = None) -> None:
+    """For every row, the stored history ends in the table's actual row; no row has two baselines; at each moment
+    sampled after the baselines' snapshot, the table rebuilt from the history equals the copy taken then."""
+    actual = table_rows(dsn)
+    async with Bemi(dsn) as bemi:
+        rebuilt = {row["id"]: row async for row in bemi.table_as_of("items", at=await _now_lsn(dsn))}
+        assert rebuilt == actual
+        rng = random.Random(7)
+        for key in rng.sample(sorted(actual), min(300, len(actual))):
+            assert await bemi.as_of("items", key, at=await _now_lsn(dsn)) == actual[key]
+        pool = await bemi.pool()
+        duplicates = await pool.fetchval(
+            "SELECT count(*) FROM (SELECT primary_key FROM bemi.changes WHERE operation = 'SNAPSHOT'"
+            ' AND "table" = $1 GROUP BY 1 HAVING count(*) > 1) d',
+            "items",
+        )
+        assert duplicates == 0
+        newest_snapshot = await pool.fetchval("SELECT max(snapshot_lsn) FROM bemi.backfill_state")
+        if application is not None:
+            later = [(lsn, copy) for lsn, copy in application.samples if lsn >= newest_snapshot]
+            assert len(later) >= 2, (len(application.samples), application.transactions)
+            for lsn, copy in later[-4:]:
+                assert {row["id"]: row async for row in bemi.table_as_of("items", at=lsn)} == copy
+
+
+async def _now_lsn(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await bemi_asgi.current_lsn(conn)
+    finally:
+        await conn.close()
+
+
+async def test_backfill_while_the_app_writes_and_the_worker_streams(database: str) -> None:
+    """With the worker's slot in use and the app writing, a backfill gives every existing row its state at one
+    WAL position: afterwards as_of(now) is each row of the table, table_as_of at moments after the snapshot equals
+    the table then, and untouched rows have a history that starts with their baseline."""
+    prepare(database)
+    async with running(database) as application:
+        await asyncio.sleep(0.3)  # changes before the snapshot, streamed by the worker
+        stats = await Backfill(database, batch_rows=500, rows_per_second=None if LONG else ROWS / 2).run()
+        assert stats.skipped == ["public.notes: no primary key (its rows could not be found by key)"]
+        assert stats.tables_done == ["public.items", "public.stock"]
+        assert not stats.created_slot
+    await catch_up(database)
+    await verify(database, application)
+    async with Bemi(database) as bemi:
+        pool = await bemi.pool()
+        untouched = await pool.fetchval(
+            "SELECT min(primary_key::int) FROM bemi.changes c WHERE operation = 'SNAPSHOT' AND \"table\" = 'items'"
+            " AND NOT EXISTS (SELECT FROM bemi.changes o WHERE o.\"table\" = 'items' AND o.primary_key = c.primary_key"
+            " AND o.operation <> 'SNAPSHOT')"
+        )
+        history = await bemi.history("items", untouched)
+        assert [change.operation for change in history] == [Operation.SNAPSHOT]
+        assert history[0].context == {"bemi_backfill": {"snapshot_lsn": lsn_to_str(stats.snapshot_lsn or 0)}}
+        assert history[0].ordinal >= FIRST_ORDINAL and history[0].ordinal < 0
+        assert await bemi.as_of("stock", ("EU", 3), at=await _now_lsn(database)) == {"region": "EU", "sku": 3, "qty": 3}
+        # A moment before the snapshot: only rows with stored changes are known.
+        assert await bemi.as_of("items", untouched, at=(stats.snapshot_lsn or 0) - 1) is None
+    # No temporary slot is left behind.
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT array_agg(slot_name::text) FROM pg_replication_slots").fetchone() == (["bemi"],)
+
+
+async def test_a_killed_backfill_continues_without_duplicates(database: str) -> None:
+    """SIGKILL half-way, then a second run: it continues after the last stored page (in a new snapshot), and the
+    result is the same as one uninterrupted run, without a row stored twice."""
+    prepare(database)
+    async with running(database) as application:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bemi_asgi", "backfill", "--quiet", "--batch-rows", "250",
+             "--rows-per-second", str(ROWS // 4)],
+            cwd=ROOT, env={**os.environ, "BEMI_SOURCE_URL": database}, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while _stored(database) < ROWS // 3:
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        with psycopg.connect(database) as conn:
+            state = conn.execute("SELECT rows_stored, done, snapshot_lsn FROM bemi.backfill_state").fetchall()
+        assert len(state) == 1 and not state[0][1] and state[0][0] < ROWS
+        first_snapshot = state[0][2]
+        stats = await Backfill(database, batch_rows=1000).run()
+        assert stats.tables_done == ["public.items", "public.stock"]
+        assert stats.snapshot_lsn is not None and stats.snapshot_lsn > first_snapshot
+    await catch_up(database)
+    await verify(database, application)
+    with psycopg.connect(database) as conn:
+        parts = conn.execute(
+            "SELECT count(DISTINCT commit_lsn) FROM bemi.changes WHERE operation = 'SNAPSHOT' AND \"table\" = 'items'"
+        ).fetchone()
+        assert parts == (2,)
+        for _ in range(100):  # the killed run's temporary slot goes with its connection
+            slots = conn.execute("SELECT array_agg(slot_name::text) FROM pg_replication_slots").fetchone()
+            if slots == (["bemi"],):
+                break
+            time.sleep(0.05)
+        assert slots == (["bemi"],)
+
+
+def _stored(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT coalesce(sum(rows_stored), 0) FROM bemi.backfill_state").fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_without_a_slot_the_backfill_creates_it_and_the_worker_continues_from_there(database: str) -> None:
+    """No slot yet: the backfill creates the worker's slot with its snapshot, so the history of every row is its
+    baseline followed by exactly the changes committed after it; revert never undoes a baseline."""
+    prepare(database, rows=200, slot=False)
+    stats = await Backfill(database).run()
+    assert stats.created_slot and stats.rows == 250
+    pool = await bemi_asgi.create_pool(database, min_size=1, max_size=3)
+    try:
+        with bemi_context(user="alice"):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("UPDATE items SET name = 'renamed' WHERE id = 1")
+                await conn.execute("DELETE FROM items WHERE id = 2")
+        await catch_up(database)
+        await verify(database)
+        async with Bemi(pool) as bemi:
+            history = await bemi.history("items", 1)
+            assert [c.operation for c in history] == [Operation.SNAPSHOT, Operation.UPDATE]
+            assert history[0].after["name"] == "item 1" and history[1].before == history[0].after
+            assert [c.operation for c in await bemi.history("items", 2)] == [Operation.SNAPSHOT, Operation.DELETE]
+            with pytest.raises(QueryError, match="only baselines"):
+                await bemi.revert(change=history[0], dry_run=True)
+            with pytest.raises(QueryError, match="only baselines"):
+                await bemi.revert(context={"bemi_backfill": {}}, dry_run=True)
+            async with pool.acquire() as conn:
+                plan = await bemi.revert(conn, change=history[1])
+            assert [s.sql.split()[0] for s in plan.statements] == ["UPDATE"]
+            assert await pool.fetchval("SELECT name FROM items WHERE id = 1") == "item 1"
+            # A row whose whole history is a baseline and the revert of its one change is a plain UPDATE, never a DELETE.
+            with bemi_context(user="bob"):
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute("UPDATE items SET qty = -1 WHERE id = 3")
+            await catch_up(database)
+            third = await bemi.history("items", 3)
+            async with pool.acquire() as conn:
+                plan = await bemi.revert(conn, context={"user": "bob"}, dry_run=True)
+            assert [s.sql.split()[0] for s in plan.statements] == ["UPDATE"] and third[
+                0
+            ].operation is Operation.SNAPSHOT
+    finally:
+        await pool.close()
+
+
+async def test_tracking_rules_apply_to_baselines_as_to_changes(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ignored, masked and hashed columns: a baseline stores exactly what the worker stores for a CREATE of the
+    same values (a hashed key too)."""
+    monkeypatch.setenv("BEMI_HASH_KEY", "k" * 32)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE users (id integer PRIMARY KEY, email text, password text, seen timestamptz, name text);"
+            "CREATE TABLE tokens (token text PRIMARY KEY, owner integer);"
+            "INSERT INTO users VALUES (1, 'a@example.com', 'secret', now(), 'Ann');"
+            "INSERT INTO tokens VALUES ('t-1', 1);"
+        )
+    prepare_source(database, "", ["users", "tokens"])
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(BACKFILL_SQL)
+    tracking = load_config(
+        ignore_columns=["public.users.seen"], mask_columns=["public.users.password"],
+        hash_columns=["public.users.email", "public.tokens.token"],
+    )  # fmt: skip
+    await Backfill(database, tracking=tracking).run()
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("INSERT INTO users VALUES (2, 'a@example.com', 'secret', now(), 'Ann')")
+        conn.execute("INSERT INTO tokens VALUES ('t-2', 1)")
+    await Worker(database, tracking=tracking).run(until_caught_up=True)
+    with psycopg.connect(database) as conn:
+        rows = conn.execute(
+            'SELECT "table", operation, primary_key, after FROM bemi.changes ORDER BY commit_lsn, ordinal'
+        ).fetchall()
+        state = conn.execute('SELECT "table", last_key FROM bemi.backfill_state ORDER BY 1').fetchall()
+    baseline, created = rows[1][3], rows[2][3]
+    assert [row[1] for row in rows] == ["SNAPSHOT", "SNAPSHOT", "CREATE", "CREATE"]
+    assert baseline == {**created, "id": 1}
+    assert baseline["password"] == "[masked]" and "seen" not in baseline
+    assert baseline["email"] == bemi_asgi.hash_value("a@example.com")
+    assert rows[0][2] == bemi_asgi.hash_value("t-1") and rows[0][3]["token"] == rows[0][2]
+    assert state == [("tokens", None), ("users", ["1"])]  # a hashed key's clear text is never stored
+
+
+def test_cli_backfills_chosen_tables_and_skips_finished_ones(database: str) -> None:
+    """`--table` limits the run to tracked tables; a second run skips what is done; an untracked table is an
+    error that says what to do; the destination SQL comes with `sql-migration`."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("CREATE TABLE untracked (id integer PRIMARY KEY)")
+    seed(database, 30)
+    with psycopg.connect(database, autocommit=True) as conn:
+        for table in ("items", "stock", "notes"):
+            conn.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+        conn.execute("CREATE PUBLICATION bemi FOR TABLE items, stock, notes")
+    runner = CliRunner()
+    result = runner.invoke(app, ["backfill", "--source", database, "--table", "public.items"])
+    assert result.exit_code == 1 and "sql-migration" in result.output, result.output
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(migration_sql(parts=["destination"]))
+        conn.execute(migration_sql(parts=["destination"]))  # idempotent
+    result = runner.invoke(app, ["backfill", "--source", database, "--table", "public.items"])
+    assert result.exit_code == 0, result.output
+    assert "created replication slot 'bemi'" in result.output and "30 rows" in result.output
+    result = runner.invoke(app, ["backfill", "--source", database])
+    assert result.exit_code == 0, result.output
+    assert "public.items: already backfilled" in result.output and "50 rows" in result.output
+    assert "skipped public.notes: no primary key" in result.output
+    result = runner.invoke(app, ["backfill", "--source", database, "--table", "public.untracked"])
+    assert result.exit_code == 1 and "not in the publication" in result.output, result.output
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM bemi.changes WHERE operation = 'SNAPSHOT'").fetchone() == (80,)
+
+
+def test_partitioned_destination_takes_baselines(database: str) -> None:
+    """The migration widens the operation check on a partitioned bemi.changes too (without scanning it)."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(migration_sql(parts=["destination"], partition_by_month=True))
+        conn.execute(migration_sql(parts=["destination"], partition_by_month=True))
+        conn.execute(
+            'INSERT INTO bemi.changes (database, schema, "table", operation, committed_at, queued_at,'
+            " transaction_id, position, commit_lsn, ordinal) VALUES ('d', 's', 't', 'SNAPSHOT', now(), now(), 0, 1, 1, $1)".replace(
+                "$1", str(FIRST_ORDINAL)
+            )
+        )
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                'INSERT INTO bemi.changes (database, schema, "table", operation, committed_at, queued_at,'
+                " transaction_id, position, commit_lsn, ordinal) VALUES ('d', 's', 't', 'OOPS', now(), now(), 0, 1, 1, 1)"
+            )
