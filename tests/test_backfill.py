@@ -160,12 +160,13 @@ async def verify(dsn: str, application: App | None = None) -> None:
     """For every row, the stored history ends in the table's actual row; no row has two baselines; at each moment
     sampled after the baselines' snapshot, the table rebuilt from the history equals the copy taken then."""
     actual = table_rows(dsn)
+    now = await _now_lsn(dsn)
     async with Bemi(dsn) as bemi:
-        rebuilt = {row["id"]: row async for row in bemi.table_as_of("items", at=await _now_lsn(dsn))}
+        rebuilt = {row["id"]: row async for row in bemi.table_as_of("items", at=now)}
         assert rebuilt == actual
         rng = random.Random(7)
         for key in rng.sample(sorted(actual), min(300, len(actual))):
-            assert await bemi.as_of("items", key, at=await _now_lsn(dsn)) == actual[key]
+            assert await bemi.as_of("items", key, at=now) == actual[key]
         pool = await bemi.pool()
         duplicates = await pool.fetchval(
             "SELECT count(*) FROM (SELECT primary_key FROM bemi.changes WHERE operation = 'SNAPSHOT'"
@@ -205,14 +206,14 @@ async def test_backfill_while_the_app_writes_and_the_worker_streams(database: st
     async with Bemi(database) as bemi:
         pool = await bemi.pool()
         untouched = await pool.fetchval(
-            "SELECT min(primary_key::int) FROM bemi.changes c WHERE operation = 'SNAPSHOT' AND \"table\" = 'items'"
-            " AND NOT EXISTS (SELECT FROM bemi.changes o WHERE o.\"table\" = 'items' AND o.primary_key = c.primary_key"
-            " AND o.operation <> 'SNAPSHOT')"
+            "SELECT min(primary_key::int) FROM (SELECT primary_key FROM bemi.changes WHERE \"table\" = 'items'"
+            " GROUP BY 1 HAVING bool_and(operation = 'SNAPSHOT')) AS untouched"
         )
         history = await bemi.history("items", untouched)
         assert [change.operation for change in history] == [Operation.SNAPSHOT]
         assert history[0].context == {"bemi_backfill": {"snapshot_lsn": lsn_to_str(stats.snapshot_lsn or 0)}}
-        assert history[0].ordinal >= FIRST_ORDINAL and history[0].ordinal < 0
+        assert history[0].ordinal >= FIRST_ORDINAL
+        assert history[0].ordinal < 0
         assert await bemi.as_of("stock", ("EU", 3), at=await _now_lsn(database)) == {"region": "EU", "sku": 3, "qty": 3}
         # A moment before the snapshot: only rows with stored changes are known.
         assert await bemi.as_of("items", untouched, at=(stats.snapshot_lsn or 0) - 1) is None
@@ -226,27 +227,30 @@ async def test_a_killed_backfill_continues_without_duplicates(database: str) -> 
     result is the same as one uninterrupted run, without a row stored twice."""
     prepare(database)
     async with running(database) as application:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bemi_asgi", "backfill", "--quiet", "--batch-rows", "250",
-             "--rows-per-second", str(ROWS // 4)],
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bemi_asgi", "backfill", "--quiet", "--batch-rows", "250",
+            "--rows-per-second", str(ROWS // 4),
             cwd=ROOT, env={**os.environ, "BEMI_SOURCE_URL": database}, stderr=subprocess.PIPE,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 60
             while _stored(database) < ROWS // 3:
-                assert process.poll() is None, process.communicate()
+                assert process.returncode is None, await process.communicate()
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
         finally:
             process.send_signal(signal.SIGKILL)
-            process.wait()
+            await process.wait()
         with psycopg.connect(database) as conn:
             state = conn.execute("SELECT rows_stored, done, snapshot_lsn FROM bemi.backfill_state").fetchall()
-        assert len(state) == 1 and not state[0][1] and state[0][0] < ROWS
+        assert len(state) == 1
+        assert not state[0][1]
+        assert state[0][0] < ROWS
         first_snapshot = state[0][2]
         stats = await Backfill(database, batch_rows=1000).run()
         assert stats.tables_done == ["public.items", "public.stock"]
-        assert stats.snapshot_lsn is not None and stats.snapshot_lsn > first_snapshot
+        assert stats.snapshot_lsn is not None
+        assert stats.snapshot_lsn > first_snapshot
     await catch_up(database)
     await verify(database, application)
     with psycopg.connect(database) as conn:
@@ -258,7 +262,7 @@ async def test_a_killed_backfill_continues_without_duplicates(database: str) -> 
             slots = conn.execute("SELECT array_agg(slot_name::text) FROM pg_replication_slots").fetchone()
             if slots == (["bemi"],):
                 break
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
         assert slots == (["bemi"],)
 
 
@@ -273,7 +277,8 @@ async def test_without_a_slot_the_backfill_creates_it_and_the_worker_continues_f
     baseline followed by exactly the changes committed after it; revert never undoes a baseline."""
     prepare(database, rows=200, slot=False)
     stats = await Backfill(database).run()
-    assert stats.created_slot and stats.rows == 250
+    assert stats.created_slot
+    assert stats.rows == 250
     pool = await bemi_asgi.create_pool(database, min_size=1, max_size=3)
     try:
         with bemi_context(user="alice"):
@@ -285,7 +290,8 @@ async def test_without_a_slot_the_backfill_creates_it_and_the_worker_continues_f
         async with Bemi(pool) as bemi:
             history = await bemi.history("items", 1)
             assert [c.operation for c in history] == [Operation.SNAPSHOT, Operation.UPDATE]
-            assert history[0].after["name"] == "item 1" and history[1].before == history[0].after
+            assert history[0].after["name"] == "item 1"
+            assert history[1].before == history[0].after
             assert [c.operation for c in await bemi.history("items", 2)] == [Operation.SNAPSHOT, Operation.DELETE]
             with pytest.raises(QueryError, match="only baselines"):
                 await bemi.revert(change=history[0], dry_run=True)
@@ -295,7 +301,7 @@ async def test_without_a_slot_the_backfill_creates_it_and_the_worker_continues_f
                 plan = await bemi.revert(conn, change=history[1])
             assert [s.sql.split()[0] for s in plan.statements] == ["UPDATE"]
             assert await pool.fetchval("SELECT name FROM items WHERE id = 1") == "item 1"
-            # A row whose whole history is a baseline and the revert of its one change is a plain UPDATE, never a DELETE.
+            # A row known from its baseline: reverting its one change is an UPDATE back, never a DELETE.
             with bemi_context(user="bob"):
                 async with pool.acquire() as conn, conn.transaction():
                     await conn.execute("UPDATE items SET qty = -1 WHERE id = 3")
@@ -303,9 +309,8 @@ async def test_without_a_slot_the_backfill_creates_it_and_the_worker_continues_f
             third = await bemi.history("items", 3)
             async with pool.acquire() as conn:
                 plan = await bemi.revert(conn, context={"user": "bob"}, dry_run=True)
-            assert [s.sql.split()[0] for s in plan.statements] == ["UPDATE"] and third[
-                0
-            ].operation is Operation.SNAPSHOT
+            assert [s.sql.split()[0] for s in plan.statements] == ["UPDATE"]
+            assert third[0].operation is Operation.SNAPSHOT
     finally:
         await pool.close()
 
@@ -341,9 +346,11 @@ async def test_tracking_rules_apply_to_baselines_as_to_changes(database: str, mo
     baseline, created = rows[1][3], rows[2][3]
     assert [row[1] for row in rows] == ["SNAPSHOT", "SNAPSHOT", "CREATE", "CREATE"]
     assert baseline == {**created, "id": 1}
-    assert baseline["password"] == "[masked]" and "seen" not in baseline
+    assert baseline["password"] == "[masked]"
+    assert "seen" not in baseline
     assert baseline["email"] == bemi_asgi.hash_value("a@example.com")
-    assert rows[0][2] == bemi_asgi.hash_value("t-1") and rows[0][3]["token"] == rows[0][2]
+    assert rows[0][2] == bemi_asgi.hash_value("t-1")
+    assert rows[0][3]["token"] == rows[0][2]
     assert state == [("tokens", None), ("users", ["1"])]  # a hashed key's clear text is never stored
 
 
@@ -360,19 +367,23 @@ def test_cli_backfills_chosen_tables_and_skips_finished_ones(database: str) -> N
         conn.execute("CREATE PUBLICATION bemi FOR TABLE items, stock, notes")
     runner = CliRunner()
     result = runner.invoke(app, ["backfill", "--source", database, "--table", "public.items"])
-    assert result.exit_code == 1 and "sql-migration" in result.output, result.output
+    assert result.exit_code == 1, result.output
+    assert "sql-migration" in result.output
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(migration_sql(parts=["destination"]))
         conn.execute(migration_sql(parts=["destination"]))  # idempotent
     result = runner.invoke(app, ["backfill", "--source", database, "--table", "public.items"])
     assert result.exit_code == 0, result.output
-    assert "created replication slot 'bemi'" in result.output and "30 rows" in result.output
+    assert "created replication slot 'bemi'" in result.output
+    assert "30 rows" in result.output
     result = runner.invoke(app, ["backfill", "--source", database])
     assert result.exit_code == 0, result.output
-    assert "public.items: already backfilled" in result.output and "50 rows" in result.output
+    assert "public.items: already backfilled" in result.output
+    assert "50 rows" in result.output
     assert "skipped public.notes: no primary key" in result.output
     result = runner.invoke(app, ["backfill", "--source", database, "--table", "public.untracked"])
-    assert result.exit_code == 1 and "not in the publication" in result.output, result.output
+    assert result.exit_code == 1, result.output
+    assert "not in the publication" in result.output
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT count(*) FROM bemi.changes WHERE operation = 'SNAPSHOT'").fetchone() == (80,)
 
@@ -382,14 +393,10 @@ def test_partitioned_destination_takes_baselines(database: str) -> None:
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(migration_sql(parts=["destination"], partition_by_month=True))
         conn.execute(migration_sql(parts=["destination"], partition_by_month=True))
-        conn.execute(
+        insert = (
             'INSERT INTO bemi.changes (database, schema, "table", operation, committed_at, queued_at,'
-            " transaction_id, position, commit_lsn, ordinal) VALUES ('d', 's', 't', 'SNAPSHOT', now(), now(), 0, 1, 1, $1)".replace(
-                "$1", str(FIRST_ORDINAL)
-            )
+            " transaction_id, position, commit_lsn, ordinal) VALUES ('d', 's', 't', %s, now(), now(), 0, 1, 1, %s)"
         )
+        conn.execute(insert, ["SNAPSHOT", FIRST_ORDINAL])
         with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute(
-                'INSERT INTO bemi.changes (database, schema, "table", operation, committed_at, queued_at,'
-                " transaction_id, position, commit_lsn, ordinal) VALUES ('d', 's', 't', 'OOPS', now(), now(), 0, 1, 1, 1)"
-            )
+            conn.execute(insert, ["OOPS", 1])
