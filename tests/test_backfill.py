@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -84,13 +85,14 @@ def table_rows(dsn: str, table: str = "items") -> dict[Any, dict[str, Any]]:
 @dataclass
 class App:
     """The application: random inserts, updates and deletes through the bemi pool, each with a context, one
-    transaction at a time; every few transactions, a copy of the table and the WAL position it corresponds to."""
+    transaction at a time; every few transactions, a copy of the table and the WAL position it is the state at
+    (the last eight are kept)."""
 
     dsn: str
     pool: asyncpg.Pool
     next_id: int = ROWS + 1
     transactions: int = 0
-    samples: list[tuple[int, dict[Any, dict[str, Any]]]] = field(default_factory=list)
+    samples: deque[tuple[int, dict[Any, dict[str, Any]]]] = field(default_factory=lambda: deque(maxlen=8))
     rng: random.Random = field(default_factory=lambda: random.Random(21))
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -176,7 +178,7 @@ async def verify(dsn: str, application: App | None = None) -> None:
         assert duplicates == 0
         newest_snapshot = await pool.fetchval("SELECT max(snapshot_lsn) FROM bemi.backfill_state")
         if application is not None:
-            later = [(lsn, copy) for lsn, copy in application.samples if lsn >= newest_snapshot]
+            later = [(lsn, copy) for lsn, copy in application.samples if lsn >= newest_snapshot]  # the last few
             assert len(later) >= 2, (len(application.samples), application.transactions)
             for lsn, copy in later[-4:]:
                 assert {row["id"]: row async for row in bemi.table_as_of("items", at=lsn)} == copy

@@ -1,0 +1,168 @@
+"""How fast `bemi-asgi backfill` stores baselines, against PostgreSQL merely copying the same table out.
+
+    python -m benchmarks.backfill [--rows 200000] [--repeat 3] [--batch-rows 5000]
+
+Starts its own throwaway PostgreSQL with a table of `--rows` rows (integer key, text, integer, numeric, text[],
+jsonb, timestamptz: the types the value conversion treats differently), the migration and the worker's slot, then
+measures, best of `--repeat`:
+
+    COPY TO         `COPY (SELECT * FROM items ORDER BY id) TO STDOUT`, read whole by psycopg: the source's
+                    ceiling, what reading the table costs at all
+    COPY into       the baselines' rows, prepared in advance, COPYed into bemi.changes alone: the destination's
+                    ceiling (its indexes included)
+    backfill        `bemi-asgi backfill` (a subprocess, process start included): keyset pages read in the
+                    exported snapshot, converted, COPYed into bemi.changes with their progress; its peak RSS
+
+Each run starts from an empty bemi.changes and bemi.backfill_state. Ratios are rows/s relative to COPY TO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bemi_asgi.ops.migration import migration_sql  # noqa: E402
+from benchmarks._support import Result, throwaway_server  # noqa: E402
+
+SCHEMA = """
+CREATE TABLE items (
+    id integer PRIMARY KEY, name text NOT NULL, qty integer, price numeric(10, 2), tags text[], meta jsonb,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+def prepare(dsn: str, rows: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute(
+            "INSERT INTO items (id, name, qty, price, tags, meta)"
+            " SELECT g, 'item number ' || g, g %% 1000, g / 7.0, ARRAY['a', 'b' || g],"
+            " jsonb_build_object('n', g, 'k', 'v')"
+            " FROM generate_series(1, %s) g",
+            [rows],
+        )
+        conn.execute("VACUUM ANALYZE items")
+        conn.execute(migration_sql(tables=["public.items"]))
+        conn.execute("SELECT pg_create_logical_replication_slot('bemi', 'pgoutput')")
+
+
+def reset(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE bemi.changes, bemi.backfill_state")
+        conn.execute("CHECKPOINT")
+
+
+def copy_to(dsn: str) -> float:
+    started = time.perf_counter()
+    with (
+        psycopg.connect(dsn) as conn,
+        conn.cursor() as cursor,
+        cursor.copy("COPY (SELECT * FROM items ORDER BY id) TO STDOUT") as copy,
+    ):
+        for _ in copy:
+            pass
+    return time.perf_counter() - started
+
+
+def backfill(dsn: str, batch_rows: int) -> tuple[float, float]:
+    """Wall seconds of one `bemi-asgi backfill` run, and the peak RSS (MB) of the backfill processes so far."""
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "bemi_asgi", "backfill", "--source", dsn, "--quiet", "--batch-rows"]
+    subprocess.run([*command, str(batch_rows)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    seconds = time.perf_counter() - started
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+async def copy_into(dsn: str) -> float:
+    """COPY the baselines just stored back into an emptied bemi.changes: the destination alone."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        columns = [
+            "primary_key", "before", "after", "context", "database", "schema", "table", "operation", "committed_at",
+            "queued_at", "transaction_id", "position", "commit_lsn", "ordinal",
+        ]  # fmt: skip
+        names = ", ".join(f'"{column}"' for column in columns)
+        records = await conn.fetch(f"SELECT {names} FROM bemi.changes")
+        await conn.execute("TRUNCATE bemi.changes")
+        await conn.execute("CHECKPOINT")
+        started = time.perf_counter()
+        await conn.copy_records_to_table("changes", schema_name="bemi", columns=columns, records=records)
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+def measure(rows: int, repeat: int, batch_rows: int) -> dict[str, float]:
+    """Print the table; each case's best rows/s (and the backfill's peak RSS under "rss")."""
+    settings = {"max_wal_size": "4GB", "checkpoint_timeout": "30min"}
+    with throwaway_server(settings) as server:
+        dsn = server.dsn()
+        prepare(dsn, rows)
+        times: dict[str, list[float]] = {"COPY TO": [], "COPY into": [], "backfill": []}
+        rss = 0.0
+        for _ in range(repeat):
+            times["COPY TO"].append(copy_to(dsn))
+            reset(dsn)
+            seconds, rss = backfill(dsn, batch_rows)
+            times["backfill"].append(seconds)
+            with psycopg.connect(dsn) as conn:
+                stored = conn.execute("SELECT count(*) FROM bemi.changes WHERE operation = 'SNAPSHOT'").fetchone()
+            assert stored == (rows,), stored
+            times["COPY into"].append(asyncio.run(copy_into(dsn)))
+        best = {name: rows / min(runs) for name, runs in times.items()}
+        print(f"{rows:,} rows, batches of {batch_rows:,}")
+        for name, rate in best.items():
+            listed = ", ".join(f"{s:.2f}" for s in times[name])
+            print(f"{name:10} {rate:12,.0f} rows/s ({rate / best['COPY TO']:.3f}x COPY TO)   runs (s): {listed}")
+        print(f"backfill peak RSS {rss:.0f} MB")
+        return {**best, "rss": rss}
+
+
+def results(quick: bool = False) -> list[Result]:
+    """The figures for `python -m benchmarks`: baseline rows/s relative to COPY TO of the same table."""
+    rows = 50_000 if quick else 200_000
+    best = measure(rows, 1 if quick else 3, 5_000)
+    against = "COPY TO"
+    return [
+        Result(
+            "backfill", f"COPY (SELECT ...) TO STDOUT, {rows:,} rows", f"{best['COPY TO']:,.0f} rows/s", None, against
+        ),
+        Result(
+            "backfill",
+            "the baselines COPYed into bemi.changes alone (destination ceiling)",
+            f"{best['COPY into']:,.0f} rows/s",
+        ),
+        Result(
+            "backfill",
+            f"bemi-asgi backfill, {rows:,} rows",
+            f"{best['backfill']:,.0f} rows/s, peak RSS {best['rss']:.0f} MB",
+            best["COPY TO"] / best["backfill"],
+            "time of COPY TO",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch-rows", type=int, default=5_000)
+    args = parser.parse_args()
+    measure(args.rows, args.repeat, args.batch_rows)
+
+
+if __name__ == "__main__":
+    main()
