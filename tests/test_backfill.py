@@ -402,3 +402,31 @@ def test_partitioned_destination_takes_baselines(database: str) -> None:
         conn.execute(insert, ["SNAPSHOT", FIRST_ORDINAL])
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(insert, ["OOPS", 1])
+
+
+async def test_sigterm_finishes_the_page_and_a_rerun_completes(database: str) -> None:
+    """SIGTERM: the page in flight is stored with its progress, the command says how to continue and exits 1;
+    the next run completes the table."""
+    prepare(database, rows=3000)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bemi_asgi", "backfill", "--batch-rows", "100", "--rows-per-second", "1000",
+        cwd=ROOT, env={**os.environ, "BEMI_SOURCE_URL": database}, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while _stored(database) < 300:
+        assert process.returncode is None, await process.communicate()
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = await process.communicate()
+    assert process.returncode == 1, stderr
+    assert b"stopped; run it again to continue" in stderr
+    with psycopg.connect(database) as conn:
+        stored = conn.execute("SELECT count(*) FROM bemi.changes").fetchone()
+        state = conn.execute("SELECT rows_stored, done, last_key FROM bemi.backfill_state").fetchone()
+    assert state is not None
+    assert stored == (state[0],)
+    assert not state[1]
+    assert state[2] == [str(state[0])]
+    await Backfill(database).run()
+    await verify(database)

@@ -212,7 +212,10 @@ class Backfill:
             row = await (await catalog.execute("SELECT clock_timestamp()")).fetchone()
             assert row is not None
             committed_at: datetime = row[0]
-            await reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            # psycopg opens the transaction (BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY) before the first
+            # statement, which must be the snapshot's import.
+            await reader.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+            await reader.set_read_only(True)
             await reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             await replication.close()  # the snapshot is imported: the (temporary) slot is not needed any more
             self.stats.snapshot_lsn = lsn
@@ -228,7 +231,7 @@ class Backfill:
                 if self._stopping:
                     break
                 await self._backfill(reader, writer, table, states.get((table.schema, table.table)))
-            await reader.execute("COMMIT")
+            await reader.commit()
             self._progress.finish()
         finally:
             await reader.close()
