@@ -96,7 +96,7 @@ class App:
     rng: random.Random = field(default_factory=lambda: random.Random(21))
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def run(self, sample_every: int = 40) -> None:
+    async def run(self, sample_every: int = 100 if LONG else 20) -> None:
         while not self.stop.is_set():
             await self.transaction()
             if self.transactions % sample_every == 0:
@@ -122,6 +122,14 @@ class App:
                         await conn.execute("UPDATE items SET qty = qty + 1, name = name || '+' WHERE id = $1", target)
                     else:
                         await conn.execute("DELETE FROM items WHERE id = $1", target)
+
+    async def sampled_after(self, lsn: int | None, count: int = 2) -> None:
+        """Wait until `count` copies were taken after `lsn` (moments after a backfill's snapshot)."""
+        assert lsn is not None
+        deadline = time.monotonic() + 120
+        while sum(sample_lsn >= lsn for sample_lsn, _ in self.samples) < count:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
 
     async def sample(self) -> None:
         """The table now, and the WAL position it is the state at (nothing else writes to it in between)."""
@@ -203,6 +211,7 @@ async def test_backfill_while_the_app_writes_and_the_worker_streams(database: st
         assert stats.skipped == ["public.notes: no primary key (its rows could not be found by key)"]
         assert stats.tables_done == ["public.items", "public.stock"]
         assert not stats.created_slot
+        await application.sampled_after(stats.snapshot_lsn)
     await catch_up(database)
     await verify(database, application)
     async with Bemi(database) as bemi:
@@ -253,6 +262,7 @@ async def test_a_killed_backfill_continues_without_duplicates(database: str) -> 
         assert stats.tables_done == ["public.items", "public.stock"]
         assert stats.snapshot_lsn is not None
         assert stats.snapshot_lsn > first_snapshot
+        await application.sampled_after(stats.snapshot_lsn)
     await catch_up(database)
     await verify(database, application)
     with psycopg.connect(database) as conn:
@@ -430,3 +440,54 @@ async def test_sigterm_finishes_the_page_and_a_rerun_completes(database: str) ->
     assert state[2] == [str(state[0])]
     await Backfill(database).run()
     await verify(database)
+
+
+KINDS = """
+CREATE TYPE mood AS ENUM ('sad', 'happy');
+CREATE TABLE kinds (
+    id integer PRIMARY KEY, i2 smallint, i8 bigint, num numeric, money numeric(10, 2), r real, d double precision,
+    b boolean, t text, vc varchar(10), ch char(3), j json, jb jsonb, ts timestamp, tstz timestamptz, dt date,
+    tm time, tmtz timetz, iv interval, u uuid, by bytea, ia integer[], ta text[], ja jsonb[], m mood, ip inet,
+    big text
+);
+INSERT INTO kinds VALUES
+    (1, -3, 9007199254740993, 12345678901234567890.5, 19.90, 1.5, 'NaN', true, E'tab\\there "quoted" \\\\ é',
+     'short', 'ab', '{"a": [1, 2.5, null]}', '{"z": 1, "a": {"b": "\\u00e9"}}', '2026-01-02 03:04:05.123',
+     '2026-01-02 03:04:05.5+05:30', '2026-01-02', '03:04:05', '03:04:05+02', '1 day 02:00:00',
+     'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\\x00ff', '{1,NULL,3}', '{"a b","c,d",NULL,"e\\"f"}',
+     ARRAY['{"k": 1}'::jsonb], 'happy', '10.0.0.1/8', repeat('x', 5000)),
+    (2, NULL, NULL, 'Infinity', NULL, '-Infinity', 1e300, false, '', NULL, NULL, 'null', '[]', 'infinity',
+     '-infinity', '0044-03-15 BC', '24:00:00', NULL, '-1 mon', NULL, '\\x', '{}', '{{"a","b"},{"c","d"}}', NULL,
+     NULL, NULL, NULL),
+    (3, 0, 0, 0, 0, 0, 0, NULL, E'line\\nbreak\\r\\x01', 'x', 'x', '"s"', '"s"', '10000-01-01 00:00:00',
+     '1999-12-31 23:59:59.999999-08', 'infinity', '00:00:00.000001', '23:59:59.999999-14', '0', NULL, NULL,
+     '[0:1]={7,8}', '{}', '{}', 'sad', '::1', '');
+"""
+
+
+@pytest.mark.parametrize("general_path", [False, True], ids=["fast path", "general path"])
+async def test_a_baseline_stores_what_the_worker_stores_for_a_create(database: str, general_path: bool) -> None:
+    """For every column type, a row's baseline stores the `after` the worker stores when the same values are
+    inserted (through the worker's fast path, and through its general path, which any rule selects)."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(KINDS)
+    prepare_source(database, "", ["kinds"])
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(BACKFILL_SQL)
+    tracking = load_config(drop_noop_updates=True) if general_path else None
+    await Backfill(database, tracking=tracking).run()
+    with psycopg.connect(database, autocommit=True) as conn:
+        columns = (
+            "i2, i8, num, money, r, d, b, t, vc, ch, j, jb, ts, tstz, dt, tm, tmtz, iv, u, by, ia, ta, ja, m, ip, big"
+        )
+        conn.execute(f"INSERT INTO kinds SELECT id + 1000, {columns} FROM kinds")
+    await Worker(database, tracking=tracking).run(until_caught_up=True)
+    with psycopg.connect(database) as conn:
+        rows = conn.execute(
+            "SELECT operation, primary_key::int, after::text FROM bemi.changes ORDER BY commit_lsn, ordinal"
+        ).fetchall()
+    baselines = {key: after for operation, key, after in rows if operation == "SNAPSHOT"}
+    created = {key - 1000: after for operation, key, after in rows if operation == "CREATE"}
+    assert sorted(baselines) == [1, 2, 3]
+    for key, after in baselines.items():
+        assert after == created[key].replace(f'"id": {key + 1000}', f'"id": {key}')

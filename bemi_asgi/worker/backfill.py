@@ -41,6 +41,7 @@ import asyncio
 import json
 import os
 import re
+import struct
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,11 +51,13 @@ from typing import Any, Final, TextIO
 import asyncpg
 import psycopg
 from psycopg import errors, sql
-from psycopg.types.string import TextLoader
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 
 from .._exceptions import ConfigError, DestinationNotReadyError, SourceNotReadyError
 from .config import TrackingConfig
 from .destination import BINARY_COLUMNS, COLUMNS, BinaryCopy, ChangeRecord
+from .fastpath import RowCodec
 from .pgoutput import Column, Value, lsn_to_str
 from .rules import Filters, RowPolicy, filter_relation
 from .spill import PendingChange
@@ -104,6 +107,7 @@ class _Table:
     ignored: bool = False
     policy: RowPolicy | None = None
     key_hashed: bool = False
+    codec: RowCodec | None = None  # the worker's fast path, for tables stored as is (no column rules)
 
     @property
     def name(self) -> str:
@@ -361,6 +365,9 @@ class Backfill:
             filter_relation(self.filters, info)
             rules = self.filters.rules(schema, table)
             info.key_hashed = any(key_name in rules.hash for key_name in key_names)
+            if info.policy is None:
+                single = info.key[0] if len(info.key) == 1 else -1
+                info.codec = RowCodec(info.columns, info.converters, info.key, single)
             tables.append(info)
         return tables
 
@@ -370,7 +377,7 @@ class Backfill:
         self, reader: psycopg.AsyncConnection[Any], writer: _Writer, table: _Table, state: _State | None
     ) -> None:
         for column in table.read_columns:
-            reader.adapters.register_loader(column.type_oid, TextLoader)  # every value as the text the stream sends
+            reader.adapters.register_loader(column.type_oid, _RawLoader)  # the bytes of the text the stream sends
         last_key = state.last_key if state is not None and not table.key_hashed else None
         # A hashed key's partial run (no last key kept) is replaced: its baselines are all at its one snapshot.
         replace = state.snapshot_lsn if state is not None and state.rows_stored > 0 and last_key is None else None
@@ -394,11 +401,11 @@ class Backfill:
         try:
             while True:
                 cursor = await reader.execute(first if last_key is None else following, last_key)
-                rows: list[tuple[str | None, ...]] = await cursor.fetchall()
+                rows: list[tuple[bytes | None, ...]] = await cursor.fetchall()
                 done = len(rows) < self.batch_rows
                 changes = list(_baselines(table, rows))
                 if rows:
-                    last_key = [str(rows[-1][i]) for i in table.read_key]
+                    last_key = [(rows[-1][i] or b"").decode() for i in table.read_key]
                 if pending is not None:
                     await pending
                 stored += len(rows)
@@ -428,11 +435,41 @@ class Backfill:
             print(f"bemi-asgi backfill: {line}", file=self.progress, flush=True)
 
 
-def _baselines(table: _Table, rows: Iterable[tuple[str | None, ...]]) -> Iterator[PendingChange]:
-    """Each row as the worker would store its CREATE, with the SNAPSHOT operation (ordinals added by the writer)."""
-    columns, converters, key, policy = table.columns, table.converters, table.key, table.policy
+class _RawLoader(Loader):
+    """A value as the bytes of its text, undecoded: what a pgoutput TupleData holds."""
+
+    def load(self, data: Buffer) -> bytes:
+        return bytes(data)
+
+
+_FRAME_HEAD: Final = bytes(25) + b"I\x00\x00\x00\x00N"  # an XLogData header, then an Insert's start
+_count: Final = struct.Struct(">h").pack
+_text_head: Final = struct.Struct(">ci").pack
+_NULL: Final = b"n"
+
+
+def _baselines(table: _Table, rows: Iterable[tuple[bytes | None, ...]]) -> Iterator[PendingChange]:
+    """Each row as the worker would store its CREATE, with the SNAPSHOT operation (ordinals added by the writer).
+
+    A table stored as is goes through the worker's fast path, fed the Insert message the stream would carry for
+    the row; anything it declines, and tables with column rules, take the worker's general path."""
+    columns, converters, key, policy, codec = table.columns, table.converters, table.key, table.policy, table.codec
     schema, name = table.schema, table.table
-    for values in rows:
+    count = _count(len(table.read_columns))
+    for raws in rows:
+        if codec is not None:
+            parts = [_FRAME_HEAD, count]
+            for raw in raws:
+                if raw is None:
+                    parts.append(_NULL)
+                else:
+                    parts.append(_text_head(b"t", len(raw)))
+                    parts.append(raw)
+            fast = codec.change(b"".join(parts))
+            if fast is not None:
+                yield (fast[0], _EMPTY, fast[2], schema, name, SNAPSHOT, 0, 0)
+                continue
+        values = tuple(None if raw is None else raw.decode() for raw in raws)
         row: tuple[Value, ...] = values if policy is None else policy.row(values)
         if len(key) == 1:
             text = row[key[0]]
