@@ -20,8 +20,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
+import httpx
 import psycopg
 import pytest
 from typer.testing import CliRunner
@@ -30,6 +32,7 @@ import bemi_asgi
 from bemi_asgi import Bemi, Operation, QueryError, bemi_context
 from bemi_asgi.cli import app
 from bemi_asgi.ops.migration import load_sql, migration_sql
+from bemi_asgi.ui import allow_all, bemi_ui
 from bemi_asgi.worker.backfill import FIRST_ORDINAL, Backfill
 from bemi_asgi.worker.config import load_config
 from bemi_asgi.worker.pgoutput import lsn_to_str
@@ -491,3 +494,51 @@ async def test_a_baseline_stores_what_the_worker_stores_for_a_create(database: s
     assert sorted(baselines) == [1, 2, 3]
     for key, after in baselines.items():
         assert after == created[key].replace(f'"id": {key + 1000}', f'"id": {key}')
+
+
+async def test_the_change_browser_shows_baselines(database: str) -> None:
+    """The timeline shows a baseline with its badge and its row image; on the row page (newest first) it is the
+    oldest entry, and the row's state at its moment is the baseline."""
+    prepare(database, rows=5, slot=False)
+    await Backfill(database).run()
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("UPDATE items SET qty = 42 WHERE id = 1")
+    await catch_up(database)
+    async with Bemi(database) as bemi:
+        history = await bemi.history("items", 1)
+        app_ui = bemi_ui(bemi, authorize=allow_all)
+        transport = httpx.ASGITransport(app=app_ui)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            timeline = await client.get("/", params={"op": "SNAPSHOT", "table": "items"})
+            row = await client.get("/row", params={"table": "items", "key": "1"})
+            then = await client.get(
+                "/row", params={"table": "items", "key": "1", "at": history[0].committed_at.isoformat()}
+            )
+    assert timeline.status_code == 200
+    assert timeline.text.count('class="op op-SNAPSHOT"') == 5
+    assert "5 fields:" in timeline.text
+    assert row.status_code == 200
+    assert row.text.index("op-UPDATE") < row.text.index("op-SNAPSHOT")  # newest first: the baseline ends the page
+    assert then.status_code == 200
+    assert "Set by the snapshot" in then.text
+
+
+async def test_a_least_privileged_role_can_backfill(database: str) -> None:
+    """The grants the README lists for the worker's role, plus bemi.backfill_state, are all a backfill needs."""
+    prepare(database, rows=100)
+    role = f"bemi_backfill_{abs(hash(database)) % 10**8}"
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+        conn.execute(f"GRANT SELECT ON items, stock, notes TO {role}")
+        conn.execute(f"GRANT USAGE ON SCHEMA bemi TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT ON bemi.changes TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON bemi.backfill_state TO {role}")
+    try:
+        stats = await Backfill(
+            urlsplit(database)._replace(netloc=f"{role}@{urlsplit(database).netloc.split('@')[-1]}").geturl()
+        ).run()
+        assert stats.rows == 150
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
