@@ -163,11 +163,12 @@ class Backfill:
         self.progress_interval = progress_interval
         self.stats = BackfillStats()
         self._stopping = False
+        self._stopped = False
 
     @property
     def stopped(self) -> bool:
-        """Whether `stop()` ended the run before every table was done."""
-        return self._stopping
+        """Whether `stop()` ended the run before every table was done (run again to continue)."""
+        return self._stopped
 
     def stop(self) -> None:
         """Finish the page being written and return (safe from a signal handler); run again to continue."""
@@ -211,6 +212,7 @@ class Backfill:
         )
         reader = await psycopg.AsyncConnection.connect(_with_session_options(self.source))
         try:
+            self._say("creating the snapshot (this waits for the transactions running now to end)")
             lsn, snapshot = await self._create_slot(replication, version, slot_exists)
             # Every transaction the snapshot shows has committed by now: the baselines' commit time.
             row = await (await catalog.execute("SELECT clock_timestamp()")).fetchone()
@@ -230,9 +232,14 @@ class Backfill:
                 FIRST_ORDINAL,
             )
             writer = _Writer(dest, binary, database, lsn, committed_at, int(ordinal))
-            self._progress = _Progress(self.progress, self.progress_interval, sum(t.estimate for t in todo))
+            stored = sum(
+                state.rows_stored for key, state in states.items() if key in {(t.schema, t.table) for t in todo}
+            )
+            left = max(sum(t.estimate for t in todo) - stored, 0)
+            self._progress = _Progress(self.progress, self.progress_interval, left)
             for table in todo:
                 if self._stopping:
+                    self._stopped = True
                     break
                 await self._backfill(reader, writer, table, states.get((table.schema, table.table)))
             await reader.commit()
@@ -414,7 +421,10 @@ class Backfill:
                 replace = None
                 self.stats.rows += len(rows)
                 self._progress.add(table.name, len(rows))
-                if done or self._stopping:
+                if done:
+                    break
+                if self._stopping:
+                    self._stopped = True
                     break
                 if self.rows_per_second:
                     throttle_rows += len(rows)
