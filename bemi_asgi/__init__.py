@@ -20,12 +20,14 @@ from .history.fastapi import get_bemi
 from .history.models import Change, FieldChange, Operation
 from .history.revert import RevertPlan, RevertStatement
 from .history.wait import current_lsn
+from .worker.backfill import Backfill
 from .worker.config import TrackingConfig
 from .worker.config import load_config as load_tracking_config
 from .worker.pipeline import Worker
 from .worker.rules import hash_value
 
 __all__ = [
+    "Backfill",
     "Bemi",
     "BemiConnection",
     "BemiContextError",

@@ -17,12 +17,14 @@ __all__ = ["Change", "FieldChange", "Operation", "change_from_record"]
 
 
 class Operation(enum.StrEnum):
-    """What happened to the row (TRUNCATE: to every row of the table at once)."""
+    """What happened to the row (TRUNCATE: to every row of the table at once). SNAPSHOT is not a change but a
+    baseline stored by `bemi-asgi backfill`: the row as it was at that position, which is what it then replays as."""
 
     CREATE = "CREATE"
     UPDATE = "UPDATE"
     DELETE = "DELETE"
     TRUNCATE = "TRUNCATE"
+    SNAPSHOT = "SNAPSHOT"
 
 
 class FieldChange(BaseModel):

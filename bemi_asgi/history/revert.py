@@ -23,6 +23,10 @@ names it and its stored value has the redacted form (the marker, 64 hex digits, 
 is refused too, a redacted one is never written. Masked and ignored columns that a reverted UPDATE may have changed
 are left as they are now (the history cannot say whether they changed).
 
+Baselines (SNAPSHOT, stored by `bemi-asgi backfill`) record a row's state, not a change: they are never undone
+(selecting one alone is an error, a selection that includes some leaves them out), and one stored after a selected
+change is no conflict.
+
 Note: TRUNCATE cannot be reverted this way (restore from `table_as_of`), nor changes of tables without a primary key.
 Changes stored by a worker that did not record its rules (before `bemi.tracking_rules` existed) are not checked.
 """
@@ -196,6 +200,15 @@ async def plan_revert(
     """Select the changes, check for conflicts and build the statements (see the module docstring)."""
     selected = await _select(store, chosen)
     description = dict(chosen.description)
+    baselines = sum(item.operation is Operation.SNAPSHOT for item in selected)
+    if baselines:
+        if baselines == len(selected):
+            raise QueryError(
+                "nothing to revert: the selection holds only baselines (SNAPSHOT, stored by bemi-asgi backfill), "
+                "which record a row's state and undo nothing; select the changes to undo instead"
+            )
+        selected = [item for item in selected if item.operation is not Operation.SNAPSHOT]
+        description["baselines_left_out"] = baselines
     for item in selected:
         if item.operation is Operation.TRUNCATE:
             raise QueryError(
@@ -222,7 +235,9 @@ async def plan_revert(
         later = [
             item
             for item in history
-            if (item.commit_lsn, item.ordinal) > (first.commit_lsn, first.ordinal) and item.id not in selected_ids
+            if (item.commit_lsn, item.ordinal) > (first.commit_lsn, first.ordinal)
+            and item.id not in selected_ids
+            and item.operation is not Operation.SNAPSHOT
         ]
         if later:
             conflicts.append(

@@ -293,7 +293,12 @@ def migration_sql(
             if part == "destination" and partition_by_month and not down:
                 # The partitioned table first; destination_up.sql then adds the indexes and the worker's state.
                 scripts.append(_render(load_sql("destination_partitioned_up.sql"), values))
+            if part == "destination" and down:
+                scripts.append(load_sql("destination_backfill_down.sql"))
             scripts.append(_render(load_sql(f"{part}_{'down' if down else 'up'}.sql"), values))
+            if part == "destination" and not down:
+                # Baselines (operation SNAPSHOT) and the progress of `bemi-asgi backfill`.
+                scripts.append(load_sql("destination_backfill_up.sql"))
     return "\n".join(script.rstrip("\n") + "\n" for script in scripts)
 
 
