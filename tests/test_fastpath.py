@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import traceback
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,13 +21,13 @@ from bemi_asgi.ops.migration import load_sql
 from bemi_asgi.worker.destination import BinaryCopy, Destination
 from bemi_asgi.worker.fastpath import RowCodec
 from bemi_asgi.worker.options import Options
-from bemi_asgi.worker.pgoutput import UNCHANGED, Delete, Insert, Relation, Update, decode
+from bemi_asgi.worker.pgoutput import UNCHANGED, Column, Delete, Insert, Relation, Update, decode
 from bemi_asgi.worker.progress import Progress, WorkerStats
 from bemi_asgi.worker.reader import Reader
 from bemi_asgi.worker.relations import Relations
 from bemi_asgi.worker.spill import PendingChange
 from bemi_asgi.worker.stream import SourceCatalog
-from bemi_asgi.worker.values import RULE_NAMES
+from bemi_asgi.worker.values import RULE_NAMES, column_rule
 from bemi_asgi.worker.writer import CommitQueue
 
 SCHEMA = r"""
@@ -332,3 +333,18 @@ async def test_malformed_row_changes_are_reported_as_decode_errors(database: str
         reader.close()
     finally:
         await catalog.close()
+
+
+def test_a_traceback_through_a_generated_reader_shows_its_source() -> None:
+    """The generated readers are registered with linecache: a traceback through one shows the rule's line."""
+    codec = RowCodec([Column(True, "id", 20, -1)], [column_rule(20)], [0], 0)
+    read = codec._row  # type: ignore[attr-defined]
+    try:
+        read(b"\x00\x01t\x00\x00\x00\x02\xff\xfe", 0)  # invalid UTF-8: the rule's decode raises
+    except UnicodeDecodeError as exc:
+        shown = "".join(traceback.format_exception(exc))
+    else:
+        raise AssertionError("the reader accepted invalid UTF-8")
+    assert "fastpath reader" in shown
+    assert "text = r0.decode()" in shown
+    assert "text = r0.decode()" in codec.source

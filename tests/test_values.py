@@ -299,3 +299,11 @@ def test_clean_json_replaces_only_what_jsonb_refuses() -> None:
         r'"n": 1.000000000000000000001}'
     )
     assert clean_json('["\x00", "\ud800"]') == '["\ufffd", "\ufffd"]'
+
+
+def test_clean_json_for_a_destination_in_another_encoding() -> None:
+    """For a LATIN1 destination, characters it lacks become '?' (it lacks U+FFFD too), raw or escaped; those it
+    has, and every number, stay."""
+    text = r'{"a": "é \u00e9 🙂 \ud83d\ude42 \u2603", "n": 1.000000000000000000001}'
+    assert clean_json(text, "iso8859-1") == r'{"a": "é \u00e9 ? ? ?", "n": 1.000000000000000000001}'
+    assert clean_json(text, "cp1252") == r'{"a": "é \u00e9 ? ? ?", "n": 1.000000000000000000001}'

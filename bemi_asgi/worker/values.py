@@ -38,6 +38,7 @@ replication connection, which keeps timestamptz on the rule's first branch (any 
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import linecache
@@ -219,12 +220,47 @@ def _unstorable_escape(match: re.Match[str]) -> str:
     return "\\ufffd" if match[1] is not None else match[0]
 
 
-def clean_json(text: str) -> str:
+# Any escape in JSON text: a surrogate pair (groups 1, 2), another \\u escape (group 3), or another escape.
+_ANY_ESCAPE: Final = re.compile(
+    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|.)", re.DOTALL
+)
+
+
+def clean_json(text: str, encoding: str = "utf-8") -> str:
     """Valid JSON text with what jsonb cannot store replaced by U+FFFD: the escapes \\u0000 and unpaired
-    surrogates, and NUL or surrogate characters. Numbers and everything else stay as they are."""
+    surrogates, and NUL or surrogate characters. Numbers and everything else stay as they are.
+
+    For a destination database whose `encoding` (a Python codec) is not UTF-8, characters it cannot hold, raw or
+    escaped, are replaced too: by U+FFFD where it has that character, else by '?'."""
     if "\\u" in text:
         text = _JSON_ESCAPE.sub(_unstorable_escape, text)
-    return _UNSTORABLE.sub("\ufffd", text)
+    text = _UNSTORABLE.sub("\ufffd", text)
+    if codecs.lookup(encoding).name == "utf-8":
+        return text
+    replacement = "\ufffd" if _encodable("\ufffd", encoding) else "?"
+
+    def escape(match: re.Match[str]) -> str:
+        if match[1] is not None:
+            char = chr(0x10000 + ((int(match[1], 16) - 0xD800) << 10) + int(match[2], 16) - 0xDC00)
+        elif match[3] is not None:
+            char = chr(int(match[3], 16))
+        else:
+            return match[0]
+        return match[0] if _encodable(char, encoding) else replacement
+
+    if "\\u" in text:
+        text = _ANY_ESCAPE.sub(escape, text)
+    if not _encodable(text, encoding):
+        text = "".join(char if _encodable(char, encoding) else replacement for char in text)
+    return text
+
+
+def _encodable(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json(text: str) -> str:

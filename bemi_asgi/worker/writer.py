@@ -9,6 +9,7 @@ told.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from typing import Final, Protocol
 
 import asyncpg
 
-from .destination import BinaryCopy, ChangeRecord, Destination
+from .destination import COLUMNS, BinaryCopy, ChangeRecord, Destination
 from .options import Options
 from .progress import Progress
 from .spill import TransactionBuffer
@@ -164,10 +165,12 @@ class Writer:
                 records = chain.from_iterable(item.records(database) for item in batch)
                 await destination.write(slot, records, batch[-1].commit_lsn)
         except (asyncpg.DataError, UnicodeEncodeError) as exc:
-            # A value jsonb refuses: store the batch again with such characters replaced rather than stop capturing.
+            # A value jsonb refuses (or a character the destination's encoding lacks): store the batch again with
+            # such characters replaced rather than stop capturing.
             logger.warning("a row needs cleaning before it can be stored as jsonb (%s)", " ".join(str(exc).split()))
             records = chain.from_iterable(item.records(database) for item in batch)
-            await destination.write(slot, map(_jsonb_safe_record, records), batch[-1].commit_lsn)
+            clean = functools.partial(_jsonb_safe_record, encoding=destination.encoding)
+            await destination.write(slot, map(clean, records), batch[-1].commit_lsn)
 
 
 def _binary_copy(batch: list[Committed], database: str) -> Iterator[bytes]:
@@ -187,12 +190,14 @@ def _binary_copy(batch: list[Committed], database: str) -> Iterator[bytes]:
     yield copy.end()
 
 
-def _jsonb_safe_record(record: ChangeRecord) -> ChangeRecord:
-    """`record` with its JSON columns rid of what jsonb cannot hold (NUL characters, lone surrogates, and their
-    escapes become U+FFFD), numbers untouched. Only used to retry a batch the destination refused."""
-    key, before, after, context, *rest = record
-    return (key, _jsonb_safe_text(before), _jsonb_safe_text(after), _jsonb_safe_text(context), *rest)
+def _jsonb_safe_record(record: ChangeRecord, encoding: str) -> ChangeRecord:
+    """`record` with its text rid of what the destination cannot hold (`values.clean_json`; also the key, schema
+    and table names), numbers untouched. Only used to retry a batch the destination refused."""
+    return tuple(
+        value if not isinstance(value, str) else clean_json(value, encoding) if column in _JSON_COLUMNS
+        else value.encode(encoding, errors="replace").decode(encoding)
+        for column, value in zip(COLUMNS, record, strict=True)
+    )  # fmt: skip
 
 
-def _jsonb_safe_text(text: object) -> object:
-    return clean_json(text) if isinstance(text, str) else text
+_JSON_COLUMNS: Final = frozenset(("before", "after", "context"))
