@@ -60,7 +60,7 @@ class Worker:
     seconds between status updates; `progress` the stream for a progress line every `progress_interval` seconds
     (None: quiet).
 
-    `tracking` (see `bemi_asgi._config.load_config`) leaves tables out, ignores, masks or hashes columns before
+    `tracking` (see `bemi_asgi.worker.config.load_config`) leaves tables out, ignores, masks or hashes columns before
     anything is written, and drops no-op updates; transactions under `skip_tracking()` are dropped unless it says
     `honor_skip = false`.
     """
