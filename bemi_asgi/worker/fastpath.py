@@ -36,7 +36,7 @@ from .pgoutput import (
     Unchanged,
 )
 from .stream import XLOG_HEADER_SIZE
-from .values import RULE_NAMES, ColumnRule, compile_source, encode_json, json_encoder
+from .values import RULE_NAMES, ColumnRule, compile_source, encode_json, json_string
 
 __all__ = ["FastChange", "RowCodec"]
 
@@ -46,8 +46,7 @@ _Raw: TypeAlias = "bytes | Unchanged | None"
 
 _i16: Final = struct.Struct("!h").unpack_from
 _u32: Final = struct.Struct("!I").unpack_from
-_escape: Final = RULE_NAMES["_string"]
-_encoder: Final = json_encoder
+_escape: Final = json_string
 
 # Where things are in a row change frame: the message type, its first tuple marker, and its first tuple.
 _KIND_AT: Final = XLOG_HEADER_SIZE

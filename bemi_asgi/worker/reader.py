@@ -9,7 +9,6 @@ queue. The reader also sends the periodic status updates, and stops when asked o
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,13 +23,12 @@ from .relations import Relations
 from .rules import is_skip_context
 from .spill import TransactionBuffer
 from .stitching import context_json
-from .stream import KEEPALIVE, XLOG_HEADER_SIZE, Keepalive, parse_frame
+from .stream import KEEPALIVE, XLOG_HEADER_SIZE, Keepalive, parse_frame, xlog_start_lsn
 from .writer import CommitQueue, Committed
 
 __all__ = ["Reader"]
 
 _ROW_CHANGES: Final = frozenset((INSERT, UPDATE, DELETE))
-_start_lsn: Final = struct.Struct(">Q").unpack_from  # an XLogData frame's start LSN, after its type byte
 _EMPTY: Final = "{}"
 
 
@@ -117,7 +115,7 @@ class Reader:
             elif type(message) is Relation:
                 await self._relations.add(message)
             elif type(message) is Truncate:
-                self._truncate(message, _start_lsn(data, 1)[0])
+                self._truncate(message, xlog_start_lsn(data))
             # Type and Origin messages carry nothing the changes need.
 
     def _row_change(self, data: bytes) -> None:
@@ -129,7 +127,7 @@ class Reader:
             return
         rel, (key, before, after, operation) = found
         current.ordinal += 1
-        current.buffer.append((key, before, after, rel.schema, rel.table, operation, _start_lsn(data, 1)[0],
+        current.buffer.append((key, before, after, rel.schema, rel.table, operation, xlog_start_lsn(data),
                                current.ordinal))  # fmt: skip
 
     def _keepalive(self, frame: memoryview) -> None:

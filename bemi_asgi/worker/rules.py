@@ -29,12 +29,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
-from typing import Protocol
+from typing import Final, Protocol
 
 from .._exceptions import ConfigError
 from ..capture.context import SKIP_KEY
 from .config import DEFAULT_HASH_KEY_ENV, ColumnRules, TrackingConfig
 from .pgoutput import UNCHANGED, Column, Value
+from .values import json_string
 
 __all__ = [
     "SKIP_KEY",
@@ -91,7 +92,7 @@ def is_skip_context(content: bytes, text: str) -> bool:
 
 
 #: A masked or hashed value's JSON: the marker or the hash as a string, whatever the column type.
-_as_string: Callable[[str], str] = json.encoder.encode_basestring
+_as_string: Final = json_string
 
 
 def _masked(marker: str, _text: str) -> str:

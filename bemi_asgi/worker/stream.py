@@ -36,6 +36,7 @@ __all__ = [
     "XLogData",
     "parse_frame",
     "status_update",
+    "xlog_start_lsn",
 ]
 
 #: Session settings for the walsender: pgoutput prints values with them, and the decoder expects UTC timestamps,
@@ -54,6 +55,13 @@ _KEEPALIVE = struct.Struct(">Qq?")  # end of WAL sent, server clock, reply reque
 XLOG_DATA, KEEPALIVE = b"wk"
 #: An XLogData frame's pgoutput message starts after its type byte and header (its start LSN comes first).
 XLOG_HEADER_SIZE = 1 + _XLOG_HEADER.size
+_start_lsn = struct.Struct(">Q").unpack_from
+
+
+def xlog_start_lsn(frame: bytes) -> int:
+    """The start LSN of an XLogData frame: the WAL position of the record its message comes from."""
+    lsn: int = _start_lsn(frame, 1)[0]
+    return lsn
 
 
 @dataclass(frozen=True, slots=True)

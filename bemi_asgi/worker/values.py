@@ -67,6 +67,7 @@ __all__ = [
     "compile_source",
     "converter_for",
     "encode_json",
+    "json_string",
     "object_json",
     "parse_array",
     "row_json",
@@ -94,7 +95,8 @@ ARRAY_ELEMENT_OIDS: Final[dict[int, int]] = {
 }  # fmt: skip
 
 #: A JSON string's text for a str (escaped, non-ASCII kept): the C accelerator when present.
-_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
+json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
+_string: Final = json_string
 
 
 @dataclass(frozen=True, slots=True)
