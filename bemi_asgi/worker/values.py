@@ -492,14 +492,14 @@ def object_json(row: Mapping[str, str | Unchanged]) -> str:
 
 
 def row_to_dict(
-    columns: Sequence[Column], values: Sequence[Value], encoders: Sequence[Callable[[str], object]]
+    columns: Sequence[Column], values: Sequence[Value], converters: Sequence[Callable[[str], object]]
 ) -> dict[str, JSONValue | Unchanged]:
     """One row as {column name: JSON value} through `converter_for`'s converters: NULL -> None, UNCHANGED kept.
 
     A value its converter rejects keeps its text. For tests and inspection; the worker stores `row_json`.
     """
     row: dict[str, JSONValue | Unchanged] = {}
-    for column, value, convert in zip(columns, values, encoders, strict=True):
+    for column, value, convert in zip(columns, values, converters, strict=True):
         if value is None or value is UNCHANGED:
             row[column.name] = value
         else:
