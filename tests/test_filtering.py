@@ -120,7 +120,7 @@ class Rel:
     schema: str
     table: str
     columns: tuple[Column, ...]
-    encoders: tuple[Any, ...]
+    converters: tuple[Any, ...]
     key: tuple[int, ...]
     replica_key: tuple[int, ...]
     ignored: bool = False
@@ -128,16 +128,16 @@ class Rel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def test_filter_relation_remaps_columns_encoders_and_key_positions() -> None:
-    """After filtering, the relation's columns, value encoders and key positions describe the filtered tuple, and
+def test_filter_relation_remaps_columns_converters_and_key_positions() -> None:
+    """After filtering, the relation's columns, converters and key positions describe the filtered tuple, and
     masked or hashed columns are stored as text whatever their type."""
     columns = (Column(True, "updated_at", 1184, -1), *COLUMNS[:4])  # updated_at first: positions shift
     rel = Rel("public", "users", columns, (str, int, str, str, int), (1,), (1, 4))
     filter_relation(filters(ignore_columns=["users.updated_at"], hash_columns=["users.age"]), rel)
     assert [column.name for column in rel.columns] == ["id", "email", "password", "age"]
     assert (rel.key, rel.replica_key) == ((0,), (0, 3))
-    assert rel.encoders[0] is int
-    assert rel.encoders[3]("abc") == '"abc"'  # hashed int column: stored as a JSON string
+    assert rel.converters[0] is int
+    assert rel.converters[3]("abc") == "abc"  # hashed int column: its converter keeps the text
     excluded = Rel("public", "sessions", COLUMNS, (), (0,), (0,))
     filter_relation(filters(exclude=["public.sessions"]), excluded)
     assert excluded.ignored is True

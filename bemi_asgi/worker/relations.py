@@ -40,6 +40,7 @@ from .values import (
     ValueEncoder,
     column_rule,
     encode_json,
+    json_string,
     object_json,
     row_json,
     value_encoder,
@@ -72,7 +73,7 @@ class RelationInfo:
     schema: str
     table: str
     columns: tuple[Column, ...]
-    encoders: tuple[ValueEncoder, ...]  # each column's rule, for the general path
+    converters: tuple[ValueEncoder, ...]  # each column's rule (text -> JSON text), for the general path
     key: tuple[int, ...]  # positions of the primary key columns, in key order; () without a primary key
     replica_key: tuple[int, ...]  # positions the replica identity sends in a key-only old row
     ignored: bool = False  # the worker's own tables, or left out by the tracking configuration
@@ -122,7 +123,7 @@ class RelationInfo:
         return self.primary_key(old, None), object_json(self._old_row(old, message.old_is_key_only)), _EMPTY, "DELETE"
 
     def _row(self, values: tuple[Value, ...]) -> _Row:
-        return row_json(self.columns, values, self.encoders)
+        return row_json(self.columns, values, self.converters)
 
     def _old_row(self, old: tuple[Value, ...], key_only: bool) -> _Row:
         row = self._row(old)
@@ -138,7 +139,7 @@ class RelationInfo:
         changed = [i for i, value in enumerate(new) if value is not UNCHANGED and value != old[i]]
         after = dict(before)
         if changed:
-            columns, encoders = self.columns, self.encoders
+            columns, encoders = self.columns, self.converters
             after.update(
                 row_json([columns[i] for i in changed], [new[i] for i in changed], [encoders[i] for i in changed])
             )
@@ -194,6 +195,12 @@ class Relations:
         if self._filters is not None and not info.ignored:
             # Tracking configuration: leave the table out, or filter its rows (ignored, masked, hashed columns).
             filter_relation(self._filters, info)
+            if info.policy is not None:
+                # A masked or hashed value (the marker, the HMAC) is stored as a string, whatever the column type.
+                converters = list(info.converters)
+                for position, _transform in info.policy.transforms:
+                    converters[position] = json_string
+                info.converters = tuple(converters)
         if info.policy is None and not info.ignored:
             single_key = info.key[0] if len(info.key) == 1 else -1
             info.codec = RowCodec(info.columns, rules, info.key, single_key)

@@ -29,13 +29,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
-from typing import Final, Protocol
+from typing import Any, Protocol
 
 from .._exceptions import ConfigError
 from ..capture.context import SKIP_KEY
 from .config import DEFAULT_HASH_KEY_ENV, ColumnRules, TrackingConfig
 from .pgoutput import UNCHANGED, Column, Value
-from .values import json_string
 
 __all__ = [
     "SKIP_KEY",
@@ -91,8 +90,8 @@ def is_skip_context(content: bytes, text: str) -> bool:
     return isinstance(value, dict) and value.get(SKIP_KEY) is True
 
 
-#: A masked or hashed value's JSON: the marker or the hash as a string, whatever the column type.
-_as_string: Final = json_string
+def _identity(text: str) -> str:
+    return text
 
 
 def _masked(marker: str, _text: str) -> str:
@@ -222,7 +221,7 @@ class _Relation(Protocol):
     schema: str
     table: str
     columns: tuple[Column, ...]
-    encoders: tuple[Callable[[str], str], ...]
+    converters: tuple[Callable[[str], Any], ...]
     key: tuple[int, ...]
     replica_key: tuple[int, ...]
     ignored: bool
@@ -231,7 +230,7 @@ class _Relation(Protocol):
 
 def filter_relation(filters: Filters, rel: _Relation) -> None:
     """Apply the rules to a relation the worker just read: leave it out, or give it a RowPolicy and the columns,
-    value encoders and key positions of the filtered rows. Raises ConfigError for an ignored or masked key column."""
+    converters and key positions of the filtered rows. Raises ConfigError for an ignored or masked key column."""
     if not filters.tracks(rel.schema, rel.table):
         rel.ignored = True
         return
@@ -241,12 +240,12 @@ def filter_relation(filters: Filters, rel: _Relation) -> None:
     policy = filters.policy(rel.schema, rel.table, rel.columns, key_names)
     if policy is None:
         return
-    encoders = [rel.encoders[i] for i in policy.keep] if policy.keep is not None else list(rel.encoders)
+    converters = [rel.converters[i] for i in policy.keep] if policy.keep is not None else list(rel.converters)
     for i, _ in policy.transforms:
-        encoders[i] = _as_string
+        converters[i] = _identity  # the marker or the hash is stored as text, whatever the column type
     rel.policy = policy
     rel.columns = policy.columns
-    rel.encoders = tuple(encoders)
+    rel.converters = tuple(converters)
     rel.key = tuple(position for i in rel.key if (position := policy.position(i)) is not None)
     rel.replica_key = tuple(position for i in rel.replica_key if (position := policy.position(i)) is not None)
 

@@ -353,6 +353,11 @@ class SourceCatalog:
         assert isinstance(names, list)
         return [str(name) for name in names]
 
+    async def current_wal_lsn(self) -> int:
+        row = await (await self._conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")).fetchone()
+        assert row is not None
+        return int(str(row[0]))
+
     async def types(self, oids: list[int]) -> dict[int, TypeInfo]:
         """What the catalog says about these types and those they refer to (domain bases, array elements)."""
         cursor = await self._conn.execute(_TYPES_QUERY, [oids])
@@ -360,8 +365,3 @@ class SourceCatalog:
             int(str(oid)): TypeInfo(int(str(oid)), str(kind), int(str(element)), str(delimiter), int(str(base)))
             for oid, kind, element, delimiter, base in await cursor.fetchall()
         }
-
-    async def current_wal_lsn(self) -> int:
-        row = await (await self._conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")).fetchone()
-        assert row is not None
-        return int(str(row[0]))
