@@ -9,7 +9,8 @@ variant keeps its best round, so a noisy neighbour slows all alike):
 
     baseline       bytes(buf[:1]) per message: the floor of touching each buffer from Python
     decode         bemi_asgi.worker.pgoutput.decode per message
-    decode+values  decode, plus row_to_dict with the columns' converters for each Insert (the worker's full cost)
+    decode+values  decode, plus each Insert's row as stored JSON by the general path (row_json with the columns'
+                   rules, then object_json): the worker's cost when its fast path does not apply
 
 It prints messages/s for each and the ratio of the baseline's time to each variant's.
 """
@@ -27,7 +28,7 @@ import psycopg
 
 from bemi_asgi.ops.postgres import LocalPostgres
 from bemi_asgi.worker.pgoutput import Insert, Relation, decode
-from bemi_asgi.worker.values import converter_for, row_to_dict
+from bemi_asgi.worker.values import ValueEncoder, column_rule, object_json, row_json, value_encoder
 from benchmarks._support import Result
 
 TABLE = """
@@ -79,14 +80,14 @@ def decode_only(buffers: Sequence[memoryview]) -> None:
 
 
 def decode_and_convert(buffers: Sequence[memoryview]) -> None:
-    relations: dict[int, tuple[Relation, list[Callable[[str], object]]]] = {}
+    relations: dict[int, tuple[Relation, list[ValueEncoder]]] = {}
     for buf in buffers:
         message = decode(buf)
         if type(message) is Insert:
-            relation, converters = relations[message.relation_oid]
-            row_to_dict(relation.columns, message.new, converters)  # type: ignore[arg-type]
+            relation, encoders = relations[message.relation_oid]
+            object_json(row_json(relation.columns, message.new, encoders))
         elif type(message) is Relation:
-            relations[message.oid] = (message, [converter_for(c.type_oid) for c in message.columns])
+            relations[message.oid] = (message, [value_encoder(*column_rule(c.type_oid)) for c in message.columns])
 
 
 def measure(rows: int, per_transaction: int, rounds: int) -> tuple[int, dict[str, float]]:

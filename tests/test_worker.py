@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from bemi_asgi import DestinationNotReadyError, SourceNotReadyError
 from bemi_asgi._pgtext import parse_lsn
 from bemi_asgi.worker.pipeline import Worker
 from bemi_asgi.worker.stitching import INVALID_CONTEXT_KEY
 
+from .conftest import PgServer, drop_database
 from .worker_support import DESTINATION_SQL, changes, drain, emit, prepare_source
 
 ITEMS = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, qty int)"
@@ -396,5 +399,43 @@ async def test_json_values_jsonb_cannot_hold_are_stored_cleaned(
     await drain(database)
     stored = changes(database)
     assert [c["after"]["doc"] for c in stored] == [{"a": "x\ufffdy"}, ["\ufffd"], {"ok": "é"}]
-    assert "needs cleaning" in caplog.text
+    assert "needs cleaning" not in caplog.text  # the json rule cleans them: no batch is refused and retried
     assert all(c["context"] == {"user_id": 1} for c in stored)
+
+
+async def test_latin1_source_keeps_non_ascii_values_and_contexts(pg_server: PgServer) -> None:
+    """On a LATIN1 database the worker reads values and names in UTF-8 (it asks for client_encoding UTF8) and
+    decodes `_bemi` payloads in the server's encoding: accented values, an accented column name, a context with
+    `\\u` escapes (as the pool sends) and one written with raw LATIN1 text all arrive intact, and the worker keeps
+    going; a context character the (LATIN1) destination cannot hold is replaced rather than stopping it."""
+    name = f"latin1_{os.getpid()}"
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").format(
+                sql.Identifier(name)
+            )
+        )
+    dsn = pg_server.dsn(name)
+    try:
+        prepare_source(dsn, 'CREATE TABLE café (id int PRIMARY KEY, "prénom" text, doc jsonb)', ["café"])
+        run_sql(
+            dsn,
+            """INSERT INTO café VALUES (1, 'José Ñúñez ÿ', '{"ville": "Zürich", "n": 1.10}')""",
+            context={"user": "Jérôme", "note": "\u00bfqu\u00e9?"},  # json.dumps: \\u escapes, as the pool sends
+        )
+        with psycopg.connect(dsn) as conn:
+            conn.execute("""UPDATE café SET "prénom" = 'Zoë' WHERE id = 1""")
+            conn.execute("""SELECT pg_logical_emit_message(true, '_bemi', '{"user": "Øyvind"}')""")
+        # A context LATIN1 cannot hold (the pool's ASCII JSON can carry any character): stored with '?' for it.
+        run_sql(dsn, "DELETE FROM café", context={"user": "Zoë 🙂"})
+        await drain(dsn)
+        await drain(dsn)  # a second run resumes: nothing stopped it
+        stored = changes(f"{dsn}?client_encoding=UTF8")  # psycopg reads jsonb as UTF-8 whatever the encoding
+        assert [(c["table"], c["operation"], c["after"], c["context"]) for c in stored] == [
+            ("café", "CREATE", {"id": 1, "prénom": "José Ñúñez ÿ", "doc": {"ville": "Zürich", "n": 1.10}},
+             {"user": "Jérôme", "note": "¿qué?"}),
+            ("café", "UPDATE", {"id": 1, "prénom": "Zoë", "doc": {"ville": "Zürich", "n": 1.10}}, {"user": "Øyvind"}),
+            ("café", "DELETE", {}, {"user": "Zoë ?"}),
+        ]  # fmt: skip
+    finally:
+        drop_database(pg_server.admin_dsn, name)

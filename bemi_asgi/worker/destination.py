@@ -22,6 +22,7 @@ import asyncpg
 from .._changes_table import TYPES, WRITTEN
 from .._exceptions import DestinationNotReadyError
 from .spill import PendingChange
+from .stream import python_encoding
 
 __all__ = ["BINARY_COLUMNS", "COLUMNS", "BinaryCopy", "ChangeRecord", "Destination"]
 
@@ -146,10 +147,12 @@ class BinaryCopy:
 class Destination:
     """One asyncpg connection to the destination database."""
 
-    def __init__(self, conn: asyncpg.Connection, *, binary: bool = False) -> None:
+    def __init__(self, conn: asyncpg.Connection, *, binary: bool = False, encoding: str = "utf-8") -> None:
         self._conn = conn
         #: Whether `bemi.changes` has the migration's column types, which `write_binary`'s stream needs.
         self.binary = binary
+        #: The destination server's encoding, as a Python codec: what its jsonb can hold.
+        self.encoding = encoding
 
     @classmethod
     async def connect(cls, dsn: str) -> Destination:
@@ -164,6 +167,7 @@ class Destination:
                 "SELECT attname::text AS name, format_type(atttypid, NULL) AS type FROM pg_attribute"
                 " WHERE attrelid = to_regclass('bemi.changes') AND attnum > 0 AND NOT attisdropped"
             )
+            encoding = python_encoding(await conn.fetchval("SELECT current_setting('server_encoding')"))
         except BaseException:
             await conn.close()
             raise
@@ -175,7 +179,7 @@ class Destination:
                 "(migrations_sql/destination_up.sql) on the destination database"
             )
         found = {row["name"]: row["type"] for row in types}
-        return cls(conn, binary=all(found.get(name) == kind for name, kind in BINARY_COLUMNS))
+        return cls(conn, binary=all(found.get(name) == kind for name, kind in BINARY_COLUMNS), encoding=encoding)
 
     async def close(self) -> None:
         try:

@@ -24,7 +24,22 @@ from typing import Final, TypeAlias
 from .._exceptions import DecodeError
 
 __all__ = [
+    "BEGIN",
+    "COMMIT",
+    "DELETE",
+    "INSERT",
+    "KEY_TUPLE",
+    "MESSAGE",
+    "NEW_TUPLE",
+    "NULL_VALUE",
+    "OLD_TUPLE",
+    "RELATION",
+    "ROW_RELATION_OFFSET",
+    "ROW_TUPLE_OFFSET",
+    "TEXT_VALUE",
+    "TRUNCATE",
     "UNCHANGED",
+    "UNCHANGED_VALUE",
     "Begin",
     "Column",
     "Commit",
@@ -41,6 +56,17 @@ __all__ = [
     "Value",
     "decode",
 ]
+
+
+# The protocol's bytes, named once (the decoder, the fast path and the pipeline read them).
+#: Message types: a message's first byte.
+BEGIN, COMMIT, ORIGIN, RELATION, TYPE, INSERT, UPDATE, DELETE, TRUNCATE, MESSAGE = b"BCORYIUDTM"
+#: TupleData markers before a row: the new row, the whole old row (REPLICA IDENTITY FULL), the old key only.
+NEW_TUPLE, OLD_TUPLE, KEY_TUPLE = b"NOK"
+#: TupleData column kinds: text value (Int32 length, then the text), NULL, unchanged TOAST value, binary value.
+TEXT_VALUE, NULL_VALUE, UNCHANGED_VALUE, BINARY_VALUE = b"tnub"
+#: In an Insert, Update or Delete message: where the relation OID (Int32) is, and the first tuple marker.
+ROW_RELATION_OFFSET, ROW_TUPLE_OFFSET = 1, 5
 
 
 class Unchanged(enum.Enum):
@@ -154,8 +180,8 @@ _truncate_head: Final = struct.Struct("!IB").unpack_from
 _message_head: Final = struct.Struct("!BQ").unpack_from
 
 _NAMES: Final = {
-    ord("B"): "Begin", ord("C"): "Commit", ord("O"): "Origin", ord("R"): "Relation", ord("Y"): "Type",
-    ord("I"): "Insert", ord("U"): "Update", ord("D"): "Delete", ord("T"): "Truncate", ord("M"): "Message",
+    BEGIN: "Begin", COMMIT: "Commit", ORIGIN: "Origin", RELATION: "Relation", TYPE: "Type",
+    INSERT: "Insert", UPDATE: "Update", DELETE: "Delete", TRUNCATE: "Truncate", MESSAGE: "Message",
 }  # fmt: skip
 
 
@@ -177,18 +203,18 @@ def _tuple(data: bytes, pos: int) -> tuple[tuple[Value, ...], int]:
     append = values.append
     for _ in range(count):
         kind = data[pos]
-        if kind == 116:  # 't': Int32 length, then the text
+        if kind == TEXT_VALUE:
             (length,) = _u32(data, pos + 1)
             start = pos + 5
             pos = start + length
             append(data[start:pos].decode())
-        elif kind == 110:  # 'n': NULL
+        elif kind == NULL_VALUE:
             append(None)
             pos += 1
-        elif kind == 117:  # 'u': unchanged TOASTed value
+        elif kind == UNCHANGED_VALUE:
             append(UNCHANGED)
             pos += 1
-        elif kind == 98:  # 'b'
+        elif kind == BINARY_VALUE:
             raise DecodeError(
                 f"binary-format column value at offset {pos}: request the stream in text format "
                 "(do not pass binary 'true')"
@@ -244,10 +270,10 @@ def _decode_type(data: bytes) -> Type:
 
 
 def _decode_insert(data: bytes) -> Insert:
-    (relation_oid,) = _u32(data, 1)
-    if data[5] != 78:  # 'N'
+    (relation_oid,) = _u32(data, ROW_RELATION_OFFSET)
+    if data[ROW_TUPLE_OFFSET] != NEW_TUPLE:
         raise DecodeError(f"expected 'N' (new tuple) at offset 5, got {data[5:6]!r}")
-    new, pos = _tuple(data, 6)
+    new, pos = _tuple(data, ROW_TUPLE_OFFSET + 1)
     if pos != len(data):
         _end(data, pos)
     # The hottest constructor: setting the slots directly skips the frozen __init__'s object.__setattr__ calls.
@@ -263,29 +289,29 @@ _set_insert_new: Final[Callable[[Insert, tuple[Value, ...]], None]] = vars(Inser
 
 
 def _decode_update(data: bytes) -> Update:
-    (relation_oid,) = _u32(data, 1)
-    kind = data[5]
+    (relation_oid,) = _u32(data, ROW_RELATION_OFFSET)
+    kind = data[ROW_TUPLE_OFFSET]
     old: tuple[Value, ...] | None = None
-    pos = 5
-    if kind == 75 or kind == 79:  # 'K' key columns or 'O' the whole old row
-        old, pos = _tuple(data, 6)
+    pos = ROW_TUPLE_OFFSET
+    if kind in (KEY_TUPLE, OLD_TUPLE):
+        old, pos = _tuple(data, ROW_TUPLE_OFFSET + 1)
         kind = data[pos]
-    if kind != 78:
+    if kind != NEW_TUPLE:
         raise DecodeError(f"expected 'K', 'O' or 'N' tuple marker at offset {pos}, got {data[pos : pos + 1]!r}")
     new, pos = _tuple(data, pos + 1)
     if pos != len(data):
         _end(data, pos)
-    return Update(relation_oid, old, new, data[5] == 75)
+    return Update(relation_oid, old, new, data[ROW_TUPLE_OFFSET] == KEY_TUPLE)
 
 
 def _decode_delete(data: bytes) -> Delete:
-    (relation_oid,) = _u32(data, 1)
-    kind = data[5]
-    if kind != 75 and kind != 79:
+    (relation_oid,) = _u32(data, ROW_RELATION_OFFSET)
+    kind = data[ROW_TUPLE_OFFSET]
+    if kind not in (KEY_TUPLE, OLD_TUPLE):
         raise DecodeError(f"expected 'K' or 'O' tuple marker at offset 5, got {data[5:6]!r}")
-    old, pos = _tuple(data, 6)
+    old, pos = _tuple(data, ROW_TUPLE_OFFSET + 1)
     _end(data, pos)
-    return Delete(relation_oid, old, kind == 75)
+    return Delete(relation_oid, old, kind == KEY_TUPLE)
 
 
 def _decode_truncate(data: bytes) -> Truncate:
@@ -315,16 +341,16 @@ def _end(data: bytes, pos: int) -> None:
 
 
 _DECODERS: Final[dict[int, Callable[[bytes], PgOutputMessage]]] = {
-    ord("B"): _decode_begin,
-    ord("C"): _decode_commit,
-    ord("O"): _decode_origin,
-    ord("R"): _decode_relation,
-    ord("Y"): _decode_type,
-    ord("I"): _decode_insert,
-    ord("U"): _decode_update,
-    ord("D"): _decode_delete,
-    ord("T"): _decode_truncate,
-    ord("M"): _decode_message,
+    BEGIN: _decode_begin,
+    COMMIT: _decode_commit,
+    ORIGIN: _decode_origin,
+    RELATION: _decode_relation,
+    TYPE: _decode_type,
+    INSERT: _decode_insert,
+    UPDATE: _decode_update,
+    DELETE: _decode_delete,
+    TRUNCATE: _decode_truncate,
+    MESSAGE: _decode_message,
 }
 
 

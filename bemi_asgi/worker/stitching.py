@@ -41,16 +41,18 @@ def segment_contexts(message_contexts: Sequence[str]) -> list[str]:
     return [*message_contexts, trailing]
 
 
-def context_json(content: bytes) -> str:
+def context_json(content: bytes, encoding: str = "utf-8") -> str:
     """The JSON object text to store for one `_bemi` message payload.
 
-    A payload that is not UTF-8 JSON holding an object, or holds something `jsonb` refuses (NaN, NUL characters,
-    lone surrogates), becomes `{"_bemi_invalid_context": "<the payload as text>"}` so it stays visible.
+    The payload is text in the source server's `encoding` (pgoutput sends message contents as they were written;
+    the pool's are ASCII, so any encoding reads them). A payload that is not JSON text holding an object, or holds
+    something `jsonb` refuses (NaN, NUL characters, lone surrogates), becomes
+    `{"_bemi_invalid_context": "<the payload as text>"}` so it stays visible.
     """
     try:
-        text = content.decode("utf-8")
+        text = content.decode(encoding)
     except UnicodeDecodeError:
-        text = content.decode("utf-8", errors="replace")
+        text = content.decode(encoding, errors="replace")
         return json.dumps({INVALID_CONTEXT_KEY: text.replace("\x00", "\ufffd")}, ensure_ascii=False)
     try:
         value = _decode(text)

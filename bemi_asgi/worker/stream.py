@@ -19,30 +19,50 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors, sql
+from psycopg._encodings import pg2pyenc
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import ConnStatus, ExecStatus
 
 from .._exceptions import SourceNotReadyError
 from .._pgtext import format_lsn
+from .values import TypeInfo
 
 __all__ = [
+    "KEEPALIVE",
+    "XLOG_DATA",
+    "XLOG_HEADER_SIZE",
     "Keepalive",
     "ReplicationStream",
     "SourceCatalog",
     "XLogData",
     "parse_frame",
     "status_update",
+    "xlog_start_lsn",
 ]
 
 #: Session settings for the walsender: pgoutput prints values with them, and the decoder expects UTC timestamps,
 #: ISO dates and hex bytea whatever the server's or the role's defaults say.
 SESSION_OPTIONS = "-c timezone=UTC -c datestyle=ISO,MDY -c intervalstyle=postgres -c bytea_output=hex"
+#: Values, names and prefixes arrive in UTF-8 whatever the server's encoding (the walsender converts them).
+CLIENT_ENCODING = "UTF8"
 
 # PostgreSQL's clock starts at 2000-01-01 UTC; status updates carry microseconds since then.
 _PG_EPOCH_OFFSET_US = 946_684_800 * 1_000_000
 _STATUS = struct.Struct(">cQQQqB")
 _XLOG_HEADER = struct.Struct(">QQq")  # start LSN, end of WAL on the server, server clock
 _KEEPALIVE = struct.Struct(">Qq?")  # end of WAL sent, server clock, reply requested
+
+#: A frame's first byte: XLogData ('w': a pgoutput message) or a primary keepalive ('k').
+XLOG_DATA, KEEPALIVE = b"wk"
+#: An XLogData frame's pgoutput message starts after its type byte and header (its start LSN comes first).
+XLOG_HEADER_SIZE = 1 + _XLOG_HEADER.size
+_start_lsn = struct.Struct(">Q").unpack_from
+
+
+def xlog_start_lsn(frame: bytes) -> int:
+    """The start LSN of an XLogData frame: the WAL position of the record its message comes from."""
+    lsn: int = _start_lsn(frame, 1)[0]
+    return lsn
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +85,10 @@ class Keepalive:
 def parse_frame(data: memoryview) -> XLogData | Keepalive:
     """Split one CopyData frame of the replication stream into its header and payload."""
     kind = data[0]
-    if kind == 0x77:  # 'w'
+    if kind == XLOG_DATA:
         start, end, _clock = _XLOG_HEADER.unpack_from(data, 1)
-        return XLogData(start, end, data[25:])
-    if kind == 0x6B:  # 'k'
+        return XLogData(start, end, data[XLOG_HEADER_SIZE:])
+    if kind == KEEPALIVE:
         wal_end, _clock, reply = _KEEPALIVE.unpack_from(data, 1)
         return Keepalive(wal_end, reply)
     raise psycopg.OperationalError(f"unexpected replication frame type {bytes([kind])!r}")
@@ -86,7 +106,7 @@ def _with_session_options(dsn: str, **extra: str) -> str:
     relies on them)."""
     params = conninfo_to_dict(dsn)
     options = f"{params.get('options') or ''} {SESSION_OPTIONS}".strip()
-    return make_conninfo(dsn, options=options, **extra)
+    return make_conninfo(dsn, options=options, client_encoding=CLIENT_ENCODING, **extra)
 
 
 class ReplicationStream:
@@ -214,6 +234,36 @@ class SourceInfo:
     database: str
     server_version: int
     confirmed_flush_lsn: int  # the slot's: where streaming resumes
+    encoding: str = "utf-8"  # the server's encoding as a Python codec: logical message contents arrive in it
+
+
+def python_encoding(server_encoding: str) -> str:
+    """The Python codec for a PostgreSQL server encoding; UTF-8 for SQL_ASCII (bytes of no declared encoding) and
+    for an encoding Python lacks."""
+    if server_encoding.upper() in ("UTF8", "SQL_ASCII"):
+        return "utf-8"
+    try:
+        return pg2pyenc(server_encoding.encode())
+    except psycopg.NotSupportedError:
+        return "utf-8"
+
+
+# Every type reachable from the given ones through domains and arrays: kind, array element and its delimiter,
+# domain base.
+_TYPES_QUERY = """
+WITH RECURSIVE wanted(oid) AS (
+    SELECT unnest(%s::oid[])
+    UNION
+    SELECT next.oid FROM wanted JOIN pg_type t ON t.oid = wanted.oid,
+        LATERAL (VALUES (t.typbasetype),
+                        (CASE WHEN t.typsubscript = 'array_subscript_handler'::regproc THEN t.typelem END)) next(oid)
+    WHERE next.oid IS NOT NULL AND next.oid <> 0
+)
+SELECT t.oid::bigint, t.typtype::text,
+       CASE WHEN t.typsubscript = 'array_subscript_handler'::regproc THEN t.typelem ELSE 0 END::bigint,
+       coalesce(e.typdelim, ',')::text, t.typbasetype::bigint
+FROM wanted JOIN pg_type t ON t.oid = wanted.oid LEFT JOIN pg_type e ON e.oid = t.typelem
+"""
 
 
 class SourceCatalog:
@@ -237,12 +287,12 @@ class SourceCatalog:
         row = await (
             await self._conn.execute(
                 "SELECT current_setting('wal_level'), current_database(), current_setting('server_version_num')::int,"
-                " (SELECT count(*) FROM pg_publication WHERE pubname = %s)",
+                " (SELECT count(*) FROM pg_publication WHERE pubname = %s), current_setting('server_encoding')",
                 [publication],
             )
         ).fetchone()
         assert row is not None
-        wal_level, database, version, publications = row
+        wal_level, database, version, publications, encoding = row
         if wal_level != "logical":
             raise SourceNotReadyError(
                 f"the source database has wal_level={wal_level}; change capture needs wal_level=logical: "
@@ -280,7 +330,7 @@ class SourceCatalog:
         if slot_row is None:
             slot_row = await (await self._conn.execute(slot_query, [slot])).fetchone()
             assert slot_row is not None
-        return SourceInfo(str(database), int(str(version)), int(str(slot_row[2])))
+        return SourceInfo(str(database), int(str(version)), int(str(slot_row[2])), python_encoding(str(encoding)))
 
     async def primary_key(self, relation_oid: int) -> list[str] | None:
         """The relation's primary key column names in key order; None when the relation no longer exists,
@@ -314,3 +364,11 @@ class SourceCatalog:
         row = await (await self._conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")).fetchone()
         assert row is not None
         return int(str(row[0]))
+
+    async def types(self, oids: list[int]) -> dict[int, TypeInfo]:
+        """What the catalog says about these types and those they refer to (domain bases, array elements)."""
+        cursor = await self._conn.execute(_TYPES_QUERY, [oids])
+        return {
+            int(str(oid)): TypeInfo(int(str(oid)), str(kind), int(str(element)), str(delimiter), int(str(base)))
+            for oid, kind, element, delimiter, base in await cursor.fetchall()
+        }
