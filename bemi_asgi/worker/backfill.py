@@ -25,9 +25,9 @@ memory is bounded by two pages and a killed run resumes after the last page stor
 snapshot (an exported snapshot dies with its transaction): each row's baseline is its state at one exact WAL
 position, the snapshot of the run that stored it, and a table is wholly known from the last of its runs' positions.
 
-Rows are converted and filtered exactly as the worker does (`values.converter_for`, `rules.filter_relation`), from
-the same text PostgreSQL prints for the stream (the session uses the walsender's settings), so a baseline stores
-what a CREATE of the same row would.
+Each row goes through the worker's own code as the Insert message the stream would carry for it (a `Relation`
+read by `relations.Relations`: primary key, tracking rules, value rules, fast path), from the same text PostgreSQL
+prints for the stream (the session uses the walsender's settings), so a baseline stores what a CREATE would.
 
 Note: tables without a primary key are skipped (their rows have no identity a history could be found by, and
 paging them consistently across runs is not possible). A table whose primary key is hashed keeps no last key in
@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import struct
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -58,12 +57,12 @@ from .._exceptions import ConfigError, DestinationNotReadyError, SourceNotReadyE
 from .._pgtext import format_lsn, parse_lsn
 from .config import TrackingConfig
 from .destination import BINARY_COLUMNS, COLUMNS, BinaryCopy, ChangeRecord
-from .fastpath import RowCodec
-from .pgoutput import Column, Value
-from .rules import Filters, RowPolicy, filter_relation
+from .pgoutput import INSERT, NEW_TUPLE, NULL_VALUE, TEXT_VALUE, Column, Relation
+from .relations import RelationInfo, Relations
+from .rules import Filters
 from .spill import PendingChange
-from .stream import _with_session_options
-from .values import JSONValue, converter_for, encode_json, row_to_dict
+from .stream import XLOG_HEADER_SIZE, SourceCatalog, _with_session_options
+from .values import clean_json, encode_json
 
 __all__ = ["BASELINE_CONTEXT_KEY", "FIRST_ORDINAL", "SNAPSHOT", "Backfill", "BackfillStats"]
 
@@ -93,22 +92,18 @@ class BackfillStats:
 
 @dataclass(slots=True)
 class _Table:
-    """One table to backfill: what the stream sends of it, its key, and the rules' view of it."""
+    """One table to backfill: what the stream sends of it, how to page through it, and the worker's view of it."""
 
     schema: str
     table: str
-    columns: tuple[Column, ...]  # as the stream sends them (published, not generated), in column order
-    converters: tuple[Any, ...]
-    key: tuple[int, ...]  # positions of the primary key columns in the filtered row (after rules)
-    replica_key: tuple[int, ...]
+    oid: int
+    read_columns: tuple[Column, ...]  # as the stream sends them (published, not generated), in column order
     key_names: tuple[str, ...]
-    read_columns: tuple[Column, ...]  # the columns as read (before rules cut ignored ones)
     read_key: tuple[int, ...]  # positions of the key columns in the row as read
     estimate: int  # pg_class.reltuples: for progress only
-    ignored: bool = False
-    policy: RowPolicy | None = None
+    #: The worker's own relation: rules, value conversion, fast path; a row becomes the change it would store.
+    relation: RelationInfo
     key_hashed: bool = False
-    codec: RowCodec | None = None  # the worker's fast path, for tables stored as is (no column rules)
 
     @property
     def name(self) -> str:
@@ -321,7 +316,7 @@ class Backfill:
             published = "a.attgenerated = ''"
         cursor = await catalog.execute(
             f"""
-            SELECT n.nspname::text, c.relname::text,
+            SELECT n.nspname::text, c.relname::text, c.oid::int8,
                    array(SELECT array[a.attname::text, a.atttypid::text, a.atttypmod::text] FROM pg_attribute a
                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND {published}
                           ORDER BY a.attnum),
@@ -350,7 +345,8 @@ class Backfill:
             wanted = set(self.tables)
             rows = [row for row in rows if (row[0], row[1]) in wanted]
         tables: list[_Table] = []
-        for schema, table, attributes, key_attributes, estimate in rows:
+        relations = Relations(SourceCatalog(catalog), self.filters)
+        for schema, table, oid, attributes, key_attributes, estimate in rows:
             name = f"{schema}.{table}"
             if not self.filters.tracks(schema, table):
                 self.stats.skipped.append(f"{name}: left out by the tracking configuration")
@@ -364,19 +360,20 @@ class Backfill:
             for key_name in key_names:
                 if key_name not in names:  # a column list leaving the key out: read it anyway, to page by it
                     raise ConfigError(f"{name}: the publication's column list leaves out key column {key_name}")
-            key = tuple(names.index(key_name) for key_name in key_names)
-            info = _Table(
-                schema, table, tuple(columns), tuple(converter_for(column.type_oid) for column in columns),
-                key, key, key_names, tuple(columns), key, int(estimate),
-            )  # fmt: skip
-            # The worker's own rules, through the worker's own function: ignored, masked and hashed columns.
-            filter_relation(self.filters, info)
+            read_key = tuple(names.index(key_name) for key_name in key_names)
+            # The Relation message the stream would send: the worker's own code reads it (primary key, rules,
+            # value conversion, fast path), so a baseline is stored exactly as the worker stores a CREATE.
+            relation = await relations.add(Relation(int(oid), schema, table, "f", tuple(columns)))
+            if relation.ignored:
+                self.stats.skipped.append(f"{name}: left out by the tracking configuration")
+                continue
             rules = self.filters.rules(schema, table)
-            info.key_hashed = any(key_name in rules.hash for key_name in key_names)
-            if info.policy is None:
-                single = info.key[0] if len(info.key) == 1 else -1
-                info.codec = RowCodec(info.columns, info.converters, info.key, single)
-            tables.append(info)
+            key_hashed = any(key_name in rules.hash for key_name in key_names)
+            tables.append(
+                _Table(
+                    schema, table, int(oid), tuple(columns), key_names, read_key, int(estimate), relation, key_hashed
+                )
+            )
         return tables
 
     # -- one table ---------------------------------------------------------------------------------------------
@@ -453,42 +450,29 @@ class _RawLoader(Loader):
         return bytes(data)
 
 
-_FRAME_HEAD: Final = bytes(25) + b"I\x00\x00\x00\x00N"  # an XLogData header, then an Insert's start
 _count: Final = struct.Struct(">h").pack
-_text_head: Final = struct.Struct(">ci").pack
-_NULL: Final = b"n"
+_insert_head: Final = struct.Struct(">BIB").pack  # message type, relation OID, tuple marker
+_text_head: Final = struct.Struct(">Bi").pack  # value kind, length
+_NULL: Final = bytes([NULL_VALUE])
 
 
 def _baselines(table: _Table, rows: Iterable[tuple[bytes | None, ...]]) -> Iterator[PendingChange]:
-    """Each row as the worker would store its CREATE, with the SNAPSHOT operation (ordinals added by the writer).
-
-    A table stored as is goes through the worker's fast path, fed the Insert message the stream would carry for
-    the row; anything it declines, and tables with column rules, take the worker's general path."""
-    columns, converters, key, policy, codec = table.columns, table.converters, table.key, table.policy, table.codec
-    schema, name = table.schema, table.table
-    count = _count(len(table.read_columns))
+    """Each row as the worker would store its CREATE, with the SNAPSHOT operation (ordinals added by the writer):
+    the row goes through the worker's own conversion as the Insert message the stream would carry for it."""
+    relation, schema, name = table.relation, table.schema, table.table
+    head = bytes(XLOG_HEADER_SIZE) + _insert_head(INSERT, table.oid, NEW_TUPLE) + _count(len(table.read_columns))
     for raws in rows:
-        if codec is not None:
-            parts = [_FRAME_HEAD, count]
-            for raw in raws:
-                if raw is None:
-                    parts.append(_NULL)
-                else:
-                    parts.append(_text_head(b"t", len(raw)))
-                    parts.append(raw)
-            fast = codec.change(b"".join(parts))
-            if fast is not None:
-                yield (fast[0], _EMPTY, fast[2], schema, name, SNAPSHOT, 0, 0)
-                continue
-        values = tuple(None if raw is None else raw.decode() for raw in raws)
-        row: tuple[Value, ...] = values if policy is None else policy.row(values)
-        if len(key) == 1:
-            text = row[key[0]]
-            primary_key = text if isinstance(text, str) else None
-        else:
-            primary_key = encode_json([row[i] for i in key])
-        after = encode_json(row_to_dict(columns, row, converters))
-        yield (primary_key, _EMPTY, after, schema, name, SNAPSHOT, 0, 0)
+        parts = [head]
+        for raw in raws:
+            if raw is None:
+                parts.append(_NULL)
+            else:
+                parts.append(_text_head(TEXT_VALUE, len(raw)))
+                parts.append(raw)
+        change = relation.frame_change(b"".join(parts))
+        if change is not None:
+            primary_key, _before, after, _operation = change
+            yield (primary_key, _EMPTY, after, schema, name, SNAPSHOT, 0, 0)
 
 
 # -- destination -------------------------------------------------------------------------------------------------
@@ -619,33 +603,13 @@ class _Writer:
 
     def _record(self, change: PendingChange, queued_at: datetime) -> ChangeRecord:
         key, before, after, schema, table, operation, position, ordinal = change
-        return (key, before, _jsonb_safe(after), self.context, self.database, schema, table, operation,
+        return (key, before, clean_json(after), self.context, self.database, schema, table, operation,
                 self.committed_at, queued_at, 0, position, self.lsn, ordinal)  # fmt: skip
 
 
 async def _stream(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
-
-
-_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
-
-
-def _jsonb_safe(text: str) -> str:
-    """A row's JSON with what jsonb cannot hold (NUL, lone surrogates) replaced by U+FFFD, as the worker does."""
-    if "\\u0000" not in text and text.isascii():
-        return text
-
-    def clean(value: JSONValue) -> JSONValue:
-        if isinstance(value, str):
-            return _UNSTORABLE.sub("\ufffd", value)
-        if isinstance(value, list):
-            return [clean(item) for item in value]
-        if isinstance(value, dict):
-            return {_UNSTORABLE.sub("\ufffd", k): clean(v) for k, v in value.items()}
-        return value
-
-    return encode_json(clean(json.loads(text)))
 
 
 # -- progress ----------------------------------------------------------------------------------------------------

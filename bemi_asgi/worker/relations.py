@@ -95,6 +95,16 @@ class RelationInfo:
             return text if isinstance(text, str) else None
         return encode_json([text if isinstance(text, str) else None for text in texts])
 
+    def frame_change(self, frame: bytes) -> StoredChange | None:
+        """The stored change of this relation's Insert, Update or Delete XLogData frame: the fast path when it takes
+        the frame, else the general one; None when the tracking configuration drops it. Raises DecodeError for a
+        malformed message."""
+        if self.codec is not None and (fast := self.codec.change(frame)) is not None:
+            return fast
+        message = decode(frame[XLOG_HEADER_SIZE:])
+        assert type(message) is Insert or type(message) is Update or type(message) is Delete
+        return self.change(message)
+
     def change(self, message: Insert | Update | Delete) -> StoredChange | None:
         """The general path: the stored change of a decoded message; None when the tracking configuration drops it
         (an update of ignored columns only, or a no-op update)."""
@@ -225,8 +235,8 @@ class Relations:
             if rel is not None:
                 if rel.ignored:
                     return None
-                if rel.codec is not None and (fast := rel.codec.change(frame)) is not None:
-                    return rel, fast
+                change = rel.frame_change(frame)
+                return None if change is None else (rel, change)
         message = decode(frame[XLOG_HEADER_SIZE:])
         assert type(message) is Insert or type(message) is Update or type(message) is Delete
         rel = self._by_oid[message.relation_oid]
