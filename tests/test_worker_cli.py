@@ -10,8 +10,9 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
+from bemi_asgi import SourceNotReadyError, Worker
 from bemi_asgi.cli import app
-from bemi_asgi.ops.postgres import LocalPostgres
+from bemi_asgi.ops.postgres import LocalPostgres, free_port
 
 from .worker_support import DESTINATION_SQL, changes, emit, prepare_source
 
@@ -69,3 +70,55 @@ def test_source_without_logical_wal_level_is_a_clear_error() -> None:
     finally:
         server.stop(mode="immediate")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_start_and_stop_lines_name_the_slot_and_its_position(database: str) -> None:
+    """The first start says it created the slot and where capture starts, a later start that it streams the slot
+    from its position, and each run ends with a stop line; no line shows a position before one was acknowledged."""
+    prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"])
+    first = CliRunner().invoke(app, ["worker", "--until-caught-up", "--slot", "fresh", "--source", database])
+    assert first.exit_code == 0, first.output
+    lines = first.stderr.splitlines()
+    assert lines[0].startswith("bemi-asgi worker: created slot 'fresh' of database "), lines
+    assert lines[-1].startswith("bemi-asgi worker: stopped: 0 changes in 0 transactions stored"), lines
+    assert "flushed 0/0" not in first.stderr
+    assert "lag ?" not in first.stderr
+    with psycopg.connect(database) as conn:
+        conn.execute("INSERT INTO items VALUES (1)")
+    again = CliRunner().invoke(app, ["worker", "--until-caught-up", "--slot", "fresh", "--source", database])
+    assert again.exit_code == 0, again.output
+    assert again.stderr.startswith("bemi-asgi worker: streaming slot 'fresh' of database "), again.stderr
+    assert "stopped: 1 changes in 1 transactions stored, flushed " in again.stderr
+
+
+def test_a_destination_that_refuses_leaves_no_slot_behind(database: str) -> None:
+    """A worker whose destination cannot be used (a database that does not exist) exits 1 at once, in one line,
+    without having created the source's slot."""
+    prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"])
+    missing = database.rsplit("/", 1)[0] + "/no_such_destination"
+    result = CliRunner().invoke(app, ["worker", "--source", database, "--destination", missing, "--slot", "never"])
+    assert result.exit_code == 1, result.output
+    assert "no_such_destination" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'never'").fetchone() == (0,)
+
+
+def test_an_unknown_source_database_stops_the_worker_at_once(database: str) -> None:
+    """Retrying cannot create a database: an unknown source database ends the worker (exit 1, one line) instead
+    of being retried forever."""
+    missing = database.rsplit("/", 1)[0] + "/no_such_source"
+    result = CliRunner().invoke(app, ["worker", "--source", missing])
+    assert result.exit_code == 1, result.output
+    assert 'database "no_such_source" does not exist' in result.stderr
+    assert "retrying" not in result.stderr
+
+
+async def test_until_caught_up_gives_up_after_its_retry_window() -> None:
+    """With `until_caught_up`, a source that keeps refusing connections is retried for `give_up_after` seconds
+    without progress, then SourceNotReadyError says why."""
+    dead = f"postgresql://nobody@127.0.0.1:{free_port()}/app?connect_timeout=2"
+    worker = Worker(dead, max_backoff=0.2)
+    with pytest.raises(SourceNotReadyError, match=r"gave up after .* s of retries without progress"):
+        await worker.run(until_caught_up=True, give_up_after=1.0)
+    assert worker.stats.reconnects >= 1

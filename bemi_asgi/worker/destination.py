@@ -176,7 +176,7 @@ class Destination:
             names = ", ".join(row["name"] for row in missing)
             raise DestinationNotReadyError(
                 f"the destination database lacks {names}: create the tables with `bemi-asgi sql-migration` "
-                "(migrations_sql/destination_up.sql) on the destination database"
+                "(`--only destination` when it is another database) on the destination database"
             )
         found = {row["name"]: row["type"] for row in types}
         return cls(conn, binary=all(found.get(name) == kind for name, kind in BINARY_COLUMNS), encoding=encoding)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from typing import TextIO
 
@@ -27,7 +28,7 @@ import asyncpg
 import psycopg
 
 from .._dsn import check_dsn, redact
-from .._exceptions import BemiError
+from .._exceptions import BemiError, SourceNotReadyError
 from .._pgtext import format_lsn
 from .config import TrackingConfig
 from .destination import Destination
@@ -36,7 +37,7 @@ from .progress import Progress, WorkerStats
 from .reader import Reader
 from .relations import Relations
 from .rules import Filters, check_tables
-from .stream import ReplicationStream, SourceCatalog
+from .stream import ReplicationStream, SourceCatalog, SourceInfo
 from .writer import CommitQueue, Writer
 
 __all__ = ["Worker", "WorkerStats"]
@@ -112,14 +113,19 @@ class Worker:
         if self._stop_event is not None:
             self._stop_event.set()
 
-    async def run(self, *, until_caught_up: bool = False) -> None:
-        """Capture until `stop()`, or with `until_caught_up` until the source's WAL position at start is stored."""
+    async def run(self, *, until_caught_up: bool = False, give_up_after: float | None = 300.0) -> None:
+        """Capture until `stop()`, or with `until_caught_up` until the source's WAL position at start is stored.
+
+        Lost and refused connections are retried with backoff: forever when running as a service, for at most
+        `give_up_after` seconds without progress with `until_caught_up` (then SourceNotReadyError says why).
+        A refused password, an unknown role or database stop it at once: retrying cannot fix them."""
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()
         reporter = asyncio.create_task(self._report_progress()) if self.progress is not None else None
         target: int | None = None
         backoff = initial_backoff = 0.25
+        failing_since: float | None = None
         try:
             while not self._stopping:
                 started, stored_before = time.monotonic(), self.stats.changes
@@ -127,14 +133,20 @@ class Worker:
                     if until_caught_up and target is None:
                         target = await _current_wal_lsn(self.source)
                     await self._session(target)
-                    return
+                    break
                 except Exception as exc:
                     if not _is_transient(exc):
                         raise
-                    if self.stats.changes > stored_before or time.monotonic() - started > 60:
-                        backoff = initial_backoff
-                    self.stats.reconnects += 1
                     reason = redact(_one_line(exc), self.source, self.destination)
+                    now = time.monotonic()
+                    if self.stats.changes > stored_before or now - started > 60:
+                        backoff, failing_since = initial_backoff, None
+                    failing_since = now if failing_since is None else failing_since
+                    if until_caught_up and give_up_after is not None and now - failing_since >= give_up_after:
+                        raise SourceNotReadyError(
+                            f"gave up after {now - failing_since:.0f} s of retries without progress: {reason}"
+                        ) from None
+                    self.stats.reconnects += 1
                     logger.warning("cannot stream right now (%s); retrying in %.1f s", reason, backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
@@ -142,7 +154,9 @@ class Worker:
             if reporter is not None:
                 reporter.cancel()
                 await asyncio.gather(reporter, return_exceptions=True)
-                self._print_progress(await self._lag())
+        stats = self.stats
+        flushed = f", flushed {format_lsn(stats.flushed_lsn)}" if stats.flushed_lsn else ""
+        self._say(f"stopped: {stats.changes:,} changes in {stats.transactions:,} transactions stored{flushed}")
 
     async def _session(self, target: int | None) -> None:
         """One connection lifetime: connect both sides, stream until stopped, caught up or failed."""
@@ -150,14 +164,24 @@ class Worker:
         catalog = await SourceCatalog.connect(self.source)
         try:
             info = await catalog.prepare(slot=options.slot, publication=options.publication)
-            if self._filters is not None and self._filters.config.tables:
-                await check_tables(self.source, options.publication, self._filters)
-            destination = await Destination.connect(self.destination)
             try:
-                if self._filters is not None and self._filters.config.tables:
-                    await destination.record_rules(info.database, self._filters.config.recorded_rules())
-                stored = await destination.last_commit_lsn(options.slot)
-                stream = await ReplicationStream.open(self.source, slot=options.slot, publication=options.publication)
+                destination = await Destination.connect(self.destination)
+            except BaseException:
+                await self._forget_new_slot(catalog, info)
+                raise
+            try:
+                try:
+                    if self._filters is not None and self._filters.config.tables:
+                        await check_tables(self.source, options.publication, self._filters)
+                        await destination.record_rules(info.database, self._filters.config.recorded_rules())
+                    stored = await destination.last_commit_lsn(options.slot)
+                    stream = await ReplicationStream.open(
+                        self.source, slot=options.slot, publication=options.publication
+                    )
+                except BaseException:
+                    await self._forget_new_slot(catalog, info)
+                    raise
+                self._say_started(info)
                 try:
                     progress = Progress(stream, self.stats, target)
                     progress.flushed = max(info.confirmed_flush_lsn, self.stats.flushed_lsn)
@@ -184,6 +208,23 @@ class Worker:
                 await destination.close()
         finally:
             await catalog.close()
+
+    async def _forget_new_slot(self, catalog: SourceCatalog, info: SourceInfo) -> None:
+        """A start that fails before streaming drops the slot it created: a slot nobody reads keeps WAL."""
+        if info.slot_created:
+            with contextlib.suppress(psycopg.Error):
+                await catalog.drop_slot(self.options.slot)
+
+    def _say(self, line: str) -> None:
+        if self.progress is not None:
+            print(f"bemi-asgi worker: {line}", file=self.progress, flush=True)
+
+    def _say_started(self, info: SourceInfo) -> None:
+        slot, position = self.options.slot, format_lsn(info.confirmed_flush_lsn)
+        if info.slot_created:
+            self._say(f"created slot {slot!r} of database {info.database!r} at {position}: capture starts there")
+        else:
+            self._say(f"streaming slot {slot!r} of database {info.database!r} from {position}")
 
     async def _sleep(self, seconds: float) -> None:
         assert self._stop_event is not None
@@ -223,7 +264,8 @@ class Worker:
         parts.append(f"lag {'?' if lag_bytes is None else f'{lag_bytes:,}'} bytes / {lag_seconds:.1f} s")
         last = stats.last_commit_time.isoformat(timespec="seconds") if stats.last_commit_time else "none yet"
         parts.append(f"last commit {last}")
-        parts.append(f"flushed {format_lsn(stats.flushed_lsn)}")
+        if stats.flushed_lsn:  # nothing acknowledged yet: no position to show
+            parts.append(f"flushed {format_lsn(stats.flushed_lsn)}")
         print(", ".join(parts), file=self.progress, flush=True)
 
 
@@ -255,23 +297,38 @@ async def _current_wal_lsn(dsn: str) -> int:
         await catalog.close()
 
 
+#: What libpq reports (from the server's FATAL) when it refuses the login itself: a wrong password, an unknown role
+#: or database, no pg_hba.conf entry. psycopg gives connection failures no SQLSTATE, so the (English) text decides.
+_REFUSED_LOGIN = re.compile(
+    r"password authentication failed|authentication failed for user|role \S+ does not exist"
+    r"|database \S+ does not exist|no pg_hba\.conf entry|password is required|no password supplied"
+)
+
+
 def _is_transient(exc: BaseException) -> bool:
-    """Whether a failure is a lost or refused connection (retry) rather than a setup error or a bug (raise)."""
+    """Whether a failure is a lost or refused connection (retry) rather than a setup error, a refused login or a bug
+    (raise)."""
     if isinstance(exc, BemiError | asyncpg.ClientConfigurationError):  # a DSN asyncpg cannot read stays unreadable
+        return False
+    if isinstance(
+        exc,
+        asyncpg.InvalidPasswordError
+        | asyncpg.InvalidAuthorizationSpecificationError
+        | asyncpg.InvalidCatalogNameError
+        | psycopg.errors.InvalidCatalogName,
+    ) or (isinstance(exc, psycopg.OperationalError) and _REFUSED_LOGIN.search(str(exc))):
         return False
     return isinstance(
         exc,
         OSError
         | TimeoutError
         | psycopg.OperationalError
-        | psycopg.errors.InvalidCatalogName
         | asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
         # Raised instead of a connection error when the server drops the connection between two commands.
         | asyncpg.InternalClientError
         | asyncpg.exceptions.OperatorInterventionError
-        | asyncpg.exceptions.InsufficientResourcesError
-        | asyncpg.exceptions.InvalidCatalogNameError,
+        | asyncpg.exceptions.InsufficientResourcesError,
     )
 
 

@@ -235,6 +235,7 @@ class SourceInfo:
     server_version: int
     confirmed_flush_lsn: int  # the slot's: where streaming resumes
     encoding: str = "utf-8"  # the server's encoding as a Python codec: logical message contents arrive in it
+    slot_created: bool = False  # this start created the slot
 
 
 def python_encoding(server_encoding: str) -> str:
@@ -310,9 +311,11 @@ class SourceCatalog:
             " FROM pg_replication_slots WHERE slot_name = %s"
         )
         slot_row = await (await self._conn.execute(slot_query, [slot])).fetchone()
+        created = False
         if slot_row is None:
             try:
                 await self._conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
+                created = True
             except errors.DuplicateObject:
                 pass  # another worker created it a moment ago
             except errors.ObjectNotInPrerequisiteState as exc:
@@ -330,7 +333,14 @@ class SourceCatalog:
         if slot_row is None:
             slot_row = await (await self._conn.execute(slot_query, [slot])).fetchone()
             assert slot_row is not None
-        return SourceInfo(str(database), int(str(version)), int(str(slot_row[2])), python_encoding(str(encoding)))
+        return SourceInfo(
+            str(database), int(str(version)), int(str(slot_row[2])), python_encoding(str(encoding)), created
+        )
+
+    async def drop_slot(self, slot: str) -> None:
+        """Drop a slot this start created, when the start fails before anything streamed: a new slot nobody reads
+        holds WAL on the source."""
+        await self._conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
 
     async def primary_key(self, relation_oid: int) -> list[str] | None:
         """The relation's primary key column names in key order; None when the relation no longer exists,
