@@ -185,6 +185,7 @@ def _options_text(
 def doctor(
     dsn: Annotated[str, typer.Argument(envvar="BEMI_SOURCE_URL", help="The source database, as a postgresql:// URL.")],
     publication: Annotated[str, typer.Option(envvar="BEMI_PUBLICATION", help="The publication to check.")] = "bemi",
+    slot: Annotated[str, typer.Option(envvar="BEMI_SLOT", help="The worker's replication slot.")] = "bemi",
     max_lag_mb: Annotated[
         float, typer.Option(help="Warn about a replication slot further behind than this many MiB.")
     ] = 1024,
@@ -201,7 +202,7 @@ def doctor(
 
     _check_urls("doctor", source=dsn)
     with _reported("doctor", SourceNotReadyError, psycopg.Error, code=2, urls=[dsn]):
-        findings = check_source(dsn, publication=publication, max_lag_bytes=int(max_lag_mb * 1024 * 1024))
+        findings = check_source(dsn, publication=publication, slot=slot, max_lag_bytes=int(max_lag_mb * 1024 * 1024))
     typer.echo(format_report(findings))
     if any(finding.blocking for finding in findings):
         raise typer.Exit(1)

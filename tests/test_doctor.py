@@ -45,6 +45,43 @@ def test_prepared_database_is_all_good(database: str) -> None:
     assert lines_with(result, "warning") == []
     assert "publication 'bemi' tracks 2 table(s)" in result.stdout
     assert "2 tracked table(s) have REPLICA IDENTITY FULL" in result.stdout
+    assert any(line.startswith("ok       max_replication_slots is ") for line in result.stdout.splitlines())
+    assert any(line.startswith("ok       max_wal_senders is ") for line in result.stdout.splitlines())
+
+
+def test_inactive_worker_slot_is_not_all_good(database: str) -> None:
+    """The worker's slot with nobody streaming it (the worker stopped) is a warning saying nothing is captured,
+    so the verdict is not "All good"."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, migration_sql())
+    apply(database, "SELECT pg_create_logical_replication_slot('bemi', 'pgoutput')")
+    apply(database, "INSERT INTO users SELECT generate_series(1, 100)")
+    result = doctor(database)
+    assert result.exit_code == 0, result.stdout
+    (line,) = lines_with(result, "warning")
+    assert "slot 'bemi' is inactive: no worker streams it" in line
+    assert "All good" not in result.stdout
+
+
+def test_slot_name_taken_by_another_database_blocks(database: str) -> None:
+    """A slot of the worker's name in another database (which the worker would refuse) is MISSING, naming that
+    database and --slot; another --slot is fine."""
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, migration_sql())
+    other = database.rsplit("/", 1)[1] + "_other"
+    apply(database, f'CREATE DATABASE "{other}"')
+    other_dsn = database.rsplit("/", 1)[0] + "/" + other
+    try:
+        apply(other_dsn, "SELECT pg_create_logical_replication_slot('taken', 'pgoutput')")
+        result = doctor(database, "--slot", "taken")
+        assert result.exit_code == 1, result.stdout
+        (line,) = lines_with(result, "MISSING")
+        assert f"slot 'taken' is taken: it is a pgoutput slot of database '{other}'" in line
+        assert "--slot" in line
+        assert doctor(database, "--slot", "free").exit_code == 0
+    finally:
+        apply(database, "SELECT pg_drop_replication_slot('taken')")
+        apply(database, f'DROP DATABASE "{other}"')
 
 
 def test_missing_publication_blocks(database: str) -> None:

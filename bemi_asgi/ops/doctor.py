@@ -76,6 +76,9 @@ class SourceFacts:
     max_replication_slots: int
     max_wal_senders: int
     user: str
+    #: Replication slots of every database, and WAL senders streaming now: what is left for the worker.
+    slots_in_use: int
+    senders_in_use: int
     can_replicate: bool
     publication: str
     publication_exists: bool
@@ -88,6 +91,10 @@ class SourceFacts:
     #: Objects the event trigger's code path uses that a role other than a superuser owns ("what (owner)").
     trigger_path_owners: Sequence[str] = ()
     slots: Sequence[SlotFacts] = field(default_factory=tuple)
+    #: The worker's slot name, and where a slot of that name lives when it cannot be the worker's (another
+    #: database or another plugin): `(database, plugin)`.
+    slot: str = "bemi"
+    slot_taken: tuple[str, str] | None = None
 
     @property
     def server_version(self) -> str:
@@ -100,8 +107,8 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
-    """Read the facts about the source behind `conn` (catalog reads only)."""
+def collect(conn: psycopg.Connection[Any], publication: str, slot: str = "bemi") -> SourceFacts:
+    """Read the facts about the source behind `conn` (catalog reads only); `slot` is the worker's slot name."""
     with conn.cursor(row_factory=dict_row) as cur:
         settings = cur.execute(
             """
@@ -110,8 +117,14 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
                    current_setting('max_replication_slots')::int AS max_replication_slots,
                    current_setting('max_wal_senders')::int AS max_wal_senders,
                    current_user AS "user",
-                   (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) AS can_replicate
-            """
+                   (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) AS can_replicate,
+                   (SELECT count(*) FROM pg_replication_slots)::int AS slots_in_use,
+                   (SELECT count(*) FROM pg_stat_replication)::int AS senders_in_use,
+                   (SELECT array[coalesce(database::text, ''), plugin::text] FROM pg_replication_slots
+                     WHERE slot_name = %s AND (database IS DISTINCT FROM current_database() OR plugin <> 'pgoutput'))
+                       AS slot_taken
+            """,
+            [slot],
         ).fetchone()
         assert settings is not None
         server = {
@@ -121,7 +134,11 @@ def collect(conn: psycopg.Connection[Any], publication: str) -> SourceFacts:
             "max_wal_senders": settings["max_wal_senders"],
             "user": settings["user"],
             "can_replicate": bool(settings["can_replicate"]),
+            "slots_in_use": settings["slots_in_use"],
+            "senders_in_use": settings["senders_in_use"],
             "publication": publication,
+            "slot": slot,
+            "slot_taken": tuple(settings["slot_taken"]) if settings["slot_taken"] else None,
         }
         if settings["version"] < MIN_SERVER_VERSION * 10000:
             # Older servers lack catalog columns read below; the version alone is the answer.
@@ -263,11 +280,17 @@ def diagnose(facts: SourceFacts, *, max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES) 
                     "wal_level = logical (ALTER SYSTEM SET wal_level = logical; on managed services the provider's "
                     "setting, e.g. rds.logical_replication = 1) and restart the server"))  # fmt: skip
 
-    for setting, value in (("max_replication_slots", facts.max_replication_slots),
-                           ("max_wal_senders", facts.max_wal_senders)):  # fmt: skip
-        if value < 1:
-            add(Finding("missing", f"{setting} is {value}, so the worker cannot stream changes: set it to at least "
-                        "1 (10 is the default) and restart the server"))  # fmt: skip
+    slot_exists = any(slot.name == facts.slot for slot in facts.slots)
+    worker_streams = any(slot.name == facts.slot and slot.active for slot in facts.slots)
+    for setting, value, in_use, needed in (
+        ("max_replication_slots", facts.max_replication_slots, facts.slots_in_use, not slot_exists),
+        ("max_wal_senders", facts.max_wal_senders, facts.senders_in_use, not worker_streams),
+    ):
+        if value < 1 or (needed and in_use >= value):
+            add(Finding("missing", f"{setting} is {value} with {in_use} in use, so the worker cannot stream "
+                        f"changes: raise {setting} (10 is the default) and restart, or free one"))  # fmt: skip
+        else:
+            add(Finding("ok", f"{setting} is {value}, {in_use} in use"))
 
     if facts.can_replicate:
         add(Finding("ok", f"role {facts.user!r} may stream replication"))
@@ -346,8 +369,14 @@ def _publication_findings(facts: SourceFacts, migrate: str) -> list[Finding]:
 
 def _slot_findings(facts: SourceFacts, max_lag_bytes: int) -> list[Finding]:
     findings: list[Finding] = []
-    if not facts.slots:
-        findings.append(Finding("ok", "no replication slot yet: the worker creates its slot when it first starts"))
+    if facts.slot_taken is not None:
+        database, plugin = facts.slot_taken
+        where = f"database {database!r}" if database else "the cluster (a physical slot)"
+        findings.append(Finding("missing", f"slot {facts.slot!r} is taken: it is a {plugin or 'physical'} slot of "
+                                f"{where}, so the worker will refuse it: give the worker (and doctor) another "
+                                "name with --slot"))  # fmt: skip
+    elif not any(slot.name == facts.slot for slot in facts.slots):
+        findings.append(Finding("ok", f"no slot {facts.slot!r} yet: the worker creates it when it first starts"))
     for slot in facts.slots:
         state = "active" if slot.active else "inactive"
         lag = "unknown" if slot.lag_bytes is None else _size(slot.lag_bytes)
@@ -360,6 +389,10 @@ def _slot_findings(facts: SourceFacts, max_lag_bytes: int) -> list[Finding]:
             findings.append(Finding("warning", f"slot {slot.name!r} ({state}) is {lag} behind, and the server keeps "
                                     "that WAL on disk until it is read: start (or speed up) its worker, or drop an "
                                     f"abandoned slot with SELECT pg_drop_replication_slot('{slot.name}')"))  # fmt: skip
+        elif slot.name == facts.slot and not slot.active:
+            findings.append(Finding("warning", f"slot {slot.name!r} is inactive: no worker streams it, so nothing "
+                                    f"is captured and the server keeps the WAL since ({lag} behind): start the "
+                                    "worker"))  # fmt: skip
         else:
             findings.append(Finding("ok", f"slot {slot.name!r} ({slot.plugin}, {state}) is {lag} behind"))
     return findings
@@ -374,7 +407,9 @@ def _size(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def check_source(dsn: str, *, publication: str = "bemi", max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES) -> list[Finding]:
+def check_source(
+    dsn: str, *, publication: str = "bemi", slot: str = "bemi", max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES
+) -> list[Finding]:
     """Connect to the source named by `dsn` and return the findings. Raises SourceNotReadyError when it cannot
     connect, psycopg.Error when the role may not read what the checks read."""
     try:
@@ -382,7 +417,7 @@ def check_source(dsn: str, *, publication: str = "bemi", max_lag_bytes: int = DE
     except psycopg.OperationalError as exc:
         raise SourceNotReadyError(f"cannot connect to the source database: {exc}") from None
     with conn:
-        return diagnose(collect(conn, publication), max_lag_bytes=max_lag_bytes)
+        return diagnose(collect(conn, publication, slot), max_lag_bytes=max_lag_bytes)
 
 
 _LABELS: dict[Status, str] = {"ok": "ok     ", "warning": "warning", "missing": "MISSING"}
