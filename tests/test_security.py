@@ -23,7 +23,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 import bemi_asgi
-from bemi_asgi import BemiContextError, BemiMiddleware, bemi_context
+from bemi_asgi import BemiContextError, BemiMiddleware, QueryError, bemi_context
 from bemi_asgi.capture.context import DEFAULT_MAX_CONTEXT_BYTES
 from bemi_asgi.ops.migration import migration_sql
 from bemi_asgi.ops.postgres import LocalPostgres, free_port
@@ -141,6 +141,28 @@ async def test_least_privilege_roles_capture_and_read(secured: Secured) -> None:
         await pool.close()
         with psycopg.connect(secured.admin, autocommit=True) as conn:
             conn.execute("SELECT pg_drop_replication_slot('least_privilege')")
+
+
+async def test_the_app_reads_history_through_its_own_pool_once_granted_the_reader_role(secured: Secured) -> None:
+    """`Bemi(pool)` on the app's own pool: without grants on bemi every read is a QueryError naming the grants (not
+    a raw InsufficientPrivilegeError); after `GRANT bemi_reader TO app` the same calls read the history."""
+    pool = await bemi_asgi.create_pool(secured.dsn("app"), min_size=1, max_size=1)
+    bemi = bemi_asgi.Bemi(pool)
+    try:
+        for read in (lambda: bemi.wait_for(0, timeout=5), lambda: bemi.changes.find(table="items")):
+            with pytest.raises(QueryError, match=r"GRANT USAGE ON SCHEMA bemi; GRANT SELECT ON .*bemi_reader"):
+                await read()
+        with psycopg.connect(secured.admin, autocommit=True) as conn:
+            conn.execute("GRANT bemi_reader TO app")
+        try:
+            await pool.expire_connections()
+            assert await bemi.wait_for(0, timeout=5) >= 0
+            assert isinstance(await bemi.changes.find(table="items"), list)
+        finally:
+            with psycopg.connect(secured.admin, autocommit=True) as conn:
+                conn.execute("REVOKE bemi_reader FROM app")
+    finally:
+        await pool.close()
 
 
 def test_doctor_passes_as_the_worker_role(secured: Secured) -> None:

@@ -48,7 +48,7 @@ from ..capture.context import bemi_context
 from .catalog import ColumnInfo, TableInfo, fetch_table_info
 from .filters import ChangeFilter, FilterArgs, Where, require_aware
 from .models import Change, Operation
-from .store import ChangeStore
+from .store import ChangeStore, history_grants
 
 __all__ = [
     "RevertPlan",
@@ -305,7 +305,8 @@ async def _redactions(
     pool = await store.pool()
     if await pool.fetchval("SELECT to_regclass($1) IS NULL", RULES_TABLE):
         return {}
-    records = await pool.fetch(f"SELECT rules::text AS rules FROM {RULES_TABLE} WHERE database = $1", database)
+    with history_grants():
+        records = await pool.fetch(f"SELECT rules::text AS rules FROM {RULES_TABLE} WHERE database = $1", database)
     if not records:
         return {}
     names = [f"{info.schema}.{info.name}"] + [

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import asyncpg
@@ -23,7 +24,7 @@ from .filters import At, ChangeFilter, FilterArgs, Where
 from .models import Change, change_from_record
 from .replay import without_idle_truncates
 
-__all__ = ["CHANGES_SQL", "SELECT_COLUMNS", "WORKER_STATE_SQL", "ChangeStore"]
+__all__ = ["CHANGES_SQL", "SELECT_COLUMNS", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
 
 CHANGES_SQL = quote_qualified(SCHEMA, CHANGES)
 WORKER_STATE_SQL = quote_qualified(SCHEMA, WORKER_STATE)
@@ -33,6 +34,25 @@ WORKER_STATE_SQL = quote_qualified(SCHEMA, WORKER_STATE)
 SELECT_COLUMNS = ", ".join(
     f"{name}::text AS {name}" if column.is_json else name for column in COLUMNS for name in [quote_ident(column.name)]
 )
+
+
+#: What a role needs to read the history (the README's `bemi_reader`; an app reading through its own pool gets them by
+#: `GRANT bemi_reader TO app`).
+READ_GRANTS = (
+    f"GRANT USAGE ON SCHEMA {SCHEMA}; GRANT SELECT ON {CHANGES_SQL}, {WORKER_STATE_SQL}, {SCHEMA}.tracking_rules"
+)
+
+
+@contextmanager
+def history_grants() -> Iterator[None]:
+    """Turn a read the server refuses into a QueryError naming the grants: the app's own role often lacks them."""
+    try:
+        yield
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise QueryError(
+            f"{exc}: the role reading the history needs {READ_GRANTS} (or GRANT bemi_reader TO the role; see the "
+            "README's Security section)"
+        ) from None
 
 
 def at_condition(at: At, where: Where) -> str:
@@ -97,11 +117,14 @@ class ChangeStore:
         if limit is not None:
             sql += f" LIMIT {where.param(limit)}"
         pool = await self.pool()
-        return [change_from_record(record) for record in await pool.fetch(sql, *where.params)]
+        with history_grants():
+            records = await pool.fetch(sql, *where.params)
+        return [change_from_record(record) for record in records]
 
     async def count(self, where: Where) -> int:
         pool = await self.pool()
-        total: int = await pool.fetchval(f"SELECT count(*) FROM {CHANGES_SQL} WHERE {where.sql()}", *where.params)
+        with history_grants():
+            total: int = await pool.fetchval(f"SELECT count(*) FROM {CHANGES_SQL} WHERE {where.sql()}", *where.params)
         return total
 
     async def row_changes(
@@ -135,7 +158,8 @@ class ChangeStore:
             ORDER BY commit_lsn, ordinal
         """
         pool = await self.pool()
-        records = await pool.fetch(sql, *where.params)
+        with history_grants():
+            records = await pool.fetch(sql, *where.params)
         return without_idle_truncates(change_from_record(record) for record in records)
 
     # Validation.
@@ -143,13 +167,14 @@ class ChangeStore:
     async def require_known_table(self, schema: str, table: str) -> None:
         """Raise QueryError unless the table has stored changes or exists in this database."""
         pool = await self.pool()
-        known = await pool.fetchval(
-            f"""SELECT EXISTS (SELECT 1 FROM {CHANGES_SQL} WHERE "schema" = $1 AND "table" = $2)
-                    OR EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                                WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))""",
-            schema,
-            table,
-        )
+        with history_grants():
+            known = await pool.fetchval(
+                f"""SELECT EXISTS (SELECT 1 FROM {CHANGES_SQL} WHERE "schema" = $1 AND "table" = $2)
+                        OR EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                    WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))""",
+                schema,
+                table,
+            )
         if not known:
             raise UnknownTableError(
                 f"unknown table {schema}.{table}: it has no stored changes and does not exist in this database; "
@@ -175,13 +200,14 @@ class ChangeStore:
         if info is not None:
             return frozenset(column.name for column in info.columns)
         # Not in this database (the history may be stored elsewhere): the columns the latest change shows.
-        record = await pool.fetchrow(
-            f"""SELECT "before"::text AS "before", "after"::text AS "after" FROM {CHANGES_SQL}
+        with history_grants():
+            record = await pool.fetchrow(
+                f"""SELECT "before"::text AS "before", "after"::text AS "after" FROM {CHANGES_SQL}
                  WHERE "schema" = $1 AND "table" = $2 AND operation <> 'TRUNCATE'
                  ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1""",
-            schema,
-            table,
-        )
+                schema,
+                table,
+            )
         if record is None:
             await self.require_known_table(schema, table)
             return frozenset()

@@ -30,6 +30,8 @@ import time
 
 import asyncpg
 
+from .store import history_grants
+
 __all__ = ["current_lsn", "wait_for_lsn"]
 
 
@@ -65,7 +67,8 @@ async def wait_for_lsn(
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:
-        record = await pool.fetchrow(sql, slot_name)
+        with history_grants():
+            record = await pool.fetchrow(sql, slot_name)
         assert record is not None  # an aggregate query always returns one row
         stored, confirmed = record["stored"], record["confirmed"]
         reached = max(int(stored or 0), int(confirmed or 0))
