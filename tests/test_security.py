@@ -4,6 +4,7 @@ least-privilege roles (the grants the README documents), on a dedicated server t
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import shutil
@@ -163,6 +164,61 @@ async def test_the_app_reads_history_through_its_own_pool_once_granted_the_reade
                 conn.execute("REVOKE bemi_reader FROM app")
     finally:
         await pool.close()
+
+
+async def test_the_readmes_production_set_up_end_to_end(secured: Secured) -> None:
+    """As the README's Production set-up and Security sections say: the worker runs as its own process with the
+    REPLICATION role's URL in the environment, the app writes as its own role through the bemi pool and reads the
+    history through the same pool once granted bemi_reader; every change carries its context, and SIGTERM stops
+    the worker cleanly with a start and a stop line."""
+    env = {**os.environ, "BEMI_SOURCE_URL": secured.dsn("bemi_worker"), "BEMI_SLOT": "production"}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bemi_asgi", "worker", "--progress-interval", "60", cwd=ROOT, env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    pool = await bemi_asgi.create_pool(secured.dsn("app"), min_size=1, max_size=2)
+    bemi = bemi_asgi.Bemi(pool)
+    with psycopg.connect(secured.admin, autocommit=True) as conn:
+        conn.execute("GRANT bemi_reader TO app")
+    try:
+        # Capture starts once the worker has created its slot.
+        deadline = time.monotonic() + 60
+        while not slot_exists(secured.admin, "production"):
+            assert worker.returncode is None, "the worker exited"
+            assert time.monotonic() < deadline, "the worker did not create its slot"
+            await asyncio.sleep(0.05)
+        for user, statement in (
+            (6, "INSERT INTO items VALUES (100, $1)"),
+            (7, "UPDATE items SET name = $1 WHERE id = 100"),
+        ):
+            with bemi_context(user_id=user, endpoint="POST /items"):
+                async with pool.acquire() as conn:
+                    await conn.execute(statement, f"written by {user}")
+                    lsn = await bemi_asgi.current_lsn(conn)
+        await bemi.wait_for(lsn, timeout=60)
+        history = await bemi.history("items", 100)
+        assert [(c.operation, c.context, c.after["name"]) for c in history] == [
+            ("CREATE", {"user_id": 6, "endpoint": "POST /items"}, "written by 6"),
+            ("UPDATE", {"user_id": 7, "endpoint": "POST /items"}, "written by 7"),
+        ]
+    finally:
+        worker.terminate()
+        _, output = await asyncio.wait_for(worker.communicate(), 60)
+        stderr = output.decode()
+        await pool.close()
+        with psycopg.connect(secured.admin, autocommit=True) as conn:
+            conn.execute("REVOKE bemi_reader FROM app")
+            conn.execute("SELECT pg_drop_replication_slot('production')")
+    assert worker.returncode == 0, stderr
+    lines = stderr.splitlines()
+    assert lines[0].startswith("bemi-asgi worker: created slot 'production' of database 'app' at "), lines
+    assert lines[-1].startswith("bemi-asgi worker: stopped: 2 changes in 2 transactions stored, flushed "), lines
+    assert not leaked(stderr, PASSWORD)
+
+
+def slot_exists(dsn: str, name: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", [name]).fetchone() == (1,)
 
 
 def test_doctor_passes_as_the_worker_role(secured: Secured) -> None:
