@@ -358,10 +358,17 @@ class BemiConnection(_Connection):
         data = current()
         tx = self._bemi_tracked()
         statements = read(query) or (_UNREAD,)
-        only = statements[0] if len(statements) == 1 else None
-        if tx.state is TransactionState.IDLE and data is not None and only is not None and only.writes is Writes.MAYBE:
-            # Only calls that may write: run them in a transaction whose message is emitted if they did.
-            return await self._bemi_wrap(data, parent, query, timeout=timeout)
+        if len(statements) == 1 and statements[0].step is Step.STATEMENT:  # the common case: no control, no plan
+            writes = statements[0].writes
+            if tx.state is not TransactionState.IDLE:
+                owed = tx.advance(Step.STATEMENT, data)
+                return await parent(query if owed is None else owed + query, timeout=timeout)
+            if data is None or writes is Writes.NO:
+                return await parent(query, timeout=timeout)
+            if writes is Writes.MAYBE:  # only calls that may write: a transaction whose message goes out if they did
+                return await self._bemi_wrap(data, parent, query, timeout=timeout)
+            # One implicit transaction: the message first (an appended statement would replace the status).
+            return await parent(emit_sql(data, conditional=False) + query, timeout=timeout)
         planned = tx.copy()
         inserts = _plan(planned, statements, data)
         if len(statements) == 1 and statements[0].step in _COMMITS and inserts:
@@ -400,13 +407,14 @@ class BemiConnection(_Connection):
         data = current()
         tx = self._bemi_tracked()
         statement = _COPY_IN if query is None else _single(query)
-        if (
-            tx.state is TransactionState.IDLE
-            and data is not None
-            and statement.writes is not Writes.NO
-            and statement.step is Step.STATEMENT
-        ):
-            return await self._bemi_wrap(data, fn, *args, **kwargs)
+        if statement.step is Step.STATEMENT:  # the common case: no transaction control, nothing to plan
+            if tx.state is not TransactionState.IDLE:
+                sql = tx.advance(Step.STATEMENT, data)
+                if sql is not None:
+                    await self._bemi_emit(sql, commit=False)
+            elif data is not None and statement.writes is not Writes.NO:
+                return await self._bemi_wrap(data, fn, *args, **kwargs)
+            return await fn(*args, **kwargs)
         planned = tx.copy()
         sql = planned.advance(statement.step, data, statement.savepoint)
         if sql is not None:
