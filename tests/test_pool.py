@@ -19,7 +19,9 @@ from psycopg import sql as psql
 
 import bemi_asgi
 from bemi_asgi import BemiConnection, BemiContextError, bemi_context
-from bemi_asgi.capture.pool import ascii_json, emit_sql, quote_literal
+from bemi_asgi.capture.context import ContextData, validate
+from bemi_asgi.capture.pool import Transaction, TransactionState, ascii_json, emit_sql, quote_literal
+from bemi_asgi.capture.statements import Step
 from tests.conftest import PgServer, drop_database
 
 # --- reading the slot -----------------------------------------------------------------------------------------------
@@ -748,3 +750,56 @@ async def test_latin1_database_accepts_any_context(pg_server: PgServer) -> None:
             await latin1_reader.close()
     finally:
         drop_database(pg_server.admin_dsn, name)
+
+
+# --- the tracked transaction, on its own ----------------------------------------------------------------------------
+
+
+def _data(**values: Any) -> ContextData:
+    return validate(values)
+
+
+def test_transaction_state_machine_owes_the_previous_context_on_a_switch() -> None:
+    """A switch owes the previous context's conditional message; COMMIT owes the last one; savepoints restore."""
+    a, b = _data(step="a"), _data(step="b")
+    tx = Transaction()
+    assert tx.advance(Step.STATEMENT, a) is None  # outside a transaction nothing is owed here
+    assert tx.advance(Step.BEGIN, a) is None
+    assert tx.state is TransactionState.STARTED
+    assert tx.advance(Step.STATEMENT, a) is None
+    assert tx.advance(Step.SAVEPOINT, b, "s") is None
+    assert tx.advance(Step.STATEMENT, b) == emit_sql(a)
+    assert tx.advance(Step.ROLLBACK_TO, b, "s") is None
+    assert (tx.state, tx.under) == (TransactionState.RUNNING, a)
+    assert tx.advance(Step.NEUTRAL, b) is None
+    assert tx.advance(Step.COMMIT, b) == emit_sql(a)
+    assert tx.state is TransactionState.IDLE
+
+
+def test_a_part_without_context_is_owed_an_empty_message_once_a_context_ran() -> None:
+    """After a part under a context, a part under none needs `{}`, or it would take a later message's context."""
+    a = _data(step="a")
+    tx = Transaction(TransactionState.STARTED)
+    assert tx.advance(Step.STATEMENT, None) is None
+    assert tx.advance(Step.STATEMENT, a) == emit_sql(None)
+    assert tx.advance(Step.STATEMENT, None) == emit_sql(a)
+    assert tx.advance(Step.COMMIT, None) == emit_sql(None)
+    tx = Transaction(TransactionState.STARTED)
+    assert tx.advance(Step.STATEMENT, None) is None
+    assert tx.advance(Step.COMMIT, a) is None  # nothing ran under a context: no message at all
+
+
+def test_read_only_transactions_owe_nothing_until_a_set() -> None:
+    """BEGIN ... READ ONLY (the server refuses every write) owes no message, AND CHAIN included; a SET before the
+    first query may make it READ WRITE, so from then on the usual rule applies."""
+    a, b = _data(step="a"), _data(step="b")
+    tx = Transaction()
+    tx.advance(Step.BEGIN_READ_ONLY, a)
+    assert tx.state is TransactionState.READ_ONLY
+    assert tx.advance(Step.STATEMENT, a) is None
+    assert tx.advance(Step.STATEMENT, b) is None
+    assert tx.advance(Step.COMMIT_AND_CHAIN, b) is None
+    assert tx.state is TransactionState.READ_ONLY
+    tx.advance(Step.NEUTRAL, b)
+    tx.advance(Step.STATEMENT, b)
+    assert tx.advance(Step.COMMIT, b) == emit_sql(b)

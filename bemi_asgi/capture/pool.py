@@ -141,6 +141,7 @@ class TransactionState(enum.Enum):
     IDLE = "idle"  # no transaction: each statement is its own, wrapped if its text shows it may write
     STARTED = "started"  # a transaction is open and no statement ran in it yet
     RUNNING = "running"  # statements ran in it; `Transaction.under` is the context the last one ran under
+    READ_ONLY = "read only"  # BEGIN ... READ ONLY: the server refuses every write, so nothing is ever owed
 
 
 class _Savepoint(NamedTuple):
@@ -184,13 +185,16 @@ class Transaction:
         """Move past a statement doing `step`, run under context `data`; return the SQL (a `_bemi` message) that
         must run just before it, or None."""
         state = self.state
-        if step is Step.BEGIN:
+        if step is Step.BEGIN or step is Step.BEGIN_READ_ONLY:
             if state is TransactionState.IDLE:
-                self._restart(TransactionState.STARTED)
+                read_only = step is Step.BEGIN_READ_ONLY
+                self._restart(TransactionState.READ_ONLY if read_only else TransactionState.STARTED)
             return None  # BEGIN inside a transaction only warns
         if state is TransactionState.IDLE:
             return None
         if step is Step.STATEMENT:
+            if state is TransactionState.READ_ONLY:
+                return None
             if state is TransactionState.STARTED:
                 self.state, self.under, self.touched = TransactionState.RUNNING, data, data is not None
                 return None
@@ -202,8 +206,15 @@ class Transaction:
             return emit_sql(previous)
         if step in _ENDS:
             message = self._owed_at_commit(data) if step in _COMMITS else None
-            self._restart(TransactionState.STARTED if step in _CHAINS else TransactionState.IDLE)
+            if step not in _CHAINS:
+                self._restart(TransactionState.IDLE)
+            else:  # AND CHAIN: a new transaction with the same characteristics (read only stays read only)
+                read_only = state is TransactionState.READ_ONLY
+                self._restart(TransactionState.READ_ONLY if read_only else TransactionState.STARTED)
             return message
+        if step is Step.NEUTRAL and state is TransactionState.READ_ONLY:
+            # SET TRANSACTION READ WRITE may still come before the first query: stop relying on READ ONLY.
+            self.state = TransactionState.STARTED
         if step is Step.SAVEPOINT:
             self.savepoints.append(_Savepoint(savepoint, state, self.under, self.touched))
         elif step is Step.RELEASE or step is Step.ROLLBACK_TO:
@@ -219,6 +230,8 @@ class Transaction:
         return None  # NEUTRAL: SET / SHOW change nothing here
 
     def _owed_at_commit(self, data: ContextData | None) -> str | None:
+        if self.state is TransactionState.READ_ONLY:
+            return None
         if self.state is TransactionState.STARTED:  # no statement seen: the context current at COMMIT
             return None if data is None else emit_sql(data)
         if self.under is not None:
@@ -241,7 +254,7 @@ def _plan(tx: Transaction, statements: tuple[Statement, ...], data: ContextData 
     for statement in statements:
         step = statement.step
         if tx.state is TransactionState.IDLE:
-            if step is Step.BEGIN:
+            if step is Step.BEGIN or step is Step.BEGIN_READ_ONLY:
                 tx.advance(step, data)
                 if ran:  # BEGIN turns the implicit transaction into this block: what ran is part of it
                     tx.advance(Step.STATEMENT, data)

@@ -46,6 +46,7 @@ class Step(enum.Enum):
     STATEMENT = "statement"  # anything that is not transaction control
     NEUTRAL = "neutral"  # SET / RESET / SHOW: cannot write rows and may have to come first (SET TRANSACTION)
     BEGIN = "begin"  # BEGIN, START TRANSACTION
+    BEGIN_READ_ONLY = "begin read only"  # BEGIN / START TRANSACTION ... READ ONLY: the server refuses every write
     COMMIT = "commit"  # COMMIT, END, PREPARE TRANSACTION (the message must precede them)
     COMMIT_AND_CHAIN = "commit and chain"
     ROLLBACK = "rollback"  # ROLLBACK, ABORT
@@ -219,6 +220,16 @@ class _Judge:
         return key == "ExecuteStmt"
 
 
+def _read_only(options: list[dict[str, Any]]) -> bool:
+    """BEGIN's options say READ ONLY (the last transaction_read_only option wins, as in the server)."""
+    read_only = False
+    for option in options:
+        element = option.get("DefElem", {})
+        if element.get("defname") == "transaction_read_only":
+            read_only = element.get("arg", {}).get("A_Const", {}).get("ival", {}).get("ival") == 1
+    return read_only
+
+
 def _statements(query: str, judge: _Judge) -> tuple[Statement, ...] | None:
     try:
         parsed = json.loads(parse_sql_json(query))
@@ -231,6 +242,8 @@ def _statements(query: str, judge: _Judge) -> tuple[Statement, ...] | None:
         judge.nodes += 1
         if kind == "TransactionStmt":
             step = _TRANSACTION_STEPS.get(body["kind"], Step.STATEMENT)
+            if step is Step.BEGIN and _read_only(body.get("options", [])):
+                step = Step.BEGIN_READ_ONLY
             if body.get("chain"):
                 step = _CHAINED.get(step, step)
             result.append(Statement(step, Writes.NO, offset, body.get("savepoint_name", "")))
