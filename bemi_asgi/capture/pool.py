@@ -51,7 +51,7 @@ from asyncpg.prepared_stmt import PreparedStatement
 
 from .._exceptions import SourceNotReadyError
 from .context import MESSAGE_PREFIX, ContextData, activate, current, deactivate
-from .statements import Statement, Step, Writes, read
+from .statements import CACHED_LENGTH, Statement, Step, Writes, read
 
 __all__ = [
     "BemiConnection",
@@ -303,6 +303,29 @@ def _single(query: str) -> Statement:
     return statements[0] if statements is not None and len(statements) == 1 else _UNREAD
 
 
+class _Shape(NamedTuple):
+    """What `execute` needs to know of a query string, worked out once per text."""
+
+    statements: tuple[Statement, ...]
+    control: bool  # it holds transaction control: the statements must be planned one by one
+    sets: bool  # it holds a SET / SHOW, in front of which no message may go
+    writes: Writes  # the strongest judgement among its statements (used outside a transaction only)
+
+
+def _make_shape(query: str) -> _Shape:
+    statements = read(query) or (_UNREAD,)
+    control = any(s.step is not Step.STATEMENT and s.step is not Step.NEUTRAL for s in statements)
+    sets = any(s.step is Step.NEUTRAL for s in statements)
+    return _Shape(statements, control, sets, max((s.writes for s in statements), default=Writes.NO))
+
+
+_shape_cached = functools.lru_cache(maxsize=4096)(_make_shape)
+
+
+def _shape(query: str) -> _Shape:
+    return _shape_cached(query) if len(query) <= CACHED_LENGTH else _make_shape(query)
+
+
 # --- the connection -------------------------------------------------------------------------------------------------
 
 
@@ -370,15 +393,17 @@ class BemiConnection(_Connection):
         parent = super().execute
         data = current()
         tx = self._bemi_tracked()
-        statements = read(query) or (_UNREAD,)
-        if len(statements) == 1 and statements[0].step is Step.STATEMENT:  # the common case: no control, no plan
-            writes = statements[0].writes
-            if tx.state is not TransactionState.IDLE:
+        statements, control, sets, writes = _shape(query)
+        idle = tx.state is TransactionState.IDLE
+        if not control and idle and (data is None or writes is Writes.NO):  # nothing to send, nothing to track
+            return await parent(query, timeout=timeout)
+        if not control and not sets:  # the common case: at most one message, in front
+            if not idle:
                 owed = tx.advance(Step.STATEMENT, data)
                 return await parent(query if owed is None else owed + query, timeout=timeout)
             if data is None or writes is Writes.NO:
                 return await parent(query, timeout=timeout)
-            if writes is Writes.MAYBE:  # only calls that may write: a transaction whose message goes out if they did
+            if writes is Writes.MAYBE and len(statements) == 1:  # only calls that may write: emit if they did
                 return await self._bemi_wrap(data, parent, query, timeout=timeout)
             # One implicit transaction: the message first (an appended statement would replace the status).
             return await parent(emit_sql(data, conditional=False) + query, timeout=timeout)
