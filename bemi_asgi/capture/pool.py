@@ -407,24 +407,25 @@ class BemiConnection(_Connection):
                 return await self._bemi_wrap(data, parent, query, timeout=timeout)
             # One implicit transaction: the message first (an appended statement would replace the status).
             return await parent(emit_sql(data, conditional=False) + query, timeout=timeout)
+        if len(statements) == 1:  # one control statement or SET: move past it here, no plan
+            statement = statements[0]
+            message = tx.advance(statement.step, data, statement.savepoint)
+            if message is None:
+                return await parent(query, timeout=timeout)
+            return await self._bemi_commit(message, query, timeout)  # only COMMITs owe a message
         planned = tx.copy()
         inserts = _plan(planned, statements, data)
         if len(statements) == 1 and statements[0].step in _COMMITS and inserts:
-            return await self._bemi_commit(inserts[0][1], query, planned, data, timeout)
+            self._bemi = planned
+            return await self._bemi_commit(inserts[0][1], query, timeout)
         try:
             return await parent(_splice(query, inserts), timeout=timeout)
         finally:
             self._bemi_settle(planned, data)
 
-    async def _bemi_commit(
-        self,
-        message: str,
-        query: str,
-        planned: Transaction,
-        data: ContextData | None,
-        timeout: float | None,  # noqa: ASYNC109
-    ) -> str:
-        """COMMIT with its message in front, in one round trip."""
+    async def _bemi_commit(self, message: str, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
+        """COMMIT (or PREPARE TRANSACTION) with its message in front, in one round trip. The tracked state has
+        moved past it already; only a failed message changes it again."""
         parent = super().execute
         try:
             return await parent(message + query, timeout=timeout)
@@ -435,8 +436,6 @@ class BemiConnection(_Connection):
                 # The transaction had failed before: COMMIT rolls it back without an error, as without the pool.
                 return await parent(query, timeout=timeout)
             raise await self._bemi_emit_failed(exc, True) from exc
-        finally:
-            self._bemi_settle(planned, data)
 
     # -- extended query protocol, COPY, prepared statements, cursors --
 
@@ -475,8 +474,8 @@ class BemiConnection(_Connection):
                     await _Connection.execute(self, "ROLLBACK")
             self._bemi = Transaction()
             raise
-        planned = Transaction()
-        await self._bemi_commit(emit_sql(data), "COMMIT", planned, data, None)
+        self._bemi = Transaction()
+        await self._bemi_commit(emit_sql(data), "COMMIT", None)
         return result
 
     async def _bemi_before_cursor(self) -> None:
