@@ -16,10 +16,12 @@ Inside a transaction the server judges, never the statement's text (see `Transac
   trip otherwise). With the stitching rule (a change takes the context of the first `_bemi` message after it) each
   part of the transaction keeps the context it ran under; a part that ran with no context gets `{}`.
 - a savepoint remembers that state and ROLLBACK TO restores it, because a rolled-back savepoint takes the messages
-  sent after it along.
+  sent after it along;
+- a READ ONLY transaction sends nothing: the server refuses its writes.
 
 Transaction control is recognised by PostgreSQL's own parser (`statements.read`), in every spelling, inside
-multi-statement strings too; after every call the tracked state is checked against the server's transaction status.
+multi-statement strings too; before every call the tracked state is aligned with the server's transaction status
+(`is_in_transaction()`), and after a multi-statement string too.
 
 Outside a transaction, the text decides only whether to wrap a statement (see `statements` for what counts as a
 possible write): `execute` without arguments sends an unconditional message in front of the first writing statement
@@ -30,8 +32,10 @@ text does not show runs unwrapped and lacks its context; it never carries anothe
 
 The pool never changes what a statement does: `CALL` and `DO` (they may COMMIT, which works only at top level) and
 other utility statements are never wrapped, SET statements are never preceded by a message (SET TRANSACTION must
-come first), and a message that cannot be written rolls its transaction back and raises `SourceNotReadyError`
-(the cause is in the source: `wal_level`, or EXECUTE on `pg_logical_emit_message` revoked).
+come first), and a message that cannot be written at COMMIT or around a wrapped statement rolls its transaction
+back and raises `SourceNotReadyError` (the cause is in the source: `wal_level`, or EXECUTE on
+`pg_logical_emit_message` revoked). A message owed mid-transaction that fails leaves that transaction aborted, as any
+failed statement does, for its owner to roll back.
 
 Note: a procedure's or DO block's own COMMITs carry no context, and neither do their writes outside a transaction.
 """
