@@ -43,6 +43,11 @@ async def read_transaction(conn: asyncpg.Connection, i: int) -> None:
         await conn.fetchval("SELECT v FROM bench WHERE id = $1", i % 1000 + 1)
 
 
+async def declared_read_only_transaction(conn: asyncpg.Connection, i: int) -> None:
+    async with conn.transaction(readonly=True):
+        await conn.fetchval("SELECT v FROM bench WHERE id = $1", i % 1000 + 1)
+
+
 async def autocommit_write(conn: asyncpg.Connection, i: int) -> None:
     await conn.execute("INSERT INTO bench (v, note) VALUES ($1, 'x')", i)
 
@@ -89,6 +94,7 @@ async def bench(dsn: str, seconds: float, rounds: int) -> list[tuple[str, int, f
         ("write transaction", write_transaction, 8),
         ("read-only transaction", read_transaction, 1),
         ("read-only transaction", read_transaction, 8),
+        ("READ ONLY transaction", declared_read_only_transaction, 8),
         ("autocommit write", autocommit_write, 8),
         ("autocommit read", autocommit_read, 8),
     ]

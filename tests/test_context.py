@@ -210,3 +210,30 @@ def test_configure_rejects_a_nonsense_limit() -> None:
     """A limit too small to hold even an empty object is refused."""
     with pytest.raises(ValueError, match="at least 2"):
         configure_context(max_bytes=1)
+
+
+async def test_one_instance_in_two_overlapping_tasks() -> None:
+    """One bemi_context instance entered by two tasks whose scopes overlap: each task sees and restores its own."""
+    job = bemi_context(job="nightly")
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def first() -> None:
+        with bemi_context(task=1), job:
+            entered.set()
+            await release.wait()
+            assert get_context() == {"task": 1, "job": "nightly"}
+        assert get_context() is None
+
+    async def second() -> None:
+        await entered.wait()
+        with bemi_context(task=2), job:
+            release.set()
+            await asyncio.sleep(0)
+            assert get_context() == {"task": 2, "job": "nightly"}
+        assert get_context() is None
+
+    await asyncio.gather(asyncio.create_task(first()), asyncio.create_task(second()))
+    with job, job:  # nested in one task too
+        assert get_context() == {"job": "nightly"}
+    assert get_context() is None

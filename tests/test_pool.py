@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql as psql
 
 import bemi_asgi
 from bemi_asgi import BemiConnection, BemiContextError, bemi_context
-from bemi_asgi.capture.pool import OTHER, READ, WRITE, classify, control, emit_sql, quote_literal
+from bemi_asgi.capture.context import ContextData, validate
+from bemi_asgi.capture.pool import Transaction, TransactionState, ascii_json, emit_sql, quote_literal
+from bemi_asgi.capture.statements import Step
+from tests.conftest import PgServer, drop_database
 
 # --- reading the slot -----------------------------------------------------------------------------------------------
 
@@ -222,10 +228,10 @@ async def test_autocommit_execute_without_arguments(conn: BemiConnection, reader
 
 
 async def test_autocommit_script_with_its_own_transaction(conn: BemiConnection, reader: asyncpg.Connection) -> None:
-    """A multi-statement script with BEGIN/COMMIT inside carries the context in its transaction."""
+    """A multi-statement script with BEGIN/COMMIT inside carries the context: the message goes in before its COMMIT."""
     with bemi_context(CTX):
         await conn.execute(f"BEGIN; {INSERT}; {INSERT}; COMMIT;")
-    assert await read_slot(reader) == [[CTX, "I", "I"]]
+    assert await read_slot(reader) == [["I", "I", CTX]]
 
 
 async def test_autocommit_execute_with_arguments(conn: BemiConnection, reader: asyncpg.Connection) -> None:
@@ -449,53 +455,6 @@ def test_emit_sql_is_cached_and_calls_the_three_argument_function() -> None:
     assert "pg_current_xact_id_if_assigned" not in emit_sql(data, conditional=False)
 
 
-@pytest.mark.parametrize(
-    ("query", "expected"),
-    [
-        ("SELECT * FROM items WHERE id = $1", READ),
-        ("select last_update, deleted_at, count(*) from t group by 1, 2", READ),
-        ("/* api */ WITH x AS (SELECT 1) SELECT coalesce(max(a), 0) FROM x WHERE b IN (1, 2)", READ),
-        ("SHOW search_path", READ),
-        ("SELECT create_order($1)", WRITE),
-        ('SELECT "Create"($1)', WRITE),
-        ("SELECT * FROM t FOR UPDATE", WRITE),
-        ("INSERT INTO t VALUES ($1)", WRITE),
-        ("with x as (delete from t returning *) select * from x", WRITE),
-        ("CALL do_things()", WRITE),
-        ("INSERT INTO t (database) VALUES (1)", WRITE),
-        ("CREATE INDEX CONCURRENTLY i ON t (x) WHERE y = 'update'", OTHER),
-        ("VACUUM t", OTHER),
-        ("SET search_path = app", OTHER),
-        ("CREATE TABLE t (id int)", OTHER),
-    ],
-)
-def test_classify(query: str, expected: int) -> None:
-    """Reads are recognized only when certain; data-modifying statements and unknown function calls are writes."""
-    assert classify(query) == expected
-
-
-@pytest.mark.parametrize(
-    ("query", "expected"),
-    [
-        ("COMMIT;", ("commit", "")),
-        ("end work", ("commit", "")),
-        ("commit and chain", ("commit", "")),
-        ("ROLLBACK;", ("rollback", "")),
-        ("ROLLBACK TO __asyncpg_savepoint_1__;", ("rollback_to", "__asyncpg_savepoint_1__")),
-        ('rollback to savepoint "My SP"', ("rollback_to", "My SP")),
-        ("RELEASE SAVEPOINT Sa_1;", ("release", "sa_1")),
-        ("SAVEPOINT x;", ("savepoint", "x")),
-        ("BEGIN ISOLATION LEVEL SERIALIZABLE;", ("begin", "")),
-        ("COMMIT PREPARED 'x'", None),
-        ("INSERT INTO t VALUES (1); COMMIT", None),
-        ("SELECT 1", None),
-    ],
-)
-def test_control(query: str, expected: tuple[str, str] | None) -> None:
-    """Transaction-control statements are recognized, with their savepoint names; anything else is not."""
-    assert control(query) == expected
-
-
 # Any JSON value, weighted towards the characters that break naive quoting.
 _tricky = st.sampled_from(["'", '"', "\\", "$$", "$bemi$", "*/", "/*", ";", "--", "\n", "\x01", "\x7f", "\U0001f600"])
 _text = st.lists(
@@ -516,7 +475,7 @@ def runner() -> Iterator[asyncio.Runner]:
 
 
 def test_any_json_round_trips_through_the_wal(database: str, runner: asyncio.Runner) -> None:
-    """For any JSON context, the message read back from the slot is exactly the context's JSON text."""
+    """For any JSON context, the message read back from the slot is the context's JSON text, `\\u`-escaped to ASCII."""
 
     async def setup() -> tuple[BemiConnection, asyncpg.Connection]:
         return await bemi_asgi.connect(database), await prepare_source(database)
@@ -539,7 +498,10 @@ def test_any_json_round_trips_through_the_wal(database: str, runner: asyncio.Run
         assert len(messages) == 1
         raw = messages[0]
         end = raw.index(b"\x00", 10)
-        assert raw[end + 5 :].decode() == data.json
+        content = raw[end + 5 :]
+        assert content.isascii()  # any server encoding accepts it
+        assert json.loads(content) == json.loads(data.json)
+        assert content.decode() == ascii_json(data.json)
         assert json.loads(raw[end + 5 :]) == json.loads(json.dumps(values))
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -558,3 +520,286 @@ def test_connection_class_must_derive_from_bemi_connection() -> None:
     """A plain asyncpg connection class is refused: its writes would silently lose the context."""
     with pytest.raises(TypeError, match="BemiConnection"):
         bemi_asgi.create_pool("postgresql://unused", connection_class=asyncpg.Connection)
+
+
+# --- the server judges inside transactions: every spelling, every path ----------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["COMMIT WORK", "END TRANSACTION", "commit;", "/* done */ COMMIT AND NO CHAIN"])
+async def test_every_commit_spelling_carries_the_message(
+    conn: BemiConnection, reader: asyncpg.Connection, spelling: str
+) -> None:
+    """COMMIT in any spelling PostgreSQL accepts carries the message."""
+    with bemi_context(CTX):
+        await conn.execute("BEGIN")
+        await conn.execute(INSERT)
+        await conn.execute(spelling)
+    assert not conn.is_in_transaction()
+    assert await read_slot(reader) == [["I", CTX]]
+
+
+async def test_commit_and_chain_starts_a_fresh_transaction(conn: BemiConnection, reader: asyncpg.Connection) -> None:
+    """COMMIT AND CHAIN carries the first transaction's context; the chained one carries its own."""
+    with bemi_context(step=1):
+        await conn.execute("START TRANSACTION")
+        await conn.execute(INSERT)
+        await conn.execute("COMMIT AND CHAIN")
+    assert conn.is_in_transaction()
+    with bemi_context(step=2):
+        await conn.execute(INSERT)
+    await conn.execute("END")
+    assert await read_slot(reader) == [["I", {"step": 1}], ["I", {"step": 2}]]
+
+
+async def test_prepare_transaction_carries_the_message(conn: BemiConnection, reader: asyncpg.Connection) -> None:
+    """Two-phase commit: PREPARE TRANSACTION carries the message, decoded when COMMIT PREPARED runs."""
+    with bemi_context(CTX):
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO items (name) VALUES ($1)", "2pc")
+        await conn.execute("PREPARE TRANSACTION 'bemi-2pc'")
+        assert not conn.is_in_transaction()
+    await reader.execute("COMMIT PREPARED 'bemi-2pc'")
+    assert await read_slot(reader) == [["I", CTX]]
+
+
+async def test_abort_sends_nothing_and_rollback_to_keeps_the_outer_part(
+    conn: BemiConnection, reader: asyncpg.Connection
+) -> None:
+    """ABORT ends the transaction with nothing sent; ROLLBACK TO SAVEPOINT undoes only the savepoint's part (and any
+    message sent inside it), so the outer part keeps its own context."""
+    with bemi_context(step=1):
+        await conn.execute("BEGIN")
+        await conn.execute(INSERT)
+        await conn.execute("ABORT")
+        await conn.execute("BEGIN")
+        await conn.execute(INSERT)
+        await conn.execute('SAVEPOINT "Inner"')
+        with bemi_context(step=2):
+            await conn.execute(INSERT)
+            await conn.execute('ROLLBACK TO SAVEPOINT "Inner"')
+            await conn.execute("SELECT 1")
+        await conn.execute("COMMIT")
+    (transaction,) = await read_slot(reader)
+    assert stitch(transaction) == [("I", {"step": 1})]
+
+
+async def test_transaction_control_through_prepared_statements(
+    conn: BemiConnection, reader: asyncpg.Connection
+) -> None:
+    """SAVEPOINT, ROLLBACK TO and COMMIT sent through the extended protocol (as SQLAlchemy does) are tracked."""
+    with bemi_context(step=1):
+        await (await conn.prepare("BEGIN")).fetch()
+        await conn.execute("INSERT INTO items (name) VALUES ($1)", "outer")
+        await (await conn.prepare("SAVEPOINT sa_savepoint_1")).fetch()
+        with bemi_context(step=2):
+            await conn.execute("INSERT INTO items (name) VALUES ($1)", "inner")
+            await (await conn.prepare("ROLLBACK TO SAVEPOINT sa_savepoint_1")).fetch()
+        await conn.fetch("INSERT INTO items (name) VALUES ($1)", "after")
+        with bemi_context(step=3):
+            await conn.fetchval("COMMIT")
+    assert not conn.is_in_transaction()
+    assert await read_slot(reader) == [["I", "I", {"step": 1}]]
+
+
+async def test_cursor_statements_take_their_own_context(conn: BemiConnection, reader: asyncpg.Connection) -> None:
+    """A cursor's statements run under the context current when it binds, like any other statement."""
+    async with conn.transaction():
+        with bemi_context(step=1):
+            await conn.execute(INSERT)
+        with bemi_context(step=2):
+            rows = [row async for row in conn.cursor("INSERT INTO items (name) VALUES ('c') RETURNING id")]
+            assert len(rows) == 1
+            statement = await conn.prepare("INSERT INTO items (name) VALUES ($1) RETURNING id")
+            cursor = await statement.cursor("d")
+            assert await cursor.fetchrow() is not None
+    (transaction,) = await read_slot(reader)
+    assert stitch(transaction) == [("I", {"step": 1}), ("I", {"step": 2}), ("I", {"step": 2})]
+
+
+async def test_a_write_the_text_hides_keeps_its_own_context(conn: BemiConnection, reader: asyncpg.Connection) -> None:
+    """Inside a transaction nothing is judged from the text: a write through a comment-split call, a view or
+    attribute notation is stitched to the context it ran under, never to the one after it."""
+    await conn.execute(
+        "CREATE FUNCTION bump(n int) RETURNS int LANGUAGE sql AS "
+        "$$ INSERT INTO items (name) VALUES ('b') RETURNING n $$;"
+        "CREATE FUNCTION touch(i items) RETURNS int LANGUAGE sql AS "
+        "$$ INSERT INTO items (name) VALUES ('t') RETURNING 1 $$;"
+        "CREATE VIEW bumped AS SELECT bump(1) AS n"
+    )
+    await conn.execute(INSERT)
+    assert len(await read_slot(reader)) == 1
+    async with conn.transaction():
+        with bemi_context(step=1):
+            await conn.execute("SELECT bump/**/(1)")
+        with bemi_context(step=2):
+            await conn.fetchval("SELECT n FROM bumped")
+        with bemi_context(step=3):
+            await conn.fetch("SELECT i.touch FROM items i WHERE i.id = $1", 1)
+        with bemi_context(step=4):
+            await conn.fetchval("SELECT 1")
+    (transaction,) = await read_slot(reader)
+    assert stitch(transaction) == [("I", {"step": 1}), ("I", {"step": 2}), ("I", {"step": 3})]
+
+
+# --- the pool never changes what a statement does -------------------------------------------------------------------
+
+
+async def test_procedures_and_do_blocks_that_commit_behave_as_without_the_pool(
+    conn: BemiConnection, reader: asyncpg.Connection
+) -> None:
+    """CALL of a procedure that COMMITs and a DO block with COMMIT work with a context set; their own commits
+    carry no context (documented)."""
+    await conn.execute(
+        "CREATE PROCEDURE two_commits() LANGUAGE plpgsql AS $$ BEGIN "
+        "INSERT INTO items (name) VALUES ('p1'); COMMIT; INSERT INTO items (name) VALUES ('p2'); END $$"
+    )
+    with bemi_context(CTX):
+        assert await conn.execute("CALL two_commits()") == "CALL"
+        await conn.execute("DO $$ BEGIN INSERT INTO items (name) VALUES ('d1'); COMMIT; END $$")
+    assert await conn.fetchval("SELECT count(*) FROM items") == 3
+    assert await read_slot(reader) == [["I"], ["I"], ["I"]]
+
+
+async def test_set_transaction_first_still_works(conn: BemiConnection, reader: asyncpg.Connection) -> None:
+    """SET TRANSACTION as the first statement works with a context set, even after a context change; a message is
+    never sent in front of a SET."""
+    with bemi_context(step=1):
+        await conn.execute("BEGIN")
+        await conn.execute("SET LOCAL application_name = 'x'")
+    with bemi_context(step=2):
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        assert await conn.fetchval("SHOW transaction_isolation") == "serializable"
+        await conn.execute(INSERT)
+        await conn.execute("COMMIT")
+        status = await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; " + INSERT)
+        assert status == "INSERT 0 1"
+    assert await read_slot(reader) == [["I", {"step": 2}], [{"step": 2}, "I"]]
+
+
+async def test_multi_statement_strings(conn: BemiConnection, reader: asyncpg.Connection) -> None:
+    """Multi-statement strings keep their status and their transactions; each transaction gets its message."""
+    with bemi_context(CTX):
+        assert await conn.execute(f"{INSERT}; {INSERT}; SELECT 1") == "SELECT 1"
+        assert await conn.execute(f"BEGIN; {INSERT}; COMMIT; {INSERT}") == "INSERT 0 1"
+        assert await conn.execute(f"BEGIN; {INSERT}") == "INSERT 0 1"
+    assert conn.is_in_transaction()
+    with bemi_context(user_id=8):
+        await conn.execute(f"{INSERT}; COMMIT")
+    assert await read_slot(reader) == [
+        [CTX, "I", "I"],
+        ["I", CTX],
+        [CTX, "I"],
+        ["I", CTX, "I", {"user_id": 8}],
+    ]
+
+
+async def test_failed_emission_leaves_no_aborted_transaction(
+    source: tuple[str, asyncpg.Connection], reader: asyncpg.Connection
+) -> None:
+    """When the message cannot be written (EXECUTE revoked here), the transaction is rolled back, the connection is
+    idle and usable, and the error says what to fix."""
+    dsn, _ = source
+    await reader.execute(
+        "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC;"
+        "CREATE ROLE bemi_app_no_emit LOGIN; GRANT ALL ON items, items_id_seq TO bemi_app_no_emit"
+    )
+    try:
+        conn = await bemi_asgi.connect(dsn, user="bemi_app_no_emit")
+        try:
+            with bemi_context(CTX):
+                tr = conn.transaction()
+                await tr.start()
+                await conn.execute(INSERT)
+                with pytest.raises(bemi_asgi.SourceNotReadyError, match="pg_logical_emit_message"):
+                    await tr.commit()
+                assert not conn.is_in_transaction()
+                with pytest.raises(bemi_asgi.SourceNotReadyError, match="rolled back"):
+                    await conn.execute("INSERT INTO items (name) VALUES ($1)", "x")
+                assert not conn.is_in_transaction()
+            await conn.execute(INSERT)  # without a context nothing is emitted: it works
+            assert await conn.fetchval("SELECT count(*) FROM items") == 1
+        finally:
+            await conn.close()
+    finally:
+        await reader.execute("DROP OWNED BY bemi_app_no_emit; DROP ROLE bemi_app_no_emit")
+
+
+async def test_latin1_database_accepts_any_context(pg_server: PgServer) -> None:
+    """On a LATIN1 database a context with characters LATIN1 lacks is written as ASCII JSON and reads back equal."""
+    name = f"latin1_{os.getpid()}"
+
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as admin:
+        admin.execute(
+            psql.SQL("CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").format(
+                psql.Identifier(name)
+            )
+        )
+    try:
+        dsn = pg_server.dsn(name)
+        latin1_reader = await prepare_source(dsn)
+        conn = await bemi_asgi.connect(dsn)
+        context = {"who": "Zoë 日本 \U0001f600", "note": "é\\\"'"}
+        try:
+            with bemi_context(context):
+                async with conn.transaction():
+                    await conn.execute("INSERT INTO items (name) VALUES ($1)", "é")
+                await conn.execute("INSERT INTO items (name) VALUES ('ü')")
+            assert await read_slot(latin1_reader) == [["I", context], [context, "I"]]
+        finally:
+            await conn.close()
+            await latin1_reader.close()
+    finally:
+        drop_database(pg_server.admin_dsn, name)
+
+
+# --- the tracked transaction, on its own ----------------------------------------------------------------------------
+
+
+def _data(**values: Any) -> ContextData:
+    return validate(values)
+
+
+def test_transaction_state_machine_owes_the_previous_context_on_a_switch() -> None:
+    """A switch owes the previous context's conditional message; COMMIT owes the last one; savepoints restore."""
+    a, b = _data(step="a"), _data(step="b")
+    tx = Transaction()
+    assert tx.advance(Step.STATEMENT, a) is None  # outside a transaction nothing is owed here
+    assert tx.advance(Step.BEGIN, a) is None
+    assert tx.state is TransactionState.STARTED
+    assert tx.advance(Step.STATEMENT, a) is None
+    assert tx.advance(Step.SAVEPOINT, b, "s") is None
+    assert tx.advance(Step.STATEMENT, b) == emit_sql(a)
+    assert tx.advance(Step.ROLLBACK_TO, b, "s") is None
+    assert (tx.state, tx.under) == (TransactionState.RUNNING, a)
+    assert tx.advance(Step.NEUTRAL, b) is None
+    assert tx.advance(Step.COMMIT, b) == emit_sql(a)
+    assert tx.state is TransactionState.IDLE
+
+
+def test_a_part_without_context_is_owed_an_empty_message_once_a_context_ran() -> None:
+    """After a part under a context, a part under none needs `{}`, or it would take a later message's context."""
+    a = _data(step="a")
+    tx = Transaction(TransactionState.STARTED)
+    assert tx.advance(Step.STATEMENT, None) is None
+    assert tx.advance(Step.STATEMENT, a) == emit_sql(None)
+    assert tx.advance(Step.STATEMENT, None) == emit_sql(a)
+    assert tx.advance(Step.COMMIT, None) == emit_sql(None)
+    tx = Transaction(TransactionState.STARTED)
+    assert tx.advance(Step.STATEMENT, None) is None
+    assert tx.advance(Step.COMMIT, a) is None  # nothing ran under a context: no message at all
+
+
+def test_read_only_transactions_owe_nothing_until_a_set() -> None:
+    """BEGIN ... READ ONLY (the server refuses every write) owes no message, AND CHAIN included; a SET before the
+    first query may make it READ WRITE, so from then on the usual rule applies."""
+    a, b = _data(step="a"), _data(step="b")
+    tx = Transaction()
+    tx.advance(Step.BEGIN_READ_ONLY, a)
+    assert tx.state is TransactionState.READ_ONLY
+    assert tx.advance(Step.STATEMENT, a) is None
+    assert tx.advance(Step.STATEMENT, b) is None
+    assert tx.advance(Step.COMMIT_AND_CHAIN, b) is None
+    assert tx.state is TransactionState.READ_ONLY
+    tx.advance(Step.NEUTRAL, b)
+    tx.advance(Step.STATEMENT, b)
+    assert tx.advance(Step.COMMIT, b) == emit_sql(b)

@@ -119,3 +119,35 @@ async def test_context_changed_within_a_session(
             await session.commit()
     (transaction,) = await read_slot(reader)
     assert stitch(transaction) == [("I", {"step": 1}), ("I", {"step": 2})]
+
+
+async def test_rolled_back_savepoint_under_another_context(
+    sessions: async_sessionmaker[AsyncSession], reader: asyncpg.Connection
+) -> None:
+    """`begin_nested()` sends SAVEPOINT / ROLLBACK TO as prepared statements: a write under A, then a savepoint
+    written under B and rolled back, then COMMIT: the outer write keeps A."""
+    async with sessions() as session:
+        with bemi_context(step="A"):
+            session.add(Item(name="outer"))
+            await session.flush()
+        with bemi_context(step="B"):
+            nested = await session.begin_nested()
+            session.add(Item(name="inner"))
+            await session.flush()
+            await nested.rollback()
+        with bemi_context(step="A"):
+            await session.commit()
+    (transaction,) = await read_slot(reader)
+    assert stitch(transaction) == [("I", {"step": "A"})]
+
+
+async def test_core_and_orm_with_text_statements_and_switches(engine: AsyncEngine, reader: asyncpg.Connection) -> None:
+    """Core text statements and ORM inserts in one transaction, under two contexts, each keep their own."""
+    async with engine.begin() as connection:
+        with bemi_context(step=1):
+            await connection.execute(text("INSERT INTO items (name) VALUES ('a')"))
+        with bemi_context(step=2):
+            await connection.execute(insert(Item).values(name="b"))
+            await connection.execute(text("UPDATE items SET name = 'c' WHERE name = 'a'"))
+    (transaction,) = await read_slot(reader)
+    assert stitch(transaction) == [("I", {"step": 1}), ("I", {"step": 2}), ("U", {"step": 2})]

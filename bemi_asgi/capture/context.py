@@ -180,6 +180,15 @@ def deactivate(token: Token[ContextData | None]) -> None:
     _current.reset(token)
 
 
+class _Scope(NamedTuple):
+    """An entered `bemi_context`: the token that restores the context before it, and the scope around it."""
+
+    token: Token[ContextData | None]
+    outer: _Scope | None
+
+
+_scopes: ContextVar[_Scope | None] = ContextVar("bemi_context_scopes", default=None)
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -198,7 +207,7 @@ class bemi_context:  # lower case: used like a function, `with bemi_context(...)
     raises BemiContextError at entry.
     """
 
-    __slots__ = ("_tokens", "_values")
+    __slots__ = ("_values",)
 
     def __init__(self, mapping: Mapping[str, Any] | None = None, /, **values: Any) -> None:
         merged: dict[str, Any] = {}
@@ -208,19 +217,24 @@ class bemi_context:  # lower case: used like a function, `with bemi_context(...)
             merged.update(mapping)
         merged.update(values)
         self._values = merged
-        self._tokens: list[Token[ContextData | None]] = []
 
     def __enter__(self) -> dict[str, Any]:
         outer = _current.get()
         values = self._values if outer is None else {**outer.values, **self._values}
         data = validate(values)
-        self._tokens.append(_current.set(data))
+        # The token goes on a stack held by the task's own context, never on `self`: one instance may be entered
+        # by several tasks at once (a module-level `job = bemi_context(...)` used as `with job:` in each).
+        _scopes.set(_Scope(_current.set(data), _scopes.get()))
         return dict(data.values)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _current.reset(self._tokens.pop())
+        scope = _scopes.get()
+        if scope is None:
+            raise RuntimeError("bemi_context exited without being entered in this task")
+        _scopes.set(scope.outer)
+        _current.reset(scope.token)
 
     @overload
     def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...

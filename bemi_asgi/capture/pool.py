@@ -1,47 +1,71 @@
 """The asyncpg pool whose connections carry the Bemi context into the WAL.
 
-Each written transaction gets one transactional logical message with the prefix `_bemi` and the context's JSON,
-sent with COMMIT in the same round trip and only if the transaction wrote (it has an xid):
+Each written transaction gets a transactional logical message with the prefix `_bemi` and the context's JSON, sent
+with COMMIT in the same round trip and only if the transaction wrote (it has an xid):
 
     SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL
                 THEN pg_logical_emit_message(true, '_bemi', <json>) END;COMMIT
 
-How each way of writing is covered, by `BemiConnection`:
+Inside a transaction the server judges, never the statement's text (see `Transaction`):
 
-- A transaction (`conn.transaction()`, `tr.start()/commit()`, raw `execute("BEGIN")` ... `execute("COMMIT")`): the
-  COMMIT statement (asyncpg's Transaction sends it through `execute`) gets the message in front of it. A
-  savepoint's RELEASE does not emit: only the outermost COMMIT does. ROLLBACK sends nothing.
-- The context changing inside a transaction: just before the first statement under the new context, the previous
-  context's message is sent (in the same simple query for `execute` without arguments, one extra round trip
-  otherwise), so with the stitching rule (a change takes the context of the first `_bemi` message after it) each
-  part of the transaction keeps the context it ran under. A part that ran with no context gets `{}`.
-- A transaction whose statements are all recognized reads (see `classify`) sends nothing at COMMIT.
-- Outside a transaction, a statement that may write (see `classify`) is wrapped when a context is set:
-  `execute` without arguments sends the message and the statement as one simple query (one implicit transaction);
-  the message comes first there, which the stitching rule reads the same way, because an appended statement would
-  replace the status `execute` returns. Statements with arguments, `executemany`, `copy_*` and prepared statements
-  run as BEGIN / statement / message + COMMIT. Reads run as they are.
+- every COMMIT, END, COMMIT AND CHAIN and PREPARE TRANSACTION, on every path (`execute`, `fetch*`, prepared
+  statements, `conn.transaction()`, SQLAlchemy), carries the conditional message of the context the transaction's
+  statements ran under;
+- when the context changes between two statements, the previous context's conditional message is sent just before
+  the first statement under the new one (in the same simple query for `execute` without arguments, one extra round
+  trip otherwise). With the stitching rule (a change takes the context of the first `_bemi` message after it) each
+  part of the transaction keeps the context it ran under; a part that ran with no context gets `{}`.
+- a savepoint remembers that state and ROLLBACK TO restores it, because a rolled-back savepoint takes the messages
+  sent after it along;
+- a READ ONLY transaction sends nothing: the server refuses its writes.
 
-Note: a statement counts as a read only when its text shows it: a query (SELECT, WITH, VALUES, TABLE, SHOW) with
-no data-modifying keyword that calls only built-in functions. A call to one of your functions counts as a write
-(outside a transaction it then runs as BEGIN / statement / COMMIT: two more round trips, no message unless it
-wrote). A write the text cannot show, such as a view whose column calls a writing function, is not recognized.
+Transaction control is recognised by PostgreSQL's own parser (`statements.read`), in every spelling, inside
+multi-statement strings too; before every call the tracked state is aligned with the server's transaction status
+(`is_in_transaction()`), and after a multi-statement string too.
+
+Outside a transaction, the text decides only whether to wrap a statement (see `statements` for what counts as a
+possible write): `execute` without arguments sends an unconditional message in front of the first writing statement
+of the query (one implicit transaction, one round trip; in front, because an appended statement would replace the
+status `execute` returns); a statement that only calls functions which may write, statements with arguments,
+`executemany`, `copy_*` and prepared statements run as BEGIN / statement / conditional message + COMMIT. A write the
+text does not show runs unwrapped and lacks its context; it never carries another one.
+
+The pool never changes what a statement does: `CALL` and `DO` (they may COMMIT, which works only at top level) and
+other utility statements are never wrapped, SET statements are never preceded by a message (SET TRANSACTION must
+come first), and a message that cannot be written at COMMIT or around a wrapped statement rolls its transaction
+back and raises `SourceNotReadyError` (the cause is in the source: `wal_level`, or EXECUTE on
+`pg_logical_emit_message` revoked). A message owed mid-transaction that fails leaves that transaction aborted, as any
+failed statement does, for its owner to roll back.
+
+Note: a procedure's or DO block's own COMMITs carry no context, and neither do their writes outside a transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import asyncpg
+from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
 
+from .._exceptions import SourceNotReadyError
 from .context import MESSAGE_PREFIX, ContextData, activate, current, deactivate
+from .statements import CACHED_LENGTH, Statement, Step, Writes, read
 
-__all__ = ["BemiConnection", "BemiPreparedStatement", "classify", "connect", "create_pool", "emit_sql"]
+__all__ = [
+    "BemiConnection",
+    "BemiPreparedStatement",
+    "Transaction",
+    "TransactionState",
+    "connect",
+    "create_pool",
+    "emit_sql",
+]
 
 T = TypeVar("T")
 
@@ -53,7 +77,7 @@ else:  # asyncpg's classes are generic only in the stubs
     _Statement = PreparedStatement
 
 
-# --- SQL text -------------------------------------------------------------------------------------------------------
+# --- the message ----------------------------------------------------------------------------------------------------
 
 
 def quote_literal(text: str) -> str:
@@ -74,9 +98,26 @@ def quote_literal(text: str) -> str:
     return f"${tag}${text}${tag}$"
 
 
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def ascii_json(json: str) -> str:
+    """The same JSON with every non-ASCII character as a `\\u` escape (outside strings JSON is ASCII already), so
+    that any server encoding accepts the statement carrying it."""
+    return json if json.isascii() else _NON_ASCII.sub(_escape, json)
+
+
 @functools.lru_cache(maxsize=256)
 def _emit_sql_for(json: str) -> tuple[str, str]:
-    literal = quote_literal(json)
+    literal = quote_literal(ascii_json(json))
     call = f"pg_logical_emit_message(true, '{MESSAGE_PREFIX}', {literal})"  # 3 arguments: PG 17 added a 4th
     return f"SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL THEN {call} END;", f"SELECT {call};"
 
@@ -91,290 +132,391 @@ def emit_sql(data: ContextData | None, *, conditional: bool = True) -> str:
     return pair[0] if conditional else pair[1]
 
 
-# --- statement classification ---------------------------------------------------------------------------------------
-
-READ, WRITE, OTHER = 0, 1, 2
-
-_WRITE_WORDS = re.compile(r"\b(?:insert|update|delete|merge|copy|truncate|call|do|execute)\b", re.IGNORECASE)
-# Commands that refuse to run inside a transaction block (or a multi-statement query): never wrap them.
-_NON_TRANSACTIONAL = re.compile(
-    r"\b(?:vacuum|concurrently|tablespace|subscription|prepared|checkpoint|reindex)\b"
-    r"|\b(?:create|drop|alter)\s+database\b|\balter\s+system\b|\bdiscard\s+all\b|(?:^|;)\s*cluster\s*(?:;|$)",
-    re.IGNORECASE,
-)
-_QUERY_START = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*(?:select|with|values|table|explain)\b", re.I | re.S)
-_SHOW = re.compile(r"^\s*show\b", re.IGNORECASE)
-_CALL = re.compile(r"([a-z_][\w$]*)\s*\(", re.IGNORECASE)
-_QUOTED_CALL = re.compile(r"\"\s*\(")
-# Names followed by "(" in a query that cannot write: SQL keywords, type modifiers and built-in functions without
-# side effects. A call to anything else (your functions, which may write) makes the statement count as a write.
-_PURE = frozenset(
-    re.findall(
-        r"\S+",
-        """
-    all and any array as between by case cast check exists filter from group having in interval is join lateral
-    limit not offset on or order over partition row rows select some then using values when where window with within
-    bit char character decimal numeric time timestamp timestamptz varchar float
-    abs age array_agg array_length array_position array_remove array_to_string avg bool_and bool_or btrim cardinality
-    ceil ceiling char_length clock_timestamp coalesce concat concat_ws count current_setting date_part date_trunc
-    dense_rank encode decode every extract first_value floor format generate_series greatest initcap json_agg
-    json_build_array json_build_object json_object_agg jsonb_agg jsonb_array_elements jsonb_array_elements_text
-    jsonb_array_length jsonb_build_array jsonb_build_object jsonb_each jsonb_each_text jsonb_extract_path
-    jsonb_extract_path_text jsonb_object_agg jsonb_object_keys jsonb_path_exists jsonb_path_query jsonb_set
-    jsonb_strip_nulls jsonb_typeof lag last_value lead least left length lower lpad ltrim make_interval max md5 min mod
-    now ntile nullif percent_rank percentile_cont percentile_disc position power random rank regexp_match
-    regexp_matches regexp_replace regexp_split_to_array replace right round row_number row_to_json rpad rtrim sign
-    split_part sqrt starts_with statement_timestamp string_agg string_to_array strpos substr substring sum to_char
-    to_date to_json to_jsonb to_number to_timestamp translate trim trunc unnest upper version
-    """,
-    )
-)
+def _same(a: ContextData | None, b: ContextData | None) -> bool:
+    return a is b or (a is not None and b is not None and a.json == b.json)
 
 
-@functools.lru_cache(maxsize=2048)
-def classify(query: str) -> int:
-    """Judge a statement from its text (cached per text): READ, WRITE (may write rows) or OTHER (DDL, settings...).
+# --- the tracked transaction ----------------------------------------------------------------------------------------
 
-    READ only when that is certain from the text: a query with no data-modifying keyword that calls only built-in
-    functions. Anything doubtful is a WRITE, which pays a (conditional) message, never loses one; commands that
-    cannot run in a transaction block are OTHER and left alone.
+
+class TransactionState(enum.Enum):
+    """Where a connection's transaction stands, as the pool tracks it."""
+
+    IDLE = "idle"  # no transaction: each statement is its own, wrapped if its text shows it may write
+    STARTED = "started"  # a transaction is open and no statement ran in it yet
+    RUNNING = "running"  # statements ran in it; `Transaction.under` is the context the last one ran under
+    READ_ONLY = "read only"  # BEGIN ... READ ONLY: the server refuses every write, so nothing is ever owed
+
+
+class _Savepoint(NamedTuple):
+    name: str
+    state: TransactionState
+    under: ContextData | None
+    touched: bool
+
+
+_COMMITS = frozenset({Step.COMMIT, Step.COMMIT_AND_CHAIN})
+_ENDS = frozenset({Step.COMMIT, Step.COMMIT_AND_CHAIN, Step.ROLLBACK, Step.ROLLBACK_AND_CHAIN})
+_CHAINS = frozenset({Step.COMMIT_AND_CHAIN, Step.ROLLBACK_AND_CHAIN})
+
+
+class Transaction:
+    """A connection's transaction as the pool tracks it: a `TransactionState` and what the messages need.
+
+    `under` is the context the last statement ran under (the one owed a message), `touched` whether any statement
+    ran under a context (then a part with none needs `{}`, or it would take a later message's context), and the
+    savepoints hold that state as it was when each was set. `advance` is the only transition.
     """
-    if _NON_TRANSACTIONAL.search(query):
-        return OTHER
-    if _WRITE_WORDS.search(query):
-        return WRITE
-    if _QUERY_START.match(query):
-        if _QUOTED_CALL.search(query) or any(name.lower() not in _PURE for name in _CALL.findall(query)):
-            return WRITE
-        return READ
-    return READ if _SHOW.match(query) else OTHER
+
+    __slots__ = ("savepoints", "state", "touched", "under")
+
+    def __init__(self, state: TransactionState = TransactionState.IDLE) -> None:
+        self.state = state
+        self.under: ContextData | None = None
+        self.touched = False
+        self.savepoints: list[_Savepoint] = []
+
+    def copy(self) -> Transaction:
+        other = Transaction(self.state)
+        other.under, other.touched, other.savepoints = self.under, self.touched, list(self.savepoints)
+        return other
+
+    def __repr__(self) -> str:
+        under = None if self.under is None else self.under.json
+        return f"<Transaction {self.state.value} under={under} savepoints={[s.name for s in self.savepoints]}>"
+
+    def advance(self, step: Step, data: ContextData | None, savepoint: str = "") -> str | None:
+        """Move past a statement doing `step`, run under context `data`; return the SQL (a `_bemi` message) that
+        must run just before it, or None."""
+        state = self.state
+        if step is Step.BEGIN or step is Step.BEGIN_READ_ONLY:
+            if state is TransactionState.IDLE:
+                read_only = step is Step.BEGIN_READ_ONLY
+                self._restart(TransactionState.READ_ONLY if read_only else TransactionState.STARTED)
+            return None  # BEGIN inside a transaction only warns
+        if state is TransactionState.IDLE:
+            return None
+        if step is Step.STATEMENT:
+            if state is TransactionState.READ_ONLY:
+                return None
+            if state is TransactionState.STARTED:
+                self.state, self.under, self.touched = TransactionState.RUNNING, data, data is not None
+                return None
+            previous = self.under
+            if _same(data, previous):
+                return None
+            self.under = data
+            self.touched = self.touched or data is not None
+            return emit_sql(previous)
+        if step in _ENDS:
+            message = self._owed_at_commit(data) if step in _COMMITS else None
+            if step not in _CHAINS:
+                self._restart(TransactionState.IDLE)
+            else:  # AND CHAIN: a new transaction with the same characteristics (read only stays read only)
+                read_only = state is TransactionState.READ_ONLY
+                self._restart(TransactionState.READ_ONLY if read_only else TransactionState.STARTED)
+            return message
+        if step is Step.NEUTRAL and state is TransactionState.READ_ONLY:
+            # SET TRANSACTION READ WRITE may still come before the first query: stop relying on READ ONLY.
+            self.state = TransactionState.STARTED
+        if step is Step.SAVEPOINT:
+            self.savepoints.append(_Savepoint(savepoint, state, self.under, self.touched))
+        elif step is Step.RELEASE or step is Step.ROLLBACK_TO:
+            for index in range(len(self.savepoints) - 1, -1, -1):
+                saved = self.savepoints[index]
+                if saved.name == savepoint:
+                    if step is Step.ROLLBACK_TO:  # the savepoint stays; what ran after it (messages too) is undone
+                        self.state, self.under, self.touched = saved.state, saved.under, saved.touched
+                        del self.savepoints[index + 1 :]
+                    else:
+                        del self.savepoints[index:]
+                    break
+        return None  # NEUTRAL: SET / SHOW change nothing here
+
+    def _owed_at_commit(self, data: ContextData | None) -> str | None:
+        if self.state is TransactionState.READ_ONLY:
+            return None
+        if self.state is TransactionState.STARTED:  # no statement seen: the context current at COMMIT
+            return None if data is None else emit_sql(data)
+        if self.under is not None:
+            return emit_sql(self.under)
+        return emit_sql(None) if self.touched else None
+
+    def _restart(self, state: TransactionState) -> None:
+        self.state, self.under, self.touched, self.savepoints = state, None, False, []
 
 
-_NAME = r"(\"(?:[^\"]|\"\")+\"|[a-z_][\w$]*)"
-_END = r"\s*;?\s*$"
-_WORK = r"(?:\s+(?:work|transaction))?"
-_CHAIN = r"(?:\s+and\s+(?:no\s+)?chain)?"
-_CONTROL = [
-    ("commit", re.compile(r"^\s*(?:commit|end)" + _WORK + _CHAIN + _END, re.I)),
-    ("rollback_to", re.compile(r"^\s*rollback" + _WORK + r"\s+to\s+(?:savepoint\s+)?" + _NAME + _END, re.I)),
-    ("rollback", re.compile(r"^\s*(?:rollback|abort)" + _WORK + _CHAIN + _END, re.I)),
-    ("release", re.compile(r"^\s*release\s+(?:savepoint\s+)?" + _NAME + _END, re.I)),
-    ("savepoint", re.compile(r"^\s*savepoint\s+" + _NAME + _END, re.I)),
-    ("begin", re.compile(r"^\s*(?:begin|start\s+transaction)\b", re.I)),
-]
+def _plan(tx: Transaction, statements: tuple[Statement, ...], data: ContextData | None) -> list[tuple[int, str]]:
+    """Advance `tx` over the statements of one simple query; return the messages to insert, with their offsets.
+
+    Inside a transaction block each statement goes through `Transaction.advance`. Outside one, the statements up to
+    the next BEGIN / COMMIT / ROLLBACK form one implicit transaction: an unconditional message goes in front of the
+    first statement of it that may write (only the context current for this call can be in it).
+    """
+    inserts: list[tuple[int, str]] = []
+    emitted = ran = False  # in the current implicit transaction: a message went in; a statement ran
+    for statement in statements:
+        step = statement.step
+        if tx.state is TransactionState.IDLE:
+            if step is Step.BEGIN or step is Step.BEGIN_READ_ONLY:
+                tx.advance(step, data)
+                if ran:  # BEGIN turns the implicit transaction into this block: what ran is part of it
+                    tx.advance(Step.STATEMENT, data)
+            elif step in _ENDS:
+                emitted = ran = False
+            elif step is Step.STATEMENT:
+                ran = True
+                if statement.writes is not Writes.NO and data is not None and not emitted:
+                    inserts.append((statement.offset, emit_sql(data, conditional=False)))
+                    emitted = True
+        else:
+            sql = tx.advance(step, data, statement.savepoint)
+            if sql is not None:
+                inserts.append((statement.offset, sql))
+            if step in _ENDS:  # back outside a block (or in a new one, chained)
+                emitted = ran = False
+    return inserts
 
 
-@functools.lru_cache(maxsize=512)
-def control(query: str) -> tuple[str, str] | None:
-    """Classify a transaction-control statement: (kind, savepoint name or ''), or None for any other text."""
-    for kind, pattern in _CONTROL:
-        match = pattern.match(query)
-        if match:
-            name = match.group(1) if match.groups() else ""
-            name = name[1:-1].replace('""', '"') if name.startswith('"') else name.lower()
-            return kind, name
-    return None
+def _splice(query: str, inserts: list[tuple[int, str]]) -> str:
+    """Insert each SQL at its byte offset in the UTF-8 text of `query`."""
+    if not inserts:
+        return query
+    if query.isascii():
+        parts, last = [], 0
+        for offset, sql in inserts:
+            parts += [query[last:offset], sql]
+            last = offset
+        parts.append(query[last:])
+        return "".join(parts)
+    raw = query.encode()
+    chunks, last = [], 0
+    for offset, sql in inserts:
+        chunks += [raw[last:offset], sql.encode()]
+        last = offset
+    chunks.append(raw[last:])
+    return b"".join(chunks).decode()
+
+
+_UNREAD = Statement(Step.STATEMENT, Writes.NO, 0)  # text the parser cannot read: the server will refuse it too
+_COPY_IN = Statement(Step.STATEMENT, Writes.YES, 0)
+
+
+def _single(query: str) -> Statement:
+    statements = read(query)
+    return statements[0] if statements is not None and len(statements) == 1 else _UNREAD
+
+
+class _Shape(NamedTuple):
+    """What `execute` needs to know of a query string, worked out once per text."""
+
+    statements: tuple[Statement, ...]
+    control: bool  # it holds transaction control: the statements must be planned one by one
+    sets: bool  # it holds a SET / SHOW, in front of which no message may go
+    writes: Writes  # the strongest judgement among its statements (used outside a transaction only)
+
+
+def _make_shape(query: str) -> _Shape:
+    statements = read(query) or (_UNREAD,)
+    control = any(s.step is not Step.STATEMENT and s.step is not Step.NEUTRAL for s in statements)
+    sets = any(s.step is Step.NEUTRAL for s in statements)
+    return _Shape(statements, control, sets, max((s.writes for s in statements), default=Writes.NO))
+
+
+_shape_cached = functools.lru_cache(maxsize=4096)(_make_shape)
+
+
+def _shape(query: str) -> _Shape:
+    return _shape_cached(query) if len(query) <= CACHED_LENGTH else _make_shape(query)
 
 
 # --- the connection -------------------------------------------------------------------------------------------------
-
-_SavedState = tuple[str, bool, ContextData | None, bool]
 
 
 class BemiConnection(_Connection):
     """An `asyncpg.Connection` whose written transactions carry the current Bemi context into the WAL.
 
     Use it through `create_pool` / `connect`, or pass `connection_class=BemiConnection` to asyncpg yourself.
-
-    Note: a cursor's fetches are not seen one by one: a transaction written only through cursors carries the
-    context of the last statement seen before them, or else the one current at COMMIT.
     """
 
-    # Per-transaction state: whether a statement ran yet, whether one may have written, the context the last one ran
-    # under, whether any ran under a context, and the savepoints (name + that state when they were set) so ROLLBACK
-    # TO can restore it.
-    _bemi_open: bool
-    _bemi_started: bool
-    _bemi_wrote: bool
-    _bemi_ran_under: ContextData | None
-    _bemi_touched: bool
-    _bemi_savepoints: list[_SavedState]
+    _bemi: Transaction
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._bemi_open = False
-        self._bemi_started = False
-        self._bemi_wrote = False
-        self._bemi_ran_under = None
-        self._bemi_touched = False
-        self._bemi_savepoints = []
+        self._bemi = Transaction()
 
-    # -- transaction state --
+    # -- the tracked state, kept in step with the server --
 
-    def _bemi_begin(self) -> None:
-        self._bemi_open = True
-        self._bemi_savepoints = []
-        self._bemi_started = False
-        self._bemi_wrote = False
+    def _bemi_tracked(self) -> Transaction:
+        """The tracked transaction, first aligned with the server's transaction status."""
+        tx = self._bemi
+        if not self.is_in_transaction():
+            if tx.state is not TransactionState.IDLE:
+                tx = self._bemi = Transaction()
+        elif tx.state is TransactionState.IDLE:  # a transaction began out of sight (an asyncpg internal, say)
+            tx = self._bemi = Transaction(TransactionState.STARTED)
+        return tx
 
-    def _bemi_note(self, kind: int) -> None:
-        """Record a statement the connection cannot hold up (a cursor): only whether it may write."""
-        if not self._bemi_open:
-            self._bemi_begin()
-        if kind != READ:
-            self._bemi_wrote = True
+    def _bemi_settle(self, planned: Transaction, data: ContextData | None) -> None:
+        """Keep `planned` as the state after a call, corrected by what the server says."""
+        if not self.is_in_transaction():
+            planned = Transaction() if planned.state is not TransactionState.IDLE else planned
+        elif planned.state is TransactionState.IDLE:  # a transaction left open that the plan did not foresee
+            planned = Transaction(TransactionState.STARTED)
+            planned.advance(Step.STATEMENT, data)  # whatever ran in it ran under this call's context
+        self._bemi = planned
 
-    def _bemi_before_statement(self, kind: int) -> str | None:
-        """Record that a statement of `kind` runs now, in a transaction; return the SQL to send first, if any.
+    async def _bemi_emit(self, sql: str, *, commit: bool) -> bool:
+        """Send a message on its own; False when the transaction had already failed (the message is moot)."""
+        try:
+            await _Connection.execute(self, sql)
+        except asyncpg.InFailedSQLTransactionError:
+            return False
+        except asyncpg.PostgresError as exc:
+            raise await self._bemi_emit_failed(exc, commit) from exc
+        return True
 
-        That SQL is the previous context's message, owed when the context changed since the last statement and
-        something before may have written.
-        """
-        data = current()
-        if not self._bemi_open:
-            self._bemi_begin()
-        wrote = self._bemi_wrote
-        if kind != READ:
-            self._bemi_wrote = True
-        if not self._bemi_started:
-            self._bemi_started = True
-            self._bemi_ran_under = data
-            self._bemi_touched = data is not None
-            return None
-        previous = self._bemi_ran_under
-        if data is previous or (data is not None and previous is not None and data.json == previous.json):
-            return None
-        self._bemi_ran_under = data
-        if data is not None:
-            self._bemi_touched = True
-        return emit_sql(previous) if wrote else None
-
-    def _bemi_commit_message(self) -> str | None:
-        """The message SQL owed at COMMIT, or None when the transaction ran without any context."""
-        if not (self._bemi_open and self._bemi_started):
-            data = current()  # no statement seen (cursors, for instance): the context at COMMIT
-            return None if data is None else emit_sql(data)
-        if not self._bemi_wrote:  # only recognized reads: nothing to attribute, send nothing
-            return None
-        if self._bemi_ran_under is not None:
-            return emit_sql(self._bemi_ran_under)
-        return emit_sql(None) if self._bemi_touched else None
-
-    def _bemi_end(self) -> None:
-        self._bemi_open = False
-        self._bemi_savepoints = []
+    async def _bemi_emit_failed(self, exc: asyncpg.PostgresError, commit: bool) -> SourceNotReadyError:
+        """Roll back the transaction the failed message left aborted; the error to raise."""
+        if commit and self.is_in_transaction() and not self.is_closed():
+            with contextlib.suppress(Exception):
+                await _Connection.execute(self, "ROLLBACK")
+            self._bemi = Transaction()
+        what = "the transaction was rolled back" if commit else "the transaction is aborted: roll it back"
+        return SourceNotReadyError(
+            f"could not write the Bemi context message ({type(exc).__name__}: {exc}), so {what}. The source "
+            "database needs wal_level=logical, and the application's role EXECUTE on pg_logical_emit_message "
+            "(every role has it unless revoked); `bemi-asgi doctor` checks the source"
+        )
 
     # -- simple query protocol --
 
     async def execute(self, query: str, *args: object, timeout: float | None = None) -> str:  # noqa: ASYNC109
         if args:
-            return await self._bemi_call(query, super().execute, query, *args, timeout=timeout)
+            return await self._bemi_run(query, super().execute, query, *args, timeout=timeout)
         parent = super().execute
-        if not self.is_in_transaction():
-            self._bemi_end()
-            data = current()
-            if data is None or classify(query) != WRITE:
+        data = current()
+        tx = self._bemi_tracked()
+        statements, control, sets, writes = _shape(query)
+        idle = tx.state is TransactionState.IDLE
+        if not control and idle and (data is None or writes is Writes.NO):  # nothing to send, nothing to track
+            return await parent(query, timeout=timeout)
+        if not control and not sets:  # the common case: at most one message, in front
+            if not idle:
+                owed = tx.advance(Step.STATEMENT, data)
+                return await parent(query if owed is None else owed + query, timeout=timeout)
+            if data is None or writes is Writes.NO:
                 return await parent(query, timeout=timeout)
-            if _WRITE_WORDS.search(query) is None:  # only calls to functions that may write: wrap, emit if they did
+            if writes is Writes.MAYBE and len(statements) == 1:  # only calls that may write: emit if they did
                 return await self._bemi_wrap(data, parent, query, timeout=timeout)
-            # One implicit transaction: message first (see the module docstring), then the statements.
+            # One implicit transaction: the message first (an appended statement would replace the status).
             return await parent(emit_sql(data, conditional=False) + query, timeout=timeout)
-        kind = control(query)
-        if kind is None:
-            owed = self._bemi_before_statement(classify(query))
-            return await parent(query if owed is None else owed + query, timeout=timeout)
-        return await self._bemi_control(kind, query, timeout)
-
-    async def _bemi_control(self, kind: tuple[str, str], query: str, timeout: float | None) -> str:  # noqa: ASYNC109
-        parent = super().execute
-        what, name = kind
-        if what == "commit":
-            message = self._bemi_commit_message()
-            self._bemi_end()
+        if len(statements) == 1:  # one control statement or SET: move past it here, no plan
+            statement = statements[0]
+            message = tx.advance(statement.step, data, statement.savepoint)
             if message is None:
                 return await parent(query, timeout=timeout)
-            try:
-                return await parent(message + query, timeout=timeout)
-            except asyncpg.InFailedSQLTransactionError:
-                # COMMIT of a failed transaction rolls back without an error: keep that behaviour.
+            return await self._bemi_commit(message, query, timeout)  # only COMMITs owe a message
+        planned = tx.copy()
+        inserts = _plan(planned, statements, data)
+        if len(statements) == 1 and statements[0].step in _COMMITS and inserts:
+            self._bemi = planned
+            return await self._bemi_commit(inserts[0][1], query, timeout)
+        try:
+            return await parent(_splice(query, inserts), timeout=timeout)
+        finally:
+            self._bemi_settle(planned, data)
+
+    async def _bemi_commit(self, message: str, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
+        """COMMIT (or PREPARE TRANSACTION) with its message in front, in one round trip. The tracked state has
+        moved past it already; only a failed message changes it again."""
+        parent = super().execute
+        try:
+            return await parent(message + query, timeout=timeout)
+        except asyncpg.PostgresError as exc:
+            if not self.is_in_transaction():  # COMMIT itself ran and failed (a deferred constraint, say)
+                raise
+            if isinstance(exc, asyncpg.InFailedSQLTransactionError):
+                # The transaction had failed before: COMMIT rolls it back without an error, as without the pool.
                 return await parent(query, timeout=timeout)
-        if what == "rollback":
-            self._bemi_end()
-            return await parent(query, timeout=timeout)
-        if what == "savepoint":
-            owed = self._bemi_before_statement(READ)  # a message owed is sent before the savepoint, so it survives it
-            status = await parent(query if owed is None else owed + query, timeout=timeout)
-            self._bemi_savepoints.append((name, self._bemi_started, self._bemi_ran_under, self._bemi_touched))
-            return status
-        status = await parent(query, timeout=timeout)
-        for index in range(len(self._bemi_savepoints) - 1, -1, -1):
-            if self._bemi_savepoints[index][0] == name:
-                if what == "rollback_to":  # the savepoint stays; what ran after it (messages included) is undone
-                    _, self._bemi_started, self._bemi_ran_under, self._bemi_touched = self._bemi_savepoints[index]
-                    del self._bemi_savepoints[index + 1 :]
-                elif what == "release":
-                    del self._bemi_savepoints[index:]
-                break
-        return status
+            raise await self._bemi_emit_failed(exc, True) from exc
 
-    # -- extended query protocol, COPY, prepared statements --
+    # -- extended query protocol, COPY, prepared statements, cursors --
 
-    async def _bemi_call(self, query: str | None, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
-        """Run `fn(*args, **kwargs)`, a statement with text `query` (None: a write, like COPY), with the context."""
-        if self.is_in_transaction():
-            owed = self._bemi_before_statement(WRITE if query is None else classify(query))
-            if owed is not None:
-                await _Connection.execute(self, owed)
-            return await fn(*args, **kwargs)
+    async def _bemi_run(self, query: str | None, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """Run `fn(*args, **kwargs)`, one statement with text `query` (None: COPY FROM STDIN), with the context."""
         data = current()
-        if data is None or (query is not None and classify(query) != WRITE):
+        tx = self._bemi_tracked()
+        statement = _COPY_IN if query is None else _single(query)
+        if statement.step is Step.STATEMENT:  # the common case: no transaction control, nothing to plan
+            if tx.state is not TransactionState.IDLE:
+                sql = tx.advance(Step.STATEMENT, data)
+                if sql is not None:
+                    await self._bemi_emit(sql, commit=False)
+            elif data is not None and statement.writes is not Writes.NO:
+                return await self._bemi_wrap(data, fn, *args, **kwargs)
             return await fn(*args, **kwargs)
-        return await self._bemi_wrap(data, fn, *args, **kwargs)
+        planned = tx.copy()
+        sql = planned.advance(statement.step, data, statement.savepoint)
+        if sql is not None:
+            await self._bemi_emit(sql, commit=statement.step in _COMMITS)
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            self._bemi_settle(planned, data)
 
     async def _bemi_wrap(self, data: ContextData, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
         """Run `fn` as its own transaction: BEGIN / statement / message + COMMIT."""
-        self._bemi_end()
-        execute = super().execute
-        await execute("BEGIN")
+        await _Connection.execute(self, "BEGIN")
+        self._bemi = Transaction(TransactionState.STARTED)
+        self._bemi.advance(Step.STATEMENT, data)
         try:
             result = await fn(*args, **kwargs)
         except BaseException:
             if self.is_in_transaction() and not self.is_closed():
                 with contextlib.suppress(Exception):  # broken or busy: the pool's reset rolls back
-                    await execute("ROLLBACK")
+                    await _Connection.execute(self, "ROLLBACK")
+            self._bemi = Transaction()
             raise
-        await execute(emit_sql(data) + "COMMIT")
+        self._bemi = Transaction()
+        await self._bemi_commit(emit_sql(data), "COMMIT", None)
         return result
 
+    async def _bemi_before_cursor(self) -> None:
+        """A cursor's bind or fetch runs statements in the transaction: a statement under the current context."""
+        sql = self._bemi_tracked().advance(Step.STATEMENT, current())
+        if sql is not None:
+            await self._bemi_emit(sql, commit=False)
+
     async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        await self._bemi_call(command, super().executemany, command, args, timeout=timeout)
+        await self._bemi_run(command, super().executemany, command, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: object, timeout: float | None = None, record_class: Any = None) -> Any:  # noqa: ASYNC109
-        return await self._bemi_call(query, super().fetch, query, *args, timeout=timeout, record_class=record_class)
+        return await self._bemi_run(query, super().fetch, query, *args, timeout=timeout, record_class=record_class)
 
     async def fetchval(self, query: str, *args: object, column: int = 0, timeout: float | None = None) -> Any:  # noqa: ASYNC109
-        return await self._bemi_call(query, super().fetchval, query, *args, column=column, timeout=timeout)
+        return await self._bemi_run(query, super().fetchval, query, *args, column=column, timeout=timeout)
 
     async def fetchrow(self, query: str, *args: object, timeout: float | None = None, record_class: Any = None) -> Any:  # noqa: ASYNC109
-        return await self._bemi_call(query, super().fetchrow, query, *args, timeout=timeout, record_class=record_class)
+        return await self._bemi_run(query, super().fetchrow, query, *args, timeout=timeout, record_class=record_class)
 
     async def fetchmany(self, query: str, args: Any, *, timeout: float | None = None, record_class: Any = None) -> Any:  # noqa: ASYNC109
-        return await self._bemi_call(query, super().fetchmany, query, args, timeout=timeout, record_class=record_class)
+        return await self._bemi_run(query, super().fetchmany, query, args, timeout=timeout, record_class=record_class)
 
     async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
-        return await self._bemi_call(None, super().copy_to_table, table_name, **kwargs)
+        return await self._bemi_run(None, super().copy_to_table, table_name, **kwargs)
 
     async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
-        return await self._bemi_call(None, super().copy_records_to_table, table_name, **kwargs)
+        return await self._bemi_run(None, super().copy_records_to_table, table_name, **kwargs)
 
     async def copy_from_query(self, query: str, *args: object, **kwargs: Any) -> str:
         # COPY (INSERT ... RETURNING ...) TO STDOUT writes.
-        return await self._bemi_call(query, super().copy_from_query, query, *args, **kwargs)
+        return await self._bemi_run(query, super().copy_from_query, query, *args, **kwargs)
 
     def cursor(self, query: str, *args: object, **kwargs: Any) -> Any:
-        if self.is_in_transaction():  # cursors only run in a transaction
-            self._bemi_note(classify(query))
-        return super().cursor(query, *args, **kwargs)
+        factory = super().cursor(query, *args, **kwargs)
+        factory.__class__ = BemiCursorFactory
+        return factory
 
     async def reset(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         # The pool resets a connection on release, maybe inside the caller's context: that is no write of theirs.
@@ -391,6 +533,50 @@ class BemiConnection(_Connection):
         return statement
 
 
+class _CursorHooks:
+    """Cursor methods that run statements first tell the connection, which may owe a message."""
+
+    __slots__ = ()
+    _connection: BemiConnection
+
+    async def _bind_exec(self, n: int, timeout: float | None) -> Any:  # noqa: ASYNC109
+        await self._connection._bemi_before_cursor()
+        return await super()._bind_exec(n, timeout)  # type: ignore[misc]
+
+    async def _bind(self, timeout: float | None) -> Any:  # noqa: ASYNC109
+        await self._connection._bemi_before_cursor()
+        return await super()._bind(timeout)  # type: ignore[misc]
+
+    async def _exec(self, n: int, timeout: float | None) -> Any:  # noqa: ASYNC109
+        await self._connection._bemi_before_cursor()
+        return await super()._exec(n, timeout)  # type: ignore[misc]
+
+
+class BemiCursor(_CursorHooks, Cursor):
+    __slots__ = ()
+
+
+class BemiCursorIterator(_CursorHooks, CursorIterator):
+    __slots__ = ()
+
+
+class BemiCursorFactory(CursorFactory):
+    """asyncpg's cursor factory, making cursors whose statements the connection sees."""
+
+    __slots__ = ()
+
+    def __aiter__(self) -> Any:
+        iterator = super().__aiter__()
+        iterator.__class__ = BemiCursorIterator
+        return iterator
+
+    def __await__(self) -> Any:
+        if self._prefetch is not None:  # type: ignore[attr-defined]
+            raise asyncpg.InterfaceError("prefetch argument can only be specified for iterable cursor")
+        cursor = BemiCursor(self._connection, self._query, self._state, self._args, self._record_class)  # type: ignore[attr-defined]
+        return cursor._init(self._timeout).__await__()  # type: ignore[attr-defined]
+
+
 class BemiPreparedStatement(_Statement):
     """A prepared statement of a `BemiConnection`: its executions carry the context like the connection's."""
 
@@ -400,30 +586,29 @@ class BemiPreparedStatement(_Statement):
         return self._connection, self._query  # type: ignore[attr-defined]
 
     def cursor(self, *args: object, **kwargs: Any) -> Any:
-        conn, query = self._bemi()
-        if conn.is_in_transaction():
-            conn._bemi_note(classify(query))
-        return super().cursor(*args, **kwargs)
+        factory = super().cursor(*args, **kwargs)
+        factory.__class__ = BemiCursorFactory
+        return factory
 
     async def fetch(self, *args: object, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()
-        return await conn._bemi_call(query, super().fetch, *args, timeout=timeout)
+        return await conn._bemi_run(query, super().fetch, *args, timeout=timeout)
 
     async def fetchval(self, *args: object, column: int = 0, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()
-        return await conn._bemi_call(query, super().fetchval, *args, column=column, timeout=timeout)
+        return await conn._bemi_run(query, super().fetchval, *args, column=column, timeout=timeout)
 
     async def fetchrow(self, *args: object, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()
-        return await conn._bemi_call(query, super().fetchrow, *args, timeout=timeout)
+        return await conn._bemi_run(query, super().fetchrow, *args, timeout=timeout)
 
     async def fetchmany(self, args: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()
-        return await conn._bemi_call(query, super().fetchmany, args, timeout=timeout)
+        return await conn._bemi_run(query, super().fetchmany, args, timeout=timeout)
 
     async def executemany(self, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         conn, query = self._bemi()
-        await conn._bemi_call(query, super().executemany, args, timeout=timeout)
+        await conn._bemi_run(query, super().executemany, args, timeout=timeout)
 
 
 # --- entry points ---------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
     "max_replication_slots": "32",
     "max_wal_senders": "32",
     "max_connections": "200",
+    "max_prepared_transactions": "8",  # two-phase commit (PREPARE TRANSACTION) works, and is tested
     "fsync": "off",
     "full_page_writes": "off",
     "listen_addresses": "'127.0.0.1'",
