@@ -20,7 +20,7 @@ from psycopg import sql as psql
 import bemi_asgi
 from bemi_asgi import BemiConnection, BemiContextError, bemi_context
 from bemi_asgi.capture.context import ContextData, validate
-from bemi_asgi.capture.pool import Transaction, TransactionState, ascii_json, emit_sql, quote_literal
+from bemi_asgi.capture.pool import Transaction, TransactionState, ascii_json, dollar_quote, emit_sql
 from bemi_asgi.capture.statements import Step
 from tests.conftest import PgServer, drop_database
 
@@ -428,18 +428,18 @@ async def test_nul_context_write_through_the_pool_fails_before_sql(
 @pytest.mark.parametrize(
     "text", ["", "$bemi$", "$bemi$$bemi1$", "a$", "'; DROP TABLE items; --", "\\'", "*/", "$$", "\U0001f600"]
 )
-def test_quote_literal_picks_a_tag_absent_from_the_text(text: str) -> None:
+def test_dollar_quote_picks_a_tag_absent_from_the_text(text: str) -> None:
     """The dollar-quote tag never occurs in the quoted text, so the text cannot end the literal early."""
-    literal = quote_literal(text)
+    literal = dollar_quote(text)
     tag = literal[: literal.index("$", 1) + 1]
     assert literal == tag + text + tag
     assert tag not in text
 
 
 @pytest.mark.parametrize("text", ["x$bemi", "$bemi", "x$bemi$bemi", "$bemi1$", "$", "$$", "'\\"])
-async def test_quote_literal_round_trips_through_the_server(conn: BemiConnection, text: str) -> None:
+async def test_dollar_quote_round_trips_through_the_server(conn: BemiConnection, text: str) -> None:
     """The server reads back exactly the quoted text, including text ending where the closing tag begins."""
-    assert await conn.fetchval(f"SELECT {quote_literal(text)}") == text
+    assert await conn.fetchval(f"SELECT {dollar_quote(text)}") == text
 
 
 def test_emit_sql_is_cached_and_calls_the_three_argument_function() -> None:

@@ -80,7 +80,7 @@ else:  # asyncpg's classes are generic only in the stubs
 # --- the message ----------------------------------------------------------------------------------------------------
 
 
-def quote_literal(text: str) -> str:
+def dollar_quote(text: str) -> str:
     """Quote `text` as a PostgreSQL dollar-quoted string literal.
 
     Dollar quoting takes the body verbatim: no escape processing at all, so the result does not depend on
@@ -117,7 +117,7 @@ def ascii_json(json: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _emit_sql_for(json: str) -> tuple[str, str]:
-    literal = quote_literal(ascii_json(json))
+    literal = dollar_quote(ascii_json(json))
     call = f"pg_logical_emit_message(true, '{MESSAGE_PREFIX}', {literal})"  # 3 arguments: PG 17 added a 4th
     return f"SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL THEN {call} END;", f"SELECT {call};"
 
