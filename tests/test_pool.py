@@ -699,8 +699,11 @@ async def test_failed_emission_leaves_no_aborted_transaction(
     """When the message cannot be written (EXECUTE revoked here), the transaction is rolled back, the connection is
     idle and usable, and the error says what to fix."""
     dsn, _ = source
+    # Every overload: PostgreSQL 17 replaced the 3-argument function with one taking an optional 4th.
     await reader.execute(
-        "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC;"
+        "DO $$ DECLARE f regprocedure; BEGIN"
+        " FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message' LOOP"
+        " EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f); END LOOP; END $$;"
         "CREATE ROLE bemi_app_no_emit LOGIN; GRANT ALL ON items, items_id_seq TO bemi_app_no_emit"
     )
     try:

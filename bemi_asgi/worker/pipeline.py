@@ -104,6 +104,7 @@ class Worker:
         self.tracking = tracking
         self._filters = Filters(tracking) if tracking is not None and tracking.filters_rows else None
         self._stopping = False
+        self._streamed = False  # a session has reached streaming
         self._stop_event: asyncio.Event | None = None
         self._session_state: tuple[SourceCatalog, Progress] | None = None  # while a session streams
 
@@ -118,7 +119,7 @@ class Worker:
 
         Lost and refused connections are retried with backoff: forever when running as a service, for at most
         `give_up_after` seconds without progress with `until_caught_up` (then SourceNotReadyError says why).
-        A refused password, an unknown role or database stop it at once: retrying cannot fix them."""
+        A refused password, an unknown role or database before the first session streamed stop it at once."""
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()
@@ -135,7 +136,10 @@ class Worker:
                     await self._session(target)
                     break
                 except Exception as exc:
-                    if not _is_transient(exc):
+                    # A login refused before the worker ever streamed is a wrong URL or password, which retrying
+                    # cannot fix; once it has streamed, the same refusal is maintenance (a database being
+                    # restored, a password being rotated) and is retried like a lost connection.
+                    if not _is_transient(exc) or (_refused_login(exc) and not self._streamed):
                         raise
                     reason = redact(_one_line(exc), self.source, self.destination)
                     now = time.monotonic()
@@ -181,6 +185,7 @@ class Worker:
                 except BaseException:
                     await self._forget_new_slot(catalog, info)
                     raise
+                self._streamed = True
                 self._say_started(info)
                 try:
                     progress = Progress(stream, self.stats, target)
@@ -305,30 +310,34 @@ _REFUSED_LOGIN = re.compile(
 )
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """Whether a failure is a lost or refused connection (retry) rather than a setup error, a refused login or a bug
-    (raise)."""
-    if isinstance(exc, BemiError | asyncpg.ClientConfigurationError):  # a DSN asyncpg cannot read stays unreadable
-        return False
-    if isinstance(
+def _refused_login(exc: BaseException) -> bool:
+    """Whether the server refused the login itself: a wrong password, an unknown role or database."""
+    return isinstance(
         exc,
         asyncpg.InvalidPasswordError
         | asyncpg.InvalidAuthorizationSpecificationError
         | asyncpg.InvalidCatalogNameError
         | psycopg.errors.InvalidCatalogName,
-    ) or (isinstance(exc, psycopg.OperationalError) and _REFUSED_LOGIN.search(str(exc))):
+    ) or (isinstance(exc, psycopg.OperationalError) and _REFUSED_LOGIN.search(str(exc)) is not None)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether a failure is a lost or refused connection (retry) rather than a setup error or a bug (raise)."""
+    if isinstance(exc, BemiError | asyncpg.ClientConfigurationError):  # a DSN asyncpg cannot read stays unreadable
         return False
     return isinstance(
         exc,
         OSError
         | TimeoutError
         | psycopg.OperationalError
+        | psycopg.errors.InvalidCatalogName
         | asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
         # Raised instead of a connection error when the server drops the connection between two commands.
         | asyncpg.InternalClientError
         | asyncpg.exceptions.OperatorInterventionError
-        | asyncpg.exceptions.InsufficientResourcesError,
+        | asyncpg.exceptions.InsufficientResourcesError
+        | asyncpg.exceptions.InvalidCatalogNameError,
     )
 
 
