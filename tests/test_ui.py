@@ -25,6 +25,7 @@ from starlette.routing import Mount
 
 import bemi_asgi
 from bemi_asgi import Bemi, bemi_context
+from bemi_asgi.history.filters import Cursor, encode_cursor
 from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
 from bemi_asgi.ui.view import (
     context_value_text,
@@ -51,32 +52,33 @@ async def env(database: str) -> AsyncIterator[Env]:
         yield env
 
 
-async def write_story(w: ChangeWriter) -> None:
-    """Two tenants' items: tenant 1 owns item 1 (alice, bob), tenant 2 item 2 and a note with hostile text."""
+async def write_story(w: ChangeWriter, xid_base: int = 500) -> None:
+    """Two tenants' items: tenant 1 owns item 1 (alice, bob), tenant 2 item 2 and a note with hostile text. The
+    transactions' ids are xid_base + 1, + 2, ..."""
     pen = {"id": 1, "name": "pen", "price": 3}
     await w.commit(
         [Row("CREATE", "items", 1, after=pen)],
         context={"user": "alice", "tenant_id": 1, "endpoint": "POST /items", "request_id": "r1"},
         committed_at=T0,
-        transaction_id=501,
+        transaction_id=xid_base + 1,
     )
     await w.commit(
         [Row("CREATE", "items", 2, after={"id": 2, "name": "cup", "price": 5})],
         context={"user": "bob", "tenant_id": 2, "request_id": "r2"},
         committed_at=T0 + timedelta(minutes=1),
-        transaction_id=502,
+        transaction_id=xid_base + 2,
     )
     await w.commit(
         [Row("UPDATE", "items", 1, before=pen, after={**pen, "name": "ink pen"})],
         context={"user": "bob", "tenant_id": 1, "request_id": "r3"},
         committed_at=T0 + timedelta(minutes=2),
-        transaction_id=503,
+        transaction_id=xid_base + 3,
     )
     await w.commit(
         [Row("UPDATE", "items", 1, before={**pen, "name": "ink pen"}, after={**pen, "name": "ink pen", "price": 4})],
         context={"user": "alice", "tenant_id": 1, "endpoint": "PATCH /items/1", "request_id": "r3"},
         committed_at=T0 + timedelta(minutes=3),
-        transaction_id=504,
+        transaction_id=xid_base + 4,
     )
     await w.commit(
         [
@@ -91,13 +93,13 @@ async def write_story(w: ChangeWriter) -> None:
         ],
         context={"user": "bob", "tenant_id": 2, "request_id": "r5"},
         committed_at=T0 + timedelta(minutes=4),
-        transaction_id=505,
+        transaction_id=xid_base + 5,
     )
     await w.commit(
         [Row("DELETE", "items", 2, before={"id": 2, "name": "mug", "price": 5})],
         context={"user": HOSTILE, "tenant_id": 2},
         committed_at=T0 + timedelta(minutes=5),
-        transaction_id=506,
+        transaction_id=xid_base + 6,
     )
 
 
@@ -817,3 +819,174 @@ async def test_a_scoped_visitor_cannot_tell_unknown_tables_from_tables_outside_i
         unscoped = await client.get("/", params={"table": "nosuch"})
     assert unscoped.status_code == 400
     assert "unknown table" in unscoped.text
+
+
+# What a scoped visitor can learn.
+
+TENANT1 = {"x-user": "ann", "x-tenant": "1"}
+#: Global counters long enough that none appears on a page by chance: the change ids and transaction ids start
+#: there (the LSNs ChangeWriter writes are 10 digits long already).
+FIRST_ID, XID_BASE = 7_300_000_001, 8_100_000_000
+
+
+@pytest.fixture
+async def counted_env(database: str) -> AsyncIterator[Env]:
+    """The story with long change ids and transaction ids, and a long value of tenant 1 (cut on pages)."""
+    restart = f"ALTER TABLE bemi.changes ALTER COLUMN id RESTART WITH {FIRST_ID}"
+    async with changes_env(database, setup_sql=restart, pool_size=3) as env:
+        await write_story(env.writer, xid_base=XID_BASE)
+        item = {"id": 1, "name": "ink pen", "price": 4}
+        await env.writer.commit(
+            [Row("UPDATE", "items", 1, before=item, after={**item, "name": "y" * 5000})],
+            context={"user": "alice", "tenant_id": 1, "request_id": "r9"},
+            transaction_id=XID_BASE + 9,
+        )
+        yield env
+
+
+def global_counters(changes: list[Any]) -> set[str]:
+    """Every stored change's id, transaction id, commit LSN and position, and its cursors as find() writes them."""
+    counters = {str(n) for c in changes for n in (c.id, c.transaction_id, c.commit_lsn, c.position)}
+    counters |= {encode_cursor(Cursor(c.commit_lsn, c.ordinal, order)) for c in changes for order in ("asc", "desc")}
+    assert all(len(counter) >= 10 for counter in counters)
+    return counters
+
+
+def local_links(text: str) -> list[str]:
+    return [html.unescape(href) for href in re.findall(r'(?:href|data-src)="(/[^"#]*)', text)]
+
+
+async def crawl(client: httpx.AsyncClient, start: str, headers: dict[str, str]) -> dict[str, httpx.Response]:
+    """Every page a visitor reaches from `start` by following links (but no filter links: they only combine)."""
+    seen: dict[str, httpx.Response] = {}
+    pending = [start]
+    while pending:
+        url = pending.pop()
+        if url in seen or "c." in urlsplit(url).query or url.startswith("/stream"):
+            continue
+        seen[url] = await client.get(url, headers=headers)
+        pending.extend(local_links(seen[url].text))
+    return seen
+
+
+def same_answer(first: httpx.Response, second: httpx.Response) -> bool:
+    return (first.status_code, without_nonces(first.text)) == (second.status_code, without_nonces(second.text))
+
+
+async def test_a_scoped_visitor_sees_no_global_counter(counted_env: Env) -> None:
+    """Under a scope, no page, link, cursor or live stream event carries a stored change's id, transaction id,
+    commit LSN or position, nor find()'s cursor (checked against every stored change's real values), and every
+    link still works: the older pages cover the visitor's changes once, and transaction, request, row and
+    full-value pages open."""
+    env = counted_env
+    app = tenant_ui(env, page_size=2, poll_interval=0.05)
+    async with client_for(app) as client:
+        pages = await crawl(client, "/", TENANT1)
+        older: list[int | None] = []
+        url: str | None = "/"
+        while url is not None:
+            timeline = pages[url].text
+            older.extend(row_ids(timeline, app))
+            url = older_link(timeline)
+    assert {url: r.status_code for url, r in pages.items() if r.status_code != 200} == {}
+    assert older == await ids_of(env, context={"tenant_id": 1})
+    paths = {urlsplit(url).path for url in pages}
+    assert {"/", "/row", "/request", "/value"} <= paths
+    transactions = [url for url in pages if url.startswith("/transaction/")]
+    assert len(transactions) == 4  # tenant 1's
+    assert "y" * 5000 in "".join(r.text for r in pages.values())  # the full value, a link away
+
+    stream = open_stream(app, stream_query(pages["/"].text), TENANT1)
+    await env.writer.commit(
+        [Row("CREATE", "items", 5, after={"id": 5, "name": "brush"})],
+        context={"tenant_id": 1, "request_id": "r10"},
+        transaction_id=XID_BASE + 10,
+    )
+    event = await stream.next_event()
+    await stream.hang_up()
+    resumed = open_stream(app, "", {**TENANT1, "last-event-id": event["id"]})
+    await env.writer.commit(
+        [Row("CREATE", "items", 6, after={"id": 6})], context={"tenant_id": 1}, transaction_id=XID_BASE + 11
+    )
+    resumed_event = await resumed.next_event()
+    await resumed.hang_up()
+    assert row_ids(resumed_event["html"], app) == await ids_of(env, context={"tenant_id": 1}, limit=1)
+    async with client_for(app) as client:
+        for link in local_links(event["html"]):
+            assert (await client.get(link, headers=TENANT1)).status_code == 200, link
+
+    seen = [*pages, *(without_nonces(r.text) for r in pages.values()), event["id"], event["html"], resumed_event["id"]]
+    counters = global_counters(list(await env.bemi.changes.find(limit=1000)))
+    leaks = {counter for counter in counters for text in seen if counter in text}
+    assert leaks == set()
+
+
+async def test_a_changed_or_foreign_reference_reads_as_an_unknown_one(counted_env: Env) -> None:
+    """A transaction, value, cursor or event id reference that was changed, cut, made by a browser with another
+    secret, or is a plain stored number, gets the very answer a reference to something outside the scope gets:
+    the same 404 page, or the same 400."""
+    env = counted_env
+    app = tenant_ui(env, page_size=2)
+    stranger = tenant_ui(env, secret="another deployment's secret")
+    [mine] = await env.bemi.changes.find(transaction_id=XID_BASE + 9)
+    [theirs, _] = await env.bemi.changes.find(transaction_id=XID_BASE + 5)
+
+    def forgeries(ref: str, stored: int) -> list[str]:
+        flipped = ref[:10] + ("A" if ref[10] != "A" else "B") + ref[11:]
+        return [flipped, ref[:-1], ref + "A", ref.upper(), str(stored), "", "0"]
+
+    async with client_for(app) as client:
+
+        async def get(path: str, **params: str) -> httpx.Response:
+            return await client.get(path, params=params, headers=TENANT1)
+
+        assert (await get(f"/transaction/{app.refs.transaction(mine)}")).status_code == 200
+        unknown = await get(f"/transaction/{app.refs.transaction(theirs)}")
+        assert unknown.status_code == 404
+        for forged in [*forgeries(app.refs.transaction(mine), mine.transaction_id), stranger.refs.transaction(mine)]:
+            if forged:
+                assert same_answer(await get(f"/transaction/{forged}"), unknown), forged
+
+        def value(change: Any, transaction: str, change_ref: str) -> dict[str, str]:
+            key = change.primary_key
+            return {"table": "items", "key": key, "transaction": transaction, "id": change_ref, "field": "name"}
+
+        params = value(mine, app.refs.transaction(mine), app.refs.change(mine))
+        assert (await get("/value", **params, side="after")).status_code == 200
+        unknown = await get(
+            "/value", **value(theirs, app.refs.transaction(theirs), app.refs.change(theirs)), side="after"
+        )
+        assert unknown.status_code == 404
+        for forged in [*forgeries(params["id"], mine.id), stranger.refs.change(mine)]:
+            assert same_answer(await get("/value", **{**params, "id": forged}, side="after"), unknown), forged
+        for forged in [*forgeries(params["transaction"], mine.transaction_id), stranger.refs.transaction(mine)]:
+            forged_value = await get("/value", **{**params, "transaction": forged}, side="after")
+            assert same_answer(forged_value, unknown), forged
+
+        timeline = (await get("/")).text
+        older = dict(parse_qsl(urlsplit(older_link(timeline) or "").query))["cursor"]
+        assert (await get("/", cursor=older)).status_code == 200
+        bogus = await get("/", cursor="bogus")
+        assert bogus.status_code == 400
+        real = encode_cursor(Cursor(mine.commit_lsn, mine.ordinal, "desc"))
+        for forged in [*forgeries(older, mine.commit_lsn), real, stranger.refs.cursor(real)]:
+            if forged:
+                assert same_answer(await get("/", cursor=forged), bogus), forged
+        after = dict(parse_qsl(stream_query(timeline)))["after"]
+        bogus = await get("/stream", after="bogus")
+        assert bogus.status_code == 400
+        for forged in [*forgeries(after, mine.commit_lsn), stranger.refs.cursor(real.replace("desc", "asc"))]:
+            if forged:
+                answer = await client.get(
+                    "/stream", params={"after": "x"}, headers={**TENANT1, "last-event-id": forged}
+                )
+                assert same_answer(answer, bogus), forged
+
+
+def test_sealed_references_hide_their_secret() -> None:
+    """A browser's references keep their secret out of repr(), and a secret too short to be safe is refused."""
+    from bemi_asgi.ui.refs import SealedRefs
+
+    assert "hush" not in repr(SealedRefs(b"hush, hush, hush, hush"))
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        SealedRefs(b"short")
