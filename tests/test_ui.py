@@ -924,7 +924,7 @@ async def test_a_scoped_visitor_sees_no_global_counter(counted_env: Env) -> None
 async def test_a_changed_or_foreign_reference_reads_as_an_unknown_one(counted_env: Env) -> None:
     """A transaction, value, cursor or event id reference that was changed, cut, made by a browser with another
     secret, or is a plain stored number, gets the very answer a reference to something outside the scope gets:
-    the same 404 page, or the same 400."""
+    the same 404 page, or the same 400. A browser with the same secret reads its links."""
     env = counted_env
     app = tenant_ui(env, page_size=2)
     stranger = tenant_ui(env, secret="another deployment's secret")
@@ -941,6 +941,8 @@ async def test_a_changed_or_foreign_reference_reads_as_an_unknown_one(counted_en
             return await client.get(path, params=params, headers=TENANT1)
 
         assert (await get(f"/transaction/{app.refs.transaction(mine)}")).status_code == 200
+        twin = tenant_ui(env)  # another process with the same secret reads the same links
+        assert (await get(f"/transaction/{twin.refs.transaction(mine)}")).status_code == 200
         unknown = await get(f"/transaction/{app.refs.transaction(theirs)}")
         assert unknown.status_code == 404
         for forged in [*forgeries(app.refs.transaction(mine), mine.transaction_id), stranger.refs.transaction(mine)]:
@@ -983,10 +985,13 @@ async def test_a_changed_or_foreign_reference_reads_as_an_unknown_one(counted_en
                 assert same_answer(answer, bogus), forged
 
 
-def test_sealed_references_hide_their_secret() -> None:
-    """A browser's references keep their secret out of repr(), and a secret too short to be safe is refused."""
-    from bemi_asgi.ui.refs import SealedRefs
-
-    assert "hush" not in repr(SealedRefs(b"hush, hush, hush, hush"))
+def test_sealed_references_hide_their_secret(env: Env) -> None:
+    """A browser's references keep their secret out of repr(); a secret too short to be safe is refused, and so is
+    one given without a scope, where nothing is sealed."""
+    app = tenant_ui(env, secret="hush, hush, hush, hush")
+    assert "hush" not in repr(app.refs)
+    assert "hush" not in repr(vars(app))
     with pytest.raises(ValueError, match="at least 16 bytes"):
-        SealedRefs(b"short")
+        tenant_ui(env, secret="short")
+    with pytest.raises(ValueError, match="without scope= links carry the stored ids"):
+        bemi_ui(env.bemi, authorize=allow_all, secret="hush, hush, hush, hush")

@@ -18,6 +18,10 @@ Permissions, checked on every request before anything is read:
   A row page under a scope is built from the in-scope changes only: a change outside the scope never shows, not
   even as its effect on a row's state.
 
+With a `scope`, pages and links show no global counter (change ids, transaction ids, the commit LSN and ordinal
+in a cursor): links, anchors, cursors and stream event ids carry tokens sealed with `secret` instead
+(`bemi_asgi.ui.refs`), and one that does not read back answers like a reference to nothing in scope.
+
 Only GET and HEAD are served; any other method gets 405. Nothing is ever written (no reverts from the UI).
 Jinja2 renders the templates shipped in `bemi_asgi/ui/templates/` with autoescaping on; stored values are shown as
 JSON text. Responses carry a nonce-based Content-Security-Policy and `Cache-Control: no-store`.
@@ -127,6 +131,10 @@ class BemiUI:
     `request_id_key` is the context key that holds a request's id (its values link to the request page).
     The live stream polls every `poll_interval` seconds and ends after `stream_seconds` (the browser then
     reconnects where it left off, and `authorize` runs again).
+
+    `secret` (with `scope` only, at least 16 bytes) seals the references in links (`refs`). Give every process
+    that serves the browser the same one; without it each instance makes a random key, and its links then work
+    only in that process, until it restarts.
     """
 
     def __init__(
