@@ -995,3 +995,21 @@ def test_sealed_references_hide_their_secret(env: Env) -> None:
         tenant_ui(env, secret="short")
     with pytest.raises(ValueError, match="without scope= links carry the stored ids"):
         bemi_ui(env.bemi, authorize=allow_all, secret="hush, hush, hush, hush")
+
+
+@given(
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**63), 2**63 - 1),
+    st.sampled_from(["asc", "desc"]),
+)
+def test_sealed_cursors_read_back_as_given(lsn: int, ordinal: int, order: str) -> None:
+    """Any cursor find() can write (bigint LSN and ordinal, either order) reads back unchanged from its token, and
+    the token reads as no change or transaction reference."""
+    from bemi_asgi.ui.refs import SealedRefs
+
+    refs = SealedRefs(b"sixteen bytes at least")
+    cursor = encode_cursor(Cursor(lsn, ordinal, order))  # type: ignore[arg-type]
+    token = refs.cursor(cursor)
+    assert refs.find_cursor(token) == cursor
+    assert refs.change_id(token) is None
+    assert refs.transaction_id(token) is None
