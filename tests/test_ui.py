@@ -25,6 +25,7 @@ from starlette.routing import Mount
 
 import bemi_asgi
 from bemi_asgi import Bemi, bemi_context
+from bemi_asgi.history.filters import Cursor, encode_cursor
 from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
 from bemi_asgi.ui.view import (
     context_value_text,
@@ -51,32 +52,33 @@ async def env(database: str) -> AsyncIterator[Env]:
         yield env
 
 
-async def write_story(w: ChangeWriter) -> None:
-    """Two tenants' items: tenant 1 owns item 1 (alice, bob), tenant 2 item 2 and a note with hostile text."""
+async def write_story(w: ChangeWriter, xid_base: int = 500) -> None:
+    """Two tenants' items: tenant 1 owns item 1 (alice, bob), tenant 2 item 2 and a note with hostile text. The
+    transactions' ids are xid_base + 1, + 2, ..."""
     pen = {"id": 1, "name": "pen", "price": 3}
     await w.commit(
         [Row("CREATE", "items", 1, after=pen)],
         context={"user": "alice", "tenant_id": 1, "endpoint": "POST /items", "request_id": "r1"},
         committed_at=T0,
-        transaction_id=501,
+        transaction_id=xid_base + 1,
     )
     await w.commit(
         [Row("CREATE", "items", 2, after={"id": 2, "name": "cup", "price": 5})],
         context={"user": "bob", "tenant_id": 2, "request_id": "r2"},
         committed_at=T0 + timedelta(minutes=1),
-        transaction_id=502,
+        transaction_id=xid_base + 2,
     )
     await w.commit(
         [Row("UPDATE", "items", 1, before=pen, after={**pen, "name": "ink pen"})],
         context={"user": "bob", "tenant_id": 1, "request_id": "r3"},
         committed_at=T0 + timedelta(minutes=2),
-        transaction_id=503,
+        transaction_id=xid_base + 3,
     )
     await w.commit(
         [Row("UPDATE", "items", 1, before={**pen, "name": "ink pen"}, after={**pen, "name": "ink pen", "price": 4})],
         context={"user": "alice", "tenant_id": 1, "endpoint": "PATCH /items/1", "request_id": "r3"},
         committed_at=T0 + timedelta(minutes=3),
-        transaction_id=504,
+        transaction_id=xid_base + 4,
     )
     await w.commit(
         [
@@ -91,13 +93,13 @@ async def write_story(w: ChangeWriter) -> None:
         ],
         context={"user": "bob", "tenant_id": 2, "request_id": "r5"},
         committed_at=T0 + timedelta(minutes=4),
-        transaction_id=505,
+        transaction_id=xid_base + 5,
     )
     await w.commit(
         [Row("DELETE", "items", 2, before={"id": 2, "name": "mug", "price": 5})],
         context={"user": HOSTILE, "tenant_id": 2},
         committed_at=T0 + timedelta(minutes=5),
-        transaction_id=506,
+        transaction_id=xid_base + 6,
     )
 
 
@@ -105,14 +107,18 @@ def client_for(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
-def row_ids(page: str) -> list[int]:
-    """The change ids of the timeline rows, in page order."""
-    return [int(found) for found in re.findall(r'<tr id="c(\d+)"', page)]
+def row_ids(page: str, app: BemiUI | None = None) -> list[int | None]:
+    """The change ids of the timeline rows, in page order (read back through `app`'s references when given)."""
+    return [read_change(found, app) for found in re.findall(r'<tr id="c([^"]+)"', page)]
 
 
-def section_ids(page: str) -> list[int]:
+def section_ids(page: str, app: BemiUI | None = None) -> list[int | None]:
     """The change ids of the sections of a row, transaction or request page, in page order."""
-    return [int(found) for found in re.findall(r'<section class="step[^"]*" id="c(\d+)"', page)]
+    return [read_change(found, app) for found in re.findall(r'<section class="step[^"]*" id="c([^"]+)"', page)]
+
+
+def read_change(ref: str, app: BemiUI | None) -> int | None:
+    return int(ref) if app is None else app.refs.change_id(ref)
 
 
 def without_nonces(page: str) -> str:
@@ -139,6 +145,9 @@ def tenant_ui(env: Env, **options: Any) -> BemiUI:
     def scope(request: Request) -> dict[str, Any]:
         return {"tenant_id": int(request.headers["x-tenant"])}
 
+    # A fixed secret: the sealed references on the pages are then the same on every run, so a check that a word
+    # is absent from a page cannot fail now and then on a token that happens to contain it.
+    options.setdefault("secret", "the tests' fixed secret, number 1")
     return bemi_ui(env.bemi, authorize=authorize, scope=scope, **options)
 
 
@@ -430,21 +439,23 @@ async def test_scope_narrows_every_page(env: Env, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(secrets, "token_urlsafe", lambda nbytes=None: "r2-cup-mug-r5")
     tenant1 = {"x-user": "ann", "x-tenant": "1"}
     tenant2 = {"x-user": "ben", "x-tenant": "2"}
-    async with client_for(tenant_ui(env)) as client:
+    app = tenant_ui(env)
+    [other_tenants] = await env.bemi.changes.find(transaction_id=505, table="items")
+    async with client_for(app) as client:
         timeline = await client.get("/", headers=tenant1)
         forced = await client.get("/", params={"c.tenant_id": "2"}, headers=tenant1)
         row2 = await client.get("/row", params={"table": "items", "key": "2"}, headers=tenant1)
         row2_at = await client.get(
             "/row", params={"table": "items", "key": "2", "at": "2025-03-01T12:04:30"}, headers=tenant1
         )
-        transaction = await client.get("/transaction/505", headers=tenant1)
+        transaction = await client.get(f"/transaction/{app.refs.transaction(other_tenants)}", headers=tenant1)
         request = await client.get("/request", params={"id": "r2"}, headers=tenant1)
         notes = await client.get("/", params={"table": "notes"}, headers=tenant1)
         own_row = await client.get("/row", params={"table": "items", "key": "1"}, headers=tenant1)
         other = await client.get("/", headers=tenant2)
-    assert row_ids(timeline.text) == await ids_of(env, context={"tenant_id": 1})
-    assert row_ids(other.text) == await ids_of(env, context={"tenant_id": 2})
-    assert set(row_ids(timeline.text)).isdisjoint(row_ids(other.text))
+    assert row_ids(timeline.text, app) == await ids_of(env, context={"tenant_id": 1})
+    assert row_ids(other.text, app) == await ids_of(env, context={"tenant_id": 2})
+    assert set(row_ids(timeline.text, app)).isdisjoint(row_ids(other.text, app))
     for response in (timeline, forced, row2, row2_at, transaction, request, notes, own_row):
         text = without_nonces(response.text)
         for leak in ("cup", "mug", "r5", "&lt;script&gt;", "tenant_id=</span>2</a>"):
@@ -475,7 +486,8 @@ async def test_row_page_under_a_scope_ignores_changes_outside_it(env: Env) -> No
         committed_at=T0 + timedelta(minutes=7),
     )
     headers = {"x-user": "ann", "x-tenant": "1"}
-    async with client_for(tenant_ui(env)) as client:
+    app = tenant_ui(env)
+    async with client_for(app) as client:
         latest = await client.get("/row", params={"table": "items", "key": "1"}, headers=headers)
         later = await client.get(
             "/row", params={"table": "items", "key": "1", "at": "2025-03-01T12:08:00"}, headers=headers
@@ -484,7 +496,7 @@ async def test_row_page_under_a_scope_ignores_changes_outside_it(env: Env) -> No
         assert response.status_code == 200
         assert "SECRET" not in response.text
         assert "eve" not in response.text
-        assert len(section_ids(response.text)) == 3
+        assert len(section_ids(response.text, app)) == 3
         assert "&#34;ink pen&#34;" in response.text
 
 
@@ -647,7 +659,7 @@ async def test_stream_sends_new_in_scope_changes_and_stops_on_disconnect(env: En
     )
     event = await stream.next_event()
     expected = await ids_of(env, context={"tenant_id": 1}, table="items", limit=1)
-    assert row_ids(event["html"]) == expected
+    assert row_ids(event["html"], app) == expected
     assert "brush" in event["html"]
     assert "OTHER-TENANT" not in event["html"]
     assert 'class="new"' in event["html"]
@@ -674,7 +686,7 @@ async def test_stream_resumes_from_last_event_id_and_checks_permissions(env: Env
     headers = {"x-user": "ann", "x-tenant": "1"}
     stream = open_stream(app, "", headers)
     first = await stream.next_event()  # no cursor: everything in scope
-    assert row_ids(first["html"]) == await ids_of(env, context={"tenant_id": 1})
+    assert row_ids(first["html"], app) == await ids_of(env, context={"tenant_id": 1})
     await stream.hang_up()
     await asyncio.wait_for(stream.task, 30)
     await env.writer.commit(
@@ -682,7 +694,7 @@ async def test_stream_resumes_from_last_event_id_and_checks_permissions(env: Env
     )
     resumed = open_stream(app, "", {**headers, "last-event-id": first["id"]})
     event = await resumed.next_event()
-    assert row_ids(event["html"]) == await ids_of(env, context={"tenant_id": 1}, limit=1)
+    assert row_ids(event["html"], app) == await ids_of(env, context={"tenant_id": 1}, limit=1)
     await resumed.hang_up()
     await asyncio.wait_for(resumed.task, 30)
     async with client_for(app) as client:
@@ -754,6 +766,7 @@ async def test_work_per_request_is_bounded(env: Env) -> None:
     rows = [Row("CREATE", "items", 100 + i, after={"id": 100 + i, "name": big if i == 0 else "n"}) for i in range(150)]
     await env.writer.commit(rows, context={"tenant_id": 1, "request_id": "bulk"}, transaction_id=777)
     app = tenant_ui(env)
+    bulk = (await env.bemi.changes.find(transaction_id=777, limit=1))[0]
     headers = {"x-user": "ann", "x-tenant": "1"}
     async with client_for(app) as client:
         for value in ("{}", "[]", '{"a": []}'):
@@ -761,17 +774,17 @@ async def test_work_per_request_is_bounded(env: Env) -> None:
                 response = await client.get(path, params={"c.user": value}, headers=headers)
                 assert response.status_code == 400, (path, value)
         for first in (
-            await client.get("/transaction/777", headers=headers),
+            await client.get(f"/transaction/{app.refs.transaction(bulk)}", headers=headers),
             await client.get("/request", params={"id": "bulk"}, headers=headers),
         ):
             assert first.status_code == 200
-            assert len(section_ids(first.text)) == 100
+            assert len(section_ids(first.text, app)) == 100
             assert len(first.text) < 200_000
             assert big not in first.text
             [next_href] = re.findall(r'<a class="next" href="([^"]+)"', first.text)
             rest = await client.get(html.unescape(next_href), headers=headers)
-            assert len(section_ids(rest.text)) == 50
-            assert not set(section_ids(rest.text)) & set(section_ids(first.text))
+            assert len(section_ids(rest.text, app)) == 50
+            assert not set(section_ids(rest.text, app)) & set(section_ids(first.text, app))
         [value_href] = re.findall(r'<a class="full" href="([^"]+)"', first.text)
         full = await client.get(html.unescape(value_href), headers=headers)
         assert full.status_code == 200
@@ -806,3 +819,197 @@ async def test_a_scoped_visitor_cannot_tell_unknown_tables_from_tables_outside_i
         unscoped = await client.get("/", params={"table": "nosuch"})
     assert unscoped.status_code == 400
     assert "unknown table" in unscoped.text
+
+
+# What a scoped visitor can learn.
+
+TENANT1 = {"x-user": "ann", "x-tenant": "1"}
+#: Global counters long enough that none appears on a page by chance: the change ids and transaction ids start
+#: there (the LSNs ChangeWriter writes are 10 digits long already).
+FIRST_ID, XID_BASE = 7_300_000_001, 8_100_000_000
+
+
+@pytest.fixture
+async def counted_env(database: str) -> AsyncIterator[Env]:
+    """The story with long change ids and transaction ids, and a long value of tenant 1 (cut on pages)."""
+    restart = f"ALTER TABLE bemi.changes ALTER COLUMN id RESTART WITH {FIRST_ID}"
+    async with changes_env(database, setup_sql=restart, pool_size=3) as env:
+        await write_story(env.writer, xid_base=XID_BASE)
+        item = {"id": 1, "name": "ink pen", "price": 4}
+        await env.writer.commit(
+            [Row("UPDATE", "items", 1, before=item, after={**item, "name": "y" * 5000})],
+            context={"user": "alice", "tenant_id": 1, "request_id": "r9"},
+            transaction_id=XID_BASE + 9,
+        )
+        yield env
+
+
+def global_counters(changes: list[Any]) -> set[str]:
+    """Every stored change's id, transaction id, commit LSN and position, and its cursors as find() writes them."""
+    counters = {str(n) for c in changes for n in (c.id, c.transaction_id, c.commit_lsn, c.position)}
+    counters |= {encode_cursor(Cursor(c.commit_lsn, c.ordinal, order)) for c in changes for order in ("asc", "desc")}
+    assert all(len(counter) >= 10 for counter in counters)
+    return counters
+
+
+def local_links(text: str) -> list[str]:
+    return [html.unescape(href) for href in re.findall(r'(?:href|data-src)="(/[^"#]*)', text)]
+
+
+async def crawl(client: httpx.AsyncClient, start: str, headers: dict[str, str]) -> dict[str, httpx.Response]:
+    """Every page a visitor reaches from `start` by following links (but no filter links: they only combine)."""
+    seen: dict[str, httpx.Response] = {}
+    pending = [start]
+    while pending:
+        url = pending.pop()
+        if url in seen or "c." in urlsplit(url).query or url.startswith("/stream"):
+            continue
+        seen[url] = await client.get(url, headers=headers)
+        pending.extend(local_links(seen[url].text))
+    return seen
+
+
+def same_answer(first: httpx.Response, second: httpx.Response) -> bool:
+    return (first.status_code, without_nonces(first.text)) == (second.status_code, without_nonces(second.text))
+
+
+async def test_a_scoped_visitor_sees_no_global_counter(counted_env: Env) -> None:
+    """Under a scope, no page, link, cursor or live stream event carries a stored change's id, transaction id,
+    commit LSN or position, nor find()'s cursor (checked against every stored change's real values), and every
+    link still works: the older pages cover the visitor's changes once, and transaction, request, row and
+    full-value pages open."""
+    env = counted_env
+    app = tenant_ui(env, page_size=2, poll_interval=0.05)
+    async with client_for(app) as client:
+        pages = await crawl(client, "/", TENANT1)
+        older: list[int | None] = []
+        url: str | None = "/"
+        while url is not None:
+            timeline = pages[url].text
+            older.extend(row_ids(timeline, app))
+            url = older_link(timeline)
+    assert {url: r.status_code for url, r in pages.items() if r.status_code != 200} == {}
+    assert older == await ids_of(env, context={"tenant_id": 1})
+    paths = {urlsplit(url).path for url in pages}
+    assert {"/", "/row", "/request", "/value"} <= paths
+    transactions = [url for url in pages if url.startswith("/transaction/")]
+    assert len(transactions) == 4  # tenant 1's
+    assert "y" * 5000 in "".join(r.text for r in pages.values())  # the full value, a link away
+
+    stream = open_stream(app, stream_query(pages["/"].text), TENANT1)
+    await env.writer.commit(
+        [Row("CREATE", "items", 5, after={"id": 5, "name": "brush"})],
+        context={"tenant_id": 1, "request_id": "r10"},
+        transaction_id=XID_BASE + 10,
+    )
+    event = await stream.next_event()
+    await stream.hang_up()
+    resumed = open_stream(app, "", {**TENANT1, "last-event-id": event["id"]})
+    await env.writer.commit(
+        [Row("CREATE", "items", 6, after={"id": 6})], context={"tenant_id": 1}, transaction_id=XID_BASE + 11
+    )
+    resumed_event = await resumed.next_event()
+    await resumed.hang_up()
+    assert row_ids(resumed_event["html"], app) == await ids_of(env, context={"tenant_id": 1}, limit=1)
+    async with client_for(app) as client:
+        for link in local_links(event["html"]):
+            assert (await client.get(link, headers=TENANT1)).status_code == 200, link
+
+    seen = [*pages, *(without_nonces(r.text) for r in pages.values()), event["id"], event["html"], resumed_event["id"]]
+    counters = global_counters(list(await env.bemi.changes.find(limit=1000)))
+    leaks = {counter for counter in counters for text in seen if counter in text}
+    assert leaks == set()
+
+
+async def test_a_changed_or_foreign_reference_reads_as_an_unknown_one(counted_env: Env) -> None:
+    """A transaction, value, cursor or event id reference that was changed, cut, made by a browser with another
+    secret, or is a plain stored number, gets the very answer a reference to something outside the scope gets:
+    the same 404 page, or the same 400. A browser with the same secret reads its links."""
+    env = counted_env
+    app = tenant_ui(env, page_size=2)
+    stranger = tenant_ui(env, secret="another deployment's secret")
+    [mine] = await env.bemi.changes.find(transaction_id=XID_BASE + 9)
+    [theirs, _] = await env.bemi.changes.find(transaction_id=XID_BASE + 5)
+
+    def forgeries(ref: str, stored: int) -> list[str]:
+        flipped = ref[:10] + ("A" if ref[10] != "A" else "B") + ref[11:]
+        return [flipped, ref[:-1], ref + "A", ref.upper(), str(stored), "", "0"]
+
+    async with client_for(app) as client:
+
+        async def get(path: str, **params: str) -> httpx.Response:
+            return await client.get(path, params=params, headers=TENANT1)
+
+        assert (await get(f"/transaction/{app.refs.transaction(mine)}")).status_code == 200
+        twin = tenant_ui(env)  # another process with the same secret reads the same links
+        assert (await get(f"/transaction/{twin.refs.transaction(mine)}")).status_code == 200
+        unknown = await get(f"/transaction/{app.refs.transaction(theirs)}")
+        assert unknown.status_code == 404
+        for forged in [*forgeries(app.refs.transaction(mine), mine.transaction_id), stranger.refs.transaction(mine)]:
+            if forged:
+                assert same_answer(await get(f"/transaction/{forged}"), unknown), forged
+
+        def value(change: Any, transaction: str, change_ref: str) -> dict[str, str]:
+            key = change.primary_key
+            return {"table": "items", "key": key, "transaction": transaction, "id": change_ref, "field": "name"}
+
+        params = value(mine, app.refs.transaction(mine), app.refs.change(mine))
+        assert (await get("/value", **params, side="after")).status_code == 200
+        unknown = await get(
+            "/value", **value(theirs, app.refs.transaction(theirs), app.refs.change(theirs)), side="after"
+        )
+        assert unknown.status_code == 404
+        for forged in [*forgeries(params["id"], mine.id), stranger.refs.change(mine)]:
+            assert same_answer(await get("/value", **{**params, "id": forged}, side="after"), unknown), forged
+        for forged in [*forgeries(params["transaction"], mine.transaction_id), stranger.refs.transaction(mine)]:
+            forged_value = await get("/value", **{**params, "transaction": forged}, side="after")
+            assert same_answer(forged_value, unknown), forged
+
+        timeline = (await get("/")).text
+        older = dict(parse_qsl(urlsplit(older_link(timeline) or "").query))["cursor"]
+        assert (await get("/", cursor=older)).status_code == 200
+        bogus = await get("/", cursor="bogus")
+        assert bogus.status_code == 400
+        real = encode_cursor(Cursor(mine.commit_lsn, mine.ordinal, "desc"))
+        for forged in [*forgeries(older, mine.commit_lsn), real, stranger.refs.cursor(real)]:
+            if forged:
+                assert same_answer(await get("/", cursor=forged), bogus), forged
+        after = dict(parse_qsl(stream_query(timeline)))["after"]
+        bogus = await get("/stream", after="bogus")
+        assert bogus.status_code == 400
+        for forged in [*forgeries(after, mine.commit_lsn), stranger.refs.cursor(real.replace("desc", "asc"))]:
+            if forged:
+                answer = await client.get(
+                    "/stream", params={"after": "x"}, headers={**TENANT1, "last-event-id": forged}
+                )
+                assert same_answer(answer, bogus), forged
+
+
+def test_sealed_references_hide_their_secret(env: Env) -> None:
+    """A browser's references keep their secret out of repr(); a secret too short to be safe is refused, and so is
+    one given without a scope, where nothing is sealed."""
+    app = tenant_ui(env, secret="hush, hush, hush, hush")
+    assert "hush" not in repr(app.refs)
+    assert "hush" not in repr(vars(app))
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        tenant_ui(env, secret="short")
+    with pytest.raises(ValueError, match="without scope= links carry the stored ids"):
+        bemi_ui(env.bemi, authorize=allow_all, secret="hush, hush, hush, hush")
+
+
+@given(
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**63), 2**63 - 1),
+    st.sampled_from(["asc", "desc"]),
+)
+def test_sealed_cursors_read_back_as_given(lsn: int, ordinal: int, order: str) -> None:
+    """Any cursor find() can write (bigint LSN and ordinal, either order) reads back unchanged from its token, and
+    the token reads as no change or transaction reference."""
+    from bemi_asgi.ui.refs import SealedRefs
+
+    refs = SealedRefs(b"sixteen bytes at least")
+    cursor = encode_cursor(Cursor(lsn, ordinal, order))  # type: ignore[arg-type]
+    token = refs.cursor(cursor)
+    assert refs.find_cursor(token) == cursor
+    assert refs.change_id(token) is None
+    assert refs.transaction_id(token) is None

@@ -198,7 +198,9 @@ async def test_filter_open_a_row_see_the_difference_and_move_the_moment(server: 
     await page.wait_for_selector("#state-none")
     assert "did not exist yet" in await page.locator("#state-none").inner_text()
 
-    await page.goto(server.url + "/transaction/505")
+    await page.goto(server.url + "/?table=notes")  # the note was created in transaction 505, with an item update
+    await page.locator("tbody#changes-body tr td:nth-child(7) a").click()
+    await page.wait_for_url("**/bemi/transaction/*")
     assert await page.locator("section.step").count() == 2
     assert await page.locator("table.diff td.after", has_text="<script>").count() == 1  # shown as text
     await shot(page, "transaction")

@@ -18,6 +18,10 @@ Permissions, checked on every request before anything is read:
   A row page under a scope is built from the in-scope changes only: a change outside the scope never shows, not
   even as its effect on a row's state.
 
+With a `scope`, pages and links show no global counter (change ids, transaction ids, the commit LSN and ordinal
+in a cursor): links, anchors, cursors and stream event ids carry tokens sealed with `secret` instead
+(`bemi_asgi.ui.refs`), and one that does not read back answers like a reference to nothing in scope.
+
 Only GET and HEAD are served; any other method gets 405. Nothing is ever written (no reverts from the UI).
 Jinja2 renders the templates shipped in `bemi_asgi/ui/templates/` with autoescaping on; stored values are shown as
 JSON text. Responses carry a nonce-based Content-Security-Policy and `Cache-Control: no-store`.
@@ -51,6 +55,7 @@ from ..history.filters import At, ChangeFilter, Cursor, FilterArgs, decode_curso
 from ..history.models import Change
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
+from .refs import Refs, SealedRefs
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
@@ -126,6 +131,10 @@ class BemiUI:
     `request_id_key` is the context key that holds a request's id (its values link to the request page).
     The live stream polls every `poll_interval` seconds and ends after `stream_seconds` (the browser then
     reconnects where it left off, and `authorize` runs again).
+
+    `secret` (with `scope` only, at least 16 bytes) seals the references in links (`refs`). Give every process
+    that serves the browser the same one; without it each instance makes a random key, and its links then work
+    only in that process, until it restarts.
     """
 
     def __init__(
@@ -139,6 +148,7 @@ class BemiUI:
         request_id_key: str = "request_id",
         poll_interval: float = 1.0,
         stream_seconds: float = 300.0,
+        secret: str | bytes | None = None,
     ) -> None:
         if authorize is None:
             raise TypeError(
@@ -152,6 +162,11 @@ class BemiUI:
             raise TypeError(f"bemi_ui(scope=...) must be callable or None, got {type(scope).__name__}")
         if not isinstance(bemi, Bemi):
             raise TypeError(f"bemi_ui() takes a bemi_asgi.Bemi, got {type(bemi).__name__}")
+        if secret is not None and scope is None:
+            raise ValueError(
+                "bemi_ui(secret=...) seals the ids in a scoped browser's links; without scope= links carry the "
+                "stored ids and need no secret"
+            )
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
             raise ValueError(f"page_size must be an int from 1 to 1000, got {page_size!r}")
         if poll_interval <= 0 or stream_seconds <= 0:
@@ -165,6 +180,10 @@ class BemiUI:
         self.request_id_key = request_id_key
         self.poll_interval = poll_interval
         self.stream_seconds = stream_seconds
+        self.refs: Refs = Refs()
+        if scope is not None:
+            key = secrets.token_bytes(32) if secret is None else secret
+            self.refs = SealedRefs(key.encode() if isinstance(key, str) else key)
         self._env: jinja2.Environment = jinja.Environment(
             loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
             autoescape=True,
@@ -186,13 +205,14 @@ class BemiUI:
             title=title,
             no_filters=TimelineFilters(),
             table_params=_table_params,
+            ref=self.refs,
         )
         self._router = Router(
             routes=[
                 Route("/", self._guard(self._timeline), methods=["GET"]),
                 Route("/stream", self._guard(self._stream), methods=["GET"]),
                 Route("/row", self._guard(self._row), methods=["GET"]),
-                Route("/transaction/{xid:int}", self._guard(self._transaction), methods=["GET"]),
+                Route("/transaction/{ref}", self._guard(self._transaction), methods=["GET"]),
                 Route("/value", self._guard(self._value), methods=["GET"]),
                 Route("/request", self._guard(self._request), methods=["GET"]),
             ]
@@ -297,7 +317,8 @@ class BemiUI:
         page = ChangePage([], None)
         if error is None:
             try:
-                page = await self._find(filters, scope, limit=self.page_size, cursor=filters.cursor)
+                cursor = None if filters.cursor is None else self.refs.find_cursor(filters.cursor)
+                page = await self._find(filters, scope, limit=self.page_size, cursor=cursor)
             except _BAD_INPUT as exc:
                 error = str(exc)
         tables, keys = await self._suggestions(scope)
@@ -305,7 +326,7 @@ class BemiUI:
         shown_keys = list(dict.fromkeys([*(k for k in filters.context if k not in scope), *keys[:SUGGESTED_KEYS]]))
         stream_after = None
         if page:
-            stream_after = encode_cursor(Cursor(page[0].commit_lsn, page[0].ordinal, "asc"))
+            stream_after = self.refs.cursor(encode_cursor(Cursor(page[0].commit_lsn, page[0].ordinal, "asc")))
         return self._render(
             request,
             "timeline.html",
@@ -324,7 +345,7 @@ class BemiUI:
         try:
             filters = parse_filters(request.query_params.multi_items())
             start = request.headers.get("last-event-id") or request.query_params.get("after") or None
-            if start is not None and decode_cursor(start).order != "asc":
+            if start is not None and decode_cursor(self.refs.find_cursor(start)).order != "asc":
                 raise QueryError("the stream continues from an ascending cursor: pass the one the timeline gives")
         except QueryError as exc:
             # The reason repeats the input: never sniffed as HTML, never cached.
@@ -337,17 +358,18 @@ class BemiUI:
         if request.method == "HEAD":  # the headers only: no stream to keep open
             return Response(media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-        async def poll(cursor: str | None) -> tuple[str | None, str | None]:
+        async def poll(ref: str | None) -> tuple[str | None, str | None]:
+            cursor = None if ref is None else self.refs.find_cursor(ref)
             page = await self._find(filters, scope, limit=STREAM_BATCH, cursor=cursor, order="asc")
             if not page:
-                return None, cursor
+                return None, ref
             last = page[-1]
             macros = self._env.get_template("_macros.html").make_module(
                 {"link": _linker(self._base(request)), "scope": scope}
             )
             row = getattr(macros, "timeline_row")  # noqa: B009 (a template macro, unknown to the type checker)
             html = "".join(str(row(change, filters, True)) for change in reversed(page))
-            return html, encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc"))
+            return html, self.refs.cursor(encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc")))
 
         first = await poll(start)  # here, so that input the query refuses is a 400, not a broken stream
         return StreamingResponse(
@@ -425,13 +447,18 @@ class BemiUI:
         )
 
     async def _transaction(self, request: Request) -> Response:
-        xid: int = request.path_params["xid"]
+        ref: str = request.path_params["ref"]
+        xid = self.refs.transaction_id(ref)
         context = merge_scope({}, self._access(request))
         cursor = request.query_params.get("cursor") or None
-        page = await self._group(transaction_id=xid, context=context, cursor=cursor)
+        page = ChangePage([], None)
+        if xid is not None:
+            page = await self._group(transaction_id=xid, context=context, cursor=cursor)
         if not page:
-            return self._error(request, 404, f"No changes of transaction {xid} are visible to you.")
-        return self._group_page(request, f"/transaction/{xid}", {}, f"Transaction {xid}", page, cursor)
+            # The same answer whatever the reason: no such transaction, none in scope, a changed or foreign token.
+            return self._error(request, 404, "No changes of this transaction are visible to you.")
+        label = self.refs.label(ref)
+        return self._group_page(request, f"/transaction/{ref}", {}, f"Transaction {label}", page, cursor)
 
     async def _request(self, request: Request) -> Response:
         text = request.query_params.get("id", "")
@@ -449,7 +476,7 @@ class BemiUI:
     ) -> Response:
         next_href = None
         if page.next_cursor:
-            next_href = _linker(self._base(request))(path, {**params, "cursor": page.next_cursor})
+            next_href = _linker(self._base(request))(path, {**params, "cursor": self.refs.cursor(page.next_cursor)})
         return self._render(
             request,
             "group.html",
@@ -463,17 +490,15 @@ class BemiUI:
     async def _value(self, request: Request) -> Response:
         """One field's full stored value (JSON text), which pages cut: plain text, found only within the scope."""
         params = request.query_params
-        try:
-            change_id, xid = int(params.get("id", "")), int(params.get("transaction", ""))
-        except ValueError:
-            return self._error(request, 400, "A value link needs id=... and transaction=... as integers.")
+        change_id = self.refs.change_id(params.get("id", ""))
+        xid = self.refs.transaction_id(params.get("transaction", ""))
         side, field_name = params.get("side", ""), params.get("field", "")
         if side not in ("before", "after"):
             return self._error(request, 400, "side= is before or after.")
         scope = self._access(request)
         context = merge_scope({}, scope)
         found: Change | None = None
-        if context is not None:
+        if context is not None and change_id is not None and xid is not None:
             page = await self._lookup(
                 scope,
                 table=params.get("table", ""),
@@ -515,7 +540,11 @@ class BemiUI:
         if context is None:
             return ChangePage([], None)
         return await self.bemi.changes.find(
-            transaction_id=transaction_id, context=context or None, order="asc", limit=GROUP_LIMIT, cursor=cursor
+            transaction_id=transaction_id,
+            context=context or None,
+            order="asc",
+            limit=GROUP_LIMIT,
+            cursor=None if cursor is None else self.refs.find_cursor(cursor),
         )
 
     async def _lookup(self, scope: Mapping[str, Any], **options: Any) -> ChangePage:
