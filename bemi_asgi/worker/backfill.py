@@ -191,7 +191,9 @@ class Backfill:
         return self.stats
 
     async def _run(self, catalog: psycopg.AsyncConnection[Any], dest: asyncpg.Connection, binary: bool) -> None:
-        database, version, slot_exists = await self._check_source(catalog)
+        # The worker's own readiness check (wal_level, the publication, a slot of that name owned elsewhere).
+        info, slot = await SourceCatalog(catalog).check(slot=self.slot, publication=self.publication)
+        database, version, slot_exists = info.database, info.server_version, slot is not None
         tables = await self._tables(catalog, version)
         states = await _states(dest)
         todo = []
@@ -245,34 +247,6 @@ class Backfill:
             await replication.close()
 
     # -- source ------------------------------------------------------------------------------------------------
-
-    async def _check_source(self, catalog: psycopg.AsyncConnection[Any]) -> tuple[str, int, bool]:
-        row = await (
-            await catalog.execute(
-                "SELECT current_setting('wal_level'), current_database(), current_setting('server_version_num')::int,"
-                " EXISTS (SELECT FROM pg_publication WHERE pubname = %s),"
-                " (SELECT array[plugin::text, database::text] FROM pg_replication_slots WHERE slot_name = %s)",
-                [self.publication, self.slot],
-            )
-        ).fetchone()
-        assert row is not None
-        wal_level, database, version, publication, slot = row
-        if wal_level != "logical":
-            raise SourceNotReadyError(
-                f"the source database has wal_level={wal_level}; a backfill consistent with the stream needs "
-                "wal_level=logical (`bemi-asgi doctor` checks every setting capture needs)"
-            )
-        if not publication:
-            raise SourceNotReadyError(
-                f"the source database {database!r} has no publication {self.publication!r}: create it with "
-                "`bemi-asgi sql-migration` (or name the worker's with --publication)"
-            )
-        if slot is not None and (slot[0] != "pgoutput" or slot[1] != database):
-            raise SourceNotReadyError(
-                f"replication slot {self.slot!r} exists but is not a pgoutput slot of database {database!r}: "
-                "give the worker's slot with --slot"
-            )
-        return str(database), int(version), slot is not None
 
     async def _create_slot(
         self, replication: psycopg.AsyncConnection[Any], version: int, slot_exists: bool

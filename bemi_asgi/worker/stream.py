@@ -229,7 +229,7 @@ class ReplicationStream:
             loop.remove_writer(self._fd)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SourceInfo:
     database: str
     server_version: int
@@ -281,10 +281,40 @@ class SourceCatalog:
         await self._conn.close()
 
     async def prepare(self, *, slot: str, publication: str) -> SourceInfo:
-        """Check the source can be captured and create the slot if it is missing (it is never dropped).
+        """Check the source can be captured (`check`) and create the slot if it is missing (it is never dropped)."""
+        info, slot_row = await self.check(slot=slot, publication=publication)
+        if slot_row is None:
+            try:
+                await self._conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
+                info.slot_created = True
+            except errors.DuplicateObject:
+                pass  # another worker created it a moment ago
+            except errors.ObjectNotInPrerequisiteState as exc:
+                raise SourceNotReadyError(f"cannot create replication slot {slot!r}: {exc}") from exc
+            except errors.ConfigurationLimitExceeded as exc:
+                raise SourceNotReadyError(
+                    f"cannot create replication slot {slot!r}: {exc}; raise max_replication_slots or drop an "
+                    "unused slot"
+                ) from exc
+            slot_row = await self._slot(slot)
+            assert slot_row is not None
+        info.confirmed_flush_lsn = slot_row[2]
+        return info
 
-        Raises SourceNotReadyError naming the fix for `wal_level` and a missing publication.
-        """
+    async def _slot(self, slot: str) -> tuple[str, str, int] | None:
+        row = await (
+            await self._conn.execute(
+                "SELECT plugin::text, database::text, coalesce(confirmed_flush_lsn - '0/0'::pg_lsn, 0)::bigint"
+                " FROM pg_replication_slots WHERE slot_name = %s",
+                [slot],
+            )
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), int(str(row[2])))
+
+    async def check(self, *, slot: str, publication: str) -> tuple[SourceInfo, tuple[str, str, int] | None]:
+        """Check the source can be captured, changing nothing: the facts, and the slot `(plugin, database,
+        confirmed flush LSN)` when it exists. Raises SourceNotReadyError naming the fix for `wal_level`, a missing
+        publication and a slot of that name that another database or plugin owns."""
         row = await (
             await self._conn.execute(
                 "SELECT current_setting('wal_level'), current_database(), current_setting('server_version_num')::int,"
@@ -306,36 +336,14 @@ class SourceCatalog:
                 "`bemi-asgi sql-migration` (or name an existing one with --publication); `bemi-asgi doctor` "
                 "checks the setup"
             )
-        slot_query = (
-            "SELECT plugin, database, coalesce(confirmed_flush_lsn - '0/0'::pg_lsn, 0)::bigint"
-            " FROM pg_replication_slots WHERE slot_name = %s"
-        )
-        slot_row = await (await self._conn.execute(slot_query, [slot])).fetchone()
-        created = False
-        if slot_row is None:
-            try:
-                await self._conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
-                created = True
-            except errors.DuplicateObject:
-                pass  # another worker created it a moment ago
-            except errors.ObjectNotInPrerequisiteState as exc:
-                raise SourceNotReadyError(f"cannot create replication slot {slot!r}: {exc}") from exc
-            except errors.ConfigurationLimitExceeded as exc:
-                raise SourceNotReadyError(
-                    f"cannot create replication slot {slot!r}: {exc}; raise max_replication_slots or drop an "
-                    "unused slot"
-                ) from exc
-        elif slot_row[0] != "pgoutput" or slot_row[1] != database:
+        slot_row = await self._slot(slot)
+        if slot_row is not None and (slot_row[0] != "pgoutput" or slot_row[1] != database):
             raise SourceNotReadyError(
                 f"replication slot {slot!r} exists but is not a pgoutput slot of database {database!r} "
                 f"(plugin {slot_row[0]!r}, database {slot_row[1]!r}): choose another name with --slot"
             )
-        if slot_row is None:
-            slot_row = await (await self._conn.execute(slot_query, [slot])).fetchone()
-            assert slot_row is not None
-        return SourceInfo(
-            str(database), int(str(version)), int(str(slot_row[2])), python_encoding(str(encoding)), created
-        )
+        info = SourceInfo(str(database), int(str(version)), 0, python_encoding(str(encoding)))
+        return info, slot_row
 
     async def drop_slot(self, slot: str) -> None:
         """Drop a slot this start created, when the start fails before anything streamed: a new slot nobody reads
