@@ -31,7 +31,7 @@ from benchmarks._support import Result
 async def fill(dsn: str, rows: int, per_row: int) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(queries.MIGRATION.read_text())
+        await conn.execute(queries.MIGRATION)
         if await conn.fetchval("SELECT count(*) FROM bemi.changes") != rows * per_row:
             await conn.execute("TRUNCATE bemi.changes")
             await conn.execute(queries.FILL, rows, per_row, queries.T0)
