@@ -38,6 +38,7 @@ REQUESTS = 20_000 if LONG else 3000
 CONCURRENCY = 100
 USERS = 500
 KINDS = ("transaction", "autocommit", "task", "nested")
+SERVER_KEEP_ALIVE = 20  # seconds uvicorn keeps an idle connection open
 
 pytestmark = pytest.mark.timeout(900 if LONG else 180)
 
@@ -103,7 +104,8 @@ def server(database: str) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", f"{__name__}:app_from_environment", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--backlog", str(CONCURRENCY * 2)],
+         "--port", str(port), "--log-level", "warning", "--backlog", str(CONCURRENCY * 2),
+         "--timeout-keep-alive", str(SERVER_KEEP_ALIVE)],
         cwd=ROOT,
         env={**os.environ, "BEMI_TEST_APP_DSN": database},
     )  # fmt: skip
@@ -134,7 +136,12 @@ async def test_concurrent_requests_each_store_their_own_context(server: str, dat
     limit = asyncio.Semaphore(CONCURRENCY)
     rng = random.Random(7)
     plan = [(f"user-{rng.randrange(USERS)}", f"req-{i}", rng.choice(KINDS)) for i in range(REQUESTS)]
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    # The client drops an idle connection well before the server would: otherwise, on a loaded machine, uvicorn
+    # closes one that sat idle past its keep-alive timeout just as the client sends the next request on it, and
+    # that request fails with "Server disconnected without sending a response".
+    limits = httpx.Limits(
+        max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY, keepalive_expiry=SERVER_KEEP_ALIVE / 4
+    )
     try:
         async with httpx.AsyncClient(base_url=server, limits=limits, timeout=60) as client:
 
