@@ -3,7 +3,8 @@
 One call decodes one message, the payload of one XLogData ('w') frame of the replication stream, or one `data`
 value of `pg_logical_slot_peek_binary_changes(..., 'proto_version', '1', ...)`. The format is PostgreSQL's
 "Logical Replication Message Formats" (protocol chapter). Column values stay text, as the server sent them (the
-stream is requested in text format): `bemi_asgi._values` turns them into JSON values once the column types are known.
+stream is requested in text format): `bemi_asgi.worker.values` turns them into JSON values once the column types
+are known.
 
 This is the worker's hot path, so the code avoids per-byte loops and per-field calls: precompiled `struct.Struct`
 unpackers read straight from the buffer, and each text value costs one slice and one UTF-8 decode.
