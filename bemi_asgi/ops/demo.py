@@ -13,7 +13,7 @@ The data directory (default: `<system temp>/bemi-asgi-demo-<uid>`) is replaced o
 cluster) and a lock file. A run takes the lock (so a second demo on the same directory is refused while the first
 runs), stops a server that a killed run left behind, and re-creates `pgdata/` from scratch, so every run starts
 from the same seeded state. Only a new, empty or demo-made directory is used: anything else is refused, never wiped.
-Under root the server runs as an unprivileged user (see `_postgres`), so the directory must be reachable by it.
+Under root the server runs as an unprivileged user (see `ops.postgres`), so the directory must be reachable by it.
 """
 
 from __future__ import annotations

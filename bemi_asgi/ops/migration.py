@@ -255,7 +255,7 @@ def migration_sql(
 
     `exclude_tables` are never tracked (remembered: tables created later under these names are not tracked
     either), `exclude_schemas` stop being tracked; `partition_by_month` creates `bemi.changes` partitioned by
-    month of `committed_at` (see `_prune`).
+    month of `committed_at` (see `ops.prune`).
     """
     publication = check_publication(publication)
     if not parts:
