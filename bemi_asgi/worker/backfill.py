@@ -56,7 +56,7 @@ from psycopg.adapt import Loader
 from .._exceptions import ConfigError, DestinationNotReadyError, SourceNotReadyError
 from .._pgtext import format_lsn, parse_lsn
 from .config import TrackingConfig
-from .destination import BINARY_COLUMNS, COLUMNS, BinaryCopy, ChangeRecord
+from .destination import BINARY_COLUMNS, COLUMNS, BinaryCopy, ChangeRecord, missing_tables, takes_binary_copy
 from .pgoutput import INSERT, NEW_TUPLE, NULL_VALUE, TEXT_VALUE, Column, Relation
 from .relations import RelationInfo, Relations
 from .rules import Filters
@@ -454,27 +454,19 @@ def _baselines(table: _Table, rows: Iterable[tuple[bytes | None, ...]]) -> Itera
 
 async def _check_destination(dest: asyncpg.Connection) -> bool:
     """Raise DestinationNotReadyError unless the destination takes baselines; whether the binary COPY fits."""
-    missing = await dest.fetch(
-        "SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL",
-        ["bemi.changes", "bemi.backfill_state"],
-    )
+    missing = await missing_tables(dest, ["bemi.changes", "bemi.backfill_state"])
     accepts = await dest.fetchval(
         "SELECT NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass('bemi.changes')"
         " AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%''TRUNCATE''%'"
         " AND pg_get_constraintdef(oid) NOT LIKE '%''SNAPSHOT''%')"
     )
     if missing or not accepts:
-        what = ", ".join(row["name"] for row in missing) if missing else "SNAPSHOT among bemi.changes' operations"
+        what = ", ".join(missing) if missing else "SNAPSHOT among bemi.changes' operations"
         raise DestinationNotReadyError(
             f"the destination database lacks {what}: run `bemi-asgi sql-migration` again (it adds what a backfill "
             "needs and changes nothing else)"
         )
-    types = await dest.fetch(
-        "SELECT attname::text AS name, format_type(atttypid, NULL) AS type FROM pg_attribute"
-        " WHERE attrelid = to_regclass('bemi.changes') AND attnum > 0 AND NOT attisdropped"
-    )
-    found = {row["name"]: row["type"] for row in types}
-    return all(found.get(name) == kind for name, kind in BINARY_COLUMNS)
+    return await takes_binary_copy(dest)
 
 
 async def _states(dest: asyncpg.Connection) -> dict[tuple[str, str], _State]:

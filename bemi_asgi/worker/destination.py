@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -24,7 +24,15 @@ from .._exceptions import DestinationNotReadyError
 from .spill import PendingChange
 from .stream import python_encoding
 
-__all__ = ["BINARY_COLUMNS", "COLUMNS", "BinaryCopy", "ChangeRecord", "Destination"]
+__all__ = [
+    "BINARY_COLUMNS",
+    "COLUMNS",
+    "BinaryCopy",
+    "ChangeRecord",
+    "Destination",
+    "missing_tables",
+    "takes_binary_copy",
+]
 
 #: The `bemi.changes` columns the worker writes, in the order of the records it produces.
 COLUMNS: Final = WRITTEN
@@ -144,6 +152,22 @@ class BinaryCopy:
         return self.take()
 
 
+async def missing_tables(conn: asyncpg.Connection, names: Sequence[str]) -> list[str]:
+    """Which of the tables `names` (`schema.table`) the destination lacks."""
+    rows = await conn.fetch("SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL", names)
+    return [str(row["name"]) for row in rows]
+
+
+async def takes_binary_copy(conn: asyncpg.Connection) -> bool:
+    """Whether `bemi.changes` has the column types the binary COPY stream is written for."""
+    types = await conn.fetch(
+        "SELECT attname::text AS name, format_type(atttypid, NULL) AS type FROM pg_attribute"
+        " WHERE attrelid = to_regclass('bemi.changes') AND attnum > 0 AND NOT attisdropped"
+    )
+    found = {row["name"]: row["type"] for row in types}
+    return all(found.get(name) == kind for name, kind in BINARY_COLUMNS)
+
+
 class Destination:
     """One asyncpg connection to the destination database."""
 
@@ -159,27 +183,19 @@ class Destination:
         """Connect and check the destination tables exist (DestinationNotReadyError says how to create them)."""
         conn = await asyncpg.connect(dsn, server_settings={"application_name": "bemi-asgi worker"})
         try:
-            missing = await conn.fetch(
-                "SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL",
-                ["bemi.changes", "bemi.worker_state"],
-            )
-            types = await conn.fetch(
-                "SELECT attname::text AS name, format_type(atttypid, NULL) AS type FROM pg_attribute"
-                " WHERE attrelid = to_regclass('bemi.changes') AND attnum > 0 AND NOT attisdropped"
-            )
+            missing = await missing_tables(conn, ["bemi.changes", "bemi.worker_state"])
+            binary = await takes_binary_copy(conn)
             encoding = python_encoding(await conn.fetchval("SELECT current_setting('server_encoding')"))
         except BaseException:
             await conn.close()
             raise
         if missing:
             await conn.close()
-            names = ", ".join(row["name"] for row in missing)
             raise DestinationNotReadyError(
-                f"the destination database lacks {names}: create the tables with `bemi-asgi sql-migration` "
-                "(`--only destination` when it is another database) on the destination database"
+                f"the destination database lacks {', '.join(missing)}: create the tables with `bemi-asgi "
+                "sql-migration` (`--only destination` when it is another database) on the destination database"
             )
-        found = {row["name"]: row["type"] for row in types}
-        return cls(conn, binary=all(found.get(name) == kind for name, kind in BINARY_COLUMNS), encoding=encoding)
+        return cls(conn, binary=binary, encoding=encoding)
 
     async def close(self) -> None:
         try:
