@@ -14,6 +14,7 @@ from ._exceptions import (
 from .capture.context import bemi_context, configure_context, get_context, skip_tracking
 from .capture.middleware import BemiMiddleware
 from .capture.pool import BemiConnection, connect, create_pool
+from .capture.tracing import configure_tracing
 from .history.changes import ChangePage
 from .history.client import Bemi
 from .history.fastapi import get_bemi
@@ -50,6 +51,7 @@ __all__ = [
     "Worker",
     "bemi_context",
     "configure_context",
+    "configure_tracing",
     "connect",
     "create_pool",
     "current_lsn",

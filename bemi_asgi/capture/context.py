@@ -62,17 +62,28 @@ def configure_context(*, max_bytes: int) -> None:
 
 
 def get_context() -> dict[str, Any] | None:
-    """Return a copy of the current context, or None when there is none.
+    """Return a copy of the current context, as a write here would carry it (with the active trace), or None.
 
     A copy, so that changing it cannot make the context differ from the JSON the pool emits.
     """
-    data = _current.get()
+    data = current()
     return None if data is None else dict(data.values)
 
 
+#: What a write gains from where it runs, added when the pool takes the context (the active trace, installed by
+#: `tracing.configure_tracing`), or None. Read at each statement: a span may start after the context was set.
+_extension: Callable[[ContextData | None], ContextData | None] | None = None
+
+
+def extend_context(extension: Callable[[ContextData | None], ContextData | None] | None) -> None:
+    global _extension
+    _extension = extension
+
+
 def current() -> ContextData | None:
-    """Return the current validated context with its JSON text (for the pool and the worker's tests)."""
-    return _current.get()
+    """Return the context a write here carries, validated, with its JSON text (for the pool and the tests)."""
+    data = _current.get()
+    return data if _extension is None else _extension(data)
 
 
 def validate(values: Mapping[str, Any]) -> ContextData:

@@ -14,6 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import tracing
 from .context import _current, validate
 
 __all__ = ["BemiMiddleware", "ContextCallback"]
@@ -32,6 +33,8 @@ class BemiMiddleware:
     callback runs in the event loop, so keep it cheap.
 
     The context is set before the app runs and reset after it finishes, so nothing leaks into the next request.
+    Writes also carry the trace they run in (`trace_id`, `span_id`: see `bemi_asgi.capture.tracing`), taken from
+    the active OpenTelemetry span, or else from the request's W3C `traceparent` header.
     Other scope types (`lifespan`) pass through untouched.
 
     Note: the callback runs before routing, so `request.path_params` and the matched route are not known yet;
@@ -60,10 +63,13 @@ class BemiMiddleware:
             exc.add_note(f"(raised by the Bemi context callback {_name(self.context)} for {scope.get('path', '')!r})")
             raise
         token = _current.set(data)
+        traced = tracing.enter_request(scope)  # the request's traceparent, for writes made in no span
         try:
             await self.app(scope, receive, send)
         finally:
             _current.reset(token)
+            if traced is not None:
+                tracing.leave_request(traced)
 
 
 def _name(fn: object) -> str:

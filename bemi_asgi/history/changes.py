@@ -50,8 +50,9 @@ class ChangesAPI:
         table of a schema). `primary_key` is the row's key: an int or str, a tuple for a composite key.
         `operation` is one operation or several. `context`, `before` and `after` match by containment:
         `context={"user_id": 42}` finds changes whose context holds that pair. `since` is inclusive and `until`
-        exclusive (aware datetimes). `transaction_id` is the source transaction's id. Pass the returned page's
-        `next_cursor` as `cursor` with the same filters to get the next page.
+        exclusive (aware datetimes). `transaction_id` is the source transaction's id. `trace_id` finds the changes
+        written in one trace (the context key tracing adds): 32 hex digits or OpenTelemetry's int. Pass the
+        returned page's `next_cursor` as `cursor` with the same filters to get the next page.
         """
         if order not in ("asc", "desc"):
             raise QueryError(f"order must be 'asc' or 'desc', got {order!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, Literal, TypedDict
 
 from .._exceptions import QueryError
 from .._pgtext import parse_lsn
+from ..capture.tracing import TRACE_ID_KEY
 from .models import Operation
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "encode_primary_key",
     "parse_at",
     "read_lsn",
+    "read_trace_id",
     "require_aware",
     "split_table",
 ]
@@ -97,6 +100,21 @@ def read_lsn(text: str) -> int:
         return parse_lsn(text)
     except ValueError:
         raise QueryError(f"{text!r} is not an LSN: expected the pg_lsn form 'X/XXXXXXXX' or an int") from None
+
+
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def read_trace_id(value: str | int) -> str:
+    """A trace id as stored in the context (32 lowercase hex digits), from its hex text or OpenTelemetry's int."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 128:
+        return f"{value:032x}"
+    if isinstance(value, str) and _TRACE_ID.fullmatch(value.lower()) and value.strip("0"):
+        return value.lower()
+    raise QueryError(
+        f"trace_id={value!r} is not a trace id: pass its 32 hex digits (as in a traceparent header) or "
+        "OpenTelemetry's int (span.get_span_context().trace_id)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +215,7 @@ class FilterArgs(TypedDict, total=False):
     since: datetime | None
     until: datetime | None
     transaction_id: int | None
+    trace_id: str | int | None
 
 
 def _operations(operation: Operation | str | Sequence[Operation | str]) -> list[str]:
@@ -270,6 +289,9 @@ class ChangeFilter:
             if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
                 raise QueryError(f"transaction_id must be an int, got {transaction_id!r}")
             where.add(f"transaction_id = {where.param(transaction_id)}::bigint")
+        trace_id = args.get("trace_id")
+        if trace_id is not None:  # the context key tracing writes, found through the context's GIN index
+            where.add(f"context @> {where.param(json.dumps({TRACE_ID_KEY: read_trace_id(trace_id)}))}::jsonb")
         if self.commit_lsn is not None:
             where.add(f"commit_lsn = {where.param(self.commit_lsn)}::bigint")
         return where
