@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -24,8 +25,11 @@ import bemi_asgi
 from bemi_asgi import Bemi, BemiMiddleware, QueryError, bemi_context, configure_tracing, get_context
 from bemi_asgi.capture.context import current
 from bemi_asgi.capture.tracing import TraceIds, active_trace, parse_traceparent
+from bemi_asgi.ui import allow_all, bemi_ui
 from bemi_asgi.worker.pipeline import Worker
 
+from ._change_writer import ChangesEnv as Env
+from ._change_writer import Row, changes_env
 from .worker_support import prepare_source
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -342,3 +346,93 @@ async def test_find_refuses_what_is_not_a_trace_id(database: str, bad: Any) -> N
             await bemi.changes.find(trace_id=bad)
     finally:
         await bemi.close()
+
+
+# --- the change browser ----------------------------------------------------------------------------------------------
+
+OTHER = "0af7651916cd43dd8448eb211c80319c"
+VIEWER = "http://jaeger.test/trace/{trace_id}?uiFind={span_id}"
+
+
+@pytest.fixture
+async def traced(database: str) -> AsyncIterator[Env]:
+    """Two services' changes in one trace (the second service's database renamed), and another trace."""
+    async with changes_env(database) as env:
+        w = env.writer
+        await w.commit(
+            [Row("CREATE", "orders", 1, after={"id": 1}), Row("CREATE", "items", 7, after={"id": 7})],
+            context={"tenant_id": 1, "trace_id": TRACE, "span_id": PARENT},
+        )
+        await w.commit([Row("CREATE", "orders", 2, after={"id": 2})], context={"tenant_id": 1, "trace_id": OTHER})
+        billing = await w.commit(
+            [Row("CREATE", "invoices", 9, after={"id": 9}, schema="billing")],
+            context={"tenant_id": 2, "trace_id": TRACE, "span_id": "b7ad6b7169203331"},
+        )
+        await w.conn.execute("UPDATE bemi.changes SET database = 'billing' WHERE commit_lsn = $1", billing)
+        yield env
+
+
+def _sections(page: str) -> list[int]:
+    return [int(found) for found in re.findall(r'<section class="step[^"]*" id="c([^"]+)"', page)]
+
+
+async def test_the_trace_page_lists_its_changes_across_tables_and_databases(traced: Env) -> None:
+    """/trace/<id> shows every change of the trace in commit order, where each lives, and the viewer link."""
+    ui = bemi_ui(traced.bemi, authorize=allow_all, trace_url=VIEWER)
+    async with _client(ui) as client:
+        page = await client.get(f"/trace/{TRACE}")
+        upper = await client.get(f"/trace/{TRACE.upper()}")
+        unknown = await client.get(f"/trace/{'e' * 32}")
+        malformed = await client.get("/trace/not-a-trace")
+    assert page.status_code == upper.status_code == 200
+    assert _sections(page.text) == _sections(upper.text) == await _change_ids(traced, trace_id=TRACE)
+    assert len(_sections(page.text)) == 3
+    db = await traced.conn.fetchval("SELECT current_database()")
+    assert (
+        f"<code>billing · billing.invoices</code>, <code>{db} · items</code>, <code>{db} · orders</code>" in page.text
+    )
+    assert f'href="http://jaeger.test/trace/{TRACE}?uiFind="' in page.text  # the page's own link names no span
+    assert f'href="http://jaeger.test/trace/{TRACE}?uiFind={PARENT}"' in page.text  # a change's link names its span
+    assert (unknown.status_code, malformed.status_code) == (404, 400)
+    assert "not a trace id" in malformed.text
+
+
+async def test_trace_ids_link_to_the_trace_page_within_the_scope(traced: Env) -> None:
+    """On the timeline a trace id links to its trace page; under a scope that page holds only in-scope changes,
+    and no viewer link is shown without trace_url."""
+
+    async def tenant(request: Request) -> dict[str, Any]:
+        return {"tenant_id": int(request.headers["x-tenant"])}
+
+    ui = bemi_ui(traced.bemi, authorize=allow_all, scope=tenant)
+    async with _client(ui) as client:
+        timeline = await client.get("/", headers={"x-tenant": "1"})
+        page = await client.get(f"/trace/{TRACE}", headers={"x-tenant": "2"})
+        other = await client.get(f"/trace/{OTHER}", headers={"x-tenant": "2"})
+    assert f'href="/trace/{TRACE}"' in timeline.text
+    assert f'href="/trace/{OTHER}"' in timeline.text
+    assert "trace viewer" not in timeline.text + page.text
+    assert page.status_code == 200
+    assert "billing.invoices" in page.text
+    assert "orders" not in page.text
+    assert other.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("template", "reason"),
+    [
+        ("javascript:alert('{trace_id}')", "http"),
+        ("http://jaeger/trace/{trace_id}/{user}", "takes {trace_id}"),
+        ("http://jaeger/trace/{trace_id.__class__}", "takes {trace_id}"),
+        ("http://jaeger/search", "takes {trace_id}"),
+        ("http://jaeger/trace/{trace_id", "not a template"),
+    ],
+)
+def test_a_trace_url_that_is_not_a_viewer_address_is_refused(template: str, reason: str) -> None:
+    """trace_url must be a web address with {trace_id} and at most {span_id} in it."""
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        bemi_ui(Bemi("postgresql://unused"), authorize=allow_all, trace_url=template)
+
+
+async def _change_ids(env: Env, **filters: Any) -> list[int]:
+    return [change.id for change in await env.bemi.changes.find(order="asc", **filters)]

@@ -29,6 +29,7 @@ from .models import Operation
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "TRACE_ID_KEY",
     "At",
     "ChangeFilter",
     "Cursor",

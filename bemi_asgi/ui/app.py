@@ -6,7 +6,8 @@
 
 Pages: the timeline (`/`, newest first, filters, keyset pages, live updates over server-sent events at `/stream`),
 a row's history and its state at a chosen moment (`/row?schema=..&table=..&key=..&at=..`), and everything one
-transaction (`/transaction/<id>`) or one request (`/request?id=..`) changed.
+transaction (`/transaction/<id>`), one request (`/request?id=..`) or one trace (`/trace/<trace id>`, across
+tables and databases) changed. `trace_url` links each traced change to the trace viewer.
 
 Permissions, checked on every request before anything is read:
 - `authorize(request)`, sync or async, is required. It returns True (allowed), False (403 Forbidden), None (401:
@@ -35,7 +36,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import secrets
+import string
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,7 +54,16 @@ from starlette.types import Receive, Scope, Send
 from .._exceptions import QueryError, UnknownTableError
 from ..history.changes import ChangePage
 from ..history.client import Bemi
-from ..history.filters import At, ChangeFilter, Cursor, FilterArgs, decode_cursor, encode_cursor
+from ..history.filters import (
+    TRACE_ID_KEY,
+    At,
+    ChangeFilter,
+    Cursor,
+    FilterArgs,
+    decode_cursor,
+    encode_cursor,
+    read_trace_id,
+)
 from ..history.models import Change
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
@@ -135,6 +147,10 @@ class BemiUI:
     `secret` (with `scope` only, at least 16 bytes) seals the references in links (`refs`). Give every process
     that serves the browser the same one; without it each instance makes a random key, and its links then work
     only in that process, until it restarts.
+
+    `trace_url` is the address of a trace in your trace viewer, with `{trace_id}` (and optionally `{span_id}`, the
+    change's span) in it, e.g. `"http://jaeger:16686/trace/{trace_id}"`: each traced change, and each trace page,
+    links there.
     """
 
     def __init__(
@@ -149,6 +165,7 @@ class BemiUI:
         poll_interval: float = 1.0,
         stream_seconds: float = 300.0,
         secret: str | bytes | None = None,
+        trace_url: str | None = None,
     ) -> None:
         if authorize is None:
             raise TypeError(
@@ -171,6 +188,8 @@ class BemiUI:
             raise ValueError(f"page_size must be an int from 1 to 1000, got {page_size!r}")
         if poll_interval <= 0 or stream_seconds <= 0:
             raise ValueError("poll_interval and stream_seconds must be positive")
+        if trace_url is not None:
+            _check_trace_url(trace_url)
         jinja = _load_jinja()
         self.bemi = bemi
         self.authorize = authorize
@@ -180,6 +199,7 @@ class BemiUI:
         self.request_id_key = request_id_key
         self.poll_interval = poll_interval
         self.stream_seconds = stream_seconds
+        self.trace_url = trace_url
         self.refs: Refs = Refs()
         if scope is not None:
             key = secrets.token_bytes(32) if secret is None else secret
@@ -206,6 +226,9 @@ class BemiUI:
             no_filters=TimelineFilters(),
             table_params=_table_params,
             ref=self.refs,
+            trace_id_key=TRACE_ID_KEY,
+            trace_id_of=_trace_id_of,
+            viewer_link=self._viewer_link,
         )
         self._router = Router(
             routes=[
@@ -215,6 +238,7 @@ class BemiUI:
                 Route("/transaction/{ref}", self._guard(self._transaction), methods=["GET"]),
                 Route("/value", self._guard(self._value), methods=["GET"]),
                 Route("/request", self._guard(self._request), methods=["GET"]),
+                Route("/trace/{trace_id}", self._guard(self._trace), methods=["GET"]),
             ]
         )
 
@@ -471,8 +495,41 @@ class BemiUI:
             return self._error(request, 404, f"No changes of request {text} are visible to you.")
         return self._group_page(request, "/request", {"id": text}, f"Request {text}", page, cursor)
 
+    async def _trace(self, request: Request) -> Response:
+        trace_id = read_trace_id(request.path_params["trace_id"])
+        context = merge_scope({TRACE_ID_KEY: trace_id}, self._access(request))
+        cursor = request.query_params.get("cursor") or None
+        page = await self._group(context=context, cursor=cursor)
+        if not page:
+            return self._error(request, 404, f"No changes of trace {trace_id} are visible to you.")
+        places = sorted({(change.database, change.schema_, change.table) for change in page})
+        return self._group_page(
+            request,
+            f"/trace/{trace_id}",
+            {},
+            f"Trace {trace_id}",
+            page,
+            cursor,
+            places=places,
+            viewer_href=self._viewer_link(trace_id, ""),
+        )
+
+    def _viewer_link(self, trace_id: str, span_id: Any) -> str | None:
+        """The trace viewer's address of a trace (and span), or None without `trace_url`."""
+        if self.trace_url is None:
+            return None
+        span = span_id if isinstance(span_id, str) and _SPAN_ID.fullmatch(span_id) else ""
+        return self.trace_url.format(trace_id=trace_id, span_id=span)
+
     def _group_page(
-        self, request: Request, path: str, params: dict[str, str], heading: str, page: ChangePage, cursor: str | None
+        self,
+        request: Request,
+        path: str,
+        params: dict[str, str],
+        heading: str,
+        page: ChangePage,
+        cursor: str | None,
+        **extra: Any,
     ) -> Response:
         next_href = None
         if page.next_cursor:
@@ -485,6 +542,7 @@ class BemiUI:
             limit=GROUP_LIMIT,
             next_href=next_href,
             continued=cursor is not None,
+            **extra,
         )
 
     async def _value(self, request: Request) -> Response:
@@ -596,6 +654,32 @@ class BemiUI:
 
 #: The documented name: `bemi_ui(bemi, authorize=...)` creates the app.
 bemi_ui = BemiUI
+
+
+_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _trace_id_of(value: Any) -> str | None:
+    """A context's trace id, when it is one that the trace page can open."""
+    try:
+        return value if isinstance(value, str) and read_trace_id(value) == value else None
+    except QueryError:
+        return None
+
+
+def _check_trace_url(template: str) -> None:
+    """Refuse a trace viewer template that names other fields or is not a web address (a `javascript:` link)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"bemi_ui(trace_url=...) is not a template: {exc}") from None
+    if "trace_id" not in fields or not fields <= {"trace_id", "span_id"}:
+        raise ValueError(
+            f"bemi_ui(trace_url=...) names {sorted(fields)}: it takes {{trace_id}} and optionally {{span_id}}, e.g. "
+            "'http://jaeger:16686/trace/{trace_id}'"
+        )
+    if not template.startswith(("http://", "https://", "/")):
+        raise ValueError("bemi_ui(trace_url=...) must be an http(s) address or a path starting with /")
 
 
 def _table_params(change: Change) -> list[tuple[str, str]]:
