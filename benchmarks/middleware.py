@@ -5,30 +5,38 @@
 The app is driven directly through ASGI (no HTTP client, no sockets), so the figures are the app's and the
 middleware's own cost. Variants run in interleaved rounds and each keeps its best round, so a noisy neighbour
 slows every variant alike; the ratios against the bare app are what to read.
+
+Trace capture (on by default) is measured on and off: reading a `traceparent` header the request sends, and
+adding the active OpenTelemetry span's ids where the endpoint takes the context, as the pool does for each write
+statement (the span is opened once around the whole run, so OpenTelemetry's own cost is not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.types import ASGIApp, Message, Scope
 
-from bemi_asgi import BemiMiddleware, get_context
-from bemi_asgi.capture.context import activate, deactivate
+from bemi_asgi import BemiMiddleware, configure_tracing, get_context
+from bemi_asgi.capture.context import activate, current, deactivate
 from benchmarks._support import Result
 
 
-def _hello_app() -> FastAPI:
+def _hello_app(takes_context: bool = False) -> FastAPI:
     app = FastAPI()
 
     @app.get("/hello")
     async def hello() -> dict[str, str]:
+        if takes_context:
+            current()  # what the pool does for a write statement
         return {"hello": "world"}
 
     return app
@@ -53,20 +61,59 @@ class _BaseHTTPEquivalent(BaseHTTPMiddleware):
             deactivate(token)
 
 
-def _variants() -> dict[str, ASGIApp]:
-    plain = _hello_app()
-    constant = _hello_app()
-    constant.add_middleware(BemiMiddleware, context=_constant)
-    header = _hello_app()
-    header.add_middleware(BemiMiddleware, context=_header_and_path)
+@dataclass(frozen=True)
+class _Variant:
+    app: ASGIApp
+    tracing: bool = True
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    in_span: bool = False
+
+
+def _bemi_app(context: Callable[[Request], dict[str, Any]], takes_context: bool = False) -> FastAPI:
+    app = _hello_app(takes_context)
+    app.add_middleware(BemiMiddleware, context=context)
+    return app
+
+
+def _variants() -> dict[str, _Variant]:
     base = _hello_app()
     base.add_middleware(_BaseHTTPEquivalent)
-    return {
-        "no middleware": plain,
-        "BemiMiddleware, constant callback": constant,
-        "BemiMiddleware, header + path callback": header,
-        "BaseHTTPMiddleware, header + path": base,
+    header = _bemi_app(_header_and_path)
+    traceparent = [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    variants = {
+        "no middleware": _Variant(_hello_app()),
+        "BemiMiddleware, constant callback": _Variant(_bemi_app(_constant)),
+        "BemiMiddleware, header + path callback": _Variant(header),
+        "BaseHTTPMiddleware, header + path": _Variant(base),
+        "header + path, tracing off": _Variant(header, tracing=False),
+        "header + path, traceparent sent": _Variant(header, headers=traceparent),
     }
+    if _tracer() is not None:  # the OpenTelemetry SDK is installed (the test extra)
+        takes = _bemi_app(_header_and_path, takes_context=True)
+        variants["header + path, context taken in a span"] = _Variant(takes, in_span=True)
+        variants["header + path, context taken in a span, tracing off"] = _Variant(takes, tracing=False, in_span=True)
+    return variants
+
+
+def _tracer() -> Any:
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        return None
+    return TracerProvider().get_tracer("benchmarks.middleware")
+
+
+@contextlib.contextmanager
+def _conditions(variant: _Variant) -> Iterator[None]:
+    configure_tracing(enabled=variant.tracing)
+    try:
+        if variant.in_span:
+            with _tracer().start_as_current_span("bench"):
+                yield
+        else:
+            yield
+    finally:
+        configure_tracing()
 
 
 _SCOPE: Scope = {
@@ -85,7 +132,7 @@ _SCOPE: Scope = {
 }
 
 
-async def _run(app: ASGIApp, requests: int) -> float:
+async def _run(variant: _Variant, requests: int) -> float:
     """Serve `requests` requests one after another; return requests per second."""
 
     async def receive() -> Message:
@@ -97,11 +144,13 @@ async def _run(app: ASGIApp, requests: int) -> float:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    call: Callable[[Scope, Any, Any], Awaitable[None]] = app
-    start = time.perf_counter()
-    for _ in range(requests):
-        await call(dict(_SCOPE), receive, send)
-    elapsed = time.perf_counter() - start
+    call: Callable[[Scope, Any, Any], Awaitable[None]] = variant.app
+    scope = {**_SCOPE, "headers": [*_SCOPE["headers"], *variant.headers]}
+    with _conditions(variant):
+        start = time.perf_counter()
+        for _ in range(requests):
+            await call(dict(scope), receive, send)
+        elapsed = time.perf_counter() - start
     assert statuses == [200] * requests
     assert get_context() is None
     return requests / elapsed
@@ -110,16 +159,16 @@ async def _run(app: ASGIApp, requests: int) -> float:
 async def measure(requests: int, rounds: int) -> dict[str, float]:
     """Best requests/s of each variant over interleaved rounds; prints the table."""
     variants = _variants()
-    for app in variants.values():  # warm up: build middleware stacks, fill caches
-        await _run(app, 200)
+    for variant in variants.values():  # warm up: build middleware stacks, fill caches
+        await _run(variant, 200)
     best = dict.fromkeys(variants, 0.0)
     for _ in range(rounds):
-        for name, app in variants.items():
-            best[name] = max(best[name], await _run(app, requests))
+        for name, variant in variants.items():
+            best[name] = max(best[name], await _run(variant, requests))
     baseline = best["no middleware"]
-    print(f"{'variant':42} {'req/s':>10} {'ratio':>7}")
+    print(f"{'variant':52} {'req/s':>10} {'ratio':>7}")
     for name, rate in best.items():
-        print(f"{name:42} {rate:10.0f} {rate / baseline:7.3f}x")
+        print(f"{name:52} {rate:10.0f} {rate / baseline:7.3f}x")
     return best
 
 

@@ -136,6 +136,7 @@ def test_the_contexts_json_is_what_get_context_shows(spans: tuple[TracerProvider
                 data = current()
                 assert data is not None
                 assert json.loads(data.json) == get_context() == {**values, **_trace_of_current()}
+                assert current() is data  # each statement of the span meets the same object: no new JSON
 
 
 def _trace_of_current() -> dict[str, str]:
@@ -304,9 +305,15 @@ async def test_stored_changes_carry_their_trace_and_find_follows_it(
         assert (await client.post("/items/2")).status_code == 200
     async with _client(_writing_app(pool, None)) as client:
         assert (await client.post("/items/3", headers={"traceparent": TRACEPARENT})).status_code == 200
-    with provider.get_tracer("test").start_as_current_span("nightly") as job_span, bemi_context(job="nightly"):
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("nightly") as job_span, bemi_context(job="nightly"):
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("UPDATE items SET name = 'old' WHERE id < 3")
+    async with pool.acquire() as conn, conn.transaction():  # one transaction, its parts in two traces
+        with tracer.start_as_current_span("part one") as part_one:
+            await conn.execute("INSERT INTO audit VALUES (10)")
+        with tracer.start_as_current_span("part two") as part_two:
+            await conn.execute("INSERT INTO audit VALUES (11)")
     await bemi.wait_for(await bemi_asgi.current_lsn(pool), timeout=60)
 
     first, second = sorted(
@@ -314,8 +321,13 @@ async def test_stored_changes_carry_their_trace_and_find_follows_it(
         key=lambda span: span.start_time or 0,
     )
     job = f"{job_span.get_span_context().trace_id:032x}", f"{job_span.get_span_context().span_id:016x}"
-    assert len({_ids(first)[0], _ids(second)[0], TRACE, job[0]}) == 4
+    parts = [
+        (f"{s.trace_id:032x}", f"{s.span_id:016x}") for s in (part_one.get_span_context(), part_two.get_span_context())
+    ]
+    assert len({_ids(first)[0], _ids(second)[0], TRACE, job[0], parts[0][0], parts[1][0]}) == 6
     expected = {
+        parts[0]: [("audit", None)],
+        parts[1]: [("audit", None)],
         _ids(first): [("items", "1"), ("audit", None)],
         _ids(second): [("items", "2"), ("audit", None)],
         (TRACE, PARENT): [("items", "3"), ("audit", None)],

@@ -77,21 +77,53 @@ _request_trace: ContextVar[TraceIds | None] = ContextVar("bemi_request_trace", d
 _read_traceparent = True
 
 
+def _source() -> object | None:
+    """What the active trace comes from: the current span's (valid) SpanContext, the request's TraceIds, or None.
+    Both are one object for the span's or the request's whole life, which is what `_with_trace` caches by."""
+    if _current_span is not None:
+        span_context: object = _current_span().get_span_context()  # type: ignore[attr-defined]
+        if span_context.is_valid:  # type: ignore[attr-defined]
+            return span_context
+    return _request_trace.get()
+
+
+def _ids(source: object) -> TraceIds:
+    if isinstance(source, TraceIds):
+        return source
+    return TraceIds(f"{source.trace_id:032x}", f"{source.span_id:016x}")  # type: ignore[attr-defined]
+
+
 def active_trace() -> TraceIds | None:
     """The trace a write made here belongs to: the current OpenTelemetry span's, else the request's
     `traceparent`, else None."""
-    if _current_span is not None:
-        span_context = _current_span().get_span_context()  # type: ignore[attr-defined]
-        if span_context.is_valid:
-            return TraceIds(f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}")
-    return _request_trace.get()
+    source = _source()
+    return None if source is None else _ids(source)
+
+
+#: Contexts with a trace's keys added, by (id of the context, id of the trace's source). Each entry keeps both
+#: objects, so neither id can be reused while it is here; the pool then meets the same object at every statement
+#: of a request (no new JSON, and its message SQL cached by that text).
+_traced: dict[tuple[int, int], tuple[context.ContextData | None, object, context.ContextData | None]] = {}
+_TRACED_MAX = 512
 
 
 def _with_trace(data: context.ContextData | None) -> context.ContextData | None:
     """`data` with the active trace's keys added (the JSON spliced, since the ids are plain hex)."""
-    trace = active_trace()
-    if trace is None:
+    source = _source()
+    if source is None:
         return data
+    key = (id(data), id(source))
+    entry = _traced.get(key)
+    if entry is not None and entry[0] is data and entry[1] is source:
+        return entry[2]
+    traced = _add_trace(data, _ids(source))
+    if len(_traced) >= _TRACED_MAX:
+        _traced.clear()
+    _traced[key] = (data, source, traced)
+    return traced
+
+
+def _add_trace(data: context.ContextData | None, trace: TraceIds) -> context.ContextData | None:
     pair = f'"{TRACE_ID_KEY}":"{trace.trace_id}","{SPAN_ID_KEY}":"{trace.span_id}"'
     if data is None:
         return context.ContextData({TRACE_ID_KEY: trace.trace_id, SPAN_ID_KEY: trace.span_id}, "{" + pair + "}")
