@@ -19,6 +19,11 @@ What it shows:
   it as a script (the job name only).
 - Read-your-writes: each write waits (briefly) until the worker stored it, so a history read right after includes it.
 - The change browser (`bemi_asgi.ui`) mounted at `/bemi`, open to visitors on this machine (`may_browse_history`).
+- Tracing: every change carries the `trace_id` and `span_id` of its request. With OpenTelemetry installed
+  (`opentelemetry-sdk` and `opentelemetry-instrumentation-asgi`) each request gets a span (`trace_requests`);
+  without it, a W3C `traceparent` header sent by the caller is read. `GET /traces/{trace_id}/changes` lists what
+  one trace changed, the change browser has a page per trace, and `BEMI_TRACE_URL` (e.g.
+  `http://localhost:16686/trace/{trace_id}` for Jaeger) links each trace to your trace viewer.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException, Qu
 from pydantic import BaseModel, Field
 
 import bemi_asgi
-from bemi_asgi import Bemi, BemiMiddleware, Change, RevertConflictError, bemi_context, get_bemi
+from bemi_asgi import Bemi, BemiMiddleware, Change, QueryError, RevertConflictError, bemi_context, get_bemi
 from bemi_asgi.ui import bemi_ui
 
 logger = logging.getLogger("todo_app")
@@ -137,6 +142,22 @@ def may_browse_history(request: Request) -> bool:
     return request.client is not None and request.client.host in ("127.0.0.1", "::1")
 
 
+def trace_requests(app: FastAPI) -> None:
+    """Give each request an OpenTelemetry span when OpenTelemetry is installed: the tracer provider you configured
+    (e.g. with `opentelemetry-instrument`), or else one of its own that exports nothing (the ids still reach the
+    history). Bemi reads the span where each write runs, so the middleware order does not matter."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        return  # no spans: a caller's traceparent header links the changes instead
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider):  # none configured
+        provider = TracerProvider()
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider)
+
+
 def create_app(dsn: str) -> FastAPI:
     # Bemi opens its own small pool for reads on first use: it exists before the lifespan, so the UI can mount it.
     bemi = Bemi(dsn)
@@ -154,7 +175,9 @@ def create_app(dsn: str) -> FastAPI:
     app = FastAPI(title="Todos, with history", lifespan=lifespan)
     app.state.bemi = bemi
     app.add_middleware(BemiMiddleware, context=request_context)
-    app.mount("/bemi", bemi_ui(bemi, authorize=may_browse_history))  # the change browser (pip install 'bemi-asgi[ui]')
+    trace_requests(app)
+    # The change browser (pip install 'bemi-asgi[ui]'), linking traces to your trace viewer when BEMI_TRACE_URL is set.
+    app.mount("/bemi", bemi_ui(bemi, authorize=may_browse_history, trace_url=os.environ.get("BEMI_TRACE_URL")))
 
     @app.post("/todos", status_code=201)
     async def create_todo(todo: TodoCreate, user: User, pool: Pool, bemi: BemiDep) -> Todo:
@@ -232,6 +255,14 @@ def create_app(dsn: str) -> FastAPI:
         if page.next_cursor is not None:
             response.headers["X-Next-Cursor"] = page.next_cursor
         return list(page)
+
+    @app.get("/traces/{trace_id}/changes")
+    async def trace_changes(trace_id: str, bemi: BemiDep) -> list[Change]:
+        """Every change made in one trace (this service's requests and jobs in it), oldest first."""
+        try:
+            return list(await bemi.changes.find(trace_id=trace_id, order="asc", limit=500))
+        except QueryError as exc:
+            raise HTTPException(400, str(exc)) from None
 
     @app.post("/todos/{todo_id}/revert")
     async def revert_todo(

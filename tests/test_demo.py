@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ from bemi_asgi.ops.postgres import free_port
 ROOT = Path(__file__).resolve().parent.parent
 READY = "Press Ctrl-C to stop"
 SEEDED_STEP = "seeded "  # the stderr step line printed just before the instructions
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def postgres_processes(pgdata: Path) -> list[psutil.Process]:
@@ -158,10 +160,11 @@ def test_demo_serves_the_example_with_history_and_stops_cleanly(data_dir: Path, 
         created = client.post("/todos", json={"title": "Water the plants"}, headers={"X-User": "carol"})
         assert created.status_code == 201, created.text
         todo_id = created.json()["id"]
-        headers = {"X-User": "dave", "X-Request-ID": "req-42"}
+        headers = {"X-User": "dave", "X-Request-ID": "req-42", "traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"}
         updated = client.patch(f"/todos/{todo_id}", json={"done": True}, headers=headers)
         assert updated.status_code == 200, updated.text
         history = client.get(f"/todos/{todo_id}/history").json()
+        traced = client.get(f"/traces/{TRACE}/changes").json()
         seeded = client.get("/changes", params={"limit": 100}).json()
         browser = client.get("/bemi/")
     assert browser.status_code == 200, browser.text
@@ -171,7 +174,11 @@ def test_demo_serves_the_example_with_history_and_stops_cleanly(data_dir: Path, 
         ("CREATE", "carol"),
         ("UPDATE", "dave"),
     ], demo.output()
-    assert history[1]["context"] == {"user": "dave", "endpoint": f"PATCH /todos/{todo_id}", "request_id": "req-42"}
+    context = dict(history[1]["context"])
+    assert context.pop("trace_id") == TRACE  # the caller's trace, continued by the request's span if any
+    assert re.fullmatch("[0-9a-f]{16}", context.pop("span_id"))
+    assert context == {"user": "dave", "endpoint": f"PATCH /todos/{todo_id}", "request_id": "req-42"}
+    assert [change["id"] for change in traced] == [history[1]["id"]]
     assert history[1]["diff"] == {
         "done": {"before": False, "after": True},
         "updated_at": {"before": history[0]["after"]["updated_at"], "after": history[1]["after"]["updated_at"]},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from bemi_asgi.ops.migration import migration_sql
 from bemi_asgi.worker.pipeline import Worker
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 async def prepare(dsn: str, schema_sql: str | None) -> None:
@@ -129,14 +131,22 @@ async def test_todo_app_background_job_context(todos: httpx.AsyncClient, todo_ap
     """POST /jobs/purge-done deletes done todos after answering; the deletes carry the job and who started it."""
     todo_id = (await todos.post("/todos", json={"title": "Fix the bike"}, headers=by("ann", "r1"))).json()["id"]
     await todos.patch(f"/todos/{todo_id}", json={"done": True}, headers=by("ann", "r2"))
-    started = await todos.post("/jobs/purge-done", headers=by("cy", "r3"))
+    traceparent = {"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"}
+    started = await todos.post("/jobs/purge-done", headers={**by("cy", "r3"), **traceparent})
     assert started.status_code == 202  # ASGITransport returns after the background task ran
     assert (await todos.get(f"/todos/{todo_id}")).status_code == 404
     await todo_api.state.bemi.wait_for(await current_lsn(todo_api.state.pool))
     history = (await todos.get(f"/todos/{todo_id}/history")).json()
     operation, context = contexts(history)[-1]
     assert operation == "DELETE"
+    assert context.pop("trace_id") == TRACE  # the caller's trace, continued by the request's span
+    span_id = context.pop("span_id")  # the example's own span (OpenTelemetry is in the test extra), not the caller's
+    assert re.fullmatch("[0-9a-f]{16}", span_id)
+    assert span_id != "00f067aa0ba902b7"
     assert context == {"user": "cy", "endpoint": "POST /jobs/purge-done", "request_id": "r3", "job": "purge_done"}
+    traced = (await todos.get(f"/traces/{TRACE}/changes")).json()
+    assert [change["id"] for change in traced] == [history[-1]["id"]]
+    assert (await todos.get("/traces/nonsense/changes")).status_code == 400
 
 
 async def test_todo_app_job_as_a_script(database: str, todo_app: ModuleType) -> None:

@@ -260,9 +260,14 @@ async def seed(app: Any, example: ModuleType, base: str) -> Seeded:
     return Seeded(report=report, bike=bike, moment=moment, changes=count)
 
 
+#: The trace id of the traced request the instructions suggest (any 32 hex digits would do).
+DEMO_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
 def instructions(base: str, dsn: str, seeded: Seeded) -> str:
     at = seeded.moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     json_header = "-H 'Content-Type: application/json'"
+    traceparent = f"traceparent: 00-{DEMO_TRACE}-00f067aa0ba902b7-01"
     return f"""
 bemi-asgi demo is running: a todo API whose every change is stored with who made it, where and in which request.
 
@@ -280,6 +285,8 @@ Try:
   curl '{base}/changes?user=bob'
   curl -X POST {base}/todos/{seeded.bike}/revert -H 'X-User: alice'    # bring back what the purge_done job deleted
   curl -X POST {base}/jobs/purge-done -H 'X-User: alice'
+  curl -X POST {base}/todos -H 'X-User: erin' -H '{traceparent}' {json_header} -d '{{"title": "Traced"}}'
+  curl {base}/traces/{DEMO_TRACE}/changes    # what that trace changed (the browser: /bemi/trace/<trace id>)
 
 Press Ctrl-C to stop (PostgreSQL stops with it; the next run starts afresh).
 """
