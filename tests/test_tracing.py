@@ -98,6 +98,7 @@ def test_traceparent_gives_the_trace_and_the_callers_span() -> None:
         f"00-{TRACE[:-1]}-{PARENT}-01",
         f"00-{TRACE}-{PARENT}-1",
         f"01-{TRACE}-{PARENT}-01x",
+        f"00-{TRACE}-{PARENT}-01\u2028",  # not even Latin-1
     ],
 )
 def test_an_invalid_traceparent_is_ignored(header: str) -> None:

@@ -61,7 +61,7 @@ _ZERO_SPAN = "0" * 16
 def parse_traceparent(value: bytes | str) -> TraceIds | None:
     """The trace and parent span of a W3C `traceparent` header value, or None when it is not a valid one
     (version ff, an all-zero id, upper-case hex, or version 00 with extra fields)."""
-    raw = value.encode("latin-1") if isinstance(value, str) else value
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
     found = _TRACEPARENT.fullmatch(raw.strip(b" \t"))
     if found is None:
         return None
