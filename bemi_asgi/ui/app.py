@@ -33,7 +33,6 @@ the row page shows a row's latest `HISTORY_LIMIT` changes.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -49,13 +48,14 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from .._exceptions import QueryError, UnknownTableError
+from ..history.access import Authorize, Denied, ScopeCallback, allow_all, merge_scope, read_access
 from ..history.changes import ChangePage
 from ..history.client import Bemi
 from ..history.filters import At, ChangeFilter, Cursor, FilterArgs, decode_cursor, encode_cursor
 from ..history.models import Change
+from ..history.refs import Refs, refs_for
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
-from .refs import Refs, SealedRefs
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
@@ -64,7 +64,6 @@ from .view import (
     field_rows,
     format_time,
     json_text,
-    merge_scope,
     moment_input,
     moment_param,
     parse_context_value,
@@ -77,9 +76,6 @@ if TYPE_CHECKING:
     import jinja2
 
 __all__ = ["Authorize", "BemiUI", "ScopeCallback", "allow_all", "bemi_ui"]
-
-Authorize = Callable[[Request], "bool | Response | Awaitable[bool | Response | None] | None"]
-ScopeCallback = Callable[[Request], "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"]
 
 HISTORY_LIMIT = 500
 #: Changes per page of a transaction or a request (each shows every field: pages of them stay bounded).
@@ -98,20 +94,11 @@ _METHODS = ("GET", "HEAD")
 _LAST_MOMENT = datetime.max.replace(tzinfo=UTC)
 
 
-def allow_all(request: Request) -> bool:
-    """An `authorize` that lets every visitor browse the whole change history: for local development only."""
-    return True
-
-
 @dataclass(frozen=True)
 class _Access:
     """What the current request may see: the scope's context filter ({} for everything)."""
 
     scope: Mapping[str, Any]
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 def _load_jinja() -> Any:
@@ -180,10 +167,7 @@ class BemiUI:
         self.request_id_key = request_id_key
         self.poll_interval = poll_interval
         self.stream_seconds = stream_seconds
-        self.refs: Refs = Refs()
-        if scope is not None:
-            key = secrets.token_bytes(32) if secret is None else secret
-            self.refs = SealedRefs(key.encode() if isinstance(key, str) else key)
+        self.refs: Refs = refs_for(scoped=scope is not None, secret=secret)
         self._env: jinja2.Environment = jinja.Environment(
             loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
             autoescape=True,
@@ -244,34 +228,12 @@ class BemiUI:
 
     async def _check(self, request: Request) -> Response | None:
         """Run the permission callbacks; a response to send instead of the page, or None to go on."""
-        verdict = await _maybe_await(self.authorize(request))
-        if isinstance(verdict, Response):
-            return verdict
-        if verdict is None:
-            return self._error(request, 401, "Sign in to see the change history.")
-        if verdict is False:
-            return self._error(request, 403, "You may not see the change history.")
-        if verdict is not True:
-            raise TypeError(
-                f"bemi_ui authorize callback returned {verdict!r}: return True (allowed), False (403), None (401) "
-                "or a Response"
-            )
-        narrowed: Mapping[str, Any] = {}
-        if self.scope is not None:
-            answer = await _maybe_await(self.scope(request))
-            if answer is None:
-                return self._error(request, 403, "You may not see any part of the change history.")
-            if not isinstance(answer, Mapping):
-                raise TypeError(
-                    f"bemi_ui scope callback returned {type(answer).__name__}: return a mapping such as "
-                    '{"tenant_id": 7} ({} for everything) or None (no access)'
-                )
-            narrowed = answer
-            try:
-                json.dumps(dict(narrowed), allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"bemi_ui scope callback returned a mapping that is not JSON: {exc}") from None
-        request.scope[_ACCESS] = _Access(dict(narrowed))
+        access = await read_access(request, self.authorize, self.scope, caller="bemi_ui")
+        if isinstance(access, Response):
+            return access
+        if isinstance(access, Denied):
+            return self._error(request, access.status, access.message)
+        request.scope[_ACCESS] = _Access(access)
         return None
 
     def _guard(self, page: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
