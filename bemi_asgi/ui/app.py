@@ -36,8 +36,8 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlencode
 
@@ -49,6 +49,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._exceptions import QueryError, UnknownTableError
 from ..history.access import Authorize, Denied, ScopeCallback, allow_all, merge_scope, read_access
+from ..history.activity import Activity, activity, bucket_for
 from ..history.changes import ChangePage
 from ..history.client import Bemi
 from ..history.filters import At, ChangeFilter, Cursor, FilterArgs, decode_cursor, encode_cursor
@@ -56,6 +57,7 @@ from ..history.models import Change
 from ..history.refs import Refs, refs_for
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
+from .chart import chart, table_rows
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
@@ -92,6 +94,14 @@ _ACCESS = "bemi_asgi.ui.access"
 _BAD_INPUT = (QueryError, asyncpg.DataError, OverflowError)
 _METHODS = ("GET", "HEAD")
 _LAST_MOMENT = datetime.max.replace(tzinfo=UTC)
+#: The overview's period when the filters name none, and the periods it offers.
+OVERVIEW_PERIOD = timedelta(days=1)
+OVERVIEW_PERIODS = (
+    ("last hour", timedelta(hours=1)),
+    ("24 hours", OVERVIEW_PERIOD),
+    ("7 days", timedelta(days=7)),
+    ("30 days", timedelta(days=30)),
+)
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,7 @@ class BemiUI:
         poll_interval: float = 1.0,
         stream_seconds: float = 300.0,
         secret: str | bytes | None = None,
+        overview_keys: Sequence[str] = ("user", "endpoint"),
     ) -> None:
         if authorize is None:
             raise TypeError(
@@ -167,6 +178,7 @@ class BemiUI:
         self.request_id_key = request_id_key
         self.poll_interval = poll_interval
         self.stream_seconds = stream_seconds
+        self.overview_keys = tuple(overview_keys)
         self.refs: Refs = refs_for(scoped=scope is not None, secret=secret)
         self._env: jinja2.Environment = jinja.Environment(
             loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
@@ -199,6 +211,7 @@ class BemiUI:
                 Route("/transaction/{ref}", self._guard(self._transaction), methods=["GET"]),
                 Route("/value", self._guard(self._value), methods=["GET"]),
                 Route("/request", self._guard(self._request), methods=["GET"]),
+                Route("/overview", self._guard(self._overview), methods=["GET"]),
             ]
         )
 
@@ -433,6 +446,42 @@ class BemiUI:
             return self._error(request, 404, f"No changes of request {text} are visible to you.")
         return self._group_page(request, "/request", {"id": text}, f"Request {text}", page, cursor)
 
+    async def _overview(self, request: Request) -> Response:
+        """Changes over time per table and operation, and the top `overview_keys` values, for the timeline's
+        filters (the last OVERVIEW_PERIOD when they name no period)."""
+        scope = self._access(request)
+        filters = parse_filters(request.query_params.multi_items())
+        now = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        until = filters.until or now
+        since = filters.since or until - OVERVIEW_PERIOD
+        if since >= until:
+            raise QueryError("since= must be before until=")
+        query = filters.query(scope)
+        keys = [key for key in self.overview_keys if key not in scope]
+        counts = Activity(since, until, bucket_for(since, until))
+        if query is not None:
+            counts = await activity(self.bemi.store, query, since=since, until=until, keys=keys)
+        periods = [
+            (
+                label,
+                _linker(self._base(request))("/overview", replace(filters, since=until - span, until=None).params()),
+            )
+            for label, span in OVERVIEW_PERIODS
+        ]
+        return self._render(
+            request,
+            "overview.html",
+            filters=replace(filters, since=since, until=until),
+            activity=counts,
+            chart=chart(counts),
+            bucket_label=_duration(counts.bucket),
+            tables=table_rows(counts),
+            top=counts.top or {key: [] for key in keys},
+            periods=periods,
+            from_json=json.loads,
+            overview_of=lambda name: replace(filters, table=name).params(),
+        )
+
     def _group_page(
         self, request: Request, path: str, params: dict[str, str], heading: str, page: ChangePage, cursor: str | None
     ) -> Response:
@@ -563,6 +612,15 @@ bemi_ui = BemiUI
 def _table_params(change: Change) -> list[tuple[str, str]]:
     """The timeline's query for every change of `change`'s table."""
     return TimelineFilters(table=f"{change.schema_}.{change.table}").params()
+
+
+def _duration(span: timedelta) -> str:
+    """A bucket width in words: "minute", "5 minutes", "hour", "day", "7 days"."""
+    for unit, seconds in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if span.total_seconds() % seconds == 0:
+            count = int(span.total_seconds() // seconds)
+            return unit if count == 1 else f"{count} {unit}s"
+    return str(span)
 
 
 def _linker(base: str) -> Callable[..., str]:
