@@ -58,6 +58,7 @@ from ..history.refs import Refs, refs_for
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
 from .chart import chart, table_rows
+from .revert import AuthorizeRevert, RevertPages, RevertPool
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
@@ -147,6 +148,8 @@ class BemiUI:
         stream_seconds: float = 300.0,
         secret: str | bytes | None = None,
         overview_keys: Sequence[str] = ("user", "endpoint"),
+        authorize_revert: AuthorizeRevert | None = None,
+        revert_pool: RevertPool | None = None,
     ) -> None:
         if authorize is None:
             raise TypeError(
@@ -160,10 +163,10 @@ class BemiUI:
             raise TypeError(f"bemi_ui(scope=...) must be callable or None, got {type(scope).__name__}")
         if not isinstance(bemi, Bemi):
             raise TypeError(f"bemi_ui() takes a bemi_asgi.Bemi, got {type(bemi).__name__}")
-        if secret is not None and scope is None:
+        if secret is not None and scope is None and authorize_revert is None:
             raise ValueError(
-                "bemi_ui(secret=...) seals the ids in a scoped browser's links; without scope= links carry the "
-                "stored ids and need no secret"
+                "bemi_ui(secret=...) seals the ids in a scoped browser's links and signs the revert form; "
+                "without scope= links carry the stored ids, and without authorize_revert= there is no form to sign"
             )
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
             raise ValueError(f"page_size must be an int from 1 to 1000, got {page_size!r}")
@@ -180,6 +183,10 @@ class BemiUI:
         self.stream_seconds = stream_seconds
         self.overview_keys = tuple(overview_keys)
         self.refs: Refs = refs_for(scoped=scope is not None, secret=secret)
+        key = secret.encode() if isinstance(secret, str) else secret
+        self._revert = RevertPages(
+            self, authorize_revert=authorize_revert, revert_pool=revert_pool, key=key or secrets.token_bytes(32)
+        )
         self._env: jinja2.Environment = jinja.Environment(
             loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
             autoescape=True,
@@ -202,6 +209,7 @@ class BemiUI:
             no_filters=TimelineFilters(),
             table_params=_table_params,
             ref=self.refs,
+            can_revert=False,
         )
         self._router = Router(
             routes=[
@@ -212,6 +220,8 @@ class BemiUI:
                 Route("/value", self._guard(self._value), methods=["GET"]),
                 Route("/request", self._guard(self._request), methods=["GET"]),
                 Route("/overview", self._guard(self._overview), methods=["GET"]),
+                Route("/revert", self._guard(self._revert.plan_page), methods=["GET"]),
+                Route("/revert", self._guard(self._revert.apply), methods=["POST"]),
             ]
         )
 
@@ -220,7 +230,7 @@ class BemiUI:
             if scope["type"] == "lifespan":  # served on its own: nothing to start
                 await self._router(scope, receive, send)
             return
-        if scope["method"] not in _METHODS:
+        if scope["method"] not in _METHODS and not (scope["method"] == "POST" and _route_path(scope) == "/revert"):
             response: Response = Response(
                 "The change browser is read-only: only GET is allowed.\n",
                 status_code=405,
@@ -411,6 +421,7 @@ class BemiUI:
         return self._render(
             request,
             "row.html",
+            can_revert=await self._revert.permitted(request) is not None,
             schema=schema,
             table=table,
             key=key,
@@ -433,7 +444,9 @@ class BemiUI:
             # The same answer whatever the reason: no such transaction, none in scope, a changed or foreign token.
             return self._error(request, 404, "No changes of this transaction are visible to you.")
         label = self.refs.label(ref)
-        return self._group_page(request, f"/transaction/{ref}", {}, f"Transaction {label}", page, cursor)
+        return await self._group_page(
+            request, f"/transaction/{ref}", {}, f"Transaction {label}", page, cursor, {"transaction": ref}
+        )
 
     async def _request(self, request: Request) -> Response:
         text = request.query_params.get("id", "")
@@ -444,7 +457,9 @@ class BemiUI:
         page = await self._group(context=context, cursor=cursor)
         if not page:
             return self._error(request, 404, f"No changes of request {text} are visible to you.")
-        return self._group_page(request, "/request", {"id": text}, f"Request {text}", page, cursor)
+        return await self._group_page(
+            request, "/request", {"id": text}, f"Request {text}", page, cursor, {"request": text}
+        )
 
     async def _overview(self, request: Request) -> Response:
         """Changes over time per table and operation, and the top `overview_keys` values, for the timeline's
@@ -482,8 +497,15 @@ class BemiUI:
             overview_of=lambda name: replace(filters, table=name).params(),
         )
 
-    def _group_page(
-        self, request: Request, path: str, params: dict[str, str], heading: str, page: ChangePage, cursor: str | None
+    async def _group_page(
+        self,
+        request: Request,
+        path: str,
+        params: dict[str, str],
+        heading: str,
+        page: ChangePage,
+        cursor: str | None,
+        revert: dict[str, str],
     ) -> Response:
         next_href = None
         if page.next_cursor:
@@ -491,6 +513,8 @@ class BemiUI:
         return self._render(
             request,
             "group.html",
+            can_revert=await self._revert.permitted(request) is not None,
+            revert_href=_linker(self._base(request))("/revert", revert),
             heading=heading,
             page=page,
             limit=GROUP_LIMIT,
@@ -612,6 +636,12 @@ bemi_ui = BemiUI
 def _table_params(change: Change) -> list[tuple[str, str]]:
     """The timeline's query for every change of `change`'s table."""
     return TimelineFilters(table=f"{change.schema_}.{change.table}").params()
+
+
+def _route_path(scope: Scope) -> str:
+    """The request's path within the mounted browser."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _duration(span: timedelta) -> str:
