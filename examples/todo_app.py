@@ -18,7 +18,10 @@ What it shows:
   changes carry the job name and the request that started it), and `python examples/todo_app.py purge-done` runs
   it as a script (the job name only).
 - Read-your-writes: each write waits (briefly) until the worker stored it, so a history read right after includes it.
-- The change browser (`bemi_asgi.ui`) mounted at `/bemi`, open to visitors on this machine (`may_browse_history`).
+- The change browser (`bemi_asgi.ui`) mounted at `/bemi`, open to visitors on this machine (`may_browse_history`),
+  who may also revert changes from it (`may_revert`), and its overview at `/bemi/overview`.
+- The history as a JSON API (`bemi_asgi.api.history_router`) under `/api/history`, with the same permission, in the
+  app's OpenAPI schema (`/docs`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pydantic import BaseModel, Field
 
 import bemi_asgi
 from bemi_asgi import Bemi, BemiMiddleware, Change, RevertConflictError, bemi_context, get_bemi
+from bemi_asgi.api import history_router
 from bemi_asgi.ui import bemi_ui
 
 logger = logging.getLogger("todo_app")
@@ -137,6 +141,12 @@ def may_browse_history(request: Request) -> bool:
     return request.client is not None and request.client.host in ("127.0.0.1", "::1")
 
 
+def may_revert(request: Request) -> dict[str, str] | bool:
+    """Who may revert changes from the change browser, and how the revert's context names them: here, the same
+    visitors on this machine. Put your admin check here (and return {"user": ...} with the signed-in user)."""
+    return {"reverted_by": "a visitor on this machine"} if may_browse_history(request) else False
+
+
 def create_app(dsn: str) -> FastAPI:
     # Bemi opens its own small pool for reads on first use: it exists before the lifespan, so the UI can mount it.
     bemi = Bemi(dsn)
@@ -154,7 +164,13 @@ def create_app(dsn: str) -> FastAPI:
     app = FastAPI(title="Todos, with history", lifespan=lifespan)
     app.state.bemi = bemi
     app.add_middleware(BemiMiddleware, context=request_context)
-    app.mount("/bemi", bemi_ui(bemi, authorize=may_browse_history))  # the change browser (pip install 'bemi-asgi[ui]')
+    # The change browser (pip install 'bemi-asgi[ui]'); reverts are written through the app's bemi pool, so they are
+    # tracked like any change.
+    browser = bemi_ui(
+        bemi, authorize=may_browse_history, authorize_revert=may_revert, revert_pool=lambda: app.state.pool
+    )
+    app.mount("/bemi", browser)
+    app.include_router(history_router(bemi, authorize=may_browse_history), prefix="/api/history")
 
     @app.post("/todos", status_code=201)
     async def create_todo(todo: TodoCreate, user: User, pool: Pool, bemi: BemiDep) -> Todo:

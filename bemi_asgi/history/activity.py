@@ -93,11 +93,15 @@ async def activity(
     bucket = f"date_bin({where.param(width)}::interval, committed_at, {where.param(since)}::timestamptz)"
     per_value = "".join(f"GROUPING(v{i}) AS not_v{i}, v{i}::text, " for i in range(len(keys)))
     sets = ", ".join(['(bucket, "schema", "table", operation)', *(f"(v{i})" for i in range(len(keys))), "()"])
+    # With a context filter (a scope, a user) the GIN index finds the few matching changes, which are then sorted;
+    # ordering by the bare column would have the planner walk the committed_at index through every change of the
+    # period looking for them (measured: 5x slower than counting all of them, at 1M).
+    latest = "committed_at + interval '0' DESC" if filters.get("context") else "committed_at DESC"
     sql = f"""
         WITH counted AS (
             SELECT committed_at, "schema", "table", operation{"".join(", " + value for value in values)}
               FROM {CHANGES_SQL} WHERE {where.sql()}
-             ORDER BY committed_at DESC LIMIT {where.param(limit)})
+             ORDER BY {latest} LIMIT {where.param(limit)})
         SELECT GROUPING(bucket) AS not_chart, {per_value}
                bucket, "schema", "table", operation, count(*) AS changes, min(committed_at) AS oldest
           FROM (SELECT *, {bucket} AS bucket FROM counted) AS c
