@@ -67,13 +67,7 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
     await client.aclose()
     await scoped.aclose()
     await pool.close()
-    base = queries.p(results["baseline find(limit=50)"], 50)
-    print(f"\n{iterations} sequential requests each, one pooled connection\n")
-    print(f"{'page':50} {'p50 ms':>8} {'p95 ms':>8} {'p50 / find':>11}")
-    for label, samples in results.items():
-        p50, p95 = queries.p(samples, 50), queries.p(samples, 95)
-        print(f"{label:50} {p50:8.2f} {p95:8.2f} {p50 / base:10.1f}x")
-    return {label: queries.p(samples, 50) for label, samples in results.items()}
+    return ui.report(results, iterations, width=50)
 
 
 def results(quick: bool = False) -> list[Result]:

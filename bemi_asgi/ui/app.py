@@ -1,4 +1,4 @@
-"""The change browser: a read-only, server-rendered ASGI app over the stored change history.
+"""The change browser: a server-rendered ASGI app over the stored change history, which writes only reverts.
 
     from bemi_asgi.ui import bemi_ui
 
@@ -22,7 +22,11 @@ With a `scope`, pages and links show no global counter (change ids, transaction 
 in a cursor): links, anchors, cursors and stream event ids carry tokens sealed with `secret` instead
 (`bemi_asgi.ui.refs`), and one that does not read back answers like a reference to nothing in scope.
 
-Only GET and HEAD are served; any other method gets 405. Nothing is ever written (no reverts from the UI).
+The overview (`/overview`) charts the changes of a period (`bemi_asgi.history.activity`, `.chart`). Reverts
+(`/revert`, `bemi_asgi.ui.revert`) need `authorize_revert` (default: nobody) and are protected against
+cross-site requests (`bemi_asgi.ui.csrf`).
+
+GET and HEAD are served, and POST on `/revert`; any other method gets 405.
 Jinja2 renders the templates shipped in `bemi_asgi/ui/templates/` with autoescaping on; stored values are shown as
 JSON text. Responses carry a nonce-based Content-Security-Policy and `Cache-Control: no-store`.
 
@@ -130,7 +134,11 @@ class BemiUI:
     The live stream polls every `poll_interval` seconds and ends after `stream_seconds` (the browser then
     reconnects where it left off, and `authorize` runs again).
 
-    `secret` (with `scope` only, at least 16 bytes) seals the references in links (`refs`). Give every process
+    `overview_keys` are the context keys whose top values the overview lists. `authorize_revert` and `revert_pool`
+    are described in `bemi_asgi.ui.revert`.
+
+    `secret` (with `scope` or `authorize_revert`, at least 16 bytes) seals the references in links (`refs`) and
+    signs revert forms. Give every process
     that serves the browser the same one; without it each instance makes a random key, and its links then work
     only in that process, until it restarts.
     """
@@ -232,7 +240,7 @@ class BemiUI:
             return
         if scope["method"] not in _METHODS and not (scope["method"] == "POST" and _route_path(scope) == "/revert"):
             response: Response = Response(
-                "The change browser is read-only: only GET is allowed.\n",
+                "The change browser reads: only GET is allowed (and POST on /revert).\n",
                 status_code=405,
                 headers={"Allow": ", ".join(_METHODS)},
                 media_type="text/plain",
