@@ -37,6 +37,7 @@ BENCHMARKS = {
     "backfill": "backfill baselines against COPY TO of the same table",
     "queries": "query helpers against SELECT 1",
     "ui": "change browser pages against find()",
+    "overview": "the change browser's overview page against find()",
 }
 
 

@@ -86,12 +86,17 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
     await client.aclose()
     await scoped.aclose()
     await pool.close()
+    return report(results, iterations)
+
+
+def report(results: dict[str, list[float]], iterations: int, width: int = 28) -> dict[str, float]:
+    """Print each page's p50, p95 and p50 relative to the baseline find(); return each p50 in ms."""
     base = queries.p(results["baseline find(limit=50)"], 50)
     print(f"\n{iterations} sequential requests each, one pooled connection\n")
-    print(f"{'page':28} {'p50 ms':>8} {'p95 ms':>8} {'p50 / find':>11}")
+    print(f"{'page':{width}} {'p50 ms':>8} {'p95 ms':>8} {'p50 / find':>11}")
     for label, samples in results.items():
         p50, p95 = queries.p(samples, 50), queries.p(samples, 95)
-        print(f"{label:28} {p50:8.2f} {p95:8.2f} {p50 / base:10.1f}x")
+        print(f"{label:{width}} {p50:8.2f} {p95:8.2f} {p50 / base:10.1f}x")
     return {label: queries.p(samples, 50) for label, samples in results.items()}
 
 

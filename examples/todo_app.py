@@ -18,7 +18,10 @@ What it shows:
   changes carry the job name and the request that started it), and `python examples/todo_app.py purge-done` runs
   it as a script (the job name only).
 - Read-your-writes: each write waits (briefly) until the worker stored it, so a history read right after includes it.
-- The change browser (`bemi_asgi.ui`) mounted at `/bemi`, open to visitors on this machine (`may_browse_history`).
+- The change browser (`bemi_asgi.ui`) mounted at `/bemi`, open to visitors on this machine (`may_browse_history`),
+  who may also revert changes from it (`may_revert`), and its overview at `/bemi/overview`.
+- The history as a JSON API (`bemi_asgi.api.history_router`) under `/api/history`, with the same permission, in the
+  app's OpenAPI schema (`/docs`).
 - Tracing: every change carries the `trace_id` and `span_id` of its request. With OpenTelemetry installed
   (`opentelemetry-sdk` and `opentelemetry-instrumentation-asgi`) each request gets a span (`trace_requests`);
   without it, a W3C `traceparent` header sent by the caller is read. `GET /traces/{trace_id}/changes` lists what
@@ -44,6 +47,7 @@ from pydantic import BaseModel, Field
 
 import bemi_asgi
 from bemi_asgi import Bemi, BemiMiddleware, Change, QueryError, RevertConflictError, bemi_context, get_bemi
+from bemi_asgi.api import history_router
 from bemi_asgi.ui import bemi_ui
 
 logger = logging.getLogger("todo_app")
@@ -158,6 +162,12 @@ def trace_requests(app: FastAPI) -> None:
     app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider)
 
 
+def may_revert(request: Request) -> dict[str, str] | bool:
+    """Who may revert changes from the change browser, and how the revert's context names them: here, the same
+    visitors on this machine. Put your admin check here (and return {"user": ...} with the signed-in user)."""
+    return {"reverted_by": "a visitor on this machine"} if may_browse_history(request) else False
+
+
 def create_app(dsn: str) -> FastAPI:
     # Bemi opens its own small pool for reads on first use: it exists before the lifespan, so the UI can mount it.
     bemi = Bemi(dsn)
@@ -176,8 +186,17 @@ def create_app(dsn: str) -> FastAPI:
     app.state.bemi = bemi
     app.add_middleware(BemiMiddleware, context=request_context)
     trace_requests(app)
-    # The change browser (pip install 'bemi-asgi[ui]'), linking traces to your trace viewer when BEMI_TRACE_URL is set.
-    app.mount("/bemi", bemi_ui(bemi, authorize=may_browse_history, trace_url=os.environ.get("BEMI_TRACE_URL")))
+    # The change browser (pip install 'bemi-asgi[ui]'), linking traces to your trace viewer when BEMI_TRACE_URL is set;
+    # reverts are written through the app's bemi pool, so they are tracked like any change.
+    browser = bemi_ui(
+        bemi,
+        authorize=may_browse_history,
+        authorize_revert=may_revert,
+        revert_pool=lambda: app.state.pool,
+        trace_url=os.environ.get("BEMI_TRACE_URL"),
+    )
+    app.mount("/bemi", browser)
+    app.include_router(history_router(bemi, authorize=may_browse_history), prefix="/api/history")
 
     @app.post("/todos", status_code=201)
     async def create_todo(todo: TodoCreate, user: User, pool: Pool, bemi: BemiDep) -> Todo:

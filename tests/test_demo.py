@@ -152,6 +152,8 @@ def test_demo_serves_the_example_with_history_and_stops_cleanly(data_dir: Path, 
     demo.wait_ready()
     assert f"curl {demo.base}/todos/" in "".join(demo.stdout)
     assert "-H 'X-User: alice'" in "".join(demo.stdout)
+    for url in (f"{demo.base}/bemi/overview", f"{demo.base}/docs", f"{demo.base}/api/history/changes"):
+        assert url in "".join(demo.stdout)
     for step in ("starting PostgreSQL", "applying the migration", "worker running", "seeded 8 changes"):
         assert step in "".join(demo.stderr), demo.output()
     assert postgres_processes(data_dir / "pgdata"), demo.output()
@@ -167,8 +169,13 @@ def test_demo_serves_the_example_with_history_and_stops_cleanly(data_dir: Path, 
         traced = client.get(f"/traces/{TRACE}/changes").json()
         seeded = client.get("/changes", params={"limit": 100}).json()
         browser = client.get("/bemi/")
+        overview = client.get("/bemi/overview")
+        api = client.get("/api/history/changes", params={"table": "todos", "limit": 100})
     assert browser.status_code == 200, browser.text
     assert "req-42" in browser.text  # the change browser lists the request's change
+    assert '<svg id="chart"' in overview.text
+    assert '<rect class="bar op-CREATE"' in overview.text  # the seeded changes were made in the last 24 hours
+    assert {change["ref"] for change in api.json()["changes"]} == {str(change["id"]) for change in seeded}
 
     assert [(change["operation"], change["context"]["user"]) for change in history] == [
         ("CREATE", "carol"),

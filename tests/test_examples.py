@@ -127,6 +127,23 @@ async def test_todo_app_change_browser_is_local_only(todos: httpx.AsyncClient, t
         assert (await remote.get("/bemi/")).status_code == 403
 
 
+async def test_todo_app_history_api_is_local_only_and_in_openapi(todos: httpx.AsyncClient, todo_api: FastAPI) -> None:
+    """The history's JSON API under /api/history answers a visitor on this machine, refuses others with a JSON
+    403, and shows in the app's OpenAPI schema next to the todo endpoints."""
+    await todos.post("/todos", json={"title": "Buy milk"}, headers=by("ann", "r1"))
+    found = await todos.get("/api/history/changes", params={"table": "todos"})
+    assert found.status_code == 200
+    [change] = found.json()["changes"]
+    assert (change["operation"], change["context"]["user"], change["after"]["title"]) == ("CREATE", "ann", "Buy milk")
+    schema = (await todos.get("/openapi.json")).json()
+    assert {"/todos", "/api/history/changes", "/api/history/rows/blame"} <= set(schema["paths"])
+    transport = httpx.ASGITransport(app=todo_api, client=("203.0.113.5", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as remote:
+        refused = await remote.get("/api/history/changes")
+    assert refused.status_code == 403
+    assert refused.json() == {"detail": "You may not see the change history."}
+
+
 async def test_todo_app_background_job_context(todos: httpx.AsyncClient, todo_api: FastAPI) -> None:
     """POST /jobs/purge-done deletes done todos after answering; the deletes carry the job and who started it."""
     todo_id = (await todos.post("/todos", json={"title": "Fix the bike"}, headers=by("ann", "r1"))).json()["id"]

@@ -25,11 +25,11 @@ from starlette.routing import Mount
 
 import bemi_asgi
 from bemi_asgi import Bemi, bemi_context
+from bemi_asgi.history.access import merge_scope
 from bemi_asgi.history.filters import Cursor, encode_cursor
 from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
 from bemi_asgi.ui.view import (
     context_value_text,
-    merge_scope,
     moment_input,
     parse_context_value,
     parse_filters,
@@ -1005,7 +1005,7 @@ def test_sealed_references_hide_their_secret(env: Env) -> None:
 def test_sealed_cursors_read_back_as_given(lsn: int, ordinal: int, order: str) -> None:
     """Any cursor find() can write (bigint LSN and ordinal, either order) reads back unchanged from its token, and
     the token reads as no change or transaction reference."""
-    from bemi_asgi.ui.refs import SealedRefs
+    from bemi_asgi.history.refs import SealedRefs
 
     refs = SealedRefs(b"sixteen bytes at least")
     cursor = encode_cursor(Cursor(lsn, ordinal, order))  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ download is not used). Each test saves screenshots into test-artifacts/ui/ for a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import shutil
@@ -21,13 +22,17 @@ import asyncpg
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.routing import Mount
+from starlette.responses import HTMLResponse
+from starlette.routing import Mount, Route
 
-from bemi_asgi import Bemi
+import bemi_asgi
+from bemi_asgi import Bemi, bemi_context
 from bemi_asgi.ui import bemi_ui
+from bemi_asgi.worker.pipeline import Worker
 
 from ._change_writer import ChangeWriter, Row, migrate
 from .test_ui import write_story
+from .worker_support import prepare_source
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
@@ -86,14 +91,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(dsn: str) -> Iterator[str]:
-    """Run the app under uvicorn on a free port of 127.0.0.1 in a background thread; yield its base URL."""
+def serve(app: Starlette, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run the app under uvicorn on a free port of 127.0.0.1 in a background thread; yield its base URL (named
+    by `host`: "localhost" is the same machine but another site)."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(build_app(dsn), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -102,7 +108,7 @@ def serve(dsn: str) -> Iterator[str]:
             if not thread.is_alive():
                 raise RuntimeError("uvicorn stopped before serving")
             threading.Event().wait(0.02)
-        yield f"http://127.0.0.1:{port}/bemi"
+        yield f"http://{host}:{port}/bemi"
     finally:
         server.should_exit = True
         thread.join(30)
@@ -116,7 +122,7 @@ async def server(database: str) -> AsyncIterator[Server]:
     writer = ChangeWriter(conn)
     await write_story(writer)
     try:
-        with serve(database) as url:
+        with serve(build_app(database)) as url:
             yield Server(url, conn, writer)
     finally:
         await conn.close()
@@ -258,4 +264,186 @@ async def test_scoped_user_sees_only_their_tenant_live_too(server: Server, brows
     assert response.status == 404
     assert "cup" not in await page.content()
     await shot(page, "row-out-of-scope")
+    await page.context.close()
+
+
+async def test_overview_chart_renders_the_seeded_changes(server: Server, browser: Browser) -> None:
+    """The overview draws one visible bar segment per bucket and operation of the seeded period, lists the tables
+    and the top users, and its user links open the timeline filtered by that user."""
+    page = await open_page(browser, {"x-user": "ann"})
+    await page.goto(server.url + "/overview?since=2025-03-01T12:00&until=2025-03-01T12:10")
+    bars = page.locator("svg#chart rect.bar")
+    # Six one-minute buckets with changes, one of them stacking an UPDATE on a CREATE: seven segments.
+    assert await bars.count() == 7
+    assert len(set(await bars.evaluate_all("rs => rs.map(r => r.getAttribute('x'))"))) == 6
+    assert sum([int(n) for n in await bars.evaluate_all("rs => rs.map(r => r.dataset.changes)")]) == 7
+    for box in [await bars.nth(i).bounding_box() for i in range(7)]:
+        assert box is not None
+        assert box["height"] > 0
+        assert box["width"] > 0
+    fills = set(await bars.evaluate_all("rs => rs.map(r => getComputedStyle(r).fill)"))
+    assert len(fills) == 3  # CREATE, UPDATE and DELETE in their own colours
+    assert await page.locator("#per-table tbody tr").count() == 2
+    assert "bob" in await page.locator("#top-user").inner_text()
+    await shot(page, "overview")
+    await page.locator("#top-user a", has_text="alice").click()
+    await page.wait_for_url("**c.user=alice*")
+    assert await page.locator("tbody#changes-body tr").count() == 2
+    await page.context.close()
+
+
+@dataclass
+class Shop:
+    """A tracked `items` table with the worker running, and the browser serving it with reverts allowed for ann."""
+
+    url: str
+    pool: asyncpg.Pool
+    bemi: Bemi
+
+    async def stored(self) -> None:
+        """Wait until the worker stored everything committed so far."""
+        await self.bemi.wait_for(await bemi_asgi.current_lsn(self.pool), timeout=60)
+
+    async def name(self, key: int) -> str | None:
+        name: str | None = await self.pool.fetchval("SELECT name FROM items WHERE id = $1", key)
+        return name
+
+
+def build_revert_app(dsn: str) -> Starlette:
+    """The browser with reverts: ann may revert (named in the revert's context), mallory may only read; reverts
+    are written through the app's own bemi pool, made in its lifespan."""
+
+    def authorize(request: Request) -> bool | None:
+        return None if request.headers.get("x-user") is None else True
+
+    def authorize_revert(request: Request) -> dict[str, str] | bool:
+        return {"reverted_by": "ann"} if request.headers.get("x-user") == "ann" else False
+
+    bemi = Bemi(dsn)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with bemi:
+            app.state.pool = await bemi_asgi.create_pool(dsn, min_size=1, max_size=2)
+            try:
+                yield
+            finally:
+                await app.state.pool.close()
+
+    app = Starlette(lifespan=lifespan)
+    ui = bemi_ui(bemi, authorize=authorize, authorize_revert=authorize_revert, revert_pool=lambda: app.state.pool)
+    app.mount("/bemi", ui)
+    return app
+
+
+@pytest.fixture
+async def shop(database: str) -> AsyncIterator[Shop]:
+    prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)", ["items"])
+    worker = Worker(database, status_interval=1.0)
+    task = asyncio.create_task(worker.run())
+    pool = await bemi_asgi.create_pool(database, min_size=1, max_size=2)
+    try:
+        with bemi_context(user="alice"):
+            await pool.execute("INSERT INTO items VALUES (1, 'pen'), (2, 'cup')")
+        with bemi_context(user="mallory"):
+            await pool.execute("DELETE FROM items WHERE id = 1")
+        with serve(build_revert_app(database)) as url:
+            shop = Shop(url, pool, Bemi(pool))
+            await shop.stored()
+            yield shop
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await pool.close()
+
+
+async def test_a_permitted_user_reverts_a_deleted_row_and_sees_it_back(shop: Shop, browser: Browser) -> None:
+    """ann opens the deleted row, sees the revert plan (the INSERT, nothing written yet), applies it, and the row
+    is back: in the table, on its page, and on the timeline as a change with her name in its context."""
+    page = await open_page(browser, {"x-user": "ann"})
+    await page.goto(shop.url + "/?table=items&op=DELETE")
+    await page.locator("tbody#changes-body tr td:nth-child(4) a").click()
+    await page.wait_for_url("**/bemi/row?*")
+    assert "deleted" in await page.locator("#state-none").inner_text()
+    await page.locator("section.step").first.locator("a.undo").click()
+    await page.wait_for_url("**/bemi/revert?*")
+    assert await page.locator("#outcome").get_attribute("data-outcome") == "plan"
+    assert 'INSERT INTO "public"."items"' in await page.locator("#statements").inner_text()
+    assert await shop.name(1) is None
+    await shot(page, "revert-plan")
+    await page.locator("#apply button").click()
+    await page.wait_for_selector('#outcome[data-outcome="applied"]')
+    assert await shop.name(1) == "pen"
+    await shot(page, "revert-applied")
+    await shop.stored()
+    await page.locator("ul.restored a").click()
+    await page.wait_for_url("**/bemi/row?*")
+    state = await page.locator("#state").inner_text()
+    assert "pen" in state
+    await shot(page, "revert-row-back")
+    await page.goto(shop.url + "/")
+    newest = page.locator("tbody#changes-body tr").first
+    assert "CREATE" in await newest.inner_text()
+    assert "reverted_by=ann" in await newest.inner_text()
+    await shot(page, "revert-on-timeline")
+    await page.context.close()
+
+
+async def test_an_unpermitted_user_sees_no_revert_button_and_a_forged_post_is_refused(
+    shop: Shop, browser: Browser
+) -> None:
+    """mallory may read but not revert: no revert button on the row page, and a POST made up with the fields of
+    ann's revert form (from the same origin) is refused without writing anything."""
+    ann = await open_page(browser, {"x-user": "ann"})
+    await ann.goto(shop.url + "/row?table=items&key=1")
+    await ann.locator("section.step").first.locator("a.undo").click()
+    await ann.wait_for_selector("#apply")
+    fields = {
+        name: value
+        for name, value in await ann.locator("#apply input[type=hidden]").evaluate_all(
+            "inputs => inputs.map(i => [i.name, i.value])"
+        )
+    }
+    mallory = await open_page(browser, {"x-user": "mallory"})
+    await mallory.goto(shop.url + "/row?table=items&key=1")
+    assert await mallory.locator("section.step").count() == 2
+    assert await mallory.locator("a.undo").count() == 0
+    origin = shop.url.removesuffix("/bemi")
+    forged = await mallory.context.request.post(shop.url + "/revert", form=fields, headers={"origin": origin})
+    assert forged.status == 403
+    assert "You may not revert changes." in await forged.text()
+    await mallory.set_content(await forged.text())
+    await shot(mallory, "revert-forged-refused")
+    assert await shop.name(1) is None
+    await ann.context.close()
+    await mallory.context.close()
+
+
+async def test_a_cross_site_post_is_refused(shop: Shop, browser: Browser) -> None:
+    """A page on another site that submits ann's own revert form (token included) to the browser while she is
+    signed in is refused: the request names the other origin and lacks her SameSite session cookie."""
+    page = await open_page(browser, {"x-user": "ann"})
+    await page.goto(shop.url + "/row?table=items&key=1")
+    await page.locator("section.step").first.locator("a.undo").click()
+    await page.wait_for_selector("#apply")
+    form = await page.locator("#apply").evaluate("form => form.outerHTML")
+    evil = Starlette(
+        routes=[
+            Route(
+                "/bemi/",
+                lambda request: HTMLResponse(
+                    form.replace('action="/bemi/revert"', f'action="{shop.url}/revert"')
+                    + "<script>document.getElementById('apply').submit()</script>"
+                ),
+            )
+        ]
+    )
+    with serve(evil, host="localhost") as evil_url:
+        await page.goto(evil_url + "/")
+        await page.wait_for_selector('#outcome[data-outcome="refused"]')
+    text = await page.locator("main").inner_text()
+    assert "another site" in text
+    assert "Nothing was changed" in text
+    await shot(page, "revert-cross-site-refused")
+    assert await shop.name(1) is None
     await page.context.close()

@@ -271,9 +271,10 @@ def instructions(base: str, dsn: str, seeded: Seeded) -> str:
     return f"""
 bemi-asgi demo is running: a todo API whose every change is stored with who made it, where and in which request.
 
-  Browse      {base}/bemi/   (the change browser: timeline, requests, rows as of any moment)
+  Browse      {base}/bemi/   (the change browser: timeline, requests, rows as of any moment, revert)
+  Overview    {base}/bemi/overview   (changes over time per table and operation, top users and endpoints)
   One row     {base}/bemi/row?schema=public&table=todos&key={seeded.report}
-  API         {base}/docs
+  API docs    {base}/docs   (the todo API, and the history's JSON API under /api/history)
   History     {base}/todos/{seeded.report}/history
   Database    {dsn}   (the history is in bemi.changes)
 
@@ -283,6 +284,8 @@ Try:
   curl {base}/todos/{seeded.report}/history
   curl '{base}/todos/{seeded.report}/as-of?at={at}'
   curl '{base}/changes?user=bob'
+  curl '{base}/api/history/changes?table=todos&limit=5'
+  curl '{base}/api/history/rows/blame?table=todos&key={seeded.report}'
   curl -X POST {base}/todos/{seeded.bike}/revert -H 'X-User: alice'    # bring back what the purge_done job deleted
   curl -X POST {base}/jobs/purge-done -H 'X-User: alice'
   curl -X POST {base}/todos -H 'X-User: erin' -H '{traceparent}' {json_header} -d '{{"title": "Traced"}}'

@@ -1,4 +1,4 @@
-"""The change browser: a read-only, server-rendered ASGI app over the stored change history.
+"""The change browser: a server-rendered ASGI app over the stored change history, which writes only reverts.
 
     from bemi_asgi.ui import bemi_ui
 
@@ -23,7 +23,11 @@ With a `scope`, pages and links show no global counter (change ids, transaction 
 in a cursor): links, anchors, cursors and stream event ids carry tokens sealed with `secret` instead
 (`bemi_asgi.ui.refs`), and one that does not read back answers like a reference to nothing in scope.
 
-Only GET and HEAD are served; any other method gets 405. Nothing is ever written (no reverts from the UI).
+The overview (`/overview`) charts the changes of a period (`bemi_asgi.history.activity`, `.chart`). Reverts
+(`/revert`, `bemi_asgi.ui.revert`) need `authorize_revert` (default: nobody) and are protected against
+cross-site requests (`bemi_asgi.ui.csrf`).
+
+GET and HEAD are served, and POST on `/revert`; any other method gets 405.
 Jinja2 renders the templates shipped in `bemi_asgi/ui/templates/` with autoescaping on; stored values are shown as
 JSON text. Responses carry a nonce-based Content-Security-Policy and `Cache-Control: no-store`.
 
@@ -34,14 +38,13 @@ the row page shows a row's latest `HISTORY_LIMIT` changes.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import re
 import secrets
 import string
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlencode
 
@@ -52,6 +55,8 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from .._exceptions import QueryError, UnknownTableError
+from ..history.access import Authorize, Denied, ScopeCallback, allow_all, merge_scope, read_access
+from ..history.activity import Activity, activity, bucket_for
 from ..history.changes import ChangePage
 from ..history.client import Bemi
 from ..history.filters import (
@@ -65,9 +70,11 @@ from ..history.filters import (
     read_trace_id,
 )
 from ..history.models import Change
+from ..history.refs import Refs, refs_for
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
-from .refs import Refs, SealedRefs
+from .chart import chart, table_rows
+from .revert import AuthorizeRevert, RevertPages, RevertPool
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
@@ -76,7 +83,6 @@ from .view import (
     field_rows,
     format_time,
     json_text,
-    merge_scope,
     moment_input,
     moment_param,
     parse_context_value,
@@ -89,9 +95,6 @@ if TYPE_CHECKING:
     import jinja2
 
 __all__ = ["Authorize", "BemiUI", "ScopeCallback", "allow_all", "bemi_ui"]
-
-Authorize = Callable[[Request], "bool | Response | Awaitable[bool | Response | None] | None"]
-ScopeCallback = Callable[[Request], "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"]
 
 HISTORY_LIMIT = 500
 #: Changes per page of a transaction or a request (each shows every field: pages of them stay bounded).
@@ -108,11 +111,14 @@ _ACCESS = "bemi_asgi.ui.access"
 _BAD_INPUT = (QueryError, asyncpg.DataError, OverflowError)
 _METHODS = ("GET", "HEAD")
 _LAST_MOMENT = datetime.max.replace(tzinfo=UTC)
-
-
-def allow_all(request: Request) -> bool:
-    """An `authorize` that lets every visitor browse the whole change history: for local development only."""
-    return True
+#: The overview's period when the filters name none, and the periods it offers.
+OVERVIEW_PERIOD = timedelta(days=1)
+OVERVIEW_PERIODS = (
+    ("last hour", timedelta(hours=1)),
+    ("24 hours", OVERVIEW_PERIOD),
+    ("7 days", timedelta(days=7)),
+    ("30 days", timedelta(days=30)),
+)
 
 
 @dataclass(frozen=True)
@@ -120,10 +126,6 @@ class _Access:
     """What the current request may see: the scope's context filter ({} for everything)."""
 
     scope: Mapping[str, Any]
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 def _load_jinja() -> Any:
@@ -144,7 +146,11 @@ class BemiUI:
     The live stream polls every `poll_interval` seconds and ends after `stream_seconds` (the browser then
     reconnects where it left off, and `authorize` runs again).
 
-    `secret` (with `scope` only, at least 16 bytes) seals the references in links (`refs`). Give every process
+    `overview_keys` are the context keys whose top values the overview lists. `authorize_revert` and `revert_pool`
+    are described in `bemi_asgi.ui.revert`.
+
+    `secret` (with `scope` or `authorize_revert`, at least 16 bytes) seals the references in links (`refs`) and
+    signs revert forms. Give every process
     that serves the browser the same one; without it each instance makes a random key, and its links then work
     only in that process, until it restarts.
 
@@ -166,6 +172,9 @@ class BemiUI:
         stream_seconds: float = 300.0,
         secret: str | bytes | None = None,
         trace_url: str | None = None,
+        overview_keys: Sequence[str] = ("user", "endpoint"),
+        authorize_revert: AuthorizeRevert | None = None,
+        revert_pool: RevertPool | None = None,
     ) -> None:
         if authorize is None:
             raise TypeError(
@@ -179,10 +188,10 @@ class BemiUI:
             raise TypeError(f"bemi_ui(scope=...) must be callable or None, got {type(scope).__name__}")
         if not isinstance(bemi, Bemi):
             raise TypeError(f"bemi_ui() takes a bemi_asgi.Bemi, got {type(bemi).__name__}")
-        if secret is not None and scope is None:
+        if secret is not None and scope is None and authorize_revert is None:
             raise ValueError(
-                "bemi_ui(secret=...) seals the ids in a scoped browser's links; without scope= links carry the "
-                "stored ids and need no secret"
+                "bemi_ui(secret=...) seals the ids in a scoped browser's links and signs the revert form; "
+                "without scope= links carry the stored ids, and without authorize_revert= there is no form to sign"
             )
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
             raise ValueError(f"page_size must be an int from 1 to 1000, got {page_size!r}")
@@ -200,10 +209,12 @@ class BemiUI:
         self.poll_interval = poll_interval
         self.stream_seconds = stream_seconds
         self.trace_url = trace_url
-        self.refs: Refs = Refs()
-        if scope is not None:
-            key = secrets.token_bytes(32) if secret is None else secret
-            self.refs = SealedRefs(key.encode() if isinstance(key, str) else key)
+        self.overview_keys = tuple(overview_keys)
+        self.refs: Refs = refs_for(scoped=scope is not None, secret=secret)
+        key = secret.encode() if isinstance(secret, str) else secret
+        self._revert = RevertPages(
+            self, authorize_revert=authorize_revert, revert_pool=revert_pool, key=key or secrets.token_bytes(32)
+        )
         self._env: jinja2.Environment = jinja.Environment(
             loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
             autoescape=True,
@@ -229,6 +240,7 @@ class BemiUI:
             trace_id_key=TRACE_ID_KEY,
             trace_id_of=_trace_id_of,
             viewer_link=self._viewer_link,
+            can_revert=False,
         )
         self._router = Router(
             routes=[
@@ -239,6 +251,9 @@ class BemiUI:
                 Route("/value", self._guard(self._value), methods=["GET"]),
                 Route("/request", self._guard(self._request), methods=["GET"]),
                 Route("/trace/{trace_id}", self._guard(self._trace), methods=["GET"]),
+                Route("/overview", self._guard(self._overview), methods=["GET"]),
+                Route("/revert", self._guard(self._revert.plan_page), methods=["GET"]),
+                Route("/revert", self._guard(self._revert.apply), methods=["POST"]),
             ]
         )
 
@@ -247,9 +262,9 @@ class BemiUI:
             if scope["type"] == "lifespan":  # served on its own: nothing to start
                 await self._router(scope, receive, send)
             return
-        if scope["method"] not in _METHODS:
+        if scope["method"] not in _METHODS and not (scope["method"] == "POST" and _route_path(scope) == "/revert"):
             response: Response = Response(
-                "The change browser is read-only: only GET is allowed.\n",
+                "The change browser reads: only GET is allowed (and POST on /revert).\n",
                 status_code=405,
                 headers={"Allow": ", ".join(_METHODS)},
                 media_type="text/plain",
@@ -268,34 +283,12 @@ class BemiUI:
 
     async def _check(self, request: Request) -> Response | None:
         """Run the permission callbacks; a response to send instead of the page, or None to go on."""
-        verdict = await _maybe_await(self.authorize(request))
-        if isinstance(verdict, Response):
-            return verdict
-        if verdict is None:
-            return self._error(request, 401, "Sign in to see the change history.")
-        if verdict is False:
-            return self._error(request, 403, "You may not see the change history.")
-        if verdict is not True:
-            raise TypeError(
-                f"bemi_ui authorize callback returned {verdict!r}: return True (allowed), False (403), None (401) "
-                "or a Response"
-            )
-        narrowed: Mapping[str, Any] = {}
-        if self.scope is not None:
-            answer = await _maybe_await(self.scope(request))
-            if answer is None:
-                return self._error(request, 403, "You may not see any part of the change history.")
-            if not isinstance(answer, Mapping):
-                raise TypeError(
-                    f"bemi_ui scope callback returned {type(answer).__name__}: return a mapping such as "
-                    '{"tenant_id": 7} ({} for everything) or None (no access)'
-                )
-            narrowed = answer
-            try:
-                json.dumps(dict(narrowed), allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"bemi_ui scope callback returned a mapping that is not JSON: {exc}") from None
-        request.scope[_ACCESS] = _Access(dict(narrowed))
+        access = await read_access(request, self.authorize, self.scope, caller="bemi_ui")
+        if isinstance(access, Response):
+            return access
+        if isinstance(access, Denied):
+            return self._error(request, access.status, access.message)
+        request.scope[_ACCESS] = _Access(access)
         return None
 
     def _guard(self, page: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -460,6 +453,7 @@ class BemiUI:
         return self._render(
             request,
             "row.html",
+            can_revert=await self._revert.permitted(request) is not None,
             schema=schema,
             table=table,
             key=key,
@@ -482,7 +476,9 @@ class BemiUI:
             # The same answer whatever the reason: no such transaction, none in scope, a changed or foreign token.
             return self._error(request, 404, "No changes of this transaction are visible to you.")
         label = self.refs.label(ref)
-        return self._group_page(request, f"/transaction/{ref}", {}, f"Transaction {label}", page, cursor)
+        return await self._group_page(
+            request, f"/transaction/{ref}", {}, f"Transaction {label}", page, cursor, {"transaction": ref}
+        )
 
     async def _request(self, request: Request) -> Response:
         text = request.query_params.get("id", "")
@@ -493,7 +489,9 @@ class BemiUI:
         page = await self._group(context=context, cursor=cursor)
         if not page:
             return self._error(request, 404, f"No changes of request {text} are visible to you.")
-        return self._group_page(request, "/request", {"id": text}, f"Request {text}", page, cursor)
+        return await self._group_page(
+            request, "/request", {"id": text}, f"Request {text}", page, cursor, {"request": text}
+        )
 
     async def _trace(self, request: Request) -> Response:
         trace_id = read_trace_id(request.path_params["trace_id"])
@@ -503,13 +501,14 @@ class BemiUI:
         if not page:
             return self._error(request, 404, f"No changes of trace {trace_id} are visible to you.")
         places = sorted({(change.database, change.schema_, change.table) for change in page})
-        return self._group_page(
+        return await self._group_page(
             request,
             f"/trace/{trace_id}",
             {},
             f"Trace {trace_id}",
             page,
             cursor,
+            None,
             places=places,
             viewer_href=self._viewer_link(trace_id, ""),
         )
@@ -521,7 +520,43 @@ class BemiUI:
         span = span_id if isinstance(span_id, str) and _SPAN_ID.fullmatch(span_id) else ""
         return self.trace_url.format(trace_id=trace_id, span_id=span)
 
-    def _group_page(
+    async def _overview(self, request: Request) -> Response:
+        """Changes over time per table and operation, and the top `overview_keys` values, for the timeline's
+        filters (the last OVERVIEW_PERIOD when they name no period)."""
+        scope = self._access(request)
+        filters = parse_filters(request.query_params.multi_items())
+        now = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        until = filters.until or now
+        since = filters.since or until - OVERVIEW_PERIOD
+        if since >= until:
+            raise QueryError("since= must be before until=")
+        query = filters.query(scope)
+        keys = [key for key in self.overview_keys if key not in scope]
+        counts = Activity(since, until, bucket_for(since, until))
+        if query is not None:
+            counts = await activity(self.bemi.store, query, since=since, until=until, keys=keys)
+        periods = [
+            (
+                label,
+                _linker(self._base(request))("/overview", replace(filters, since=until - span, until=None).params()),
+            )
+            for label, span in OVERVIEW_PERIODS
+        ]
+        return self._render(
+            request,
+            "overview.html",
+            filters=replace(filters, since=since, until=until),
+            activity=counts,
+            chart=chart(counts),
+            bucket_label=_duration(counts.bucket),
+            tables=table_rows(counts),
+            top=counts.top or {key: [] for key in keys},
+            periods=periods,
+            from_json=json.loads,
+            overview_of=lambda name: replace(filters, table=name).params(),
+        )
+
+    async def _group_page(
         self,
         request: Request,
         path: str,
@@ -529,6 +564,7 @@ class BemiUI:
         heading: str,
         page: ChangePage,
         cursor: str | None,
+        revert: dict[str, str] | None,
         **extra: Any,
     ) -> Response:
         next_href = None
@@ -537,6 +573,8 @@ class BemiUI:
         return self._render(
             request,
             "group.html",
+            can_revert=revert is not None and await self._revert.permitted(request) is not None,
+            revert_href=None if revert is None else _linker(self._base(request))("/revert", revert),
             heading=heading,
             page=page,
             limit=GROUP_LIMIT,
@@ -685,6 +723,21 @@ def _check_trace_url(template: str) -> None:
 def _table_params(change: Change) -> list[tuple[str, str]]:
     """The timeline's query for every change of `change`'s table."""
     return TimelineFilters(table=f"{change.schema_}.{change.table}").params()
+
+
+def _route_path(scope: Scope) -> str:
+    """The request's path within the mounted browser."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _duration(span: timedelta) -> str:
+    """A bucket width in words: "minute", "5 minutes", "hour", "day", "7 days"."""
+    for unit, seconds in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if span.total_seconds() % seconds == 0:
+            count = int(span.total_seconds() // seconds)
+            return unit if count == 1 else f"{count} {unit}s"
+    return str(span)
 
 
 def _linker(base: str) -> Callable[..., str]:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from .._exceptions import QueryError
+from ..history.access import merge_scope
 from ..history.filters import FilterArgs
 from ..history.models import Change, Operation
 
@@ -30,7 +31,6 @@ __all__ = [
     "field_rows",
     "format_time",
     "json_text",
-    "merge_scope",
     "moment_input",
     "parse_context_value",
     "parse_filters",
@@ -237,17 +237,6 @@ def _lookup_value(key: str, value: Any) -> Any:
         f"the filter {CONTEXT_PARAM_PREFIX}{key} names no value to look up (an empty object or array matches any), "
         "which would scan the whole history: filter on a value, e.g. c.user=alice"
     )
-
-
-def merge_scope(context: Mapping[str, Any], scope: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The context filter a query runs with: the user's filter and the scope together; None when they contradict
-    (the user filtered on a scoped key with another value), which must match nothing rather than widen the scope."""
-    merged = dict(context)
-    for key, value in (scope or {}).items():
-        if key in merged and (merged[key] != value or type(merged[key]) is not type(value)):
-            return None
-        merged[key] = value
-    return merged
 
 
 @dataclass(frozen=True)

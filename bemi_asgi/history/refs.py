@@ -1,5 +1,5 @@
-"""How the change browser names changes, transactions and page positions in its links, page anchors and live
-stream event ids.
+"""How the change browser and the JSON API name changes, transactions and page positions in links, page anchors,
+live stream event ids and API responses.
 
 `Refs` writes the stored numbers as they are: `/transaction/505`, `#c42`, and `find()`'s cursors. Under a scope
 those numbers are global counters (every tenant's writes advance the change id, the transaction id and the commit
@@ -23,14 +23,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 import struct
 from typing import Literal
 
 from .._exceptions import QueryError
-from ..history.filters import Cursor, decode_cursor, encode_cursor
-from ..history.models import Change
+from .filters import Cursor, decode_cursor, encode_cursor
+from .models import Change
 
-__all__ = ["MIN_SECRET_BYTES", "Refs", "SealedRefs"]
+__all__ = ["MIN_SECRET_BYTES", "Refs", "SealedRefs", "refs_for"]
 
 #: A shorter secret is refused: it could be guessed.
 MIN_SECRET_BYTES = 16
@@ -149,6 +150,15 @@ class SealedRefs(Refs):
 
     def _pad(self, tag: bytes) -> bytes:
         return hmac.digest(self._pad_key, tag, hashlib.sha256)
+
+
+def refs_for(*, scoped: bool, secret: str | bytes | None) -> Refs:
+    """The references of a reader with (`scoped`) or without a scope: sealed under `secret`, or under a random
+    per-process key when none is given; the stored numbers without a scope."""
+    if not scoped:
+        return Refs()
+    key = secrets.token_bytes(32) if secret is None else secret
+    return SealedRefs(key.encode() if isinstance(key, str) else key)
 
 
 def _xor(data: bytes, pad: bytes) -> bytes:
