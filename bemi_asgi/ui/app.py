@@ -21,7 +21,7 @@ Permissions, checked on every request before anything is read:
 
 With a `scope`, pages and links show no global counter (change ids, transaction ids, the commit LSN and ordinal
 in a cursor): links, anchors, cursors and stream event ids carry tokens sealed with `secret` instead
-(`bemi_asgi.ui.refs`), and one that does not read back answers like a reference to nothing in scope.
+(`bemi_asgi.history.refs`), and one that does not read back answers like a reference to nothing in scope.
 
 The overview (`/overview`) charts the changes of a period (`bemi_asgi.history.activity`, `.chart`). Reverts
 (`/revert`, `bemi_asgi.ui.revert`) need `authorize_revert` (default: nobody) and are protected against
