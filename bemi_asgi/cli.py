@@ -126,6 +126,14 @@ def sql_migration(
         str | None,
         typer.Option(help="With --alembic: the revision it follows (default: the directory's single head)."),
     ] = None,
+    upgrade: Annotated[
+        bool,
+        _flag(
+            "--upgrade",
+            help="With --alembic: a revision bringing a database migrated by an earlier version up to date, keeping "
+            "every stored row; its downgrade changes nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Print the SQL that prepares a database for change capture:
     bemi-asgi sql-migration | psql -v ON_ERROR_STOP=1 "$DATABASE_URL"
@@ -138,6 +146,11 @@ def sql_migration(
 
     if alembic is not None and down:
         raise typer.BadParameter("the Alembic revision holds both directions: leave out --down", param_hint="--alembic")
+    if upgrade and alembic is None:
+        raise typer.BadParameter(
+            "the printed SQL upgrades an earlier version's tables as it is: --upgrade is for --alembic",
+            param_hint="--upgrade",
+        )
     parts: tuple[Part, ...] = PARTS if only is None else (only.value,)
     extra: dict[str, Any] = {
         "exclude_tables": exclude_table, "exclude_schemas": exclude_schema, "partition_by_month": partition_by_month
@@ -147,7 +160,7 @@ def sql_migration(
             options_text = _options_text(publication, schema, table, None if only is None else only.value, extra)
             path = write_alembic_revision(
                 alembic, down_revision=down_revision, publication=publication, schemas=schema, tables=table,
-                parts=parts, options_text=options_text, **extra,
+                parts=parts, options_text=options_text, upgrade_only=upgrade, **extra,
             )  # fmt: skip
             typer.echo(f"Wrote {path}")
             return

@@ -28,7 +28,7 @@ from .filters import ChangeFilter, FilterArgs, PrimaryKey, encode_primary_key, p
 from .models import Change
 from .replay import blame_columns, row_states
 from .revert import RevertPlan, apply_plan, plan_revert, revert_selection
-from .store import CHANGES_SQL, WORKER_STATE_SQL, ChangeStore, at_condition
+from .store import CHANGES_SQL, STREAMS_SQL, WORKER_STATE_SQL, ChangeStore, at_condition
 from .wait import wait_for_lsn
 
 __all__ = ["Bemi"]
@@ -217,7 +217,10 @@ class Bemi:
             await bemi.wait_for(lsn)  # now history() includes the update
 
         Get `lsn` with `current_lsn(conn)` on the connection that wrote, after its COMMIT. Raises TimeoutError after
-        `timeout` seconds. `slot_name` picks one worker (default: any). The rule: `bemi_asgi.history.wait`.
+        `timeout` seconds. `slot_name` picks one worker (default: any of this database's). The rule:
+        `bemi_asgi.history.wait`.
         """
         position = read_lsn(lsn) if isinstance(lsn, str) else lsn
-        return await wait_for_lsn(await self.pool(), WORKER_STATE_SQL, position, timeout=timeout, slot_name=slot_name)
+        return await wait_for_lsn(
+            await self.pool(), WORKER_STATE_SQL, STREAMS_SQL, position, timeout=timeout, slot_name=slot_name
+        )

@@ -42,8 +42,8 @@ class Change(BaseModel):
     Its fields are the table's columns (`bemi_asgi._changes_table`), checked by `tests/test_changes_table.py`.
 
     `before` and `after` are the row's columns as JSON values (`{}` for the side where the row does not exist);
-    `context` is what the application set (user, endpoint, request id, ...). Changes are ordered by
-    `(commit_lsn, ordinal)`: the order in which they were committed.
+    `context` is what the application set (user, endpoint, request id, ...). The changes of one source stream are
+    ordered by `(commit_lsn, ordinal)`: the order in which they were committed.
     """
 
     model_config = ConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
@@ -65,6 +65,9 @@ class Change(BaseModel):
     position: int
     commit_lsn: int
     ordinal: int
+    #: The source stream it came from (`bemi.streams`: the source cluster, its database and the slot); commit LSNs
+    #: and ordinals order changes within one stream.
+    stream: int
 
     @computed_field  # type: ignore[prop-decorator]
     @property

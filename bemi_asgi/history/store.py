@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from .._changes_table import CHANGES, COLUMNS, SCHEMA, WORKER_STATE
+from .._changes_table import CHANGES, COLUMNS, SCHEMA, STREAMS, WORKER_STATE
 from .._exceptions import QueryError, UnknownTableError
 from .._pgtext import quote_ident, quote_qualified
 from .catalog import fetch_table_info
@@ -24,10 +24,11 @@ from .filters import At, ChangeFilter, FilterArgs, Where
 from .models import Change, change_from_record
 from .replay import without_idle_truncates
 
-__all__ = ["CHANGES_SQL", "SELECT_COLUMNS", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
+__all__ = ["CHANGES_SQL", "SELECT_COLUMNS", "STREAMS_SQL", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
 
 CHANGES_SQL = quote_qualified(SCHEMA, CHANGES)
 WORKER_STATE_SQL = quote_qualified(SCHEMA, WORKER_STATE)
+STREAMS_SQL = quote_qualified(SCHEMA, STREAMS)
 
 #: Every column of `bemi.changes`, jsonb as text (asyncpg would decode it twice otherwise): what `change_from_record`
 #: reads.
@@ -39,7 +40,8 @@ SELECT_COLUMNS = ", ".join(
 #: What a role needs to read the history (the README's `bemi_reader`; an app reading through its own pool gets them by
 #: `GRANT bemi_reader TO app`).
 READ_GRANTS = (
-    f"GRANT USAGE ON SCHEMA {SCHEMA}; GRANT SELECT ON {CHANGES_SQL}, {WORKER_STATE_SQL}, {SCHEMA}.tracking_rules"
+    f"GRANT USAGE ON SCHEMA {SCHEMA}; GRANT SELECT ON {CHANGES_SQL}, {WORKER_STATE_SQL}, {STREAMS_SQL}, "
+    f"{SCHEMA}.tracking_rules"
 )
 
 

@@ -46,6 +46,9 @@ MAX_IDENTIFIER_BYTES = 63
 #: Schemas of PostgreSQL itself: never tracked.
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema", "pg_toast"})
 
+#: The destination's upgrade steps, in the order they run (each idempotent, a no-op on a destination that has it).
+DESTINATION_UPGRADES = ("destination_upgrade_1_streams.sql",)
+
 Part = Literal["source", "destination"]
 PARTS: tuple[Part, ...] = ("source", "destination")
 
@@ -299,6 +302,8 @@ def migration_sql(
             if part == "destination" and not down:
                 # Baselines (operation SNAPSHOT) and the progress of `bemi-asgi backfill`.
                 scripts.append(load_sql("destination_backfill_up.sql"))
+                # What brings a destination made by an earlier version up to the tables above, keeping its rows.
+                scripts.extend(load_sql(name) for name in DESTINATION_UPGRADES)
     return "\n".join(script.rstrip("\n") + "\n" for script in scripts)
 
 
@@ -440,15 +445,26 @@ def alembic_revision(
     tables: Sequence[str] | None = None,
     parts: Sequence[Part] = PARTS,
     options_text: str = "",
+    upgrade_only: bool = False,
     **options: Any,
 ) -> str:
     """The text of an Alembic revision file whose upgrade runs the migration and whose downgrade rolls it back.
 
+    With `upgrade_only`, a revision for a database an earlier revision already migrated: its upgrade runs the
+    migration again (which adds what this version has new, `DESTINATION_UPGRADES` among it, and keeps every stored
+    row) and its downgrade changes nothing, so stepping back never drops the history the earlier revision keeps.
     `options`: the other keyword arguments of `migration_sql` (exclusions, partitioning).
     """
     revision = revision or uuid4().hex[:12]
+    downgrade = (
+        "[]"
+        if upgrade_only
+        else _statement_list(
+            migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, down=True, **options)
+        )
+    )
     return _ALEMBIC_TEMPLATE.format(
-        message="bemi-asgi: prepare change capture",
+        message="bemi-asgi: upgrade change capture" if upgrade_only else "bemi-asgi: prepare change capture",
         options=f" ({_docstring_safe(options_text)})" if options_text else "",
         revision=revision,
         down_revision=down_revision,
@@ -457,9 +473,7 @@ def alembic_revision(
         upgrade=_statement_list(
             migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, **options)
         ),
-        downgrade=_statement_list(
-            migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, down=True, **options)
-        ),
+        downgrade=downgrade,
     )
 
 
@@ -517,6 +531,7 @@ def write_alembic_revision(
     tables: Sequence[str] | None = None,
     parts: Sequence[Part] = PARTS,
     options_text: str = "",
+    upgrade_only: bool = False,
     **options: Any,
 ) -> Path:
     """Write an Alembic revision file into `directory` (the `versions/` folder) and return its path.
@@ -538,8 +553,9 @@ def write_alembic_revision(
         tables=tables,
         parts=parts,
         options_text=options_text,
+        upgrade_only=upgrade_only,
         **options,
     )
-    path = folder / f"{revision}_bemi_asgi_change_capture.py"
+    path = folder / f"{revision}_bemi_asgi_{'upgrade' if upgrade_only else 'change_capture'}.py"
     path.write_text(text, encoding="utf-8")
     return path

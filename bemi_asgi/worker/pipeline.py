@@ -31,7 +31,7 @@ from .._dsn import check_dsn, redact
 from .._exceptions import BemiError, SourceNotReadyError
 from .._pgtext import format_lsn
 from .config import TrackingConfig
-from .destination import Destination
+from .destination import Destination, SourceStream
 from .options import Options
 from .progress import Progress, WorkerStats
 from .reader import Reader
@@ -178,7 +178,10 @@ class Worker:
                     if self._filters is not None and self._filters.config.tables:
                         await check_tables(self.source, options.publication, self._filters)
                         await destination.record_rules(info.database, self._filters.config.recorded_rules())
-                    stored = await destination.last_commit_lsn(options.slot)
+                    stream_id = await destination.stream(
+                        SourceStream(info.system_identifier, info.database, options.slot)
+                    )
+                    stored = await destination.last_commit_lsn(stream_id)
                     stream = await ReplicationStream.open(
                         self.source, slot=options.slot, publication=options.publication
                     )
@@ -201,7 +204,7 @@ class Worker:
                         encoding=info.encoding,
                         stopping=lambda: self._stopping,
                     )
-                    writer = Writer(destination, queue, progress, options, stream, info.database)
+                    writer = Writer(destination, queue, progress, options, stream, info.database, stream_id)
                     self._session_state = catalog, progress
                     try:
                         await _run(reader, writer, queue, progress)
