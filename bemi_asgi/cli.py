@@ -126,6 +126,17 @@ def sql_migration(
         str | None,
         typer.Option(help="With --alembic: the revision it follows (default: the directory's single head)."),
     ] = None,
+    create_slot: Annotated[
+        bool,
+        _flag(
+            "--create-slot",
+            help="Also create the worker's replication slot (after the migration commits), so capture starts now "
+            "rather than when the worker first runs. The slot keeps WAL until a worker streams it.",
+        ),
+    ] = False,
+    slot: Annotated[
+        str, typer.Option(envvar="BEMI_SLOT", help="With --create-slot: the worker's replication slot.")
+    ] = "bemi",
     upgrade: Annotated[
         bool,
         _flag(
@@ -142,10 +153,17 @@ def sql_migration(
     Destination: the schema bemi with the table bemi.changes. Running it again changes nothing.
     """
     from ._exceptions import MigrationError
-    from .ops.migration import PARTS, Part, migration_sql, migration_transaction, write_alembic_revision
+    from .ops.migration import PARTS, Part, migration_sql, migration_transaction, slot_sql, write_alembic_revision
 
     if alembic is not None and down:
         raise typer.BadParameter("the Alembic revision holds both directions: leave out --down", param_hint="--alembic")
+    if create_slot and (alembic is not None or down or only == MigrationPart.destination):
+        raise typer.BadParameter(
+            "the slot is made on the source, after the migration's transaction (PostgreSQL creates no logical slot "
+            "in a transaction that wrote): use it when printing the source's SQL for psql; under Alembic, run "
+            f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput') after the upgrade",
+            param_hint="--create-slot",
+        )
     if upgrade and alembic is None:
         raise typer.BadParameter(
             "the printed SQL upgrades an earlier version's tables as it is: --upgrade is for --alembic",
@@ -165,7 +183,8 @@ def sql_migration(
             typer.echo(f"Wrote {path}")
             return
         sql = migration_sql(publication=publication, schemas=schema, tables=table, down=down, parts=parts, **extra)
-    typer.echo(migration_transaction(sql), nl=False)
+        after = slot_sql(slot) if create_slot else ""
+    typer.echo(migration_transaction(sql) + after, nl=False)
 
 
 def _options_text(

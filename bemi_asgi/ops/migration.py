@@ -34,6 +34,7 @@ __all__ = [
     "migration_transaction",
     "parse_identifiers",
     "parse_tables",
+    "slot_sql",
     "split_statements",
     "write_alembic_revision",
 ]
@@ -318,6 +319,32 @@ def migration_transaction(script: str) -> str:
         f"{script.rstrip()}\n"
         "COMMIT;\n"
     )
+
+
+def slot_sql(slot: str) -> str:
+    """The statement creating the worker's replication slot (pgoutput) unless it exists: capture starts there, so
+    changes made before the worker first runs are kept. It must run after the migration's transaction commits:
+    PostgreSQL refuses to create a logical slot in a transaction that has written anything."""
+    name = quote_literal(check_slot(slot))
+    return (
+        "-- The worker's replication slot: changes from here on are kept until a worker streams them (a slot nobody\n"
+        "-- streams keeps the server's WAL: start the worker, or drop the slot).\n"
+        "DO $$\n"
+        "BEGIN\n"
+        f"    IF NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = {name}) THEN\n"
+        f"        PERFORM pg_catalog.pg_create_logical_replication_slot({name}, 'pgoutput');\n"
+        "    END IF;\n"
+        "END $$;\n"
+    )
+
+
+def check_slot(name: str) -> str:
+    """Validate a replication slot name as PostgreSQL does: lower-case letters, digits and underscores."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", name):
+        raise MigrationError(
+            f"{name!r} is not a replication slot name: use lower-case letters, digits and underscores (at most 63)"
+        )
+    return name
 
 
 def split_statements(script: str) -> list[str]:
