@@ -54,9 +54,18 @@ def key_text(key: Any) -> str | None:
 class ChangeWriter:
     """Writes transactions of changes into bemi.changes and advances bemi.worker_state like the worker."""
 
-    def __init__(self, conn: asyncpg.Connection, *, slot: str = "bemi", start_lsn: int = 0x1_0000_0000) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        slot: str = "bemi",
+        start_lsn: int = 0x1_0000_0000,
+        database: str | None = None,
+    ) -> None:
         self.conn = conn
         self.slot = slot
+        #: The source database the changes are stored as coming from (default: the one written to).
+        self.database = database
         self._lsns = itertools.count(start_lsn, 0x1000)
         self._xids = itertools.count(1000)
 
@@ -72,7 +81,7 @@ class ChangeWriter:
         commit_lsn = next(self._lsns)
         xid = next(self._xids) if transaction_id is None else transaction_id
         when = committed_at or datetime.now(UTC)
-        database = await self.conn.fetchval("SELECT current_database()")
+        database = self.database or await self.conn.fetchval("SELECT current_database()")
         stream = await stream_id(self.conn, SourceStream(0, database, self.slot))
         records = [
             (

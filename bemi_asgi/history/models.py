@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from .._changes_table import COLUMNS
 
-__all__ = ["Change", "FieldChange", "Operation", "change_from_record"]
+__all__ = ["Change", "FieldChange", "Operation", "Stream", "change_from_record"]
 
 
 class Operation(enum.StrEnum):
@@ -80,6 +80,20 @@ class Change(BaseModel):
     def diff(self) -> dict[str, FieldChange]:
         """For each changed column, its value before and after (every column for CREATE and DELETE)."""
         return diff_rows(self.before, self.after)
+
+
+class Stream(BaseModel):
+    """A source stream whose changes the destination holds (`bemi.streams`): one replication slot of one database
+    of one PostgreSQL cluster. `Change.stream` is its `id`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    #: The source cluster's `pg_control_system().system_identifier`; None for a stream carried over from a
+    #: destination written before streams were recorded, until its worker runs again.
+    system_identifier: int | None
+    database: str | None
+    slot_name: str
 
 
 def diff_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, FieldChange]:

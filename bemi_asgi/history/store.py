@@ -114,7 +114,7 @@ class ChangeStore:
         direction = "ASC" if order == "asc" else "DESC"
         sql = (
             f"SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {where.sql()} "
-            f"ORDER BY commit_lsn {direction}, ordinal {direction}"
+            f"ORDER BY commit_lsn {direction}, ordinal {direction}, stream {direction}"
         )
         if limit is not None:
             sql += f" LIMIT {where.param(limit)}"
@@ -137,6 +137,7 @@ class ChangeStore:
         *,
         at: At | None = None,
         context: Mapping[str, Any] | None = None,
+        database: str | None = None,
         limit: int | None = None,
     ) -> list[Change]:
         """The row's changes and the TRUNCATEs that ended it, in commit order.
@@ -144,7 +145,7 @@ class ChangeStore:
         `at` keeps what was committed by then, `context` what matches that context filter (the TRUNCATEs too), and
         `limit` the row's latest changes, with the TRUNCATEs after the oldest of them.
         """
-        where = ChangeFilter(FilterArgs(table=table, schema=schema, context=context)).where()
+        where = ChangeFilter(FilterArgs(table=table, schema=schema, context=context, database=database)).where()
         if at is not None:
             where.add(at_condition(at, where))
         scope = where.sql()
