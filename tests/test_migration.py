@@ -666,6 +666,14 @@ def test_create_slot_starts_capture_when_the_migration_runs(database: str) -> No
         " 'publication_names', 'bemi') WHERE get_byte(data, 0) = ascii('I')",
     )
     assert changes == [(1,)]
+    # Slot names are the server's: one that is not this database's pgoutput slot is refused, never taken for it.
+    apply(database, "SELECT pg_create_physical_replication_slot('physical')")
+    try:
+        taken = psql(database, cli("--create-slot", "--slot", "physical"))
+    finally:
+        apply(database, "SELECT pg_drop_replication_slot('physical')")
+    assert taken.returncode != 0
+    assert "is not a pgoutput slot of this database" in taken.stderr
     for refused in (["--only", "destination"], ["--down"], ["--alembic", "."]):
         result = runner.invoke(app, ["sql-migration", "--create-slot", *refused])
         assert result.exit_code == 2, (refused, result.output)

@@ -326,16 +326,25 @@ def slot_sql(slot: str) -> str:
     changes made before the worker first runs are kept. It must run after the migration's transaction commits:
     PostgreSQL refuses to create a logical slot in a transaction that has written anything."""
     name = quote_literal(check_slot(slot))
-    return (
-        "-- The worker's replication slot: changes from here on are kept until a worker streams them (a slot nobody\n"
-        "-- streams keeps the server's WAL: start the worker, or drop the slot).\n"
-        "DO $$\n"
-        "BEGIN\n"
-        f"    IF NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = {name}) THEN\n"
-        f"        PERFORM pg_catalog.pg_create_logical_replication_slot({name}, 'pgoutput');\n"
-        "    END IF;\n"
-        "END $$;\n"
-    )
+    # Slot names are the cluster's: one of this name in another database (or of another plugin) is refused, as the
+    # worker would refuse it, rather than taken for this database's.
+    return f"""-- The worker's replication slot: changes from here on are kept until a worker streams them
+-- (a slot nobody streams keeps the server's WAL: start the worker, or drop the slot).
+DO $$
+DECLARE
+    existing record;
+BEGIN
+    SELECT database, plugin INTO existing FROM pg_catalog.pg_replication_slots WHERE slot_name = {name};
+    IF NOT FOUND THEN
+        PERFORM pg_catalog.pg_create_logical_replication_slot({name}, 'pgoutput');
+    ELSIF existing.database IS DISTINCT FROM pg_catalog.current_database()
+          OR existing.plugin IS DISTINCT FROM 'pgoutput' THEN
+        RAISE EXCEPTION 'replication slot % exists but is not a pgoutput slot of this database (database %, plugin %)',
+            {name}, existing.database, existing.plugin
+            USING HINT = 'Slot names are shared by every database of the server: choose another with --slot.';
+    END IF;
+END $$;
+"""
 
 
 def check_slot(name: str) -> str:
