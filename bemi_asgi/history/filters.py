@@ -271,21 +271,17 @@ class ChangeFilter:
             where.add(f"committed_at >= {where.param(require_aware(since, 'since'))}")
         if until is not None:
             where.add(f"committed_at < {where.param(require_aware(until, 'until'))}")
-        transaction_id = args.get("transaction_id")
-        if transaction_id is not None:
-            if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
-                raise QueryError(f"transaction_id must be an int, got {transaction_id!r}")
-            where.add(f"transaction_id = {where.param(transaction_id)}::bigint")
-        database = args.get("database")
-        if database is not None:
-            if not isinstance(database, str):
-                raise QueryError(f"database must be a database name (str), got {database!r}")
-            where.add(f"database = {where.param(database)}")
-        stream = args.get("stream")
-        if stream is not None:
-            if isinstance(stream, bool) or not isinstance(stream, int):
-                raise QueryError(f"stream must be a stream id (int, see bemi.streams()), got {stream!r}")
-            where.add(f"stream = {where.param(stream)}::integer")
+        for name, kind, what in (
+            ("transaction_id", "bigint", "an int"),
+            ("database", "text", "a database name (str)"),
+            ("stream", "integer", "a stream id (int, see bemi.streams())"),
+        ):
+            value = args.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, str if kind == "text" else int):
+                raise QueryError(f"{name} must be {what}, got {value!r}")
+            where.add(f"{name} = {where.param(value)}::{kind}")
         if self.commit_lsn is not None:
             where.add(f"commit_lsn = {where.param(self.commit_lsn)}::bigint")
         return where
