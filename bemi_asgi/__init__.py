@@ -18,7 +18,7 @@ from .capture.tracing import configure_tracing
 from .history.changes import ChangePage
 from .history.client import Bemi
 from .history.fastapi import get_bemi
-from .history.models import Change, FieldChange, Operation
+from .history.models import Change, FieldChange, Operation, Stream
 from .history.revert import RevertPlan, RevertStatement
 from .history.wait import current_lsn
 from .worker.backfill import Backfill
@@ -47,6 +47,7 @@ __all__ = [
     "RevertPlan",
     "RevertStatement",
     "SourceNotReadyError",
+    "Stream",
     "TrackingConfig",
     "Worker",
     "bemi_context",

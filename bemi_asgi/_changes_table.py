@@ -14,13 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CHANGES", "COLUMNS", "SCHEMA", "TYPES", "WORKER_STATE", "WRITTEN", "Column"]
+__all__ = ["CHANGES", "COLUMNS", "SCHEMA", "STREAMS", "TYPES", "WORKER_STATE", "WRITTEN", "Column"]
 
 #: The schema of the worker's tables; never part of a tracked publication.
 SCHEMA: Final = "bemi"
 CHANGES: Final = "changes"
-#: The worker's progress per replication slot (`slot_name`, `last_commit_lsn`, `updated_at`).
+#: The worker's progress per source stream (`stream`, `last_commit_lsn`, `updated_at`).
 WORKER_STATE: Final = "worker_state"
+#: The source streams (`id`, `system_identifier`, `database`, `slot_name`): one per slot of a source database.
+STREAMS: Final = "streams"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +59,11 @@ COLUMNS: Final = (
     Column("created_at", "timestamp with time zone", written=False),
     Column("transaction_id", "bigint"),
     Column("position", "bigint"),  # the change's own WAL position
-    Column("commit_lsn", "bigint"),  # with ordinal: the exactly-once key, and the commit order
+    Column("commit_lsn", "bigint"),  # with ordinal: the commit order within a stream
     Column("ordinal", "integer"),
+    # The source stream (`bemi.streams.id`), leading the exactly-once key (stream, commit_lsn, ordinal). Last, so a
+    # destination upgraded from before streams has the same column order as a new one.
+    Column("stream", "integer"),
 )
 
 #: Each column's type by name.

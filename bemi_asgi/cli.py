@@ -126,6 +126,25 @@ def sql_migration(
         str | None,
         typer.Option(help="With --alembic: the revision it follows (default: the directory's single head)."),
     ] = None,
+    create_slot: Annotated[
+        bool,
+        _flag(
+            "--create-slot",
+            help="Also create the worker's replication slot (after the migration commits), so capture starts now "
+            "rather than when the worker first runs. The slot keeps WAL until a worker streams it.",
+        ),
+    ] = False,
+    slot: Annotated[
+        str, typer.Option(envvar="BEMI_SLOT", help="With --create-slot: the worker's replication slot.")
+    ] = "bemi",
+    upgrade: Annotated[
+        bool,
+        _flag(
+            "--upgrade",
+            help="With --alembic: a revision bringing a database migrated by an earlier version up to date, keeping "
+            "every stored row; its downgrade changes nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Print the SQL that prepares a database for change capture:
     bemi-asgi sql-migration | psql -v ON_ERROR_STOP=1 "$DATABASE_URL"
@@ -134,10 +153,22 @@ def sql_migration(
     Destination: the schema bemi with the table bemi.changes. Running it again changes nothing.
     """
     from ._exceptions import MigrationError
-    from .ops.migration import PARTS, Part, migration_sql, migration_transaction, write_alembic_revision
+    from .ops.migration import PARTS, Part, migration_sql, migration_transaction, slot_sql, write_alembic_revision
 
     if alembic is not None and down:
         raise typer.BadParameter("the Alembic revision holds both directions: leave out --down", param_hint="--alembic")
+    if create_slot and (alembic is not None or down or only == MigrationPart.destination):
+        raise typer.BadParameter(
+            "the slot is made on the source, after the migration's transaction (PostgreSQL creates no logical slot "
+            "in a transaction that wrote): use it when printing the source's SQL for psql; under Alembic, run "
+            f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput') after the upgrade",
+            param_hint="--create-slot",
+        )
+    if upgrade and alembic is None:
+        raise typer.BadParameter(
+            "the printed SQL upgrades an earlier version's tables as it is: --upgrade is for --alembic",
+            param_hint="--upgrade",
+        )
     parts: tuple[Part, ...] = PARTS if only is None else (only.value,)
     extra: dict[str, Any] = {
         "exclude_tables": exclude_table, "exclude_schemas": exclude_schema, "partition_by_month": partition_by_month
@@ -147,12 +178,13 @@ def sql_migration(
             options_text = _options_text(publication, schema, table, None if only is None else only.value, extra)
             path = write_alembic_revision(
                 alembic, down_revision=down_revision, publication=publication, schemas=schema, tables=table,
-                parts=parts, options_text=options_text, **extra,
+                parts=parts, options_text=options_text, upgrade_only=upgrade, **extra,
             )  # fmt: skip
             typer.echo(f"Wrote {path}")
             return
         sql = migration_sql(publication=publication, schemas=schema, tables=table, down=down, parts=parts, **extra)
-    typer.echo(migration_transaction(sql), nl=False)
+        after = slot_sql(slot) if create_slot else ""
+    typer.echo(migration_transaction(sql) + after, nl=False)
 
 
 def _options_text(

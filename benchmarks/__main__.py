@@ -34,6 +34,7 @@ BENCHMARKS = {
     "decode": "pgoutput decoding against touching each message",
     "worker_throughput": "the worker against pg_recvlogical; memory; lag",
     "tracking_overhead": "worker with column rules against no rules",
+    "sharding": "two workers on two publications against one worker on both",
     "backfill": "backfill baselines against COPY TO of the same table",
     "queries": "query helpers against SELECT 1",
     "ui": "change browser pages against find()",

@@ -110,7 +110,7 @@ def insert_again(dsn: str) -> float:
         f'"{name}"'
         for name in (
             "primary_key", "before", "after", "context", "database", "schema", "table", "operation", "committed_at",
-            "queued_at", "transaction_id", "position", "commit_lsn", "ordinal",
+            "queued_at", "transaction_id", "position", "commit_lsn", "ordinal", "stream",
         )
     )  # fmt: skip
     with psycopg.connect(dsn, autocommit=True) as conn:

@@ -35,7 +35,7 @@ T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 FILL = """
 INSERT INTO bemi.changes (primary_key, "before", "after", context, database, "schema", "table", operation,
-                          committed_at, queued_at, transaction_id, position, commit_lsn, ordinal)
+                          committed_at, queued_at, transaction_id, position, commit_lsn, ordinal, stream)
 SELECT r::text,
        CASE WHEN n = 0 THEN '{}'::jsonb
             ELSE jsonb_build_object('id', r, 'name', 'item ' || r, 'qty', n - 1, 'note', repeat('x', 40)) END,
@@ -43,7 +43,7 @@ SELECT r::text,
        jsonb_build_object('user_id', g % 1000, 'request_id', 'req-' || (g / 5), 'endpoint', 'PATCH /items'),
        'app', 'public', 'items', CASE WHEN n = 0 THEN 'CREATE' ELSE 'UPDATE' END,
        $3::timestamptz + g * interval '1 millisecond', $3::timestamptz + g * interval '1 millisecond',
-       1000 + g / 5, (g / 5) * 4096 + (g % 5) * 64, (g / 5) * 4096 + 1024, g % 5
+       1000 + g / 5, (g / 5) * 4096 + (g % 5) * 64, (g / 5) * 4096 + 1024, g % 5, 1
   FROM generate_series(0, $1::int * $2::int - 1) AS g,
        LATERAL (SELECT g % $1::int AS r, g / $1::int AS n) AS k
 """

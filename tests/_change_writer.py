@@ -22,6 +22,7 @@ import asyncpg
 from bemi_asgi import Bemi
 from bemi_asgi._pgtext import quote_ident
 from bemi_asgi.ops.migration import load_sql
+from bemi_asgi.worker.destination import SourceStream, stream_id
 
 MIGRATION = load_sql("destination_up.sql")
 
@@ -53,9 +54,18 @@ def key_text(key: Any) -> str | None:
 class ChangeWriter:
     """Writes transactions of changes into bemi.changes and advances bemi.worker_state like the worker."""
 
-    def __init__(self, conn: asyncpg.Connection, *, slot: str = "bemi", start_lsn: int = 0x1_0000_0000) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        slot: str = "bemi",
+        start_lsn: int = 0x1_0000_0000,
+        database: str | None = None,
+    ) -> None:
         self.conn = conn
         self.slot = slot
+        #: The source database the changes are stored as coming from (default: the one written to).
+        self.database = database
         self._lsns = itertools.count(start_lsn, 0x1000)
         self._xids = itertools.count(1000)
 
@@ -71,7 +81,8 @@ class ChangeWriter:
         commit_lsn = next(self._lsns)
         xid = next(self._xids) if transaction_id is None else transaction_id
         when = committed_at or datetime.now(UTC)
-        database = await self.conn.fetchval("SELECT current_database()")
+        database = self.database or await self.conn.fetchval("SELECT current_database()")
+        stream = await stream_id(self.conn, SourceStream(0, database, self.slot))
         records = [
             (
                 key_text(row.primary_key),
@@ -88,20 +99,21 @@ class ChangeWriter:
                 commit_lsn - 0x800 + ordinal * 0x40,
                 commit_lsn,
                 ordinal,
+                stream,
             )
             for ordinal, row in enumerate(rows)
         ]
         async with self.conn.transaction():
             await self.conn.executemany(
                 """INSERT INTO bemi.changes (primary_key, "before", "after", context, database, "schema", "table",
-                       operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal)
-                   VALUES ($1, $2::jsonb, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)""",
+                       operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal, stream)
+                   VALUES ($1, $2::jsonb, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)""",
                 records,
             )
             await self.conn.execute(
-                """INSERT INTO bemi.worker_state (slot_name, last_commit_lsn) VALUES ($1, $2)
-                   ON CONFLICT (slot_name) DO UPDATE SET last_commit_lsn = excluded.last_commit_lsn""",
-                self.slot,
+                """INSERT INTO bemi.worker_state (stream, last_commit_lsn) VALUES ($1, $2)
+                   ON CONFLICT (stream) DO UPDATE SET last_commit_lsn = excluded.last_commit_lsn""",
+                stream,
                 commit_lsn,
             )
         return commit_lsn

@@ -410,7 +410,8 @@ def test_partitioned_destination_takes_baselines(database: str) -> None:
         conn.execute(migration_sql(parts=["destination"], partition_by_month=True))
         insert = (
             'INSERT INTO bemi.changes (database, schema, "table", operation, committed_at, queued_at,'
-            " transaction_id, position, commit_lsn, ordinal) VALUES ('d', 's', 't', %s, now(), now(), 0, 1, 1, %s)"
+            " transaction_id, position, commit_lsn, ordinal, stream)"
+            " VALUES ('d', 's', 't', %s, now(), now(), 0, 1, 1, %s, 1)"
         )
         conn.execute(insert, ["SNAPSHOT", FIRST_ORDINAL])
         with pytest.raises(psycopg.errors.CheckViolation):
@@ -534,6 +535,7 @@ async def test_a_least_privileged_role_can_backfill(database: str) -> None:
         conn.execute(f"GRANT USAGE ON SCHEMA bemi TO {role}")
         conn.execute(f"GRANT SELECT, INSERT ON bemi.changes TO {role}")
         conn.execute(f"GRANT SELECT, INSERT, UPDATE ON bemi.backfill_state TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON bemi.streams TO {role}")
     try:
         stats = await Backfill(
             urlsplit(database)._replace(netloc=f"{role}@{urlsplit(database).netloc.split('@')[-1]}").geturl()

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bemi_asgi import DecodeError
 from bemi_asgi.ops.migration import load_sql
-from bemi_asgi.worker.destination import BinaryCopy, Destination
+from bemi_asgi.worker.destination import BinaryCopy, Destination, SourceStream
 from bemi_asgi.worker.fastpath import RowCodec
 from bemi_asgi.worker.options import Options
 from bemi_asgi.worker.pgoutput import UNCHANGED, Column, Delete, Insert, Relation, Update, decode
@@ -276,20 +276,21 @@ async def test_binary_copy_stores_what_record_copy_stores(database: str, capture
     queued_at = datetime.now(UTC)
     contexts = ['{"user_id": 1, "who": "é 🙂 \\"q\\""}', "{}"]
     halves = [changes[: len(changes) // 2], changes[len(changes) // 2 :]]
-    records = [
-        (key, before, after, context, "dbé", schema, table, operation, committed_at, queued_at, 4_000_000_000 + n,
-         position, 2**40 + n, ordinal)
-        for n, (context, half) in enumerate(zip(contexts, halves, strict=True))
-        for key, before, after, schema, table, operation, position, ordinal in half
-    ]  # fmt: skip
     destination = await Destination.connect(database)
     try:
+        stream = await destination.stream(SourceStream(7, "dbé", "s"))
+        records = [
+            (key, before, after, context, "dbé", schema, table, operation, committed_at, queued_at,
+             4_000_000_000 + n, position, 2**40 + n, ordinal, stream)
+            for n, (context, half) in enumerate(zip(contexts, halves, strict=True))
+            for key, before, after, schema, table, operation, position, ordinal in half
+        ]  # fmt: skip
         assert destination.binary
-        await destination.write("s", records, 1)
+        await destination.write(stream, records, 1)
         with psycopg.connect(database, autocommit=True) as conn:
             expected = conn.execute(STORED).fetchall()
             conn.execute("TRUNCATE bemi.changes")
-        copy = BinaryCopy("dbé")
+        copy = BinaryCopy("dbé", stream)
         pieces = []
         for n, (context, half) in enumerate(zip(contexts, halves, strict=True)):
             copy.transaction(committed_at, queued_at, 4_000_000_000 + n, 2**40 + n)
@@ -298,7 +299,7 @@ async def test_binary_copy_stores_what_record_copy_stores(database: str, capture
             pieces.append(copy.take())
             copy.add(half[3:])
         pieces.append(copy.end())
-        await destination.write_binary("s", pieces, 2)
+        await destination.write_binary(stream, pieces, 2)
         with psycopg.connect(database, autocommit=True) as conn:
             assert conn.execute(STORED).fetchall() == expected
             assert conn.execute("SELECT last_commit_lsn FROM bemi.worker_state").fetchall() == [(2,)]

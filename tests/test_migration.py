@@ -645,3 +645,35 @@ def test_rollback_runs_only_postgresql_functions(database: str, owner_dsn: str) 
     apply(database, cli("--down"))
     assert not is_superuser(database, role)
     assert published(database) == set()
+
+
+def test_create_slot_starts_capture_when_the_migration_runs(database: str) -> None:
+    """`sql-migration --create-slot`, piped into psql, creates the worker's slot after the migration commits, so a
+    change made before any worker runs is captured; run again, it changes nothing. Without the option no slot is
+    made (a slot nobody streams keeps WAL), and the option is refused where it cannot work."""
+    apply(database, APP_TABLES)
+    assert psql(database, cli()).returncode == 0
+    assert query(database, "SELECT count(*) FROM pg_replication_slots") == [(0,)]
+    script = cli("--create-slot", "--slot", "early")
+    for _ in range(2):
+        result = psql(database, script)
+        assert result.returncode == 0, result.stderr
+    assert query(database, "SELECT slot_name::text, plugin::text FROM pg_replication_slots") == [("early", "pgoutput")]
+    apply(database, "INSERT INTO users (id, name) VALUES (1, 'before any worker')")
+    changes = query(
+        database,
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('early', NULL, NULL, 'proto_version', '1',"
+        " 'publication_names', 'bemi') WHERE get_byte(data, 0) = ascii('I')",
+    )
+    assert changes == [(1,)]
+    # Slot names are the server's: one that is not this database's pgoutput slot is refused, never taken for it.
+    apply(database, "SELECT pg_create_physical_replication_slot('physical')")
+    try:
+        taken = psql(database, cli("--create-slot", "--slot", "physical"))
+    finally:
+        apply(database, "SELECT pg_drop_replication_slot('physical')")
+    assert taken.returncode != 0
+    assert "is not a pgoutput slot of this database" in taken.stderr
+    for refused in (["--only", "destination"], ["--down"], ["--alembic", "."]):
+        result = runner.invoke(app, ["sql-migration", "--create-slot", *refused])
+        assert result.exit_code == 2, (refused, result.output)

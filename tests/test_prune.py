@@ -43,8 +43,8 @@ def seed(dsn: str, times: list[datetime], *, first_lsn: int = 1) -> None:
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         cur.executemany(
             'INSERT INTO bemi.changes (primary_key, database, "schema", "table", operation, committed_at,'
-            " queued_at, transaction_id, position, commit_lsn, ordinal)"
-            " VALUES (%s, 'old', 'public', 'archived', 'CREATE', %s, %s, 1, %s, %s, 1)",
+            " queued_at, transaction_id, position, commit_lsn, ordinal, stream)"
+            " VALUES (%s, 'old', 'public', 'archived', 'CREATE', %s, %s, 1, %s, %s, 1, 1)",
             [(str(n), at, at, first_lsn + n, first_lsn + n) for n, at in enumerate(times)],
         )
 
@@ -262,8 +262,8 @@ def test_maintain_creates_future_partitions_moving_rows_out_of_the_default_one(d
 async def test_partitioned_exactly_once_key_still_refuses_duplicates_and_restarts_store_nothing_twice(
     database: str,
 ) -> None:
-    """On the partitioned table (commit_lsn, ordinal, committed_at) is unique, so a duplicate change is refused;
-    and running the worker again after everything is stored adds nothing (it skips by bemi.worker_state)."""
+    """On the partitioned table (stream, commit_lsn, ordinal, committed_at) is unique, so a duplicate change is
+    refused; and running the worker again after everything is stored adds nothing (it skips by bemi.worker_state)."""
     prepare(database, partitioned=True)
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("INSERT INTO items SELECT generate_series(1, 5), 'x'")
@@ -275,9 +275,9 @@ async def test_partitioned_exactly_once_key_still_refuses_duplicates_and_restart
     with psycopg.connect(database) as conn, pytest.raises(psycopg.errors.UniqueViolation):
         conn.execute(
             'INSERT INTO bemi.changes (database, "schema", "table", operation, committed_at, queued_at,'
-            " transaction_id, position, commit_lsn, ordinal) VALUES ('x', 'public', 'items', 'CREATE', %s, %s, 1, 1,"
-            " %s, %s)",
-            [first["committed_at"], first["queued_at"], first["commit_lsn"], first["ordinal"]],
+            " transaction_id, position, commit_lsn, ordinal, stream) VALUES ('x', 'public', 'items', 'CREATE', %s, %s,"
+            " 1, 1, %s, %s, %s)",
+            [first["committed_at"], first["queued_at"], first["commit_lsn"], first["ordinal"], first["stream"]],
         )
 
 

@@ -45,12 +45,13 @@ GRANT SELECT ON items TO bemi_worker;
 GRANT USAGE ON SCHEMA bemi TO bemi_worker;
 GRANT SELECT, INSERT ON bemi.changes TO bemi_worker;
 GRANT SELECT, INSERT, UPDATE ON bemi.worker_state TO bemi_worker;
+GRANT SELECT, INSERT, UPDATE ON bemi.streams TO bemi_worker;
 GRANT SELECT, INSERT ON bemi.tracking_rules TO bemi_worker;
 GRANT SELECT ON bemi.source_publications TO bemi_worker;  -- for bemi-asgi doctor
 
 CREATE ROLE bemi_reader LOGIN PASSWORD '{password}';
 GRANT USAGE ON SCHEMA bemi TO bemi_reader;
-GRANT SELECT ON bemi.changes, bemi.worker_state, bemi.tracking_rules TO bemi_reader;
+GRANT SELECT ON bemi.changes, bemi.worker_state, bemi.streams, bemi.tracking_rules TO bemi_reader;
 
 CREATE ROLE app LOGIN PASSWORD '{password}';
 GRANT SELECT, INSERT, UPDATE, DELETE ON items, secrets TO app;

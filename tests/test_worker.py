@@ -247,9 +247,12 @@ async def test_transactions_already_stored_are_skipped_when_resent(database: str
         conn.execute("SELECT pg_copy_logical_replication_slot('bemi', 'bemi_again')")
     await drain(database)
     with psycopg.connect(database, autocommit=True) as conn:
+        # The copy is told it has stored what the original stored, as if it were the same stream resending.
         conn.execute(
-            "INSERT INTO bemi.worker_state (slot_name, last_commit_lsn)"
-            " SELECT 'bemi_again', last_commit_lsn FROM bemi.worker_state WHERE slot_name = 'bemi'"
+            "WITH copied AS (INSERT INTO bemi.streams (system_identifier, database, slot_name)"
+            " SELECT system_identifier, database, 'bemi_again' FROM bemi.streams WHERE slot_name = 'bemi' RETURNING id)"
+            " INSERT INTO bemi.worker_state (stream, last_commit_lsn) SELECT copied.id, last_commit_lsn"
+            " FROM copied, bemi.worker_state"
         )
     run_sql(database, "INSERT INTO items VALUES (3, 'c', 0)")
     await drain(database, slot="bemi_again")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -122,3 +123,26 @@ async def test_until_caught_up_gives_up_after_its_retry_window() -> None:
     with pytest.raises(SourceNotReadyError, match=r"gave up after .* s of retries without progress"):
         await worker.run(until_caught_up=True, give_up_after=1.0)
     assert worker.stats.reconnects >= 1
+
+
+def test_a_role_without_replication_stops_the_worker_at_once(database: str) -> None:
+    """A role without the REPLICATION attribute, on a source whose slot already exists (made by the migration),
+    cannot start a WAL sender however often it retries: the worker exits 1 at once with one line naming the
+    attribute, instead of retrying forever."""
+    prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"])
+    role = f"no_replication_{database.rsplit('_', 1)[-1]}"
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.execute(f"CREATE ROLE {role} LOGIN NOREPLICATION")
+        conn.execute(f"GRANT SELECT ON items TO {role}")
+    source = urlsplit(database)._replace(netloc=f"{role}@{urlsplit(database).netloc.rsplit('@', 1)[-1]}").geturl()
+    try:
+        result = CliRunner().invoke(app, ["worker", "--source", source, "--destination", database])
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+    assert result.exit_code == 1, result.output
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "REPLICATION attribute" in result.stderr
+    assert "retrying" not in result.stderr

@@ -1,6 +1,7 @@
 """`bemi.changes`: find and count stored changes by table, row, operation, context, row values and time.
 
-Results come in commit order, `(commit_lsn, ordinal)`, newest first unless `order="asc"`. Pages are keyset pages:
+Results come in commit order, `(commit_lsn, ordinal)` (then the stream, when several sources share a
+destination), newest first unless `order="asc"`. Pages are keyset pages:
 the cursor names the last change returned, so changes stored while a client pages through never cause duplicates or
 skips (the worker stores commits in commit order, so new changes sort after every existing one).
 """
@@ -51,7 +52,8 @@ class ChangesAPI:
         `operation` is one operation or several. `context`, `before` and `after` match by containment:
         `context={"user_id": 42}` finds changes whose context holds that pair. `since` is inclusive and `until`
         exclusive (aware datetimes). `transaction_id` is the source transaction's id. `trace_id` finds the changes
-        written in one trace (the context key tracing adds): 32 hex digits or OpenTelemetry's int. Pass the
+        written in one trace (the context key tracing adds): 32 hex digits or OpenTelemetry's int. `database` is the
+        source database's name, `stream` one source stream's id (`Bemi.streams()`): default, every source. Pass the
         returned page's `next_cursor` as `cursor` with the same filters to get the next page.
         """
         if order not in ("asc", "desc"):
@@ -66,8 +68,8 @@ class ChangesAPI:
                 raise QueryError(f"this cursor pages in {position.order!r} order, but order={order!r} was given")
             comparison = ">" if order == "asc" else "<"
             where.add(
-                f"(commit_lsn, ordinal) {comparison} ({where.param(position.commit_lsn)}::bigint, "
-                f"{where.param(position.ordinal)}::integer)"
+                f"(commit_lsn, ordinal, stream) {comparison} ({where.param(position.commit_lsn)}::bigint, "
+                f"{where.param(position.ordinal)}::integer, {where.param(position.stream)}::integer)"
             )
         found = await self._store.select(where, order=order, limit=limit + 1)
         changes = found[:limit]
@@ -76,7 +78,7 @@ class ChangesAPI:
         next_cursor = None
         if len(found) > limit:
             last = changes[-1]
-            next_cursor = encode_cursor(Cursor(last.commit_lsn, last.ordinal, order))
+            next_cursor = encode_cursor(Cursor(last.commit_lsn, last.ordinal, order, last.stream))
         return ChangePage(changes, next_cursor)
 
     async def count(self, **filters: Unpack[FilterArgs]) -> int:

@@ -6,7 +6,9 @@
     row = await bemi.as_of("items", 7, at=datetime(2025, 1, 1, tzinfo=UTC))
 
 Row helpers take `table` as "name" or "schema.name" (schema `public` by default, or `schema=`), and the row's
-primary key: an int or str for a single-column key, a tuple in key column order for a composite one.
+primary key: an int or str for a single-column key, a tuple in key column order for a composite one. When several
+source databases feed one history and two of them have a table of that name, give `database=` too: a row is named
+by its database, table and key.
 
 Note: only rows with stored changes are known. A row that has not changed since tracking began has no history, so
 `as_of` returns None for it and `table_as_of` does not yield it. A primary-key UPDATE is stored under the new key.
@@ -25,10 +27,10 @@ import asyncpg
 from .._exceptions import QueryError
 from .changes import ChangesAPI
 from .filters import ChangeFilter, FilterArgs, PrimaryKey, encode_primary_key, parse_at, read_lsn, split_table
-from .models import Change
+from .models import Change, Stream
 from .replay import blame_columns, row_states
 from .revert import RevertPlan, apply_plan, plan_revert, revert_selection
-from .store import CHANGES_SQL, WORKER_STATE_SQL, ChangeStore, at_condition
+from .store import CHANGES_SQL, STREAMS_SQL, WORKER_STATE_SQL, ChangeStore, at_condition, history_grants
 from .wait import wait_for_lsn
 
 __all__ = ["Bemi"]
@@ -67,6 +69,16 @@ class Bemi:
     ) -> None:
         await self.close()
 
+    async def streams(self) -> list[Stream]:
+        """The source streams the history holds changes of (`Change.stream` names one), in the order they were first
+        seen: with several sources or shards, pass `stream=` or `database=` to `find` and the row helpers."""
+        pool = await self.pool()
+        with history_grants():
+            records = await pool.fetch(
+                f"SELECT id, system_identifier, database, slot_name FROM {STREAMS_SQL} ORDER BY id"
+            )
+        return [Stream.model_validate(dict(record)) for record in records]
+
     # Row history and time travel.
 
     async def history(
@@ -76,12 +88,13 @@ class Bemi:
         *,
         schema: str | None = None,
         context: Mapping[str, Any] | None = None,
+        database: str | None = None,
     ) -> list[Change]:
         """The row's changes in commit order, with the TRUNCATEs that ended its existence (those matching
-        `context`, when given)."""
+        `context`, when given). `database` names the source database, when several hold a table of that name."""
         schema_name, table_name = split_table(table, schema)
         changes = await self.store.row_changes(
-            schema_name, table_name, encode_primary_key(primary_key), context=context
+            schema_name, table_name, encode_primary_key(primary_key), context=context, database=database
         )
         if not changes:
             await self.store.require_known_table(schema_name, table_name)
@@ -95,6 +108,7 @@ class Bemi:
         *,
         schema: str | None = None,
         context: Mapping[str, Any] | None = None,
+        database: str | None = None,
     ) -> dict[str, Any] | None:
         """The row as it was at `at`: an aware datetime (changes committed at or before it) or an LSN (changes
         whose commit LSN is at or below it). None when the row did not exist then: not yet created, deleted, or
@@ -102,7 +116,9 @@ class Bemi:
         schema_name, table_name = split_table(table, schema)
         point = parse_at(at, datetime.now(UTC))
         key = encode_primary_key(primary_key)
-        changes = await self.store.row_changes(schema_name, table_name, key, at=point, context=context, limit=1)
+        changes = await self.store.row_changes(
+            schema_name, table_name, key, at=point, context=context, database=database, limit=1
+        )
         if not changes:
             await self.store.require_known_table(schema_name, table_name)
             return None
@@ -110,7 +126,13 @@ class Bemi:
         return state
 
     async def table_as_of(
-        self, table: str, at: datetime | int | str, *, schema: str | None = None, batch_size: int = 1000
+        self,
+        table: str,
+        at: datetime | int | str,
+        *,
+        schema: str | None = None,
+        batch_size: int = 1000,
+        database: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield every row of the table as it was at `at` (see `as_of`), in primary key text order.
 
@@ -119,7 +141,7 @@ class Bemi:
         schema_name, table_name = split_table(table, schema)
         point = parse_at(at, datetime.now(UTC))
         await self.store.require_known_table(schema_name, table_name)
-        where = ChangeFilter(FilterArgs(table=table_name, schema=schema_name)).where()
+        where = ChangeFilter(FilterArgs(table=table_name, schema=schema_name, database=database)).where()
         where.add(at_condition(point, where))
         pool = await self.pool()
         async with pool.acquire() as conn:
@@ -154,12 +176,14 @@ class Bemi:
         *,
         schema: str | None = None,
         at: datetime | int | str | None = None,
+        database: str | None = None,
     ) -> dict[str, Change]:
         """For each column of the row (now, or at `at`), the change that last set its value: its context says
         who and where. {} when the row does not exist (then or now)."""
         schema_name, table_name = split_table(table, schema)
         point = None if at is None else parse_at(at, datetime.now(UTC))
-        changes = await self.store.row_changes(schema_name, table_name, encode_primary_key(primary_key), at=point)
+        key = encode_primary_key(primary_key)
+        changes = await self.store.row_changes(schema_name, table_name, key, at=point, database=database)
         if not changes:
             await self.store.require_known_table(schema_name, table_name)
         return blame_columns(changes)
@@ -217,7 +241,10 @@ class Bemi:
             await bemi.wait_for(lsn)  # now history() includes the update
 
         Get `lsn` with `current_lsn(conn)` on the connection that wrote, after its COMMIT. Raises TimeoutError after
-        `timeout` seconds. `slot_name` picks one worker (default: any). The rule: `bemi_asgi.history.wait`.
+        `timeout` seconds. `slot_name` picks one worker (default: any of this database's). The rule:
+        `bemi_asgi.history.wait`.
         """
         position = read_lsn(lsn) if isinstance(lsn, str) else lsn
-        return await wait_for_lsn(await self.pool(), WORKER_STATE_SQL, position, timeout=timeout, slot_name=slot_name)
+        return await wait_for_lsn(
+            await self.pool(), WORKER_STATE_SQL, STREAMS_SQL, position, timeout=timeout, slot_name=slot_name
+        )

@@ -150,29 +150,33 @@ def parse_at(at: datetime | int | str, now: datetime) -> At:
 
 @dataclass(frozen=True, slots=True)
 class Cursor:
-    """Where a page ended: the last change's commit order key, and the order the pages go in."""
+    """Where a page ended: the last change's order key `(commit_lsn, ordinal, stream)`, and the order the pages go
+    in. The stream breaks ties between streams (two shards of one database store the same commit LSN and
+    ordinals); a cursor written before streams existed reads as stream 0, before every stream."""
 
     commit_lsn: int
     ordinal: int
     order: Literal["asc", "desc"]
+    stream: int = 0
 
 
 def encode_cursor(cursor: Cursor) -> str:
-    raw = json.dumps([1, cursor.commit_lsn, cursor.ordinal, cursor.order], separators=(",", ":"))
+    raw = json.dumps([2, cursor.commit_lsn, cursor.ordinal, cursor.order, cursor.stream], separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 def decode_cursor(text: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        version, lsn, ordinal, order = json.loads(raw)
-        if version != 1 or order not in ("asc", "desc") or type(lsn) is not int or type(ordinal) is not int:
+        version, lsn, ordinal, order, *rest = json.loads(raw)
+        stream = rest[0] if version == 2 and len(rest) == 1 else 0 if version == 1 and not rest else None
+        if order not in ("asc", "desc") or type(lsn) is not int or type(ordinal) is not int or type(stream) is not int:
             raise ValueError
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise QueryError(
             f"cursor {text[:40]!r} is not a cursor returned by find(): pass `page.next_cursor` unchanged"
         ) from None
-    return Cursor(lsn, ordinal, order)
+    return Cursor(lsn, ordinal, order, stream)
 
 
 def json_param(value: Mapping[str, Any], name: str) -> str:
@@ -217,6 +221,8 @@ class FilterArgs(TypedDict, total=False):
     until: datetime | None
     transaction_id: int | None
     trace_id: str | int | None
+    database: str | None
+    stream: int | None
 
 
 def _operations(operation: Operation | str | Sequence[Operation | str]) -> list[str]:
@@ -285,11 +291,17 @@ class ChangeFilter:
             where.add(f"committed_at >= {where.param(require_aware(since, 'since'))}")
         if until is not None:
             where.add(f"committed_at < {where.param(require_aware(until, 'until'))}")
-        transaction_id = args.get("transaction_id")
-        if transaction_id is not None:
-            if isinstance(transaction_id, bool) or not isinstance(transaction_id, int):
-                raise QueryError(f"transaction_id must be an int, got {transaction_id!r}")
-            where.add(f"transaction_id = {where.param(transaction_id)}::bigint")
+        for name, kind, what in (
+            ("transaction_id", "bigint", "an int"),
+            ("database", "text", "a database name (str)"),
+            ("stream", "integer", "a stream id (int, see bemi.streams())"),
+        ):
+            value = args.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, str if kind == "text" else int):
+                raise QueryError(f"{name} must be {what}, got {value!r}")
+            where.add(f"{name} = {where.param(value)}::{kind}")
         trace_id = args.get("trace_id")
         if trace_id is not None:  # the context key tracing writes, found through the context's GIN index
             where.add(f"context @> {where.param(json.dumps({TRACE_ID_KEY: read_trace_id(trace_id)}))}::jsonb")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from .._changes_table import COLUMNS
 
-__all__ = ["Change", "FieldChange", "Operation", "change_from_record"]
+__all__ = ["Change", "FieldChange", "Operation", "Stream", "change_from_record"]
 
 
 class Operation(enum.StrEnum):
@@ -42,8 +42,8 @@ class Change(BaseModel):
     Its fields are the table's columns (`bemi_asgi._changes_table`), checked by `tests/test_changes_table.py`.
 
     `before` and `after` are the row's columns as JSON values (`{}` for the side where the row does not exist);
-    `context` is what the application set (user, endpoint, request id, ...). Changes are ordered by
-    `(commit_lsn, ordinal)`: the order in which they were committed.
+    `context` is what the application set (user, endpoint, request id, ...). The changes of one source stream are
+    ordered by `(commit_lsn, ordinal)`: the order in which they were committed.
     """
 
     model_config = ConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
@@ -65,6 +65,9 @@ class Change(BaseModel):
     position: int
     commit_lsn: int
     ordinal: int
+    #: The source stream it came from (`bemi.streams`: the source cluster, its database and the slot); commit LSNs
+    #: and ordinals order changes within one stream.
+    stream: int
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -77,6 +80,20 @@ class Change(BaseModel):
     def diff(self) -> dict[str, FieldChange]:
         """For each changed column, its value before and after (every column for CREATE and DELETE)."""
         return diff_rows(self.before, self.after)
+
+
+class Stream(BaseModel):
+    """A source stream whose changes the destination holds (`bemi.streams`): one replication slot of one database
+    of one PostgreSQL cluster. `Change.stream` is its `id`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    #: The source cluster's `pg_control_system().system_identifier`; None for a stream carried over from a
+    #: destination written before streams were recorded, until its worker runs again.
+    system_identifier: int | None
+    database: str | None
+    slot_name: str
 
 
 def diff_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, FieldChange]:

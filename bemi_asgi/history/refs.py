@@ -42,7 +42,7 @@ _TAG_BYTES = 16
 _CHANGE, _TRANSACTION, _POSITION = b"C", b"T", b"P"
 _NUMBER = struct.Struct(">q")
 # A cursor: commit LSN, ordinal, order (0 ascending, 1 descending).
-_CURSOR = struct.Struct(">qqB")
+_CURSOR = struct.Struct(">qqBi")
 _ORDERS: tuple[Literal["asc", "desc"], ...] = ("asc", "desc")
 
 
@@ -105,7 +105,8 @@ class SealedRefs(Refs):
 
     def cursor(self, cursor: str) -> str:
         position = decode_cursor(cursor)
-        return self._seal(_POSITION, _CURSOR.pack(position.commit_lsn, position.ordinal, _ORDERS.index(position.order)))
+        order = _ORDERS.index(position.order)
+        return self._seal(_POSITION, _CURSOR.pack(position.commit_lsn, position.ordinal, order, position.stream))
 
     def change_id(self, ref: str) -> int | None:
         payload = self._open(_CHANGE, ref, _NUMBER.size)
@@ -118,9 +119,9 @@ class SealedRefs(Refs):
     def find_cursor(self, ref: str) -> str:
         payload = self._open(_POSITION, ref, _CURSOR.size)
         if payload is not None:
-            lsn, ordinal, order = _CURSOR.unpack(payload)
+            lsn, ordinal, order, stream = _CURSOR.unpack(payload)
             if order < len(_ORDERS):
-                return encode_cursor(Cursor(lsn, ordinal, _ORDERS[order]))
+                return encode_cursor(Cursor(lsn, ordinal, _ORDERS[order], stream))
         raise QueryError(
             "cursor= is not a position this change browser gave: follow its links unchanged (a link made by another "
             "process, or before a restart, needs the same secret= there)"

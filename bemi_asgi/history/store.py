@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from .._changes_table import CHANGES, COLUMNS, SCHEMA, WORKER_STATE
+from .._changes_table import CHANGES, COLUMNS, SCHEMA, STREAMS, WORKER_STATE
 from .._exceptions import QueryError, UnknownTableError
 from .._pgtext import quote_ident, quote_qualified
 from .catalog import fetch_table_info
@@ -24,10 +24,11 @@ from .filters import At, ChangeFilter, FilterArgs, Where
 from .models import Change, change_from_record
 from .replay import without_idle_truncates
 
-__all__ = ["CHANGES_SQL", "SELECT_COLUMNS", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
+__all__ = ["CHANGES_SQL", "SELECT_COLUMNS", "STREAMS_SQL", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
 
 CHANGES_SQL = quote_qualified(SCHEMA, CHANGES)
 WORKER_STATE_SQL = quote_qualified(SCHEMA, WORKER_STATE)
+STREAMS_SQL = quote_qualified(SCHEMA, STREAMS)
 
 #: Every column of `bemi.changes`, jsonb as text (asyncpg would decode it twice otherwise): what `change_from_record`
 #: reads.
@@ -39,7 +40,8 @@ SELECT_COLUMNS = ", ".join(
 #: What a role needs to read the history (the README's `bemi_reader`; an app reading through its own pool gets them by
 #: `GRANT bemi_reader TO app`).
 READ_GRANTS = (
-    f"GRANT USAGE ON SCHEMA {SCHEMA}; GRANT SELECT ON {CHANGES_SQL}, {WORKER_STATE_SQL}, {SCHEMA}.tracking_rules"
+    f"GRANT USAGE ON SCHEMA {SCHEMA}; GRANT SELECT ON {CHANGES_SQL}, {WORKER_STATE_SQL}, {STREAMS_SQL}, "
+    f"{SCHEMA}.tracking_rules"
 )
 
 
@@ -112,7 +114,7 @@ class ChangeStore:
         direction = "ASC" if order == "asc" else "DESC"
         sql = (
             f"SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {where.sql()} "
-            f"ORDER BY commit_lsn {direction}, ordinal {direction}"
+            f"ORDER BY commit_lsn {direction}, ordinal {direction}, stream {direction}"
         )
         if limit is not None:
             sql += f" LIMIT {where.param(limit)}"
@@ -135,6 +137,7 @@ class ChangeStore:
         *,
         at: At | None = None,
         context: Mapping[str, Any] | None = None,
+        database: str | None = None,
         limit: int | None = None,
     ) -> list[Change]:
         """The row's changes and the TRUNCATEs that ended it, in commit order.
@@ -142,7 +145,7 @@ class ChangeStore:
         `at` keeps what was committed by then, `context` what matches that context filter (the TRUNCATEs too), and
         `limit` the row's latest changes, with the TRUNCATEs after the oldest of them.
         """
-        where = ChangeFilter(FilterArgs(table=table, schema=schema, context=context)).where()
+        where = ChangeFilter(FilterArgs(table=table, schema=schema, context=context, database=database)).where()
         if at is not None:
             where.add(at_condition(at, where))
         scope = where.sql()

@@ -7,9 +7,10 @@ wrote WAL meanwhile). Every transaction that committed before it, the write incl
 The rule: the write is stored once the worker has stored every transaction that committed below that position.
 `wait_for` knows this from either of two facts, whichever comes first:
 
-1. `bemi.worker_state.last_commit_lsn >= position`. The worker stores transactions in commit order and records the
-   commit LSN of the last one it stored in the same destination transaction, so a stored commit at or past the
-   position means every earlier commit is stored too.
+1. `bemi.worker_state.last_commit_lsn >= position`, for a stream of this database (`bemi.streams`; every stream
+   when the history is stored on another server, where none is). The worker stores transactions in commit order
+   and records the commit LSN of the last one it stored in the same destination transaction, so a stored commit
+   at or past the position means every earlier commit is stored too.
 2. The worker's replication slot has `confirmed_flush_lsn >= position`. The worker confirms a position to the
    source only once everything below it is stored (or was read and had nothing to store). Right after storing a
    transaction it confirms that transaction's end, which is exactly the position `current_lsn` returned when no
@@ -44,26 +45,39 @@ async def current_lsn(conn: asyncpg.Connection | asyncpg.Pool) -> int:
     return int(lsn)
 
 
-def _progress_sql(state_table_sql: str) -> str:
+def _progress_sql(state_table_sql: str, streams_table_sql: str) -> str:
+    # The streams of this cluster and database (a carried-over stream without identity counts as one), or every
+    # stream when none is (the history is stored on another server): a commit LSN of another source says nothing
+    # about this one's.
     return f"""
-        WITH state AS (SELECT slot_name, last_commit_lsn FROM {state_table_sql}
-                        WHERE $1::text IS NULL OR slot_name = $1)
+        WITH candidates AS (
+            SELECT id, slot_name,
+                   coalesce(system_identifier = (SELECT system_identifier FROM pg_control_system()), true)
+                   AND coalesce(database = current_database(), true) AS here
+              FROM {streams_table_sql} WHERE $1::text IS NULL OR slot_name = $1
+        ), state AS (
+            SELECT c.slot_name, c.here, w.last_commit_lsn
+              FROM candidates c JOIN {state_table_sql} w ON w.stream = c.id
+             WHERE c.here OR NOT EXISTS (SELECT FROM candidates WHERE here)
+        )
         SELECT (SELECT max(last_commit_lsn) FROM state) AS stored,
                (SELECT max(confirmed_flush_lsn - '0/0'::pg_lsn) FROM pg_replication_slots
-                 WHERE slot_name IN (SELECT slot_name FROM state)) AS confirmed
+                 WHERE database = current_database() AND slot_name IN (SELECT slot_name FROM state WHERE here))
+                   AS confirmed
     """
 
 
 async def wait_for_lsn(
     pool: asyncpg.Pool,
     state_table_sql: str,
+    streams_table_sql: str,
     lsn: int,
     *,
     timeout: float,  # noqa: ASYNC109 (the error message reports it)
     slot_name: str | None,
 ) -> int:
     """Poll the worker's progress until it covers `lsn` (see the module docstring); return the position reached."""
-    sql = _progress_sql(state_table_sql)
+    sql = _progress_sql(state_table_sql, streams_table_sql)
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:

@@ -389,10 +389,13 @@ def _slot_findings(facts: SourceFacts, max_lag_bytes: int) -> list[Finding]:
             findings.append(Finding("warning", f"slot {slot.name!r} ({state}) is {lag} behind, and the server keeps "
                                     "that WAL on disk until it is read: start (or speed up) its worker, or drop an "
                                     f"abandoned slot with SELECT pg_drop_replication_slot('{slot.name}')"))  # fmt: skip
-        elif slot.name == facts.slot and not slot.active:
+        elif not slot.active:
+            # Made by `sql-migration --create-slot`, left by a stopped worker, or abandoned: either way it holds WAL.
+            worker = "the worker" if slot.name == facts.slot else f"its worker (--slot {slot.name})"
             findings.append(Finding("warning", f"slot {slot.name!r} is inactive: no worker streams it, so nothing "
-                                    f"is captured and the server keeps the WAL since ({lag} behind): start the "
-                                    "worker"))  # fmt: skip
+                                    f"is captured and the server keeps the WAL since ({lag} behind): start "
+                                    f"{worker}, or drop an abandoned slot with SELECT "
+                                    f"pg_drop_replication_slot('{slot.name}')"))  # fmt: skip
         else:
             findings.append(Finding("ok", f"slot {slot.name!r} ({slot.plugin}, {state}) is {lag} behind"))
     return findings

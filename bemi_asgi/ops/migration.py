@@ -34,6 +34,7 @@ __all__ = [
     "migration_transaction",
     "parse_identifiers",
     "parse_tables",
+    "slot_sql",
     "split_statements",
     "write_alembic_revision",
 ]
@@ -45,6 +46,9 @@ BEMI_SCHEMA = "bemi"
 MAX_IDENTIFIER_BYTES = 63
 #: Schemas of PostgreSQL itself: never tracked.
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema", "pg_toast"})
+
+#: The destination's upgrade steps, in the order they run (each idempotent, a no-op on a destination that has it).
+DESTINATION_UPGRADES = ("destination_upgrade_1_streams.sql",)
 
 Part = Literal["source", "destination"]
 PARTS: tuple[Part, ...] = ("source", "destination")
@@ -299,6 +303,8 @@ def migration_sql(
             if part == "destination" and not down:
                 # Baselines (operation SNAPSHOT) and the progress of `bemi-asgi backfill`.
                 scripts.append(load_sql("destination_backfill_up.sql"))
+                # What brings a destination made by an earlier version up to the tables above, keeping its rows.
+                scripts.extend(load_sql(name) for name in DESTINATION_UPGRADES)
     return "\n".join(script.rstrip("\n") + "\n" for script in scripts)
 
 
@@ -313,6 +319,41 @@ def migration_transaction(script: str) -> str:
         f"{script.rstrip()}\n"
         "COMMIT;\n"
     )
+
+
+def slot_sql(slot: str) -> str:
+    """The statement creating the worker's replication slot (pgoutput) unless it exists: capture starts there, so
+    changes made before the worker first runs are kept. It must run after the migration's transaction commits:
+    PostgreSQL refuses to create a logical slot in a transaction that has written anything."""
+    name = quote_literal(check_slot(slot))
+    # Slot names are the cluster's: one of this name in another database (or of another plugin) is refused, as the
+    # worker would refuse it, rather than taken for this database's.
+    return f"""-- The worker's replication slot: changes from here on are kept until a worker streams them
+-- (a slot nobody streams keeps the server's WAL: start the worker, or drop the slot).
+DO $$
+DECLARE
+    existing record;
+BEGIN
+    SELECT database, plugin INTO existing FROM pg_catalog.pg_replication_slots WHERE slot_name = {name};
+    IF NOT FOUND THEN
+        PERFORM pg_catalog.pg_create_logical_replication_slot({name}, 'pgoutput');
+    ELSIF existing.database IS DISTINCT FROM pg_catalog.current_database()
+          OR existing.plugin IS DISTINCT FROM 'pgoutput' THEN
+        RAISE EXCEPTION 'replication slot % exists but is not a pgoutput slot of this database (database %, plugin %)',
+            {name}, existing.database, existing.plugin
+            USING HINT = 'Slot names are shared by every database of the server: choose another with --slot.';
+    END IF;
+END $$;
+"""
+
+
+def check_slot(name: str) -> str:
+    """Validate a replication slot name as PostgreSQL does: lower-case letters, digits and underscores."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", name):
+        raise MigrationError(
+            f"{name!r} is not a replication slot name: use lower-case letters, digits and underscores (at most 63)"
+        )
+    return name
 
 
 def split_statements(script: str) -> list[str]:
@@ -440,15 +481,26 @@ def alembic_revision(
     tables: Sequence[str] | None = None,
     parts: Sequence[Part] = PARTS,
     options_text: str = "",
+    upgrade_only: bool = False,
     **options: Any,
 ) -> str:
     """The text of an Alembic revision file whose upgrade runs the migration and whose downgrade rolls it back.
 
+    With `upgrade_only`, a revision for a database an earlier revision already migrated: its upgrade runs the
+    migration again (which adds what this version has new, `DESTINATION_UPGRADES` among it, and keeps every stored
+    row) and its downgrade changes nothing, so stepping back never drops the history the earlier revision keeps.
     `options`: the other keyword arguments of `migration_sql` (exclusions, partitioning).
     """
     revision = revision or uuid4().hex[:12]
+    downgrade = (
+        "[]"
+        if upgrade_only
+        else _statement_list(
+            migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, down=True, **options)
+        )
+    )
     return _ALEMBIC_TEMPLATE.format(
-        message="bemi-asgi: prepare change capture",
+        message="bemi-asgi: upgrade change capture" if upgrade_only else "bemi-asgi: prepare change capture",
         options=f" ({_docstring_safe(options_text)})" if options_text else "",
         revision=revision,
         down_revision=down_revision,
@@ -457,9 +509,7 @@ def alembic_revision(
         upgrade=_statement_list(
             migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, **options)
         ),
-        downgrade=_statement_list(
-            migration_sql(publication=publication, schemas=schemas, tables=tables, parts=parts, down=True, **options)
-        ),
+        downgrade=downgrade,
     )
 
 
@@ -517,6 +567,7 @@ def write_alembic_revision(
     tables: Sequence[str] | None = None,
     parts: Sequence[Part] = PARTS,
     options_text: str = "",
+    upgrade_only: bool = False,
     **options: Any,
 ) -> Path:
     """Write an Alembic revision file into `directory` (the `versions/` folder) and return its path.
@@ -538,8 +589,9 @@ def write_alembic_revision(
         tables=tables,
         parts=parts,
         options_text=options_text,
+        upgrade_only=upgrade_only,
         **options,
     )
-    path = folder / f"{revision}_bemi_asgi_change_capture.py"
+    path = folder / f"{revision}_bemi_asgi_{'upgrade' if upgrade_only else 'change_capture'}.py"
     path.write_text(text, encoding="utf-8")
     return path

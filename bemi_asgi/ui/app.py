@@ -343,7 +343,9 @@ class BemiUI:
         shown_keys = list(dict.fromkeys([*(k for k in filters.context if k not in scope), *keys[:SUGGESTED_KEYS]]))
         stream_after = None
         if page:
-            stream_after = self.refs.cursor(encode_cursor(Cursor(page[0].commit_lsn, page[0].ordinal, "asc")))
+            stream_after = self.refs.cursor(
+                encode_cursor(Cursor(page[0].commit_lsn, page[0].ordinal, "asc", page[0].stream))
+            )
         return self._render(
             request,
             "timeline.html",
@@ -386,7 +388,7 @@ class BemiUI:
             )
             row = getattr(macros, "timeline_row")  # noqa: B009 (a template macro, unknown to the type checker)
             html = "".join(str(row(change, filters, True)) for change in reversed(page))
-            return html, self.refs.cursor(encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc")))
+            return html, self.refs.cursor(encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc", last.stream)))
 
         first = await poll(start)  # here, so that input the query refuses is a 400, not a broken stream
         return StreamingResponse(

@@ -141,6 +141,8 @@ class TimelineFilters:
 
     table: str | None = None
     operations: tuple[str, ...] = ()
+    #: The source database (when several feed the history); None: every source.
+    database: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     context: Mapping[str, Any] = field(default_factory=dict)
@@ -152,6 +154,8 @@ class TimelineFilters:
         if self.table:
             result.append(("table", self.table))
         result.extend(("op", op) for op in self.operations)
+        if self.database:
+            result.append(("database", self.database))
         if self.since is not None:
             result.append(("since", moment_param(self.since)))
         if self.until is not None:
@@ -171,7 +175,7 @@ class TimelineFilters:
 
     @property
     def active(self) -> bool:
-        return bool(self.table or self.operations or self.since or self.until or self.context)
+        return bool(self.table or self.operations or self.database or self.since or self.until or self.context)
 
     def query(self, scope: Mapping[str, Any]) -> FilterArgs | None:
         """The query helpers' filters for these filters within `scope`; None when the two contradict."""
@@ -181,6 +185,7 @@ class TimelineFilters:
         return FilterArgs(
             table=self.table,
             operation=list(self.operations) or None,
+            database=self.database,
             context=context or None,
             since=self.since,
             until=self.until,
@@ -214,6 +219,7 @@ def parse_filters(params: Sequence[tuple[str, str]]) -> TimelineFilters:
     return TimelineFilters(
         table=single.get("table", "").strip() or None,
         operations=tuple(operations),
+        database=single.get("database", "").strip() or None,
         since=parse_moment(single.get("since"), "since"),
         until=parse_moment(single.get("until"), "until"),
         context=context,

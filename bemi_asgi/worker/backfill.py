@@ -10,11 +10,12 @@ How a baseline lines up with the replication stream:
   When it exists (the worker runs, or ran), a temporary slot only serves to export the snapshot: its consistent
   point L is after the worker's position (a new slot starts at the current end of the WAL), so the worker's stream
   holds every change below L and every change after it, and nothing else is needed.
-- A baseline is stored at `commit_lsn` L with a negative `ordinal` (counting up from -2^31): the worker's
-  changes have ordinals from 1, so in commit order `(commit_lsn, ordinal)` a row's history is its stream changes
-  below L, then its baseline (its state at L), then the stream's changes from L on, whatever order they are
-  written in. `(commit_lsn, ordinal)` never collides with a stored change, and the worker's progress
-  (`bemi.worker_state`) is not touched: the worker neither skips nor repeats anything because of a backfill.
+- A baseline is stored in the stream of that slot (`bemi.streams`), at `commit_lsn` L with a negative `ordinal`
+  (counting up from -2^31): the worker's changes have ordinals from 1, so in commit order `(commit_lsn, ordinal)`
+  a row's history is its stream changes below L, then its baseline (its state at L), then the stream's changes
+  from L on, whatever order they are written in. `(stream, commit_lsn, ordinal)` never collides with a stored
+  change, and the worker's progress (`bemi.worker_state`) is not touched: the worker neither skips nor repeats
+  anything because of a backfill.
 - `committed_at` is the source's clock read right after the slot became consistent: every transaction in the
   snapshot committed before it. `transaction_id` is 0 (no transaction), `position` is L, and `context` is
   `{"bemi_backfill": {"snapshot_lsn": "<L>"}}`.
@@ -56,7 +57,16 @@ from psycopg.adapt import Loader
 from .._exceptions import ConfigError, DestinationNotReadyError, SourceNotReadyError
 from .._pgtext import format_lsn, parse_lsn
 from .config import TrackingConfig
-from .destination import BINARY_COLUMNS, COLUMNS, BinaryCopy, ChangeRecord, missing_tables, takes_binary_copy
+from .destination import (
+    BINARY_COLUMNS,
+    COLUMNS,
+    BinaryCopy,
+    ChangeRecord,
+    SourceStream,
+    missing_tables,
+    stream_id,
+    takes_binary_copy,
+)
 from .pgoutput import INSERT, NEW_TUPLE, NULL_VALUE, TEXT_VALUE, Column, Relation
 from .relations import RelationInfo, Relations
 from .rules import Filters
@@ -194,8 +204,10 @@ class Backfill:
         # The worker's own readiness check (wal_level, the publication, a slot of that name owned elsewhere).
         info, slot = await SourceCatalog(catalog).check(slot=self.slot, publication=self.publication)
         database, version, slot_exists = info.database, info.server_version, slot is not None
+        # The baselines belong to the stream of the slot they line up with, as its worker's changes do.
+        stream = await stream_id(dest, SourceStream(info.system_identifier, database, self.slot))
         tables = await self._tables(catalog, version)
-        states = await _states(dest)
+        states = await _states(dest, stream)
         todo = []
         for table in tables:
             state = states.get((table.schema, table.table))
@@ -225,11 +237,12 @@ class Backfill:
             self.stats.snapshot_lsn = lsn
             ordinal = await dest.fetchval(
                 "SELECT coalesce(max(ordinal) + 1, $2::integer) FROM bemi.changes"
-                " WHERE commit_lsn = $1 AND ordinal < 0",
+                " WHERE stream = $3 AND commit_lsn = $1 AND ordinal < 0",
                 lsn,
                 FIRST_ORDINAL,
+                stream,
             )
-            writer = _Writer(dest, binary, database, lsn, committed_at, int(ordinal))
+            writer = _Writer(dest, binary, database, stream, lsn, committed_at, int(ordinal))
             stored = sum(
                 state.rows_stored for key, state in states.items() if key in {(t.schema, t.table) for t in todo}
             )
@@ -454,7 +467,7 @@ def _baselines(table: _Table, rows: Iterable[tuple[bytes | None, ...]]) -> Itera
 
 async def _check_destination(dest: asyncpg.Connection) -> bool:
     """Raise DestinationNotReadyError unless the destination takes baselines; whether the binary COPY fits."""
-    missing = await missing_tables(dest, ["bemi.changes", "bemi.backfill_state"])
+    missing = await missing_tables(dest, ["bemi.changes", "bemi.backfill_state", "bemi.streams"])
     accepts = await dest.fetchval(
         "SELECT NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass('bemi.changes')"
         " AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%''TRUNCATE''%'"
@@ -469,9 +482,11 @@ async def _check_destination(dest: asyncpg.Connection) -> bool:
     return await takes_binary_copy(dest)
 
 
-async def _states(dest: asyncpg.Connection) -> dict[tuple[str, str], _State]:
+async def _states(dest: asyncpg.Connection, stream: int) -> dict[tuple[str, str], _State]:
     records = await dest.fetch(
         'SELECT "schema", "table", snapshot_lsn, last_key::text AS last_key, rows_stored, done FROM bemi.backfill_state'
+        " WHERE stream = $1",
+        stream,
     )
     return {
         (r["schema"], r["table"]): _State(
@@ -485,11 +500,13 @@ class _Writer:
     """Writes pages of baselines with their progress, one destination transaction each."""
 
     def __init__(
-        self, conn: asyncpg.Connection, binary: bool, database: str, lsn: int, committed_at: datetime, ordinal: int
-    ) -> None:
+        self, conn: asyncpg.Connection, binary: bool, database: str, stream: int, lsn: int, committed_at: datetime,
+        ordinal: int,
+    ) -> None:  # fmt: skip
         self.conn = conn
         self.binary = binary
         self.database = database
+        self.stream = stream
         self.lsn = lsn
         self.committed_at = committed_at
         self.ordinal = ordinal
@@ -518,18 +535,19 @@ class _Writer:
             if replace is not None:
                 await conn.execute(
                     'DELETE FROM bemi.changes WHERE "schema" = $1 AND "table" = $2 AND operation = $3'
-                    " AND commit_lsn = $4",
+                    " AND commit_lsn = $4 AND stream = $5",
                     table.schema,
                     table.table,
                     SNAPSHOT,
                     replace,
+                    self.stream,
                 )
             if numbered:
                 await self._copy(numbered)
             await conn.execute(
-                'INSERT INTO bemi.backfill_state ("schema", "table", snapshot_lsn, last_key, rows_stored, done)'
-                " VALUES ($1, $2, $3, $4::text::jsonb, $5, $6)"
-                ' ON CONFLICT ("schema", "table") DO UPDATE SET snapshot_lsn = excluded.snapshot_lsn,'
+                'INSERT INTO bemi.backfill_state (stream, "schema", "table", snapshot_lsn, last_key, rows_stored, done)'
+                " VALUES ($7, $1, $2, $3, $4::text::jsonb, $5, $6)"
+                ' ON CONFLICT (stream, "schema", "table") DO UPDATE SET snapshot_lsn = excluded.snapshot_lsn,'
                 " last_key = excluded.last_key, rows_stored = excluded.rows_stored, done = excluded.done,"
                 " updated_at = now()",
                 table.schema,
@@ -538,6 +556,7 @@ class _Writer:
                 None if last_key is None else json.dumps(last_key),
                 stored,
                 done,
+                self.stream,
             )
 
     async def _copy(self, changes: list[PendingChange]) -> None:
@@ -559,7 +578,7 @@ class _Writer:
         await self.conn.copy_records_to_table("changes", schema_name="bemi", columns=COLUMNS, records=records)
 
     def _binary(self, changes: list[PendingChange], queued_at: datetime) -> Iterator[bytes]:
-        copy = BinaryCopy(self.database)
+        copy = BinaryCopy(self.database, self.stream)
         copy.transaction(self.committed_at, queued_at, 0, self.lsn)
         copy.context(self.context)
         for start in range(0, len(changes), _COPY_PIECE_ROWS):
@@ -570,7 +589,7 @@ class _Writer:
     def _record(self, change: PendingChange, queued_at: datetime) -> ChangeRecord:
         key, before, after, schema, table, operation, position, ordinal = change
         return (key, before, clean_json(after), self.context, self.database, schema, table, operation,
-                self.committed_at, queued_at, 0, position, self.lsn, ordinal)  # fmt: skip
+                self.committed_at, queued_at, 0, position, self.lsn, ordinal, self.stream)  # fmt: skip
 
 
 async def _stream(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -30,7 +31,9 @@ __all__ = [
     "BinaryCopy",
     "ChangeRecord",
     "Destination",
+    "SourceStream",
     "missing_tables",
+    "stream_id",
     "takes_binary_copy",
 ]
 
@@ -59,6 +62,7 @@ BINARY_COLUMNS: Final = tuple(
         "queued_at",
         "transaction_id",
         "commit_lsn",
+        "stream",
     )
 )
 
@@ -72,7 +76,7 @@ _NULL_KEY: Final = _key_head(_FIELDS, -1)
 _jsonb_head: Final = struct.Struct(">ib").pack  # length, then jsonb's binary format version (1: the JSON text)
 _numbers: Final = struct.Struct(">iqii").pack  # position (int8), ordinal (int4), each after its length
 _length: Final = struct.Struct(">i").pack
-_transaction: Final = struct.Struct(">iqiqiqiq").pack
+_transaction: Final = struct.Struct(">iqiqiqiqii").pack
 
 
 def _text(value: str) -> bytes:
@@ -97,18 +101,19 @@ class BinaryCopy:
     in memory), `end()` the rest. A value that cannot be UTF-8 encoded raises UnicodeEncodeError.
     """
 
-    def __init__(self, database: str) -> None:
+    def __init__(self, database: str, stream: int) -> None:
         self._parts: list[bytes] = [_HEADER]
         #: Rows added since the last `take()`.
         self.rows = 0
         self._database = _text(database)
+        self._stream = stream
         self._transaction = b""
         self._tail = b""
         self._shared: dict[tuple[str, str, str], bytes] = {}
 
     def transaction(self, committed_at: datetime, queued_at: datetime, xid: int, commit_lsn: int) -> None:
         self._transaction = _transaction(
-            8, _microseconds(committed_at), 8, _microseconds(queued_at), 8, xid, 8, commit_lsn
+            8, _microseconds(committed_at), 8, _microseconds(queued_at), 8, xid, 8, commit_lsn, 4, self._stream
         )
 
     def context(self, context: str) -> None:
@@ -152,6 +157,46 @@ class BinaryCopy:
         return self.take()
 
 
+@dataclass(frozen=True, slots=True)
+class SourceStream:
+    """What identifies a source stream: the source cluster (`pg_control_system().system_identifier`), its
+    database and the replication slot. Two streams never share stored rows or progress."""
+
+    system_identifier: int
+    database: str
+    slot: str
+
+
+# The stream's row; else a stream carried over from a destination written before streams were recorded (no system
+# identifier, the same slot name, this database or none), which this source claims; else a new one. A concurrent
+# registration of the same stream makes the insert a no-op: the caller then finds its row.
+_STREAM_ID = """
+WITH found AS (
+    SELECT id FROM bemi.streams WHERE system_identifier = $1 AND database = $2 AND slot_name = $3
+), claimed AS (
+    UPDATE bemi.streams SET system_identifier = $1, database = $2
+     WHERE id = (SELECT id FROM bemi.streams
+                  WHERE system_identifier IS NULL AND slot_name = $3 AND (database IS NULL OR database = $2)
+                    AND NOT EXISTS (SELECT FROM found) ORDER BY id LIMIT 1)
+    RETURNING id
+), added AS (
+    INSERT INTO bemi.streams (system_identifier, database, slot_name)
+    SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT FROM found) AND NOT EXISTS (SELECT FROM claimed)
+    ON CONFLICT DO NOTHING RETURNING id
+)
+SELECT id FROM found UNION ALL SELECT id FROM claimed UNION ALL SELECT id FROM added
+"""
+
+
+async def stream_id(conn: asyncpg.Connection, source: SourceStream) -> int:
+    """The id of `source` in `bemi.streams`, registered (or claimed from a carried-over stream) when new."""
+    for _ in range(2):
+        found = await conn.fetchval(_STREAM_ID, source.system_identifier, source.database, source.slot)
+        if found is not None:
+            return int(found)
+    raise DestinationNotReadyError(f"cannot register the stream of slot {source.slot!r} in bemi.streams")
+
+
 async def missing_tables(conn: asyncpg.Connection, names: Sequence[str]) -> list[str]:
     """Which of the tables `names` (`schema.table`) the destination lacks."""
     rows = await conn.fetch("SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL", names)
@@ -183,7 +228,7 @@ class Destination:
         """Connect and check the destination tables exist (DestinationNotReadyError says how to create them)."""
         conn = await asyncpg.connect(dsn, server_settings={"application_name": "bemi-asgi worker"})
         try:
-            missing = await missing_tables(conn, ["bemi.changes", "bemi.worker_state"])
+            missing = await missing_tables(conn, ["bemi.changes", "bemi.worker_state", "bemi.streams"])
             binary = await takes_binary_copy(conn)
             encoding = python_encoding(await conn.fetchval("SELECT current_setting('server_encoding')"))
         except BaseException:
@@ -217,19 +262,23 @@ class Destination:
             json.dumps(rules),
         )
 
-    async def last_commit_lsn(self, slot: str) -> int:
-        """The commit LSN of the last source transaction stored for `slot` (0 when nothing is)."""
-        value = await self._conn.fetchval("SELECT last_commit_lsn FROM bemi.worker_state WHERE slot_name = $1", slot)
+    async def stream(self, source: SourceStream) -> int:
+        """The id of `source`'s stream in `bemi.streams`, registered when new (see `stream_id`)."""
+        return await stream_id(self._conn, source)
+
+    async def last_commit_lsn(self, stream: int) -> int:
+        """The commit LSN of the last source transaction stored for `stream` (0 when nothing is)."""
+        value = await self._conn.fetchval("SELECT last_commit_lsn FROM bemi.worker_state WHERE stream = $1", stream)
         return int(value) if value is not None else 0
 
-    async def write(self, slot: str, records: Iterable[ChangeRecord], last_commit_lsn: int) -> None:
-        """Store `records` and move the slot's progress to `last_commit_lsn`, atomically."""
+    async def write(self, stream: int, records: Iterable[ChangeRecord], last_commit_lsn: int) -> None:
+        """Store `records` and move the stream's progress to `last_commit_lsn`, atomically."""
         async with self._conn.transaction():
             await self._conn.copy_records_to_table("changes", schema_name="bemi", columns=COLUMNS, records=records)
-            await self._save_progress(slot, last_commit_lsn)
+            await self._save_progress(stream, last_commit_lsn)
 
-    async def write_binary(self, slot: str, chunks: Iterable[bytes], last_commit_lsn: int) -> None:
-        """Store the rows of a `BinaryCopy` stream (produced while it is sent) and move the slot's progress to
+    async def write_binary(self, stream: int, chunks: Iterable[bytes], last_commit_lsn: int) -> None:
+        """Store the rows of a `BinaryCopy` stream (produced while it is sent) and move the stream's progress to
         `last_commit_lsn`, atomically."""
         async with self._conn.transaction():
             await self._conn.copy_to_table(
@@ -239,13 +288,12 @@ class Destination:
                 source=_stream(chunks),
                 format="binary",
             )
-            await self._save_progress(slot, last_commit_lsn)
+            await self._save_progress(stream, last_commit_lsn)
 
-    async def _save_progress(self, slot: str, last_commit_lsn: int) -> None:
+    async def _save_progress(self, stream: int, last_commit_lsn: int) -> None:
         await self._conn.execute(
-            "INSERT INTO bemi.worker_state (slot_name, last_commit_lsn) VALUES ($1, $2)"
-            " ON CONFLICT (slot_name) DO UPDATE SET last_commit_lsn = excluded.last_commit_lsn,"
-            " updated_at = now()",
-            slot,
+            "INSERT INTO bemi.worker_state (stream, last_commit_lsn) VALUES ($1, $2)"
+            " ON CONFLICT (stream) DO UPDATE SET last_commit_lsn = excluded.last_commit_lsn, updated_at = now()",
+            stream,
             last_commit_lsn,
         )

@@ -28,10 +28,10 @@ import asyncpg
 import psycopg
 
 from .._dsn import check_dsn, redact
-from .._exceptions import BemiError, SourceNotReadyError
+from .._exceptions import BemiError, DestinationNotReadyError, SourceNotReadyError
 from .._pgtext import format_lsn
 from .config import TrackingConfig
-from .destination import Destination
+from .destination import Destination, SourceStream
 from .options import Options
 from .progress import Progress, WorkerStats
 from .reader import Reader
@@ -119,7 +119,8 @@ class Worker:
 
         Lost and refused connections are retried with backoff: forever when running as a service, for at most
         `give_up_after` seconds without progress with `until_caught_up` (then SourceNotReadyError says why).
-        A refused password, an unknown role or database before the first session streamed stop it at once."""
+        A refused password, an unknown role or database, a role without REPLICATION before the first session
+        streamed stop it at once (retrying cannot fix them); after, they are retried like a lost connection."""
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()
@@ -139,9 +140,11 @@ class Worker:
                     # A login refused before the worker ever streamed is a wrong URL or password, which retrying
                     # cannot fix; once it has streamed, the same refusal is maintenance (a database being
                     # restored, a password being rotated) and is retried like a lost connection.
-                    if not _is_transient(exc) or (_refused_login(exc) and not self._streamed):
+                    if not _is_transient(exc):
                         raise
                     reason = redact(_one_line(exc), self.source, self.destination)
+                    if _refused_login(exc) and not self._streamed:
+                        raise _refusal(exc, reason) from None
                     now = time.monotonic()
                     if self.stats.changes > stored_before or now - started > 60:
                         backoff, failing_since = initial_backoff, None
@@ -178,7 +181,10 @@ class Worker:
                     if self._filters is not None and self._filters.config.tables:
                         await check_tables(self.source, options.publication, self._filters)
                         await destination.record_rules(info.database, self._filters.config.recorded_rules())
-                    stored = await destination.last_commit_lsn(options.slot)
+                    stream_id = await destination.stream(
+                        SourceStream(info.system_identifier, info.database, options.slot)
+                    )
+                    stored = await destination.last_commit_lsn(stream_id)
                     stream = await ReplicationStream.open(
                         self.source, slot=options.slot, publication=options.publication
                     )
@@ -201,7 +207,7 @@ class Worker:
                         encoding=info.encoding,
                         stopping=lambda: self._stopping,
                     )
-                    writer = Writer(destination, queue, progress, options, stream, info.database)
+                    writer = Writer(destination, queue, progress, options, stream, info.database, stream_id)
                     self._session_state = catalog, progress
                     try:
                         await _run(reader, writer, queue, progress)
@@ -303,10 +309,13 @@ async def _current_wal_lsn(dsn: str) -> int:
 
 
 #: What libpq reports (from the server's FATAL) when it refuses the login itself: a wrong password, an unknown role
-#: or database, no pg_hba.conf entry. psycopg gives connection failures no SQLSTATE, so the (English) text decides.
+#: or database, no pg_hba.conf entry, a role without REPLICATION asking for a WAL sender (PostgreSQL 16+ says
+#: "permission denied to start WAL sender", 14-15 "must be superuser or replication role to start walsender").
+#: psycopg gives connection failures no SQLSTATE, so the (English) text decides.
 _REFUSED_LOGIN = re.compile(
     r"password authentication failed|authentication failed for user|role \S+ does not exist"
     r"|database \S+ does not exist|no pg_hba\.conf entry|password is required|no password supplied"
+    r"|permission denied to start WAL sender|must be superuser or replication role"
 )
 
 
@@ -319,6 +328,19 @@ def _refused_login(exc: BaseException) -> bool:
         | asyncpg.InvalidCatalogNameError
         | psycopg.errors.InvalidCatalogName,
     ) or (isinstance(exc, psycopg.OperationalError) and _REFUSED_LOGIN.search(str(exc)) is not None)
+
+
+def _refusal(exc: BaseException, reason: str) -> BemiError:
+    """A refused login as the error naming its side (psycopg speaks to the source, asyncpg to the destination)."""
+    if isinstance(exc, psycopg.Error):
+        return SourceNotReadyError(
+            f"the source refused the worker ({reason}), which no reconnection fixes: check the source URL "
+            "(password, role, database) and that the role has the REPLICATION attribute (ALTER ROLE ... REPLICATION)"
+        )
+    return DestinationNotReadyError(
+        f"the destination refused the worker ({reason}), which no reconnection fixes: check the destination URL "
+        "(password, role, database)"
+    )
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -233,6 +233,8 @@ class ReplicationStream:
 class SourceInfo:
     database: str
     server_version: int
+    #: The source cluster's `pg_control_system().system_identifier`: with the database and the slot, the stream.
+    system_identifier: int
     confirmed_flush_lsn: int  # the slot's: where streaming resumes
     encoding: str = "utf-8"  # the server's encoding as a Python codec: logical message contents arrive in it
     slot_created: bool = False  # this start created the slot
@@ -318,12 +320,13 @@ class SourceCatalog:
         row = await (
             await self._conn.execute(
                 "SELECT current_setting('wal_level'), current_database(), current_setting('server_version_num')::int,"
-                " (SELECT count(*) FROM pg_publication WHERE pubname = %s), current_setting('server_encoding')",
+                " (SELECT count(*) FROM pg_publication WHERE pubname = %s), current_setting('server_encoding'),"
+                " (SELECT system_identifier FROM pg_control_system())",
                 [publication],
             )
         ).fetchone()
         assert row is not None
-        wal_level, database, version, publications, encoding = row
+        wal_level, database, version, publications, encoding, system_identifier = row
         if wal_level != "logical":
             raise SourceNotReadyError(
                 f"the source database has wal_level={wal_level}; change capture needs wal_level=logical: "
@@ -342,7 +345,9 @@ class SourceCatalog:
                 f"replication slot {slot!r} exists but is not a pgoutput slot of database {database!r} "
                 f"(plugin {slot_row[0]!r}, database {slot_row[1]!r}): choose another name with --slot"
             )
-        info = SourceInfo(str(database), int(str(version)), 0, python_encoding(str(encoding)))
+        info = SourceInfo(
+            str(database), int(str(version)), int(str(system_identifier)), 0, python_encoding(str(encoding))
+        )
         return info, slot_row
 
     async def drop_slot(self, slot: str) -> None:

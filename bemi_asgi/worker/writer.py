@@ -48,14 +48,14 @@ class Committed:
     def count(self) -> int:
         return self.buffer.count
 
-    def records(self, database: str) -> Iterator[ChangeRecord]:
+    def records(self, database: str, stream: int) -> Iterator[ChangeRecord]:
         """The transaction's `bemi.changes` rows, each segment with its context (the stitching rule)."""
         xid, commit_lsn, committed_at, queued_at = self.xid, self.commit_lsn, self.committed_at, self.queued_at
         for context, chunks in self.buffer.segments():
             for chunk in chunks:
                 for key, before, after, schema, table, operation, position, ordinal in chunk:
                     yield (key, before, after, context, database, schema, table, operation, committed_at, queued_at,
-                           xid, position, commit_lsn, ordinal)  # fmt: skip
+                           xid, position, commit_lsn, ordinal, stream)  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -119,6 +119,8 @@ class Writer:
     options: Options
     stream: _Stream
     database: str
+    #: The source stream's id in `bemi.streams`.
+    stream_id: int
 
     async def run(self) -> None:
         """Write until the queue ends."""
@@ -157,27 +159,27 @@ class Writer:
                 return
 
     async def _store(self, batch: list[Committed]) -> None:
-        slot, database, destination = self.options.slot, self.database, self.destination
+        stream, database, destination = self.stream_id, self.database, self.destination
         try:
             if destination.binary:
-                await destination.write_binary(slot, _binary_copy(batch, database), batch[-1].commit_lsn)
+                await destination.write_binary(stream, _binary_copy(batch, database, stream), batch[-1].commit_lsn)
             else:
-                records = chain.from_iterable(item.records(database) for item in batch)
-                await destination.write(slot, records, batch[-1].commit_lsn)
+                records = chain.from_iterable(item.records(database, stream) for item in batch)
+                await destination.write(stream, records, batch[-1].commit_lsn)
         except (asyncpg.DataError, UnicodeEncodeError) as exc:
             # A value jsonb refuses (or a character the destination's encoding lacks): store the batch again with
             # such characters replaced rather than stop capturing.
             logger.warning("a row needs cleaning before it can be stored as jsonb (%s)", " ".join(str(exc).split()))
-            records = chain.from_iterable(item.records(database) for item in batch)
+            records = chain.from_iterable(item.records(database, stream) for item in batch)
             clean = functools.partial(_jsonb_safe_record, encoding=destination.encoding)
-            await destination.write(slot, map(clean, records), batch[-1].commit_lsn)
+            await destination.write(stream, map(clean, records), batch[-1].commit_lsn)
 
 
-def _binary_copy(batch: list[Committed], database: str) -> Iterator[bytes]:
+def _binary_copy(batch: list[Committed], database: str, stream: int) -> Iterator[bytes]:
     """The batch's `bemi.changes` rows as a binary COPY stream, in pieces of about a thousand rows (a few hundred
     kB: larger ones cost memory, not time), so a huge transaction is never held whole. The stitching rule gives
     each segment its context, as in `Committed.records`."""
-    copy = BinaryCopy(database)
+    copy = BinaryCopy(database, stream)
     for item in batch:
         copy.transaction(item.committed_at, item.queued_at, item.xid, item.commit_lsn)
         for context, chunks in item.buffer.segments():

@@ -14,11 +14,12 @@ BEGIN
     END IF;
 END $$;
 
--- The backfill's progress, one row per table: the last primary key stored (a JSON array of the key columns'
--- texts; NULL when the key is hashed, so its clear text never lands here) and the WAL position of the snapshot
--- it was read in. Written in the same transaction as the baselines it covers, so a killed run resumes after
--- exactly what is stored.
+-- The backfill's progress, one row per table of a source stream (bemi.streams: the slot it lines up with): the
+-- last primary key stored (a JSON array of the key columns' texts; NULL when the key is hashed, so its clear text
+-- never lands here) and the WAL position of the snapshot it was read in. Written in the same transaction as the
+-- baselines it covers, so a killed run resumes after exactly what is stored.
 CREATE TABLE IF NOT EXISTS bemi.backfill_state (
+    stream        integer NOT NULL REFERENCES bemi.streams (id),
     "schema"      text NOT NULL,
     "table"       text NOT NULL,
     snapshot_lsn  bigint NOT NULL,
@@ -27,5 +28,5 @@ CREATE TABLE IF NOT EXISTS bemi.backfill_state (
     done          boolean NOT NULL DEFAULT false,
     started_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY ("schema", "table")
+    CONSTRAINT backfill_state_pkey PRIMARY KEY (stream, "schema", "table")
 );

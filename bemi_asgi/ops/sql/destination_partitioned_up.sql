@@ -36,14 +36,17 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     transaction_id  bigint NOT NULL,
     -- WAL position (LSN as a number) of the change itself.
     position        bigint NOT NULL,
-    -- Exactly-once key: the transaction's commit LSN and the change's ordinal within the transaction.
+    -- Exactly-once key: the source stream (bemi.streams), the transaction's commit LSN on it and the change's
+    -- ordinal within the transaction.
     commit_lsn      bigint NOT NULL,
     ordinal         integer NOT NULL,
+    stream          integer NOT NULL,
     -- A partitioned table's unique constraints must contain the partition key. committed_at is the commit's own
     -- time, the same for every change of a commit LSN, so these are exactly as unique as (id) and
-    -- (commit_lsn, ordinal). (The worker does not rely on them: it skips what bemi.worker_state says is stored.)
+    -- (stream, commit_lsn, ordinal). (The worker does not rely on them: it skips what bemi.worker_state says is
+    -- stored.)
     CONSTRAINT changes_pkey PRIMARY KEY (id, committed_at),
-    CONSTRAINT changes_commit_lsn_ordinal_key UNIQUE (commit_lsn, ordinal, committed_at)
+    CONSTRAINT changes_stream_commit_lsn_ordinal_key UNIQUE (stream, commit_lsn, ordinal, committed_at)
 ) PARTITION BY RANGE (committed_at);
 
 -- Changes of months without a partition (the worker never fails for want of one); `bemi-asgi prune` and
@@ -82,6 +85,6 @@ END $$;
 
 SELECT count(*) AS partitions_created FROM bemi.create_changes_partitions(3);
 
--- The indexes (created on the partitioned table, so on every partition) and bemi.worker_state come from
--- destination_up.sql, which the migration runs right after this script: its CREATE TABLE IF NOT EXISTS
+-- bemi.streams, the indexes (created on the partitioned table, so on every partition) and bemi.worker_state come
+-- from destination_up.sql, which the migration runs right after this script: its CREATE TABLE IF NOT EXISTS
 -- bemi.changes is then a no-op, and both layouts get the same indexes from one definition.

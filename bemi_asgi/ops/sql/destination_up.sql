@@ -2,6 +2,19 @@
 -- Idempotent: safe to run again. The `bemi` schema is never part of a tracked publication.
 CREATE SCHEMA IF NOT EXISTS bemi;
 
+-- The source streams whose changes this destination holds: one per replication slot of one database of one
+-- PostgreSQL cluster. Each stored change names its stream by this small number (cheaper per row than the names).
+-- system_identifier is the source cluster's (pg_control_system()); it is NULL only for a stream carried over from
+-- a destination written before streams were recorded, until its worker starts and fills it in.
+CREATE TABLE IF NOT EXISTS bemi.streams (
+    id                 integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    system_identifier  bigint,
+    database           text,
+    slot_name          text NOT NULL,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT streams_source_key UNIQUE (system_identifier, database, slot_name)
+);
+
 -- One row per changed row (one per table for TRUNCATE). Column names follow Bemi's so queries carry over.
 CREATE TABLE IF NOT EXISTS bemi.changes (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -22,10 +35,13 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     transaction_id  bigint NOT NULL,
     -- WAL position (LSN as a number) of the change itself.
     position        bigint NOT NULL,
-    -- Exactly-once key: the transaction's commit LSN and the change's ordinal within the transaction.
+    -- Exactly-once key: the source stream, the transaction's commit LSN on it and the change's ordinal within
+    -- the transaction. Commit LSNs only order and identify commits within one stream. (No foreign key to
+    -- bemi.streams: its check per row would slow the worker's COPY, and the worker registers its stream first.)
     commit_lsn      bigint NOT NULL,
     ordinal         integer NOT NULL,
-    CONSTRAINT changes_commit_lsn_ordinal_key UNIQUE (commit_lsn, ordinal)
+    stream          integer NOT NULL,
+    CONSTRAINT changes_stream_commit_lsn_ordinal_key UNIQUE (stream, commit_lsn, ordinal)
 );
 
 -- A row's history and time travel: the row's changes in commit order.
@@ -35,10 +51,10 @@ CREATE INDEX IF NOT EXISTS changes_context_idx ON bemi.changes USING gin (contex
 -- Timelines and retention.
 CREATE INDEX IF NOT EXISTS changes_committed_at_idx ON bemi.changes (committed_at);
 
--- The worker's progress, one row per replication slot: the last commit fully stored. Written in the same
+-- The worker's progress, one row per source stream: the last commit fully stored. Written in the same
 -- transaction as the changes it covers, so a restart skips exactly what is already stored.
 CREATE TABLE IF NOT EXISTS bemi.worker_state (
-    slot_name        text PRIMARY KEY,
+    stream           integer PRIMARY KEY REFERENCES bemi.streams (id),
     last_commit_lsn  bigint NOT NULL,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
