@@ -14,7 +14,8 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     database        text NOT NULL,
     "schema"        text NOT NULL,
     "table"         text NOT NULL,
-    operation       text NOT NULL CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE')),
+    -- DDL: a schema change of the table (before/after: its definition), recorded by the source's event triggers.
+    operation       text NOT NULL CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE', 'DDL')),
     committed_at    timestamptz NOT NULL,
     -- When the worker received the transaction's commit from the source.
     queued_at       timestamptz NOT NULL,
@@ -27,6 +28,19 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     ordinal         integer NOT NULL,
     CONSTRAINT changes_commit_lsn_ordinal_key UNIQUE (commit_lsn, ordinal)
 );
+
+-- Tables created before schema changes were recorded: allow operation DDL. Widened NOT VALID: every stored row
+-- satisfies the narrower check, so nothing is scanned under the exclusive lock.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_constraint
+                WHERE conrelid = 'bemi.changes'::regclass AND conname = 'changes_operation_check'
+                  AND pg_get_constraintdef(oid) NOT LIKE '%''DDL''%') THEN
+        ALTER TABLE bemi.changes DROP CONSTRAINT changes_operation_check;
+        ALTER TABLE bemi.changes ADD CONSTRAINT changes_operation_check
+            CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE', 'DDL', 'SNAPSHOT')) NOT VALID;
+    END IF;
+END $$;
 
 -- A row's history and time travel: the row's changes in commit order.
 CREATE INDEX IF NOT EXISTS changes_row_idx ON bemi.changes ("schema", "table", primary_key, committed_at);
