@@ -55,6 +55,7 @@ from psycopg.adapt import Loader
 
 from .._exceptions import ConfigError, DestinationNotReadyError, SourceNotReadyError
 from .._pgtext import format_lsn, parse_lsn
+from .chain import ChainState, link
 from .config import TrackingConfig
 from .destination import BINARY_COLUMNS, COLUMNS, BinaryCopy, ChangeRecord, missing_tables, takes_binary_copy
 from .pgoutput import INSERT, NEW_TUPLE, NULL_VALUE, TEXT_VALUE, Column, Relation
@@ -144,6 +145,7 @@ class Backfill:
         rows_per_second: float | None = None,
         progress: TextIO | None = None,
         progress_interval: float = 2.0,
+        chain_key: bytes | None = None,
     ) -> None:
         if batch_rows < 1:
             raise ConfigError("batch_rows must be at least 1")
@@ -157,6 +159,7 @@ class Backfill:
         self.rows_per_second = rows_per_second
         self.progress = progress
         self.progress_interval = progress_interval
+        self.chain_key = chain_key
         self.stats = BackfillStats()
         self._stopping = False
         self._stopped = False
@@ -229,7 +232,8 @@ class Backfill:
                 lsn,
                 FIRST_ORDINAL,
             )
-            writer = _Writer(dest, binary, database, lsn, committed_at, int(ordinal))
+            chain = await ChainState.load(dest, self.slot, "baselines", self.chain_key)
+            writer = _Writer(dest, binary, database, lsn, committed_at, int(ordinal), chain)
             stored = sum(
                 state.rows_stored for key, state in states.items() if key in {(t.schema, t.table) for t in todo}
             )
@@ -454,7 +458,7 @@ def _baselines(table: _Table, rows: Iterable[tuple[bytes | None, ...]]) -> Itera
 
 async def _check_destination(dest: asyncpg.Connection) -> bool:
     """Raise DestinationNotReadyError unless the destination takes baselines; whether the binary COPY fits."""
-    missing = await missing_tables(dest, ["bemi.changes", "bemi.backfill_state"])
+    missing = await missing_tables(dest, ["bemi.changes", "bemi.backfill_state", "bemi.chain"])
     accepts = await dest.fetchval(
         "SELECT NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass('bemi.changes')"
         " AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%''TRUNCATE''%'"
@@ -485,13 +489,16 @@ class _Writer:
     """Writes pages of baselines with their progress, one destination transaction each."""
 
     def __init__(
-        self, conn: asyncpg.Connection, binary: bool, database: str, lsn: int, committed_at: datetime, ordinal: int
-    ) -> None:
+        self, conn: asyncpg.Connection, binary: bool, database: str, lsn: int, committed_at: datetime, ordinal: int,
+        chain: ChainState,
+    ) -> None:  # fmt: skip
         self.conn = conn
         self.binary = binary
         self.database = database
         self.lsn = lsn
         self.committed_at = committed_at
+        #: The baselines' hash chain (`chain.py`): each page links its baselines, and the ones it replaced.
+        self.chain = chain
         self.ordinal = ordinal
         self.context = encode_json({BASELINE_CONTEXT_KEY: {"snapshot_lsn": format_lsn(lsn)}})
 
@@ -514,18 +521,22 @@ class _Writer:
         baselines stored at that snapshot position (a restarted table whose key is hashed)."""
         numbered = self._numbered(changes)
         conn = self.conn
+        removed: list[tuple[int, int]] = []
         async with conn.transaction():
             if replace is not None:
-                await conn.execute(
+                rows = await conn.fetch(
                     'DELETE FROM bemi.changes WHERE "schema" = $1 AND "table" = $2 AND operation = $3'
-                    " AND commit_lsn = $4",
+                    " AND commit_lsn = $4 RETURNING commit_lsn, ordinal",
                     table.schema,
                     table.table,
                     SNAPSHOT,
                     replace,
                 )
+                removed = sorted((row["commit_lsn"], row["ordinal"]) for row in rows)
             if numbered:
                 await self._copy(numbered)
+            span = (numbered[0][7], numbered[-1][7]) if numbered else (0, -1)
+            chained = await link(conn, self.chain, self.lsn, self.lsn, ordinals=span, removed=removed)
             await conn.execute(
                 'INSERT INTO bemi.backfill_state ("schema", "table", snapshot_lsn, last_key, rows_stored, done)'
                 " VALUES ($1, $2, $3, $4::text::jsonb, $5, $6)"
@@ -539,6 +550,7 @@ class _Writer:
                 stored,
                 done,
             )
+        self.chain = chained
 
     async def _copy(self, changes: list[PendingChange]) -> None:
         queued_at = datetime.now(UTC)

@@ -21,6 +21,7 @@ import asyncpg
 
 from .._changes_table import TYPES, WRITTEN
 from .._exceptions import DestinationNotReadyError
+from .chain import ChainState, link
 from .spill import PendingChange
 from .stream import python_encoding
 
@@ -183,7 +184,7 @@ class Destination:
         """Connect and check the destination tables exist (DestinationNotReadyError says how to create them)."""
         conn = await asyncpg.connect(dsn, server_settings={"application_name": "bemi-asgi worker"})
         try:
-            missing = await missing_tables(conn, ["bemi.changes", "bemi.worker_state"])
+            missing = await missing_tables(conn, ["bemi.changes", "bemi.worker_state", "bemi.chain"])
             binary = await takes_binary_copy(conn)
             encoding = python_encoding(await conn.fetchval("SELECT current_setting('server_encoding')"))
         except BaseException:
@@ -222,15 +223,27 @@ class Destination:
         value = await self._conn.fetchval("SELECT last_commit_lsn FROM bemi.worker_state WHERE slot_name = $1", slot)
         return int(value) if value is not None else 0
 
-    async def write(self, slot: str, records: Iterable[ChangeRecord], last_commit_lsn: int) -> None:
-        """Store `records` and move the slot's progress to `last_commit_lsn`, atomically."""
+    async def chain_state(self, stream: str, key: bytes | None) -> ChainState:
+        """Where the stream's chain of changes stands."""
+        return await ChainState.load(self._conn, stream, "changes", key)
+
+    async def write(
+        self, slot: str, records: Iterable[ChangeRecord], first_commit_lsn: int, last_commit_lsn: int,
+        chain: ChainState,
+    ) -> ChainState:  # fmt: skip
+        """Store `records`, chain them and move the slot's progress to `last_commit_lsn`, atomically; return the
+        chain's state after them (valid once this returns: the transaction committed)."""
         async with self._conn.transaction():
             await self._conn.copy_records_to_table("changes", schema_name="bemi", columns=COLUMNS, records=records)
+            chained = await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
             await self._save_progress(slot, last_commit_lsn)
+        return chained
 
-    async def write_binary(self, slot: str, chunks: Iterable[bytes], last_commit_lsn: int) -> None:
-        """Store the rows of a `BinaryCopy` stream (produced while it is sent) and move the slot's progress to
-        `last_commit_lsn`, atomically."""
+    async def write_binary(
+        self, slot: str, chunks: Iterable[bytes], first_commit_lsn: int, last_commit_lsn: int, chain: ChainState
+    ) -> ChainState:
+        """Store the rows of a `BinaryCopy` stream (produced while it is sent), chain them and move the slot's
+        progress to `last_commit_lsn`, atomically; return the chain's state after them."""
         async with self._conn.transaction():
             await self._conn.copy_to_table(
                 "changes",
@@ -239,7 +252,9 @@ class Destination:
                 source=_stream(chunks),
                 format="binary",
             )
+            chained = await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
             await self._save_progress(slot, last_commit_lsn)
+        return chained
 
     async def _save_progress(self, slot: str, last_commit_lsn: int) -> None:
         await self._conn.execute(

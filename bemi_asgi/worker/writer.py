@@ -2,8 +2,8 @@
 
 A batch is whatever committed transactions queued up while the previous batch was being written (up to
 `batch_rows`), so batches grow under load and stay one transaction deep when idle. Each batch and the last commit
-LSN it covers are committed together in the destination (exactly once); then the progress moves and the source is
-told.
+LSN it covers are committed together in the destination (exactly once), with the batch's link of the hash chain
+(`chain.py`); then the progress moves and the source is told.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Final, Protocol
 
 import asyncpg
 
+from .chain import ChainState
 from .destination import COLUMNS, BinaryCopy, ChangeRecord, Destination
 from .options import Options
 from .progress import Progress
@@ -119,6 +120,8 @@ class Writer:
     options: Options
     stream: _Stream
     database: str
+    #: The stream's hash chain as stored (`chain.py`): each batch links its changes to it.
+    chain: ChainState
 
     async def run(self) -> None:
         """Write until the queue ends."""
@@ -158,19 +161,20 @@ class Writer:
 
     async def _store(self, batch: list[Committed]) -> None:
         slot, database, destination = self.options.slot, self.database, self.destination
+        first, last, state = batch[0].commit_lsn, batch[-1].commit_lsn, self.chain
         try:
             if destination.binary:
-                await destination.write_binary(slot, _binary_copy(batch, database), batch[-1].commit_lsn)
+                self.chain = await destination.write_binary(slot, _binary_copy(batch, database), first, last, state)
             else:
                 records = chain.from_iterable(item.records(database) for item in batch)
-                await destination.write(slot, records, batch[-1].commit_lsn)
+                self.chain = await destination.write(slot, records, first, last, state)
         except (asyncpg.DataError, UnicodeEncodeError) as exc:
             # A value jsonb refuses (or a character the destination's encoding lacks): store the batch again with
             # such characters replaced rather than stop capturing.
             logger.warning("a row needs cleaning before it can be stored as jsonb (%s)", " ".join(str(exc).split()))
             records = chain.from_iterable(item.records(database) for item in batch)
             clean = functools.partial(_jsonb_safe_record, encoding=destination.encoding)
-            await destination.write(slot, map(clean, records), batch[-1].commit_lsn)
+            self.chain = await destination.write(slot, map(clean, records), first, last, state)
 
 
 def _binary_copy(batch: list[Committed], database: str) -> Iterator[bytes]:

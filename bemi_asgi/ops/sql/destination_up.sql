@@ -66,6 +66,39 @@ CREATE INDEX IF NOT EXISTS changes_truncate_idx ON bemi.changes ("schema", "tabl
 -- find(transaction_id=...) and revert(transaction=...).
 CREATE INDEX IF NOT EXISTS changes_transaction_idx ON bemi.changes (transaction_id);
 
+-- Tamper evidence (bemi_asgi/worker/chain.py): a hash chain over the stored changes, one row (a link) per
+-- destination transaction, written in that transaction: the keys of the changes it stored, in chain order, and each
+-- change's chain hash (32 bytes each, HMAC-SHA256 when the worker has BEMI_CHAIN_KEY), after the hash `previous`.
+-- `bemi-asgi verify` recomputes them from the stored changes. Two chains per stream (the worker's slot): the
+-- worker's changes in commit order, and the backfill's baselines in the order it stored them; the first
+-- `removals` entries of a link are baselines it removed (replaced).
+CREATE TABLE IF NOT EXISTS bemi.chain (
+    stream       text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('changes', 'baselines')),
+    seq          bigint NOT NULL,
+    previous     bytea NOT NULL,
+    commit_lsns  bigint[] NOT NULL,
+    ordinals     integer[] NOT NULL,
+    removals     integer NOT NULL DEFAULT 0,
+    hashes       bytea NOT NULL,
+    -- What the link records of its HMAC key (empty without one): a wrong key is told from an edited change.
+    key_id       bytea NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, kind, seq)
+);
+
+-- Where `bemi-asgi prune` cut a chain: the entries of link `seq` before `entry` (0-based) and the links before it
+-- are gone with the changes they covered, and the chain goes on after `hash`. The latest anchor of a chain counts.
+CREATE TABLE IF NOT EXISTS bemi.chain_anchors (
+    stream     text NOT NULL,
+    kind       text NOT NULL,
+    seq        bigint NOT NULL,
+    entry      integer NOT NULL,
+    hash       bytea NOT NULL,
+    pruned_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, kind, seq, entry)
+);
+
 -- The column rules of each worker run that had any (ignore, mask, hash), with the mask marker, as the worker
 -- records them before it stores anything. Revert reads them to refuse writing a masked, hashed or ignored value
 -- back into live data (the stored change holds only the marker or the hash, or nothing).
