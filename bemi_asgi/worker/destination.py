@@ -229,19 +229,24 @@ class Destination:
 
     async def write(
         self, slot: str, records: Iterable[ChangeRecord], first_commit_lsn: int, last_commit_lsn: int,
-        chain: ChainState,
-    ) -> ChainState:  # fmt: skip
+        chain: ChainState | None,
+    ) -> ChainState | None:  # fmt: skip
         """Store `records`, chain them and move the slot's progress to `last_commit_lsn`, atomically; return the
         chain's state after them (valid once this returns: the transaction committed)."""
         async with self._conn.transaction():
             await self._conn.copy_records_to_table("changes", schema_name="bemi", columns=COLUMNS, records=records)
-            chained = await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
+            chained = None if chain is None else await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
             await self._save_progress(slot, last_commit_lsn)
         return chained
 
     async def write_binary(
-        self, slot: str, chunks: Iterable[bytes], first_commit_lsn: int, last_commit_lsn: int, chain: ChainState
-    ) -> ChainState:
+        self,
+        slot: str,
+        chunks: Iterable[bytes],
+        first_commit_lsn: int,
+        last_commit_lsn: int,
+        chain: ChainState | None,
+    ) -> ChainState | None:
         """Store the rows of a `BinaryCopy` stream (produced while it is sent), chain them and move the slot's
         progress to `last_commit_lsn`, atomically; return the chain's state after them."""
         async with self._conn.transaction():
@@ -252,7 +257,7 @@ class Destination:
                 source=_stream(chunks),
                 format="binary",
             )
-            chained = await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
+            chained = None if chain is None else await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
             await self._save_progress(slot, last_commit_lsn)
         return chained
 

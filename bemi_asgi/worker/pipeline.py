@@ -68,7 +68,8 @@ class Worker:
 
     `chain_key` keys the hash chain over the stored changes (HMAC-SHA256; see `chain.py` and `bemi-asgi verify`):
     a key the destination does not hold, so that whoever can write `bemi.changes` cannot forge the chain. Without
-    it the chain is plain SHA-256, which shows edits only against a head published elsewhere.
+    it the chain is plain SHA-256, which shows edits only against a head published elsewhere. `chain=False`
+    stores no chain (`verify` then reports the changes stored meanwhile as not in the chain).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Worker:
         max_backoff: float = 30.0,
         tracking: TrackingConfig | None = None,
         chain_key: bytes | None = None,
+        chain: bool = True,
     ) -> None:
         check_dsn(source, what="the source URL")
         if destination is not None:
@@ -108,6 +110,7 @@ class Worker:
         self.stats = WorkerStats()
         self.tracking = tracking
         self.chain_key = chain_key
+        self.chain = chain
         self._filters = Filters(tracking) if tracking is not None and tracking.filters_rows else None
         self._stopping = False
         self._streamed = False  # a session has reached streaming
@@ -207,7 +210,7 @@ class Worker:
                         encoding=info.encoding,
                         stopping=lambda: self._stopping,
                     )
-                    chain = await destination.chain_state(options.slot, self.chain_key)
+                    chain = await destination.chain_state(options.slot, self.chain_key) if self.chain else None
                     writer = Writer(destination, queue, progress, options, stream, info.database, chain)
                     self._session_state = catalog, progress
                     try:

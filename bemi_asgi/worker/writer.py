@@ -120,8 +120,8 @@ class Writer:
     options: Options
     stream: _Stream
     database: str
-    #: The stream's hash chain as stored (`chain.py`): each batch links its changes to it.
-    chain: ChainState
+    #: The stream's hash chain as stored (`chain.py`): each batch links its changes to it (None: no chain).
+    chain: ChainState | None
 
     async def run(self) -> None:
         """Write until the queue ends."""
