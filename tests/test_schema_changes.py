@@ -268,3 +268,18 @@ async def test_change_browser_shows_schema_changes_on_the_row_and_timeline(datab
     assert '<td class="field">title</td>' in row.text
     assert "key=None" not in row.text  # "state after this" of a schema change links to the row's own page
     assert "ALTER TABLE public.items, +stock" in timeline.text
+
+
+async def test_create_index_concurrently_is_recorded_and_never_fails(database: str) -> None:
+    """CREATE INDEX CONCURRENTLY (run outside a transaction block) succeeds with the event triggers in place and
+    its index is in the table's recorded definition."""
+    migrate(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE INDEX CONCURRENTLY items_price_idx ON items (price)")
+        conn.execute("DROP INDEX CONCURRENTLY items_price_idx")
+    await drain(database)
+
+    stored = ddl_changes(database)
+    assert [row["after"]["command_tag"] for row in stored] == ["CREATE INDEX", "DROP INDEX"]
+    assert "items_price_idx" in stored[0]["after"]["indexes"]
+    assert "items_price_idx" not in stored[1]["after"]["indexes"]
