@@ -307,12 +307,14 @@ def worker(
     import sys
 
     from ._exceptions import BemiError
+    from .worker.chain import chain_key
     from .worker.config import load_config
     from .worker.pipeline import Worker
 
     _check_urls("worker", source=source, destination=destination)
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
     with _reported("worker", BemiError, code=2):
+        key = chain_key()
         tracking = load_config(
             config, include=include or (), exclude=exclude or (), ignore_columns=ignore_column or (),
             mask_columns=mask_column or (), hash_columns=hash_column or (), drop_noop_updates=drop_noop_updates,
@@ -325,6 +327,7 @@ def worker(
         progress=None if quiet else sys.stderr,
         progress_interval=progress_interval,
         tracking=tracking,
+        chain_key=key,
     )
 
     async def run() -> None:
@@ -401,9 +404,11 @@ def backfill(
     from ._exceptions import BemiError
     from .ops.migration import parse_tables
     from .worker.backfill import Backfill
+    from .worker.chain import chain_key
     from .worker.config import load_config
 
     with _reported("backfill", BemiError, code=2):
+        key = chain_key()
         tables = [(name.schema, name.name) for name in parse_tables(table)] if table else None
         tracking = load_config(
             config, include=include or (), exclude=exclude or (), ignore_columns=ignore_column or (),
@@ -419,6 +424,7 @@ def backfill(
         batch_rows=batch_rows,
         rows_per_second=rows_per_second,
         progress=None if quiet else sys.stderr,
+        chain_key=key,
     )
 
     async def run() -> None:
@@ -505,6 +511,70 @@ def prune(
             progress=sys.stderr,
         )  # fmt: skip
     typer.echo(result.deleted)
+
+
+@app.command()
+def verify(
+    dsn: Annotated[
+        str,
+        typer.Argument(envvar=["BEMI_DESTINATION_URL", "BEMI_SOURCE_URL"], help="The database holding bemi.changes."),
+    ],
+    stream: Annotated[
+        list[int] | None,
+        typer.Option(help="The source stream to verify (an id of bemi.streams; repeatable). Default: every one."),
+    ] = None,
+    up_to: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LSN",
+            help="Stop after the changes committed at or below this LSN (e.g. 0/16B3748) "
+            "and print the chain's hash there, to compare with a head published then.",
+        ),
+    ] = None,
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HASH",
+            help="The head (hex) published earlier: exit 1 unless the chain's head at the "
+            "same position (--up-to) is this.",
+        ),
+    ] = None,
+    quiet: Annotated[bool, _flag("--quiet", "-q", help="No progress lines.")] = False,
+) -> None:
+    """Check that the stored history is the one the worker stored: walk the hash chain over bemi.changes.
+
+    Reports the first edited, deleted, inserted or reordered change (exit 1), or that each chain is intact up to its
+    head, whose hash and position it prints: keep them elsewhere (a log, a ticket) to compare later. With the key
+    the worker used (BEMI_CHAIN_KEY in the environment), an edit cannot be hidden by recomputing the chain.
+    """
+    import sys
+
+    from ._exceptions import BemiError
+    from ._pgtext import parse_lsn
+    from .ops.verify import verify as run_verify
+    from .worker.chain import chain_key
+
+    try:
+        position = parse_lsn(up_to) if up_to is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--up-to") from None
+    if expect is not None and (not stream or len(stream) > 1):
+        # Heads and positions are per stream: one published head names one stream.
+        raise typer.BadParameter("a head belongs to one stream: name it with --stream ID", param_hint="--expect")
+    _check_urls("verify", database=dsn)
+    with _reported("verify", BemiError, code=2):
+        key = chain_key()
+    with _reported("verify", BemiError, *_database_errors(), code=2, urls=[dsn]):
+        reports = run_verify(dsn, streams=stream, key=key, up_to=position, progress=None if quiet else sys.stderr)
+    if not reports:
+        typer.echo("no stream has a hash chain yet: the worker has stored nothing since the migration")
+    for report in reports:
+        typer.echo(report.describe())
+    if any(not report.intact for report in reports):
+        raise typer.Exit(1)
+    if expect is not None and reports[0].head.hex() != expect.strip().lower():
+        typer.echo(f"the head is {reports[0].head.hex()}, not the expected {expect.strip()}", err=True)
+        raise typer.Exit(1)
 
 
 def _confirmed(question: str) -> bool:

@@ -5,11 +5,12 @@
 Starts its own throwaway PostgreSQL (LocalPostgres), then:
 
 1. Throughput: commits `--changes` row changes (transactions of 10 inserts, then of 10 updates, each with a
-   `_bemi` context message) with two slots waiting. Times `pg_recvlogical` draining the WAL to /dev/null from one
-   slot (the baseline: the walsender's decoding plus a client that does nothing), then the worker storing
-   everything from the other (`--until-caught-up`, in a subprocess), best of `--repeat` interleaved runs, and
-   prints changes/s and the ratio. Also the destination's own ceiling: the same rows COPYed again with nothing
-   else running (no decoding at all), since on a small machine the destination's indexes bound the worker.
+   `_bemi` context message) with three slots waiting. Times `pg_recvlogical` draining the WAL to /dev/null from
+   one slot (the baseline: the walsender's decoding plus a client that does nothing), then the worker storing
+   everything from another (`--until-caught-up`, in a subprocess, with a keyed hash chain), and the worker without
+   the hash chain from the third (the chain's cost), best of `--repeat` interleaved runs, and prints changes/s and
+   the ratios. Also the destination's own ceiling: the same rows COPYed again with nothing else running (no
+   decoding at all), since on a small machine the destination's indexes bound the worker.
 2. Memory: one transaction of `--big-rows` inserts whose context arrives at commit; the worker's peak RSS while
    storing it, and a check that every row got the context.
 3. Lag: a steady 1,000 transactions/s (one insert + context each) for `--lag-seconds` with the worker running;
@@ -70,6 +71,18 @@ def worker_command(dsn: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--quiet", *extra]
 
 
+#: The hash chain's key for the throughput runs: the keyed chain (HMAC) is the one to recommend and to measure.
+CHAIN_KEY = "benchmark chain key, 32 bytes long"
+
+#: The worker as `worker_command` runs it (the CLI imported, so process start costs the same), without the chain.
+UNCHAINED = """
+import asyncio, sys
+import bemi_asgi.cli
+from bemi_asgi.worker.pipeline import Worker
+asyncio.run(Worker(sys.argv[1], slot=sys.argv[2], chain=False).run(until_caught_up=True))
+"""
+
+
 @dataclass
 class Measured:
     seconds: float
@@ -90,12 +103,12 @@ def server_cpu_times(server: LocalPostgres) -> dict[int, float]:
     return times
 
 
-def run_measured(command: list[str], server: LocalPostgres) -> Measured:
+def run_measured(command: list[str], server: LocalPostgres, env: dict[str, str] | None = None) -> Measured:
     """Run `command` to completion, measuring time, memory and CPU (its own and the server's)."""
     before = server_cpu_times(server)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, env=env)
     peak = 0
     handle = psutil.Process(process.pid)
     last = dict(before)
@@ -135,7 +148,7 @@ def reset(dsn: str, *slots: str) -> None:
         while conn.execute("SELECT count(*) FROM pg_replication_slots WHERE active").fetchone() != (0,):
             time.sleep(0.05)
         conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
-        conn.execute("TRUNCATE bemi.changes, bemi.worker_state, items")
+        conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain, bemi.chain_anchors, items")
         conn.execute("CHECKPOINT")
         for slot in slots:
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
@@ -150,7 +163,7 @@ def count(dsn: str, where: str = "true") -> int:
 
 def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> dict[str, float]:
     """Prints the figures; returns the changes/s of pg_recvlogical, the worker and the destination alone."""
-    slots = [f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bemi")]
+    slots = [f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bemi", "plain")]
     reset(dsn, *slots)
     transactions = changes // 20
     started = time.perf_counter()
@@ -165,6 +178,8 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
 
     recv_runs: list[Measured] = []
     worker_runs: list[Measured] = []
+    plain_runs: list[Measured] = []
+    keyed = {**os.environ, "BEMI_CHAIN_KEY": CHAIN_KEY}
     for n in range(repeat):  # interleaved, best of `repeat`: the machine may be busy with other work
         recv = [
             str(server.bin("pg_recvlogical")), "-d", dsn, "--slot", f"recv{n}", "--start", "-f", "/dev/null",
@@ -172,14 +187,20 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
             "--no-loop",
         ]  # fmt: skip
         recv_runs.append(run_measured(recv, server))
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("TRUNCATE bemi.changes, bemi.worker_state")
-        worker_runs.append(run_measured(worker_command(dsn, "--until-caught-up", "--slot", f"bemi{n}"), server))
-        stored = count(dsn)
-        assert stored == total, f"the worker stored {stored:,} of {total:,} changes"
+        for runs, command, env in (
+            (worker_runs, worker_command(dsn, "--until-caught-up", "--slot", f"bemi{n}"), keyed),
+            (plain_runs, [sys.executable, "-c", UNCHAINED, dsn, f"plain{n}"], None),
+        ):
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
+            runs.append(run_measured(command, server, env))
+            stored = count(dsn)
+            assert stored == total, f"the worker stored {stored:,} of {total:,} changes"
     recv_best = min(recv_runs, key=lambda run: run.seconds)
     worker_best = min(worker_runs, key=lambda run: run.seconds)
+    plain_best = min(plain_runs, key=lambda run: run.seconds)
     recv_rate, worker_rate = total / recv_best.seconds, total / worker_best.seconds
+    plain_rate = total / plain_best.seconds
     print(f"pg_recvlogical: {recv_best.seconds:6.2f} s  {recv_rate:10,.0f} changes/s  (drains to /dev/null; "
           f"runs {', '.join(f'{run.seconds:.2f}' for run in recv_runs)}; CPU {recv_best.cpu:.1f} s client + "
           f"{recv_best.server_cpu:.1f} s server)")  # fmt: skip
@@ -187,11 +208,15 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
           f"process start included; runs {', '.join(f'{run.seconds:.2f}' for run in worker_runs)}; CPU "
           f"{worker_best.cpu:.1f} s worker + {worker_best.server_cpu:.1f} s server (walsender + destination); "
           f"peak RSS {max(run.peak_rss for run in worker_runs) / 2**20:.0f} MB)")  # fmt: skip
+    print(f"worker without the hash chain: {plain_best.seconds:6.2f} s  {plain_rate:10,.0f} changes/s  (runs "
+          f"{', '.join(f'{run.seconds:.2f}' for run in plain_runs)}; CPU {plain_best.cpu:.1f} s worker + "
+          f"{plain_best.server_cpu:.1f} s server); the keyed chain costs "
+          f"{1 - worker_rate / plain_rate:.1%} of it (target < 10%)")  # fmt: skip
     print(f"ratio worker/pg_recvlogical: {worker_rate / recv_rate:.2f}x (target >= 0.8x)")
     ceiling = max(destination_ceiling(dsn) for _ in range(repeat))
     print(f"destination alone: {ceiling:10,.0f} rows/s  (the same rows COPYed in 10k batches into a copy of "
           f"bemi.changes with its indexes; worker/destination {worker_rate / ceiling:.2f}x)")  # fmt: skip
-    return {"pg_recvlogical": recv_rate, "worker": worker_rate, "destination": ceiling}
+    return {"pg_recvlogical": recv_rate, "worker": worker_rate, "unchained": plain_rate, "destination": ceiling}
 
 
 def destination_ceiling(dsn: str) -> float:
@@ -308,10 +333,17 @@ def results(quick: bool = False) -> list[Result]:
         ),
         Result(
             "worker",
-            "worker into bemi.changes",
+            "worker into bemi.changes (keyed hash chain)",
             f"{rates['worker']:,.0f} changes/s",
             rates["worker"] / recv,
             "pg_recvlogical",
+        ),
+        Result(
+            "worker",
+            "worker without the hash chain",
+            f"{rates['unchained']:,.0f} changes/s",
+            rates["worker"] / rates["unchained"],
+            "chained/unchained",
         ),
         Result("worker", "the same rows COPYed alone (destination ceiling)", f"{rates['destination']:,.0f} rows/s"),
         Result("worker", f"one {big_rows:,}-row transaction", f"{seconds:.1f} s, peak RSS {peak / 2**20:.0f} MB"),

@@ -536,6 +536,8 @@ async def test_a_least_privileged_role_can_backfill(database: str) -> None:
         conn.execute(f"GRANT SELECT, INSERT ON bemi.changes TO {role}")
         conn.execute(f"GRANT SELECT, INSERT, UPDATE ON bemi.backfill_state TO {role}")
         conn.execute(f"GRANT SELECT, INSERT, UPDATE ON bemi.streams TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT ON bemi.chain TO {role}")
+        conn.execute(f"GRANT SELECT ON bemi.chain_anchors TO {role}")
     try:
         stats = await Backfill(
             urlsplit(database)._replace(netloc=f"{role}@{urlsplit(database).netloc.split('@')[-1]}").geturl()

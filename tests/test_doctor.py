@@ -264,3 +264,19 @@ def test_event_trigger_code_owned_by_another_role_blocks(database: str, owner_ds
     assert result.exit_code == 1
     [line] = lines_with(result, "MISSING")
     assert f"function bemi.track_table(name,regclass) (owned by {role})" in line
+
+
+def test_schema_change_recording_is_reported(database: str) -> None:
+    """Doctor says whether the event triggers recording schema changes are in place, and warns once they are
+    missing (a migration run without a superuser, or a trigger disabled)."""
+
+    def schema_line() -> str:
+        [line] = [line for line in doctor(database).stdout.splitlines() if "schema changes (DDL)" in line]
+        return line
+
+    apply(database, "CREATE TABLE users (id int PRIMARY KEY)")
+    apply(database, migration_sql())
+    assert schema_line().startswith("ok")
+    apply(database, "ALTER EVENT TRIGGER bemi_record_dropped_objects DISABLE")
+    assert schema_line().startswith("warning")
+    assert "not recorded" in schema_line()

@@ -47,11 +47,14 @@ GRANT SELECT, INSERT ON bemi.changes TO bemi_worker;
 GRANT SELECT, INSERT, UPDATE ON bemi.worker_state TO bemi_worker;
 GRANT SELECT, INSERT, UPDATE ON bemi.streams TO bemi_worker;
 GRANT SELECT, INSERT ON bemi.tracking_rules TO bemi_worker;
+GRANT SELECT, INSERT ON bemi.chain TO bemi_worker;
+GRANT SELECT ON bemi.chain_anchors TO bemi_worker;
 GRANT SELECT ON bemi.source_publications TO bemi_worker;  -- for bemi-asgi doctor
 
 CREATE ROLE bemi_reader LOGIN PASSWORD '{password}';
 GRANT USAGE ON SCHEMA bemi TO bemi_reader;
 GRANT SELECT ON bemi.changes, bemi.worker_state, bemi.streams, bemi.tracking_rules TO bemi_reader;
+GRANT SELECT ON bemi.chain, bemi.chain_anchors TO bemi_reader;  -- for bemi-asgi verify
 
 CREATE ROLE app LOGIN PASSWORD '{password}';
 GRANT SELECT, INSERT, UPDATE, DELETE ON items, secrets TO app;

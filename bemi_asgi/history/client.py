@@ -25,12 +25,13 @@ from typing import Any
 import asyncpg
 
 from .._exceptions import QueryError
+from .catalog import fetch_table_info
 from .changes import ChangesAPI
 from .filters import ChangeFilter, FilterArgs, PrimaryKey, encode_primary_key, parse_at, read_lsn, split_table
-from .models import Change, Stream
-from .replay import blame_columns, row_states
+from .models import Change, Stream, change_from_record
+from .replay import apply_schema_change, blame_columns, row_states, table_columns
 from .revert import RevertPlan, apply_plan, plan_revert, revert_selection
-from .store import CHANGES_SQL, STREAMS_SQL, WORKER_STATE_SQL, ChangeStore, at_condition, history_grants
+from .store import CHANGES_SQL, SELECT_COLUMNS, STREAMS_SQL, WORKER_STATE_SQL, ChangeStore, at_condition, history_grants
 from .wait import wait_for_lsn
 
 __all__ = ["Bemi"]
@@ -90,8 +91,9 @@ class Bemi:
         context: Mapping[str, Any] | None = None,
         database: str | None = None,
     ) -> list[Change]:
-        """The row's changes in commit order, with the TRUNCATEs that ended its existence (those matching
-        `context`, when given). `database` names the source database, when several hold a table of that name."""
+        """The row's changes in commit order, with the TRUNCATEs that ended its existence and the schema changes
+        (operation DDL) that changed its columns while it existed (those matching `context`, when given).
+        `database` names the source database, when several hold a table of that name."""
         schema_name, table_name = split_table(table, schema)
         changes = await self.store.row_changes(
             schema_name, table_name, encode_primary_key(primary_key), context=context, database=database
@@ -134,7 +136,9 @@ class Bemi:
         batch_size: int = 1000,
         database: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Yield every row of the table as it was at `at` (see `as_of`), in primary key text order.
+        """Yield every row of the table as it was at `at` (see `as_of`), in primary key text order, under the
+        table's columns of that moment (`columns_as_of`): the schema changes after a row's last change rename and
+        drop its columns, and add those added without a default as None.
 
         Streams through a server-side cursor, so tables larger than memory are fine.
         """
@@ -145,18 +149,30 @@ class Bemi:
         where.add(at_condition(point, where))
         pool = await self.pool()
         async with pool.acquire() as conn:
-            truncate = await conn.fetchrow(
-                f"""SELECT commit_lsn, ordinal FROM {CHANGES_SQL} WHERE {where.sql()} AND operation = 'TRUNCATE'
+            # Rows end at the last TRUNCATE or DROP TABLE; the schema changes since then apply to the rows before.
+            end = await conn.fetchrow(
+                f"""SELECT commit_lsn, ordinal FROM {CHANGES_SQL} WHERE {where.sql()}
+                     AND (operation = 'TRUNCATE' OR operation = 'DDL' AND NOT "after" ? 'columns')
                      ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1""",
                 *where.params,
             )
-            after_lsn, after_ordinal = (truncate["commit_lsn"], truncate["ordinal"]) if truncate else (-1, -1)
+            after_lsn, after_ordinal = (end["commit_lsn"], end["ordinal"]) if end else (-1, -1)
             after = f"({where.param(after_lsn)}::bigint, {where.param(after_ordinal)}::integer)"
+            schema_changes = [
+                change_from_record(record)
+                for record in await conn.fetch(
+                    f"""SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {where.sql()} AND operation = 'DDL'
+                         AND "before" -> 'columns' IS DISTINCT FROM "after" -> 'columns'
+                         AND (commit_lsn, ordinal) > {after} ORDER BY commit_lsn, ordinal""",
+                    *where.params,
+                )
+            ]
             sql = f"""
-                SELECT "after" FROM (
-                    SELECT DISTINCT ON (primary_key) primary_key, operation, "after"::text AS "after"
+                SELECT "after", commit_lsn, ordinal FROM (
+                    SELECT DISTINCT ON (primary_key) primary_key, operation, "after"::text AS "after",
+                           commit_lsn, ordinal
                       FROM {CHANGES_SQL}
-                     WHERE {where.sql()} AND primary_key IS NOT NULL
+                     WHERE {where.sql()} AND primary_key IS NOT NULL AND operation <> 'DDL'
                        AND (commit_lsn, ordinal) > {after}
                      ORDER BY primary_key, commit_lsn DESC, ordinal DESC
                 ) AS last
@@ -166,8 +182,44 @@ class Bemi:
             async with conn.transaction(readonly=True):
                 cursor = conn.cursor(sql, *where.params, prefetch=batch_size)
                 async for record in cursor:
-                    row: dict[str, Any] = json.loads(record["after"])
-                    yield row
+                    row: dict[str, Any] | None = json.loads(record["after"])
+                    position = (record["commit_lsn"], record["ordinal"])
+                    for change in schema_changes:
+                        if row is not None and (change.commit_lsn, change.ordinal) > position:
+                            row = apply_schema_change(row, change)
+                    if row is not None:
+                        yield row
+
+    async def columns_as_of(
+        self, table: str, at: datetime | int | str, *, schema: str | None = None
+    ) -> dict[str, Any] | None:
+        """The table's columns at `at` (see `as_of`), as the stored schema changes describe them: `{name: {"type",
+        "not_null", "number", "default"}}`. None when the table did not exist then (created later, or dropped).
+
+        Read from the last schema change at or before `at`, else the first one after it (its `before`), else the
+        table as it is now in this database: with no schema change stored, its columns have not changed since
+        schema changes are recorded.
+        """
+        schema_name, table_name = split_table(table, schema)
+        point = parse_at(at, datetime.now(UTC))
+        await self.store.require_known_table(schema_name, table_name)
+        where = ChangeFilter(FilterArgs(table=table_name, schema=schema_name, operation="DDL")).where()
+        moment = at_condition(point, where)
+        side = await (await self.pool()).fetchval(
+            f"""(SELECT "after"::text FROM {CHANGES_SQL} WHERE {where.sql()} AND {moment}
+                  ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1)
+                UNION ALL
+                (SELECT "before"::text FROM {CHANGES_SQL} WHERE {where.sql()} AND NOT ({moment})
+                  ORDER BY commit_lsn, ordinal LIMIT 1)
+                LIMIT 1""",
+            *where.params,
+        )
+        if side is not None:
+            return table_columns(json.loads(side))
+        info = await fetch_table_info(await self.pool(), schema_name, table_name)
+        if info is None:
+            return None
+        return {column.name: {"type": column.type_sql} for column in info.columns}
 
     async def blame(
         self,

@@ -17,13 +17,17 @@ __all__ = ["Change", "FieldChange", "Operation", "Stream", "change_from_record"]
 
 
 class Operation(enum.StrEnum):
-    """What happened to the row (TRUNCATE: to every row of the table at once). SNAPSHOT is not a change but a
-    baseline stored by `bemi-asgi backfill`: the row as it was at that position, which is what it then replays as."""
+    """What happened to the row (TRUNCATE: to every row of the table at once; DDL: to the table's schema). SNAPSHOT
+    is not a change but a baseline stored by `bemi-asgi backfill`: the row as it was at that position, which is what
+    it then replays as."""
 
     CREATE = "CREATE"
     UPDATE = "UPDATE"
     DELETE = "DELETE"
     TRUNCATE = "TRUNCATE"
+    #: A schema change of the table: `before` and `after` are its definition (columns, indexes, constraints), and
+    #: `after` names the command (`command_tag`, `object_type`, `object_identity`).
+    DDL = "DDL"
     SNAPSHOT = "SNAPSHOT"
 
 

@@ -48,6 +48,7 @@ from ..capture.context import bemi_context
 from .catalog import ColumnInfo, TableInfo, fetch_table_info
 from .filters import ChangeFilter, FilterArgs, Where, require_aware
 from .models import Change, Operation
+from .replay import row_states
 from .store import ChangeStore, history_grants
 
 __all__ = [
@@ -215,6 +216,11 @@ async def plan_revert(
                 f"change {item.id} is a TRUNCATE of {item.schema_}.{item.table}, which revert cannot undo: "
                 "restore the rows from bemi.table_as_of(...) instead"
             )
+        if item.operation is Operation.DDL:
+            raise QueryError(
+                f"change {item.id} is a schema change ({item.after.get('command_tag')}) of {item.schema_}."
+                f"{item.table}, which revert cannot undo: write the migration that undoes it"
+            )
         if item.primary_key is None:
             raise QueryError(f"{item.schema_}.{item.table} has no primary key: its changes cannot be reverted by row")
     # Each row's selected changes, rows ordered by their first selected change.
@@ -293,8 +299,8 @@ async def plan_revert(
 def _state_after(history: Sequence[Change]) -> dict[str, Any] | None:
     if not history:
         return None
-    last = history[-1]
-    return None if last.operation in (Operation.DELETE, Operation.TRUNCATE) else dict(last.after)
+    _, state = list(row_states(history))[-1]
+    return state
 
 
 async def _redactions(

@@ -1,9 +1,9 @@
 """`ChangeStore`: the stored history as every query helper reads it.
 
 One object holds the pool (opened on first use when given a DSN) and runs the reads the helpers share: changes by
-`ChangeFilter`, a row's changes (with the TRUNCATEs that ended it), and the checks that turn a misspelt table or
-column into a QueryError. `Bemi`, `bemi.changes`, revert and the change browser all take this store: none of them
-reaches into another.
+`ChangeFilter`, a row's changes (with the TRUNCATEs that ended it and the schema changes between them), and the
+checks that turn a misspelt table or column into a QueryError. `Bemi`, `bemi.changes`, revert and the change
+browser all take this store: none of them reaches into another.
 """
 
 from __future__ import annotations
@@ -140,10 +140,12 @@ class ChangeStore:
         database: str | None = None,
         limit: int | None = None,
     ) -> list[Change]:
-        """The row's changes and the TRUNCATEs that ended it, in commit order.
+        """The row's changes, the TRUNCATEs that ended it and the schema changes that changed its columns, in commit
+        order.
 
-        `at` keeps what was committed by then, `context` what matches that context filter (the TRUNCATEs too), and
-        `limit` the row's latest changes, with the TRUNCATEs after the oldest of them.
+        `at` keeps what was committed by then, `context` what matches that context filter (the TRUNCATEs and schema
+        changes too), and `limit` the row's latest changes, with the TRUNCATEs and schema changes after the oldest
+        of them.
         """
         where = ChangeFilter(FilterArgs(table=table, schema=schema, context=context, database=database)).where()
         if at is not None:
@@ -155,7 +157,9 @@ class ChangeStore:
                  ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(limit)})
             SELECT * FROM row_changes
             UNION ALL
-            SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {scope} AND operation = 'TRUNCATE'
+            SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {scope}
+               AND (operation = 'TRUNCATE'
+                    OR operation = 'DDL' AND "before" -> 'columns' IS DISTINCT FROM "after" -> 'columns')
                AND (commit_lsn, ordinal) > (SELECT commit_lsn, ordinal FROM row_changes
                                              ORDER BY commit_lsn, ordinal LIMIT 1)
             ORDER BY commit_lsn, ordinal
@@ -206,7 +210,7 @@ class ChangeStore:
         with history_grants():
             record = await pool.fetchrow(
                 f"""SELECT "before"::text AS "before", "after"::text AS "after" FROM {CHANGES_SQL}
-                 WHERE "schema" = $1 AND "table" = $2 AND operation <> 'TRUNCATE'
+                 WHERE "schema" = $1 AND "table" = $2 AND operation NOT IN ('TRUNCATE', 'DDL')
                  ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1""",
                 schema,
                 table,

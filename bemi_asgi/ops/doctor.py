@@ -88,6 +88,8 @@ class SourceFacts:
     tracked_schemas: Sequence[str] = ()
     untracked: Sequence[TableFacts] = ()
     event_trigger: bool = False
+    #: Whether the event triggers recording schema changes of tracked tables are installed and enabled.
+    schema_triggers: bool = False
     #: Objects the event trigger's code path uses that a role other than a superuser owns ("what (owner)").
     trigger_path_owners: Sequence[str] = ()
     slots: Sequence[SlotFacts] = field(default_factory=tuple)
@@ -194,8 +196,15 @@ def collect(conn: psycopg.Connection[Any], publication: str, slot: str = "bemi")
             ).fetchone()
             == {"found": True}
         )
+        schema_triggers = bool(
+            cur.execute(
+                "SELECT count(*) = 2 AS found FROM pg_event_trigger WHERE evtname IN ('bemi_record_schema_changes', "
+                "'bemi_record_dropped_objects') AND evtenabled <> 'D'"
+            ).fetchone()
+            == {"found": True}
+        )
         trigger_path_owners: list[str] = []
-        if event_trigger:
+        if event_trigger or schema_triggers:
             rows = cur.execute(_TRIGGER_PATH_OWNERS).fetchall()
             trigger_path_owners = [row["what"] for row in rows]
         untracked: list[TableFacts] = []
@@ -235,6 +244,7 @@ def collect(conn: psycopg.Connection[Any], publication: str, slot: str = "bemi")
         tracked_schemas=tuple(tracked_schemas),
         untracked=tuple(untracked),
         event_trigger=event_trigger,
+        schema_triggers=schema_triggers,
         trigger_path_owners=tuple(trigger_path_owners),
         slots=tuple(SlotFacts(**row) for row in slot_rows),
     )
@@ -249,11 +259,14 @@ FROM (
     SELECT 'function ' || p.oid::regprocedure::text, p.proowner
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE n.nspname = 'bemi' AND p.proname IN ('table_key', 'set_replica_identity_full', 'track_table',
-        'create_publication', 'track_schema', 'track_new_tables', 'untrack_table', 'exclude')
+        'create_publication', 'track_schema', 'track_new_tables', 'untrack_table', 'exclude', 'table_definition',
+        'records_schema_of', 'record_schema_change', 'record_schema_changes', 'record_dropped_objects',
+        'remember_table_definitions')
     UNION ALL
     SELECT 'table ' || c.oid::regclass::text, c.relowner
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = 'bemi' AND c.relname IN ('source_publications', 'source_replica_identities')
+    WHERE n.nspname = 'bemi' AND c.relname IN ('source_publications', 'source_replica_identities',
+        'source_table_definitions')
 ) o JOIN pg_roles r ON r.oid = o.owner
 WHERE NOT r.rolsuper
 ORDER BY 1
@@ -353,13 +366,18 @@ def _publication_findings(facts: SourceFacts, migrate: str) -> list[Finding]:
         names = ", ".join(table.qualified for table in facts.untracked)
         add(Finding("warning", f"table(s) {names} in tracked schema(s) are not in publication {pub!r}, so their "
                     f"changes are not recorded: {migrate} again"))  # fmt: skip
-    if facts.tracked_schemas:
-        if facts.event_trigger and facts.trigger_path_owners:
-            add(Finding("missing", "the event trigger bemi_track_new_tables runs, with a superuser's rights, code "
-                        "that other roles can change: " + "; ".join(_printable(w) for w in facts.trigger_path_owners)
-                        + ". Any of them can make itself a superuser: run `bemi-asgi sql-migration` as a superuser, "
-                        "which refuses and gives the statements that fix the owners"))  # fmt: skip
-        elif facts.event_trigger:
+    if facts.trigger_path_owners:
+        add(Finding("missing", "the migration's event triggers run, with a superuser's rights, code "
+                    "that other roles can change: " + "; ".join(_printable(w) for w in facts.trigger_path_owners)
+                    + ". Any of them can make itself a superuser: run `bemi-asgi sql-migration` as a superuser, "
+                    "which refuses and gives the statements that fix the owners"))  # fmt: skip
+    elif facts.schema_triggers:
+        add(Finding("ok", "schema changes (DDL) of the tracked tables are recorded in the history"))
+    elif facts.publication_exists:
+        add(Finding("warning", "schema changes (DDL) of the tracked tables are not recorded (the event triggers "
+                    f"are missing: creating them needs a superuser): {migrate} as a superuser"))  # fmt: skip
+    if facts.tracked_schemas and not facts.trigger_path_owners:
+        if facts.event_trigger:
             add(Finding("ok", "tables created later in the tracked schemas are tracked automatically"))
         else:
             add(Finding("warning", "tables created later are not tracked automatically (the event trigger is "

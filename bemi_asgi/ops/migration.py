@@ -23,6 +23,7 @@ from uuid import uuid4
 
 from .._exceptions import MigrationError
 from .._pgtext import quote_ident, quote_literal
+from ..worker.schema_changes import SCHEMA_CHANGE_PREFIX
 
 __all__ = [
     "DEFAULT_PUBLICATION",
@@ -289,6 +290,7 @@ def migration_sql(
         "excluded_tables": _name_array((str(table) for table in excluded_tables), "text"),
         "excluded_schemas": _name_array(excluded_schemas, "name"),
         "guard": _plpgsql_block(load_sql("source_guard.sql")),
+        "schema_change_prefix": quote_literal(SCHEMA_CHANGE_PREFIX),
     }
     scripts: list[str] = []
     order: Sequence[Part] = ("source", "destination") if down else ("destination", "source")

@@ -12,6 +12,8 @@
 - On a partitioned table, the partitions of the coming months are created (`bemi.create_changes_partitions`), so
   the worker's rows keep landing in monthly partitions rather than in the default one.
 
+Each hash chain that lost its start gets an anchor (`ops.anchors`), so `bemi-asgi verify` checks the rest.
+
 The cutoff is exact: rows with `committed_at < before` go, rows at or after it stay. Deleting history never makes
 the worker store anything again: it skips by its own progress (`bemi.worker_state`), not by the stored rows.
 """
@@ -29,6 +31,7 @@ import psycopg
 from psycopg import sql
 
 from .._exceptions import ConfigError
+from .anchors import anchor_chains
 
 __all__ = ["ACCEPTED_AGE_UNITS", "PruneResult", "create_partitions", "cutoff_for_age", "maintain", "prune"]
 
@@ -86,6 +89,8 @@ class PruneResult:
     deleted: int = 0  # changes deleted, including those of dropped partitions
     dropped_partitions: list[str] = field(default_factory=list)
     created_partitions: list[str] = field(default_factory=list)
+    #: Hash chains anchored where the deleted changes ended (`ops.anchors`).
+    anchors: int = 0
 
 
 def prune(
@@ -119,6 +124,8 @@ def prune(
             result.deleted += int(row[0])
         else:
             result.deleted += _delete_in_batches(conn, before, batch_size, progress)
+            # The hash chains lost their start: record where they go on, so the rest verifies.
+            result.anchors = anchor_chains(conn)
         if partitioned and not dry_run:
             result.created_partitions = create_partitions(conn, months_ahead)
     verb = "would delete" if dry_run else "deleted"

@@ -88,6 +88,7 @@ from .view import (
     parse_context_value,
     parse_filters,
     parse_moment,
+    schema_change_summary,
     shorten,
 )
 
@@ -224,6 +225,7 @@ class BemiUI:
         )
         self._env.globals.update(
             fields=field_rows,
+            schema_change_summary=schema_change_summary,
             when=format_time,
             json_text=json_text,
             value_text=context_value_text,

@@ -22,6 +22,7 @@ from .._exceptions import QueryError
 from ..history.access import merge_scope
 from ..history.filters import FilterArgs
 from ..history.models import Change, Operation
+from ..history.replay import column_changes
 
 __all__ = [
     "CONTEXT_PARAM_PREFIX",
@@ -276,8 +277,10 @@ MAX_VALUE_CHARS = 2000
 
 def field_rows(change: Change) -> list[FieldRow]:
     """Every column of the change, in the row's column order, with its before/after JSON text (cut to
-    MAX_VALUE_CHARS) and status."""
+    MAX_VALUE_CHARS) and status; for a schema change, every column, index and constraint of the table."""
     before, after = change.before, change.after
+    if change.operation is Operation.DDL:
+        before, after = _definition_fields(before), _definition_fields(after)
     rows: list[FieldRow] = []
     for name in (*after, *(key for key in before if key not in after)):
         old = _cut(json_text(before[name])) if name in before else None
@@ -298,6 +301,28 @@ def field_rows(change: Change) -> list[FieldRow]:
             )
         )
     return rows
+
+
+def _definition_fields(definition: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored table definition as one field per column, index and constraint."""
+    fields: dict[str, Any] = {}
+    for kind, label in (("columns", "column"), ("indexes", "index"), ("constraints", "constraint")):
+        part = definition.get(kind)
+        if isinstance(part, Mapping):
+            fields.update((f"{label} {name}", value) for name, value in part.items())
+    return fields
+
+
+def schema_change_summary(change: Change) -> str:
+    """One line for a schema change: its command, what it names, and what it did to the columns."""
+    after = change.after
+    parts = [f"{after.get('command_tag', 'DDL')} {after.get('object_identity', '')}".strip()]
+    found = column_changes(change)
+    parts += [f"+{name}" for name in found.added]
+    parts += [f"\u2212{name}" for name in found.dropped]
+    parts += [f"{old} → {new}" for old, new in found.renamed]
+    parts += [f"{name}: {old} → {new}" for name, old, new in found.retyped]
+    return ", ".join(parts)
 
 
 def _cut(text: str) -> tuple[str, bool]:

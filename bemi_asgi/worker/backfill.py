@@ -56,6 +56,7 @@ from psycopg.adapt import Loader
 
 from .._exceptions import ConfigError, DestinationNotReadyError, SourceNotReadyError
 from .._pgtext import format_lsn, parse_lsn
+from .chain import ChainState, link
 from .config import TrackingConfig
 from .destination import (
     BINARY_COLUMNS,
@@ -154,6 +155,7 @@ class Backfill:
         rows_per_second: float | None = None,
         progress: TextIO | None = None,
         progress_interval: float = 2.0,
+        chain_key: bytes | None = None,
     ) -> None:
         if batch_rows < 1:
             raise ConfigError("batch_rows must be at least 1")
@@ -167,6 +169,7 @@ class Backfill:
         self.rows_per_second = rows_per_second
         self.progress = progress
         self.progress_interval = progress_interval
+        self.chain_key = chain_key
         self.stats = BackfillStats()
         self._stopping = False
         self._stopped = False
@@ -242,7 +245,8 @@ class Backfill:
                 FIRST_ORDINAL,
                 stream,
             )
-            writer = _Writer(dest, binary, database, stream, lsn, committed_at, int(ordinal))
+            chain = await ChainState.load(dest, stream, "baselines", self.chain_key)
+            writer = _Writer(dest, binary, database, stream, lsn, committed_at, int(ordinal), chain)
             stored = sum(
                 state.rows_stored for key, state in states.items() if key in {(t.schema, t.table) for t in todo}
             )
@@ -467,7 +471,7 @@ def _baselines(table: _Table, rows: Iterable[tuple[bytes | None, ...]]) -> Itera
 
 async def _check_destination(dest: asyncpg.Connection) -> bool:
     """Raise DestinationNotReadyError unless the destination takes baselines; whether the binary COPY fits."""
-    missing = await missing_tables(dest, ["bemi.changes", "bemi.backfill_state", "bemi.streams"])
+    missing = await missing_tables(dest, ["bemi.changes", "bemi.backfill_state", "bemi.streams", "bemi.chain"])
     accepts = await dest.fetchval(
         "SELECT NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = to_regclass('bemi.changes')"
         " AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%''TRUNCATE''%'"
@@ -501,7 +505,7 @@ class _Writer:
 
     def __init__(
         self, conn: asyncpg.Connection, binary: bool, database: str, stream: int, lsn: int, committed_at: datetime,
-        ordinal: int,
+        ordinal: int, chain: ChainState,
     ) -> None:  # fmt: skip
         self.conn = conn
         self.binary = binary
@@ -509,6 +513,8 @@ class _Writer:
         self.stream = stream
         self.lsn = lsn
         self.committed_at = committed_at
+        #: The baselines' hash chain (`chain.py`): each page links its baselines, and the ones it replaced.
+        self.chain = chain
         self.ordinal = ordinal
         self.context = encode_json({BASELINE_CONTEXT_KEY: {"snapshot_lsn": format_lsn(lsn)}})
 
@@ -531,19 +537,23 @@ class _Writer:
         baselines stored at that snapshot position (a restarted table whose key is hashed)."""
         numbered = self._numbered(changes)
         conn = self.conn
+        removed: list[tuple[int, int]] = []
         async with conn.transaction():
             if replace is not None:
-                await conn.execute(
+                rows = await conn.fetch(
                     'DELETE FROM bemi.changes WHERE "schema" = $1 AND "table" = $2 AND operation = $3'
-                    " AND commit_lsn = $4 AND stream = $5",
+                    " AND commit_lsn = $4 AND stream = $5 RETURNING commit_lsn, ordinal",
                     table.schema,
                     table.table,
                     SNAPSHOT,
                     replace,
                     self.stream,
                 )
+                removed = sorted((row["commit_lsn"], row["ordinal"]) for row in rows)
             if numbered:
                 await self._copy(numbered)
+            span = (numbered[0][7], numbered[-1][7]) if numbered else (0, -1)
+            chained = await link(conn, self.chain, self.lsn, self.lsn, ordinals=span, removed=removed)
             await conn.execute(
                 'INSERT INTO bemi.backfill_state (stream, "schema", "table", snapshot_lsn, last_key, rows_stored, done)'
                 " VALUES ($7, $1, $2, $3, $4::text::jsonb, $5, $6)"
@@ -558,6 +568,7 @@ class _Writer:
                 done,
                 self.stream,
             )
+        self.chain = chained
 
     async def _copy(self, changes: list[PendingChange]) -> None:
         queued_at = datetime.now(UTC)

@@ -22,6 +22,7 @@ import asyncpg
 
 from .._changes_table import TYPES, WRITTEN
 from .._exceptions import DestinationNotReadyError
+from .chain import ChainState, link
 from .spill import PendingChange
 from .stream import python_encoding
 
@@ -228,7 +229,7 @@ class Destination:
         """Connect and check the destination tables exist (DestinationNotReadyError says how to create them)."""
         conn = await asyncpg.connect(dsn, server_settings={"application_name": "bemi-asgi worker"})
         try:
-            missing = await missing_tables(conn, ["bemi.changes", "bemi.worker_state", "bemi.streams"])
+            missing = await missing_tables(conn, ["bemi.changes", "bemi.worker_state", "bemi.streams", "bemi.chain"])
             binary = await takes_binary_copy(conn)
             encoding = python_encoding(await conn.fetchval("SELECT current_setting('server_encoding')"))
         except BaseException:
@@ -271,15 +272,32 @@ class Destination:
         value = await self._conn.fetchval("SELECT last_commit_lsn FROM bemi.worker_state WHERE stream = $1", stream)
         return int(value) if value is not None else 0
 
-    async def write(self, stream: int, records: Iterable[ChangeRecord], last_commit_lsn: int) -> None:
-        """Store `records` and move the stream's progress to `last_commit_lsn`, atomically."""
+    async def chain_state(self, stream: int, key: bytes | None) -> ChainState:
+        """Where the stream's chain of changes stands."""
+        return await ChainState.load(self._conn, stream, "changes", key)
+
+    async def write(
+        self, stream: int, records: Iterable[ChangeRecord], first_commit_lsn: int, last_commit_lsn: int,
+        chain: ChainState | None,
+    ) -> ChainState | None:  # fmt: skip
+        """Store `records`, chain them and move the stream's progress to `last_commit_lsn`, atomically; return the
+        chain's state after them (valid once this returns: the transaction committed)."""
         async with self._conn.transaction():
             await self._conn.copy_records_to_table("changes", schema_name="bemi", columns=COLUMNS, records=records)
+            chained = None if chain is None else await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
             await self._save_progress(stream, last_commit_lsn)
+        return chained
 
-    async def write_binary(self, stream: int, chunks: Iterable[bytes], last_commit_lsn: int) -> None:
-        """Store the rows of a `BinaryCopy` stream (produced while it is sent) and move the stream's progress to
-        `last_commit_lsn`, atomically."""
+    async def write_binary(
+        self,
+        stream: int,
+        chunks: Iterable[bytes],
+        first_commit_lsn: int,
+        last_commit_lsn: int,
+        chain: ChainState | None,
+    ) -> ChainState | None:
+        """Store the rows of a `BinaryCopy` stream (produced while it is sent), chain them and move the stream's
+        progress to `last_commit_lsn`, atomically; return the chain's state after them."""
         async with self._conn.transaction():
             await self._conn.copy_to_table(
                 "changes",
@@ -288,7 +306,9 @@ class Destination:
                 source=_stream(chunks),
                 format="binary",
             )
+            chained = None if chain is None else await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
             await self._save_progress(stream, last_commit_lsn)
+        return chained
 
     async def _save_progress(self, stream: int, last_commit_lsn: int) -> None:
         await self._conn.execute(

@@ -65,6 +65,11 @@ class Worker:
     `tracking` (see `bemi_asgi.worker.config.load_config`) leaves tables out, ignores, masks or hashes columns before
     anything is written, and drops no-op updates; transactions under `skip_tracking()` are dropped unless it says
     `honor_skip = false`.
+
+    `chain_key` keys the hash chain over the stored changes (HMAC-SHA256; see `chain.py` and `bemi-asgi verify`):
+    a key the destination does not hold, so that whoever can write `bemi.changes` cannot forge the chain. Without
+    it the chain is plain SHA-256, which shows edits only against a head published elsewhere. `chain=False`
+    stores no chain (`verify` then reports the changes stored meanwhile as not in the chain).
     """
 
     def __init__(
@@ -82,6 +87,8 @@ class Worker:
         progress_interval: float = 10.0,
         max_backoff: float = 30.0,
         tracking: TrackingConfig | None = None,
+        chain_key: bytes | None = None,
+        chain: bool = True,
     ) -> None:
         check_dsn(source, what="the source URL")
         if destination is not None:
@@ -102,6 +109,8 @@ class Worker:
         self.max_backoff = max_backoff
         self.stats = WorkerStats()
         self.tracking = tracking
+        self.chain_key = chain_key
+        self.chain = chain
         self._filters = Filters(tracking) if tracking is not None and tracking.filters_rows else None
         self._stopping = False
         self._streamed = False  # a session has reached streaming
@@ -207,7 +216,8 @@ class Worker:
                         encoding=info.encoding,
                         stopping=lambda: self._stopping,
                     )
-                    writer = Writer(destination, queue, progress, options, stream, info.database, stream_id)
+                    chain = await destination.chain_state(stream_id, self.chain_key) if self.chain else None
+                    writer = Writer(destination, queue, progress, options, stream, info.database, stream_id, chain)
                     self._session_state = catalog, progress
                     try:
                         await _run(reader, writer, queue, progress)

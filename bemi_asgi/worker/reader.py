@@ -2,8 +2,9 @@
 
 Per frame: a keepalive moves the seen position; Begin opens a transaction buffer (or skips a transaction already
 stored); each Insert, Update or Delete becomes its stored change (`relations.Relations.row_change`) and joins the
-buffer; `_bemi` messages cut the buffer into segments (the stitching rule); Commit hands the buffer to the writer's
-queue. The reader also sends the periodic status updates, and stops when asked or, with a target, caught up.
+buffer; `_bemi` messages cut the buffer into segments (the stitching rule), schema change messages join it as
+changes (`schema_changes`); Commit hands the buffer to the writer's queue. The reader also sends the periodic
+status updates, and stops when asked or, with a target, caught up.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .pgoutput import DELETE, INSERT, UPDATE, Begin, Commit, Message, Relation, 
 from .progress import Progress
 from .relations import Relations
 from .rules import is_skip_context
+from .schema_changes import SCHEMA_CHANGE_PREFIX, schema_change
 from .spill import TransactionBuffer
 from .stitching import context_json
 from .stream import KEEPALIVE, XLOG_HEADER_SIZE, Keepalive, parse_frame, xlog_start_lsn
@@ -168,7 +170,12 @@ class Reader:
 
     def _message(self, message: Message) -> None:
         current = self._open
-        if message.prefix != MESSAGE_PREFIX or not message.transactional or current is None or current.buffer is None:
+        if not message.transactional or current is None or current.buffer is None:
+            return
+        if message.prefix == SCHEMA_CHANGE_PREFIX:
+            self._schema_change(message, current)
+            return
+        if message.prefix != MESSAGE_PREFIX:
             return
         context = context_json(message.content, self._encoding)
         if self._options.honor_skip and is_skip_context(message.content, context):
@@ -177,6 +184,13 @@ class Reader:
             current.buffer = None
             return
         current.buffer.add_context(context)
+
+    def _schema_change(self, message: Message, current: _Open) -> None:
+        assert current.buffer is not None
+        change = schema_change(message.content, self._encoding, message.lsn, current.ordinal + 1)
+        if change is not None and self._relations.tracks(change[3], change[4]):
+            current.ordinal += 1
+            current.buffer.append(change)
 
     def _truncate(self, message: Truncate, lsn: int) -> None:
         current = self._open

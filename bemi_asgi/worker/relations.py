@@ -180,6 +180,10 @@ class Relations:
     def __getitem__(self, oid: int) -> RelationInfo:
         return self._by_oid[oid]
 
+    def tracks(self, schema: str, table: str) -> bool:
+        """Whether the worker's `include` / `exclude` filters keep changes of this table."""
+        return self._filters is None or self._filters.tracks(schema, table)
+
     async def add(self, message: Relation) -> RelationInfo:
         """Read a Relation message (a relation's first change in the session, or its first after a schema
         change): its primary key and column types from the catalog, its tracking rules, its fast path."""

@@ -2,8 +2,8 @@
 
 A batch is whatever committed transactions queued up while the previous batch was being written (up to
 `batch_rows`), so batches grow under load and stay one transaction deep when idle. Each batch and the last commit
-LSN it covers are committed together in the destination (exactly once); then the progress moves and the source is
-told.
+LSN it covers are committed together in the destination (exactly once), with the batch's link of the hash chain
+(`chain.py`); then the progress moves and the source is told.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Final, Protocol
 
 import asyncpg
 
+from .chain import ChainState
 from .destination import COLUMNS, BinaryCopy, ChangeRecord, Destination
 from .options import Options
 from .progress import Progress
@@ -121,6 +122,8 @@ class Writer:
     database: str
     #: The source stream's id in `bemi.streams`.
     stream_id: int
+    #: The stream's hash chain as stored (`chain.py`): each batch links its changes to it (None: no chain).
+    chain: ChainState | None
 
     async def run(self) -> None:
         """Write until the queue ends."""
@@ -160,19 +163,21 @@ class Writer:
 
     async def _store(self, batch: list[Committed]) -> None:
         stream, database, destination = self.stream_id, self.database, self.destination
+        first, last, state = batch[0].commit_lsn, batch[-1].commit_lsn, self.chain
         try:
             if destination.binary:
-                await destination.write_binary(stream, _binary_copy(batch, database, stream), batch[-1].commit_lsn)
+                copy = _binary_copy(batch, database, stream)
+                self.chain = await destination.write_binary(stream, copy, first, last, state)
             else:
                 records = chain.from_iterable(item.records(database, stream) for item in batch)
-                await destination.write(stream, records, batch[-1].commit_lsn)
+                self.chain = await destination.write(stream, records, first, last, state)
         except (asyncpg.DataError, UnicodeEncodeError) as exc:
             # A value jsonb refuses (or a character the destination's encoding lacks): store the batch again with
             # such characters replaced rather than stop capturing.
             logger.warning("a row needs cleaning before it can be stored as jsonb (%s)", " ".join(str(exc).split()))
             records = chain.from_iterable(item.records(database, stream) for item in batch)
             clean = functools.partial(_jsonb_safe_record, encoding=destination.encoding)
-            await destination.write(stream, map(clean, records), batch[-1].commit_lsn)
+            self.chain = await destination.write(stream, map(clean, records), first, last, state)
 
 
 def _binary_copy(batch: list[Committed], database: str, stream: int) -> Iterator[bytes]:

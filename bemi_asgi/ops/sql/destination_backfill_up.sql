@@ -10,7 +10,7 @@ BEGIN
                       AND pg_get_constraintdef(oid) LIKE '%''SNAPSHOT''%') THEN
         ALTER TABLE bemi.changes DROP CONSTRAINT IF EXISTS changes_operation_check;
         ALTER TABLE bemi.changes ADD CONSTRAINT changes_operation_check
-            CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE', 'SNAPSHOT')) NOT VALID;
+            CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE', 'DDL', 'SNAPSHOT')) NOT VALID;
     END IF;
 END $$;
 

@@ -3,6 +3,8 @@ DROP TABLE IF EXISTS bemi.changes;
 DROP TABLE IF EXISTS bemi.worker_state;
 DROP TABLE IF EXISTS bemi.tracking_rules;
 DROP TABLE IF EXISTS bemi.streams;
+DROP TABLE IF EXISTS bemi.chain;
+DROP TABLE IF EXISTS bemi.chain_anchors;
 DROP FUNCTION IF EXISTS bemi.create_changes_partitions(integer);
 
 -- The schema goes when nothing else (the source's event trigger functions, say) lives in it.

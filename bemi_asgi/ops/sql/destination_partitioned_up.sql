@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     database        text NOT NULL,
     "schema"        text NOT NULL,
     "table"         text NOT NULL,
-    operation       text NOT NULL CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE')),
+    -- DDL: a schema change of the table (before/after: its definition), recorded by the source's event triggers.
+    operation       text NOT NULL CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE', 'DDL')),
     committed_at    timestamptz NOT NULL,
     -- When the worker received the transaction's commit from the source.
     queued_at       timestamptz NOT NULL,

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     database        text NOT NULL,
     "schema"        text NOT NULL,
     "table"         text NOT NULL,
-    operation       text NOT NULL CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE')),
+    -- DDL: a schema change of the table (before/after: its definition), recorded by the source's event triggers.
+    operation       text NOT NULL CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE', 'DDL')),
     committed_at    timestamptz NOT NULL,
     -- When the worker received the transaction's commit from the source.
     queued_at       timestamptz NOT NULL,
@@ -43,6 +44,19 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     stream          integer NOT NULL,
     CONSTRAINT changes_stream_commit_lsn_ordinal_key UNIQUE (stream, commit_lsn, ordinal)
 );
+
+-- Tables created before schema changes were recorded: allow operation DDL. Widened NOT VALID: every stored row
+-- satisfies the narrower check, so nothing is scanned under the exclusive lock.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_constraint
+                WHERE conrelid = 'bemi.changes'::regclass AND conname = 'changes_operation_check'
+                  AND pg_get_constraintdef(oid) NOT LIKE '%''DDL''%') THEN
+        ALTER TABLE bemi.changes DROP CONSTRAINT changes_operation_check;
+        ALTER TABLE bemi.changes ADD CONSTRAINT changes_operation_check
+            CHECK (operation IN ('CREATE', 'UPDATE', 'DELETE', 'TRUNCATE', 'DDL', 'SNAPSHOT')) NOT VALID;
+    END IF;
+END $$;
 
 -- A row's history and time travel: the row's changes in commit order.
 CREATE INDEX IF NOT EXISTS changes_row_idx ON bemi.changes ("schema", "table", primary_key, committed_at);
@@ -67,6 +81,39 @@ CREATE INDEX IF NOT EXISTS changes_truncate_idx ON bemi.changes ("schema", "tabl
     WHERE operation = 'TRUNCATE';
 -- find(transaction_id=...) and revert(transaction=...).
 CREATE INDEX IF NOT EXISTS changes_transaction_idx ON bemi.changes (transaction_id);
+
+-- Tamper evidence (bemi_asgi/worker/chain.py): a hash chain over the stored changes, one row (a link) per
+-- destination transaction, written in that transaction: the keys of the changes it stored, in chain order, and each
+-- change's chain hash (32 bytes each, HMAC-SHA256 when the worker has BEMI_CHAIN_KEY), after the hash `previous`.
+-- `bemi-asgi verify` recomputes them from the stored changes. Two chains per source stream (bemi.streams): the
+-- worker's changes in commit order, and the backfill's baselines in the order it stored them; the first
+-- `removals` entries of a link are baselines it removed (replaced).
+CREATE TABLE IF NOT EXISTS bemi.chain (
+    stream       integer NOT NULL,  -- bemi.streams (id)
+    kind         text NOT NULL CHECK (kind IN ('changes', 'baselines')),
+    seq          bigint NOT NULL,
+    previous     bytea NOT NULL,
+    commit_lsns  bigint[] NOT NULL,
+    ordinals     integer[] NOT NULL,
+    removals     integer NOT NULL DEFAULT 0,
+    hashes       bytea NOT NULL,
+    -- What the link records of its HMAC key (empty without one): a wrong key is told from an edited change.
+    key_id       bytea NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, kind, seq)
+);
+
+-- Where `bemi-asgi prune` cut a chain: the entries of link `seq` before `entry` (0-based) and the links before it
+-- are gone with the changes they covered, and the chain goes on after `hash`. The latest anchor of a chain counts.
+CREATE TABLE IF NOT EXISTS bemi.chain_anchors (
+    stream     integer NOT NULL,
+    kind       text NOT NULL,
+    seq        bigint NOT NULL,
+    entry      integer NOT NULL,
+    hash       bytea NOT NULL,
+    pruned_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, kind, seq, entry)
+);
 
 -- The column rules of each worker run that had any (ignore, mask, hash), with the mask marker, as the worker
 -- records them before it stores anything. Revert reads them to refuse writing a masked, hashed or ignored value

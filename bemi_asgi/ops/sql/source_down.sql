@@ -40,7 +40,15 @@ BEGIN
     END LOOP;
     IF NOT EXISTS (SELECT FROM bemi.source_publications) THEN
         DROP EVENT TRIGGER IF EXISTS bemi_track_new_tables;
+        DROP EVENT TRIGGER IF EXISTS bemi_record_schema_changes;
+        DROP EVENT TRIGGER IF EXISTS bemi_record_dropped_objects;
         DROP FUNCTION IF EXISTS bemi.track_new_tables();
+        DROP FUNCTION IF EXISTS bemi.record_schema_changes();
+        DROP FUNCTION IF EXISTS bemi.record_dropped_objects();
+        DROP FUNCTION IF EXISTS bemi.remember_table_definitions(name);
+        DROP FUNCTION IF EXISTS bemi.record_schema_change(oid, jsonb, text, text, text);
+        DROP FUNCTION IF EXISTS bemi.records_schema_of(oid);
+        DROP FUNCTION IF EXISTS bemi.table_definition(oid);
         DROP FUNCTION IF EXISTS bemi.create_publication(name, name[]);
         DROP FUNCTION IF EXISTS bemi.exclude(name, text[], name[], text[]);
         DROP FUNCTION IF EXISTS bemi.untrack_table(name, regclass);
@@ -48,6 +56,7 @@ BEGIN
         DROP FUNCTION IF EXISTS bemi.track_table(name, regclass);
         DROP FUNCTION IF EXISTS bemi.set_replica_identity_full(regclass);
         DROP FUNCTION IF EXISTS bemi.table_key(name, name);
+        DROP TABLE IF EXISTS bemi.source_table_definitions;
         DROP TABLE bemi.source_replica_identities;
         DROP TABLE bemi.source_publications;
     END IF;

@@ -16,7 +16,9 @@ DECLARE
 BEGIN
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     strictly := (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-              OR EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'bemi_track_new_tables');
+              OR EXISTS (SELECT FROM pg_event_trigger
+                         WHERE evtname IN ('bemi_track_new_tables', 'bemi_record_schema_changes',
+                                           'bemi_record_dropped_objects'));
     WITH owned (object, owner, fix) AS (
         SELECT 'schema bemi', n.nspowner, 'ALTER SCHEMA bemi OWNER TO CURRENT_USER'
         FROM pg_namespace n WHERE n.nspname = 'bemi'
@@ -25,12 +27,15 @@ BEGIN
                'ALTER FUNCTION ' || p.oid::regprocedure::text || ' OWNER TO CURRENT_USER'
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         WHERE n.nspname = 'bemi' AND p.proname IN ('table_key', 'set_replica_identity_full', 'track_table',
-            'create_publication', 'track_schema', 'track_new_tables', 'untrack_table', 'exclude')
+            'create_publication', 'track_schema', 'track_new_tables', 'untrack_table', 'exclude',
+            'table_definition', 'records_schema_of', 'record_schema_change', 'record_schema_changes',
+            'record_dropped_objects', 'remember_table_definitions')
         UNION ALL
         SELECT 'table ' || c.oid::regclass::text, c.relowner,
                'ALTER TABLE ' || c.oid::regclass::text || ' OWNER TO CURRENT_USER'
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'bemi' AND c.relname IN ('source_publications', 'source_replica_identities')
+        WHERE n.nspname = 'bemi' AND c.relname IN ('source_publications', 'source_replica_identities',
+                                                    'source_table_definitions')
     ), found (object, fix) AS (
         SELECT format('%s is owned by role "%s", not a superuser', o.object, r.rolname), o.fix
         FROM owned o JOIN pg_roles r ON r.oid = o.owner
@@ -40,7 +45,8 @@ BEGIN
         SELECT format('trigger %s on %s', quote_ident(t.tgname), t.tgrelid::regclass::text),
                format('DROP TRIGGER %s ON %s', quote_ident(t.tgname), t.tgrelid::regclass::text)
         FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'bemi' AND c.relname IN ('source_publications', 'source_replica_identities')
+        WHERE n.nspname = 'bemi' AND c.relname IN ('source_publications', 'source_replica_identities',
+                                                    'source_table_definitions')
           AND NOT t.tgisinternal
     )
     SELECT string_agg(object, '; ' ORDER BY object), string_agg(fix, '; ' ORDER BY fix DESC)

@@ -208,6 +208,10 @@ BEGIN
                        END);
         DELETE FROM bemi.source_replica_identities WHERE relid = saved.relid;
     END LOOP;
+    -- An untracked table's schema changes are no longer recorded.
+    IF to_regclass('bemi.source_table_definitions') IS NOT NULL THEN
+        DELETE FROM bemi.source_table_definitions d WHERE d.relid = rel;
+    END IF;
 END $$;
 
 -- Remember the exclusions of this run (--exclude-table, --exclude-schema) and forget those --table / --schema
@@ -241,6 +245,157 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Schema changes: the definition of each tracked table (columns, indexes, constraints) as the last recorded schema
+-- change or the migration saw it, keyed by the table's oid. A recorded change says what the table looked like
+-- before (this) and after (the catalog now), and replaces it, all in the transaction of the DDL.
+CREATE TABLE IF NOT EXISTS bemi.source_table_definitions (
+    relid       oid PRIMARY KEY,
+    definition  jsonb NOT NULL
+);
+
+-- A table's definition as the history stores it: its name, its columns (type, NOT NULL, default, and the column
+-- number, which tells a RENAME from a DROP and an ADD), its indexes and its constraints.
+CREATE OR REPLACE FUNCTION bemi.table_definition(rel oid) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_build_object(
+        'schema', n.nspname,
+        'table', c.relname,
+        'columns', COALESCE((
+            SELECT jsonb_object_agg(a.attname, jsonb_strip_nulls(jsonb_build_object(
+                'type', format_type(a.atttypid, a.atttypmod), 'not_null', a.attnotnull, 'number', a.attnum,
+                'default', pg_get_expr(d.adbin, d.adrelid))))
+            FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '{}'),
+        'indexes', COALESCE((
+            SELECT jsonb_object_agg(i.relname, pg_get_indexdef(x.indexrelid))
+            FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid), '{}'),
+        'constraints', COALESCE((
+            SELECT jsonb_object_agg(k.conname, pg_get_constraintdef(k.oid))
+            FROM pg_constraint k WHERE k.conrelid = c.oid), '{}'))
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = rel
+$$;
+
+-- Whether schema changes of a table are recorded: a table (not a partition: its rows arrive under its root) that
+-- a managed publication publishes, or that one will on its creation (its schema is tracked and it is not excluded).
+CREATE OR REPLACE FUNCTION bemi.records_schema_of(rel oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (
+        SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, bemi.source_publications sp
+        WHERE c.oid = rel AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
+          AND n.nspname <> 'bemi'
+          AND (EXISTS (SELECT FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                       WHERE p.pubname = sp.publication AND pr.prrelid = rel)
+               OR (n.nspname = ANY (sp.schemas)
+                   AND bemi.table_key(n.nspname, c.relname) <> ALL (sp.excluded_tables))))
+$$;
+
+-- Record one table's schema change when its definition differs from the remembered one: a transactional logical
+-- message (prefix {{schema_change_prefix}}) the worker stores as a change with operation DDL, in order with the
+-- row changes and with the transaction's context. `definition` is NULL when the table was dropped.
+CREATE OR REPLACE FUNCTION bemi.record_schema_change(rel oid, definition jsonb, command_tag text, object_type text,
+                                                     object_identity text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    previous jsonb;
+    named jsonb;
+BEGIN
+    SELECT d.definition INTO previous FROM bemi.source_table_definitions d WHERE d.relid = rel;
+    IF previous IS NOT DISTINCT FROM definition THEN
+        RETURN;
+    END IF;
+    named := COALESCE(definition, previous);
+    PERFORM pg_logical_emit_message(true, {{schema_change_prefix}}, jsonb_build_object(
+        'schema', named->'schema', 'table', named->'table',
+        'before', COALESCE(previous, '{}'),
+        'after', COALESCE(definition, '{}') || jsonb_build_object(
+            'command_tag', command_tag, 'object_type', object_type, 'object_identity', object_identity))::text);
+    IF definition IS NULL THEN
+        DELETE FROM bemi.source_table_definitions d WHERE d.relid = rel;
+    ELSE
+        INSERT INTO bemi.source_table_definitions AS d (relid, definition) VALUES (rel, definition)
+        ON CONFLICT (relid) DO UPDATE SET definition = excluded.definition;
+    END IF;
+END $$;
+
+-- Event trigger (ddl_command_end): CREATE/ALTER of a tracked table, its columns, indexes and constraints.
+-- It runs before bemi_track_new_tables (event triggers fire in name order), so a table's CREATE is recorded before
+-- the ALTER TABLE ... REPLICA IDENTITY FULL that tracking it runs. It never makes the DDL fail: a change it cannot
+-- record gets a WARNING.
+CREATE OR REPLACE FUNCTION bemi.record_schema_changes() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cmd record;
+BEGIN
+    FOR cmd IN
+        -- One record per table and statement, named by the statement's first command on it.
+        SELECT DISTINCT ON (t.relid) t.relid, e.command_tag, e.object_type, e.object_identity
+        FROM pg_event_trigger_ddl_commands() WITH ORDINALITY AS e
+        CROSS JOIN LATERAL (SELECT CASE e.classid
+            WHEN 'pg_class'::regclass THEN (
+                SELECT CASE WHEN c.relkind IN ('i', 'I') THEN (SELECT x.indrelid FROM pg_index x WHERE x.indexrelid = c.oid)
+                            ELSE c.oid END
+                FROM pg_class c WHERE c.oid = e.objid)
+            WHEN 'pg_constraint'::regclass THEN (SELECT NULLIF(k.conrelid, 0) FROM pg_constraint k WHERE k.oid = e.objid)
+        END AS relid) AS t
+        WHERE t.relid IS NOT NULL AND NOT e.in_extension
+        ORDER BY t.relid, e.ordinality
+    LOOP
+        BEGIN
+            CONTINUE WHEN NOT (bemi.records_schema_of(cmd.relid)
+                               OR EXISTS (SELECT FROM bemi.source_table_definitions d WHERE d.relid = cmd.relid));
+            PERFORM bemi.record_schema_change(cmd.relid, bemi.table_definition(cmd.relid), cmd.command_tag,
+                                              cmd.object_type, cmd.object_identity);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'bemi-asgi could not record the schema change of %: %', cmd.object_identity, SQLERRM;
+        END;
+    END LOOP;
+END $$;
+
+-- Event trigger (sql_drop): a dropped tracked table, and a dropped index of one (whose table the catalog no longer
+-- names: the remembered definitions do, index names being unique in a schema).
+CREATE OR REPLACE FUNCTION bemi.record_dropped_objects() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    obj record;
+    rel oid;
+BEGIN
+    FOR obj IN
+        SELECT o.objid, o.object_type, o.object_identity, o.schema_name, o.object_name
+        FROM pg_event_trigger_dropped_objects() o
+        WHERE o.object_type IN ('table', 'index')
+    LOOP
+        BEGIN
+            IF obj.object_type = 'table' THEN
+                CONTINUE WHEN NOT EXISTS (SELECT FROM bemi.source_table_definitions d WHERE d.relid = obj.objid);
+                PERFORM bemi.record_schema_change(obj.objid, NULL, tg_tag, obj.object_type, obj.object_identity);
+            ELSE
+                FOR rel IN
+                    SELECT d.relid FROM bemi.source_table_definitions d
+                    WHERE d.definition->>'schema' = obj.schema_name AND d.definition->'indexes' ? obj.object_name
+                      AND EXISTS (SELECT FROM pg_class c WHERE c.oid = d.relid)
+                LOOP
+                    PERFORM bemi.record_schema_change(rel, bemi.table_definition(rel), tg_tag, obj.object_type,
+                                                      obj.object_identity);
+                END LOOP;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'bemi-asgi could not record the drop of %: %', obj.object_identity, SQLERRM;
+        END;
+    END LOOP;
+END $$;
+
+-- Remember the definition of every table the publication tracks that has none yet (tables tracked before the
+-- schema changes were recorded, or while the event triggers were missing), so their next change has its before.
+CREATE OR REPLACE FUNCTION bemi.remember_table_definitions(pub name) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO bemi.source_table_definitions (relid, definition)
+    SELECT pr.prrelid, bemi.table_definition(pr.prrelid)
+    FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+    WHERE p.pubname = pub
+    ON CONFLICT (relid) DO NOTHING
+$$;
+
 -- Creating an event trigger needs a superuser, which managed services often do not grant: then say how to track
 -- new tables instead of failing the whole migration.
 DO $$
@@ -251,8 +406,18 @@ BEGIN
             WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
             EXECUTE FUNCTION bemi.track_new_tables();
     END IF;
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'bemi_record_schema_changes') THEN
+        CREATE EVENT TRIGGER bemi_record_schema_changes ON ddl_command_end
+            WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'CREATE INDEX',
+                         'ALTER INDEX')
+            EXECUTE FUNCTION bemi.record_schema_changes();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'bemi_record_dropped_objects') THEN
+        CREATE EVENT TRIGGER bemi_record_dropped_objects ON sql_drop
+            EXECUTE FUNCTION bemi.record_dropped_objects();
+    END IF;
 EXCEPTION WHEN insufficient_privilege THEN
-    RAISE WARNING 'bemi-asgi: this role may not create event triggers (that needs a superuser), so tables created from now on are not tracked automatically'
+    RAISE WARNING 'bemi-asgi: this role may not create event triggers (that needs a superuser), so tables created from now on are not tracked automatically and schema changes are not recorded'
         USING HINT = 'Run bemi-asgi sql-migration again after creating tables; bemi-asgi doctor lists untracked ones.';
 END $$;
 
@@ -265,4 +430,5 @@ BEGIN
     PERFORM bemi.exclude({{publication}}::name, {{excluded_tables}}, {{excluded_schemas}}, {{tables}});
     PERFORM bemi.track_schema({{publication}}::name, s) FROM unnest({{schemas}}) AS s;
     PERFORM bemi.track_table({{publication}}::name, t::regclass) FROM unnest({{tables}}) AS t;
+    PERFORM bemi.remember_table_definitions({{publication}}::name);
 END $$;

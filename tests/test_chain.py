@@ -1,0 +1,260 @@
+"""Tamper evidence: the worker and the backfill chain what they store; `bemi-asgi verify` finds and locates a change
+edited, deleted, inserted or moved directly in `bemi.changes`, and an intact history verifies, also after the
+worker was killed and restarted and after `prune` cut it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from bemi_asgi.cli import app
+from bemi_asgi.ops.migration import migration_sql
+from bemi_asgi.ops.prune import prune
+from bemi_asgi.ops.verify import ChainReport, verify
+from bemi_asgi.worker.backfill import Backfill
+
+from .worker_support import changes, drain, emit
+
+KEY = b"a chain key the database never sees"
+
+
+def migrate(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text, price numeric, tags jsonb)")
+        conn.execute(migration_sql())
+        conn.execute("SELECT pg_create_logical_replication_slot('bemi', 'pgoutput')")
+
+
+def write(dsn: str, transactions: int, start: int = 0) -> None:
+    """`transactions` transactions of a few row changes each, with a context."""
+    with psycopg.connect(dsn) as conn:
+        for n in range(start, start + transactions):
+            conn.execute("INSERT INTO items VALUES (%s, %s, 1.50, %s)", [n, f"item {n}", '{"b": 1, "a": [1.0, 2]}'])
+            conn.execute("UPDATE items SET name = name || '!' WHERE id = %s", [n])
+            emit(conn, {"user": "alice", "n": n})
+            conn.commit()
+
+
+def changes_report(dsn: str, key: bytes | None = KEY, **options: Any) -> ChainReport:
+    return verify(dsn, key=key, **options)[0]
+
+
+@pytest.fixture
+def history(database: str) -> str:
+    """A database with 30 chained changes (keyed), stored in several worker batches."""
+    migrate(database)
+    write(database, 5)
+    return database
+
+
+async def stored_history(dsn: str) -> None:
+    await drain(dsn, chain_key=KEY)
+    write(dsn, 10, start=5)
+    await drain(dsn, chain_key=KEY, batch_rows=4)
+
+
+def as_superuser(dsn: str, statement: str, params: list[Any] | None = None) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement, params)
+
+
+async def test_an_intact_history_verifies_with_its_head_and_position(history: str) -> None:
+    """Every stored change is covered; verify says intact, with the head's hash and position, and the same head is
+    found again later at the same position."""
+    await stored_history(history)
+    stored = changes(history)
+    report = changes_report(history)
+    assert report.intact, report.describe()
+    assert report.changes == len(stored) == 30
+    assert report.position == (stored[-1]["commit_lsn"], stored[-1]["ordinal"])
+    assert report.links > 2  # several batches, chained to each other
+    head = report.head
+
+    write(history, 3, start=50)
+    await drain(history, chain_key=KEY)
+    later = changes_report(history, up_to=stored[-1]["commit_lsn"])
+    assert later.intact
+    assert (later.position, later.head) == (report.position, head)
+    assert changes_report(history).head != head
+
+
+@pytest.mark.parametrize(
+    ("tampering", "found"),
+    [
+        ('UPDATE bemi.changes SET context = \'{"user": "mallory"}\' WHERE id = {id}', "edited"),
+        ('UPDATE bemi.changes SET "after" = "after" || \'{"price": "0.01"}\' WHERE id = {id}', "edited"),
+        ("UPDATE bemi.changes SET committed_at = committed_at - interval '1 day' WHERE id = {id}", "edited"),
+        ("DELETE FROM bemi.changes WHERE id = {id}", "deleted"),
+        (
+            'INSERT INTO bemi.changes (primary_key, "before", "after", context, database, "schema", "table",'
+            " operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal)"
+            ' SELECT primary_key, "before", "after", \'{"user": "mallory"}\', database, "schema", "table",'
+            " operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal + 100"
+            " FROM bemi.changes WHERE id = {id}",
+            "inserted",
+        ),
+        # Two changes swap places: each is intact, in the wrong position.
+        (
+            "UPDATE bemi.changes SET ordinal = 1000 WHERE id = {id};"
+            " UPDATE bemi.changes SET ordinal = 1 WHERE ordinal = 2"
+            "  AND commit_lsn = (SELECT commit_lsn FROM bemi.changes WHERE id = {id});"
+            " UPDATE bemi.changes SET ordinal = 2 WHERE id = {id}",
+            "edited",
+        ),
+    ],
+)
+async def test_a_superusers_edit_is_found_and_located(history: str, tampering: str, found: str) -> None:
+    """An UPDATE, DELETE or INSERT made directly on bemi.changes is reported, with the change it is at, and what
+    comes before it still verifies."""
+    await stored_history(history)
+    stored = changes(history)
+    victim = stored[12]
+    as_superuser(history, tampering.replace("{id}", str(victim["id"])))
+
+    report = changes_report(history)
+    assert report.problem is not None, report.describe()
+    assert report.problem.kind == found
+    if found == "inserted":
+        assert (report.problem.commit_lsn, report.problem.ordinal) == (victim["commit_lsn"], victim["ordinal"] + 100)
+    else:
+        assert (report.problem.commit_lsn, report.problem.ordinal) == (victim["commit_lsn"], 1 if "1000" in tampering
+                                                                       else victim["ordinal"])  # fmt: skip
+    # What comes before it verified: the report stands at the last stored change before the problem.
+    problem_key = (report.problem.commit_lsn, report.problem.ordinal)
+    assert report.position == max((row["commit_lsn"], row["ordinal"]) for row in stored
+                                  if (row["commit_lsn"], row["ordinal"]) < problem_key)  # fmt: skip
+    assert "NOT INTACT" in report.describe()
+
+
+async def test_a_recomputed_chain_needs_the_key(history: str) -> None:
+    """Verifying with another key (or none) says the links were written with another key, rather than calling a
+    change edited; an unkeyed chain verifies without a key."""
+    await stored_history(history)
+    other = changes_report(history, key=b"another key of enough bytes")
+    assert other.problem is not None
+    assert other.problem.kind == "key"
+    assert changes_report(history, key=None).problem is not None
+
+
+async def test_unkeyed_chain_verifies_and_shows_an_edit(database: str) -> None:
+    """Without BEMI_CHAIN_KEY the chain is plain SHA-256: it verifies, and an edit is still found."""
+    migrate(database)
+    write(database, 4)
+    await drain(database)
+    assert changes_report(database, key=None).intact
+    as_superuser(database, 'UPDATE bemi.changes SET "before" = \'{"x": 1}\' WHERE ordinal = 2')
+    report = changes_report(database, key=None)
+    assert report.problem is not None
+    assert report.problem.kind == "edited"
+
+
+async def test_history_verifies_after_the_worker_is_killed_and_restarted(database: str, tmp_path: Any) -> None:
+    """The worker killed with SIGKILL while it stores (and started again, several times) leaves a history that is
+    stored once and verifies: a batch and its link commit together."""
+    migrate(database)
+    env = {**os.environ, "BEMI_CHAIN_KEY": KEY.decode(), "BEMI_SOURCE_URL": database}
+    command = [sys.executable, "-m", "bemi_asgi", "worker", "--quiet"]
+    for round_number in range(3):
+        write(database, 40, start=round_number * 1000)
+        worker = await asyncio.create_subprocess_exec(
+            *command, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        try:
+            # Kill it once it has stored something of this round (the batches are small and many), or after 30 s.
+            for _ in range(1500):
+                if len(changes(database)) > round_number * 80:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            await worker.wait()
+    await drain(database, chain_key=KEY, batch_rows=7)
+    stored = changes(database)
+    assert len(stored) == 3 * 80
+    assert len({(row["commit_lsn"], row["ordinal"]) for row in stored}) == len(stored)
+    report = changes_report(database)
+    assert report.intact, report.describe()
+    assert report.changes == len(stored)
+
+
+async def test_baselines_have_their_own_chain(database: str) -> None:
+    """Baselines a backfill stores (in its own transactions, while the worker runs) are chained apart, in the
+    order stored; a baseline edited later is found in that chain, and the worker's chain stays intact."""
+    migrate(database)
+    write(database, 3)
+    await drain(database, chain_key=KEY)
+    await Backfill(database, batch_rows=2, chain_key=KEY).run()
+    write(database, 2, start=10)
+    await drain(database, chain_key=KEY)
+
+    worker_chain, baselines = verify(database, key=KEY)
+    assert worker_chain.intact
+    assert baselines.intact, baselines.describe()
+    assert baselines.changes == 3
+    assert baselines.links == 2
+    as_superuser(database, "UPDATE bemi.changes SET \"after\" = '{}' WHERE operation = 'SNAPSHOT' AND ordinal = "
+                 "(SELECT max(ordinal) FROM bemi.changes WHERE operation = 'SNAPSHOT')")  # fmt: skip
+    worker_chain, baselines = verify(database, key=KEY)
+    assert worker_chain.intact
+    assert baselines.problem is not None
+    assert baselines.problem.kind == "edited"
+
+
+async def test_prune_leaves_an_anchor_that_verifies(history: str) -> None:
+    """After prune cut the oldest changes, the rest verifies from the anchor prune left; deleting one more change
+    by hand is still found."""
+    await stored_history(history)
+    stored = changes(history)
+    cutoff = stored[14]["committed_at"]
+    assert prune(history, before=cutoff).deleted == len([row for row in stored if row["committed_at"] < cutoff])
+    report = changes_report(history)
+    assert report.intact, report.describe()
+    assert report.anchor is not None
+    assert report.position == (stored[-1]["commit_lsn"], stored[-1]["ordinal"])
+    assert report.changes == len(changes(history))
+    with psycopg.connect(history, autocommit=True) as conn:
+        remaining = conn.execute("SELECT count(*) FROM bemi.chain").fetchone()
+    assert remaining is not None
+    assert remaining[0] < report.links + 2  # the links wholly before the cut are gone
+
+    prune(history, before=datetime.now(UTC))  # everything
+    assert changes_report(history).intact
+    write(history, 2, start=100)
+    await drain(history, chain_key=KEY)
+    report = changes_report(history)
+    assert report.intact, report.describe()
+    assert report.changes == 4
+
+
+def test_verify_command_prints_the_head_and_exits_1_on_tampering(database: str) -> None:
+    """`bemi-asgi verify` prints each chain's state; it exits 0 when intact (and when the published head matches
+    at its position), 1 when a change was edited, naming it."""
+    migrate(database)
+    write(database, 3)
+    asyncio.run(drain(database, chain_key=KEY))
+    runner = CliRunner()
+    env = {"BEMI_CHAIN_KEY": KEY.decode()}
+    result = runner.invoke(app, ["verify", database, "--quiet"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "changes of stream 1 (database test_" in result.stdout
+    assert ", slot bemi): intact, 6 changes" in result.stdout
+    head = result.stdout.split("head ")[1].split()[0]
+    last = changes(database)[-1]["commit_lsn"]
+    lsn = f"{last >> 32:X}/{last & 0xFFFFFFFF:X}"
+    published = ["verify", database, "-q", "--stream", "1", "--up-to", lsn]
+    assert runner.invoke(app, [*published, "--expect", head], env=env).exit_code == 0
+    assert runner.invoke(app, [*published, "--expect", "00" * 32], env=env).exit_code == 1
+    # A head names one stream: --expect without --stream is a usage error, not a verdict.
+    assert runner.invoke(app, ["verify", database, "-q", "--expect", head], env=env).exit_code == 2
+    as_superuser(database, "UPDATE bemi.changes SET context = '{}' WHERE ordinal = 1")
+    result = runner.invoke(app, ["verify", database, "--quiet"], env=env)
+    assert result.exit_code == 1
+    assert "NOT INTACT, edited" in result.stdout
