@@ -95,9 +95,9 @@ async def test_an_intact_history_verifies_with_its_head_and_position(history: st
         ("DELETE FROM bemi.changes WHERE id = {id}", "deleted"),
         (
             'INSERT INTO bemi.changes (primary_key, "before", "after", context, database, "schema", "table",'
-            " operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal)"
+            " operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal, stream)"
             ' SELECT primary_key, "before", "after", \'{"user": "mallory"}\', database, "schema", "table",'
-            " operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal + 100"
+            " operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal + 100, stream"
             " FROM bemi.changes WHERE id = {id}",
             "inserted",
         ),

@@ -42,9 +42,9 @@ def _anchor(conn: psycopg.Connection[Any], stream: int, kind: str) -> int:
         row = conn.execute(
             "SELECT min(k.i) - 1 FROM bemi.chain l, unnest(l.commit_lsns, l.ordinals) WITH ORDINALITY"
             " AS k(key_lsn, key_ordinal, i)"
-            " JOIN bemi.changes c ON c.stream = l.stream AND c.commit_lsn = k.key_lsn AND c.ordinal = k.key_ordinal"
+            " JOIN bemi.changes c ON c.stream = %s AND c.commit_lsn = k.key_lsn AND c.ordinal = k.key_ordinal"
             " WHERE l.stream = %s AND l.kind = %s AND l.seq = %s",
-            [stream, kind, seq],
+            [stream, stream, kind, seq],
         ).fetchone()
         first = row[0] if row is not None else None
         if first is None:
