@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .context import _current, validate
+from .request import CallbackRequest
 
 __all__ = ["BemiMiddleware", "ContextCallback"]
 
@@ -34,6 +35,8 @@ class BemiMiddleware:
     The context is set before the app runs and reset after it finishes, so nothing leaks into the next request.
     Other scope types (`lifespan`) pass through untouched.
 
+    `request.url.path` is read from the scope, without building the full URL (`bemi_asgi.capture.request`).
+
     Note: the callback runs before routing, so `request.path_params` and the matched route are not known yet;
     use `request.url.path` or `request.scope["path"]`.
     """
@@ -50,7 +53,7 @@ class BemiMiddleware:
             await self.app(scope, receive, send)
             return
         # A websocket session is described by its handshake, an HTTP GET: callbacks get the same Request type.
-        request = Request(scope if kind == "http" else {**scope, "type": "http", "method": "GET"})
+        request = CallbackRequest(scope if kind == "http" else {**scope, "type": "http", "method": "GET"})
         try:
             values = self.context(request)
             if values is not None and type(values) is not dict and inspect.isawaitable(values):
