@@ -3,8 +3,10 @@
 Each written transaction gets a transactional logical message with the prefix `_bemi` and the context's JSON, sent
 with COMMIT in the same round trip and only if the transaction wrote (it has an xid):
 
-    SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL
-                THEN pg_logical_emit_message(true, '_bemi', <json>) END;COMMIT
+    SELECT pg_logical_emit_message(true, '_bemi', <json>) WHERE pg_current_xact_id_if_assigned() IS NOT NULL;COMMIT
+
+(The WHERE form costs the server about 8,000 fewer instructions to parse, plan and run than the CASE form it
+replaced; README, Performance.)
 
 Inside a transaction the server judges, never the statement's text (see `Transaction`):
 
@@ -119,7 +121,7 @@ def ascii_json(json: str) -> str:
 def _emit_sql_for(json: str) -> tuple[str, str]:
     literal = dollar_quote(ascii_json(json))
     call = f"pg_logical_emit_message(true, '{MESSAGE_PREFIX}', {literal})"  # 3 arguments: PG 17 added a 4th
-    return f"SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL THEN {call} END;", f"SELECT {call};"
+    return f"SELECT {call} WHERE pg_current_xact_id_if_assigned() IS NOT NULL;", f"SELECT {call};"
 
 
 def emit_sql(data: ContextData | None, *, conditional: bool = True) -> str:
