@@ -450,8 +450,7 @@ def test_emit_sql_is_cached_and_calls_the_three_argument_function() -> None:
     sql = emit_sql(data)
     assert sql is emit_sql(data)
     assert "pg_logical_emit_message(true, '_bemi', $bemi$" in sql
-    assert sql.endswith(" END;")
-    assert "pg_current_xact_id_if_assigned() IS NOT NULL" in sql
+    assert sql.endswith("$bemi$) WHERE pg_current_xact_id_if_assigned() IS NOT NULL;")
     assert "pg_current_xact_id_if_assigned" not in emit_sql(data, conditional=False)
 
 

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import tracing
 from .context import _current, validate
+from .request import CallbackRequest
 
 __all__ = ["BemiMiddleware", "ContextCallback"]
 
@@ -37,6 +38,8 @@ class BemiMiddleware:
     the active OpenTelemetry span, or else from the request's W3C `traceparent` header.
     Other scope types (`lifespan`) pass through untouched.
 
+    `request.url.path` is read from the scope, without building the full URL (`bemi_asgi.capture.request`).
+
     Note: the callback runs before routing, so `request.path_params` and the matched route are not known yet;
     use `request.url.path` or `request.scope["path"]`.
     """
@@ -53,7 +56,7 @@ class BemiMiddleware:
             await self.app(scope, receive, send)
             return
         # A websocket session is described by its handshake, an HTTP GET: callbacks get the same Request type.
-        request = Request(scope if kind == "http" else {**scope, "type": "http", "method": "GET"})
+        request = CallbackRequest(scope if kind == "http" else {**scope, "type": "http", "method": "GET"})
         try:
             values = self.context(request)
             if values is not None and type(values) is not dict and inspect.isawaitable(values):

@@ -3,8 +3,10 @@
 Each written transaction gets a transactional logical message with the prefix `_bemi` and the context's JSON, sent
 with COMMIT in the same round trip and only if the transaction wrote (it has an xid):
 
-    SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL
-                THEN pg_logical_emit_message(true, '_bemi', <json>) END;COMMIT
+    SELECT pg_logical_emit_message(true, '_bemi', <json>) WHERE pg_current_xact_id_if_assigned() IS NOT NULL;COMMIT
+
+(The WHERE form costs the server about 8,000 fewer instructions to parse, plan and run than the CASE form it
+replaced; README, Performance.)
 
 Inside a transaction the server judges, never the statement's text (see `Transaction`):
 
@@ -119,7 +121,7 @@ def ascii_json(json: str) -> str:
 def _emit_sql_for(json: str) -> tuple[str, str]:
     literal = dollar_quote(ascii_json(json))
     call = f"pg_logical_emit_message(true, '{MESSAGE_PREFIX}', {literal})"  # 3 arguments: PG 17 added a 4th
-    return f"SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL THEN {call} END;", f"SELECT {call};"
+    return f"SELECT {call} WHERE pg_current_xact_id_if_assigned() IS NOT NULL;", f"SELECT {call};"
 
 
 def emit_sql(data: ContextData | None, *, conditional: bool = True) -> str:
@@ -300,17 +302,15 @@ def _splice(query: str, inserts: list[tuple[int, str]]) -> str:
 
 _UNREAD = Statement(Step.STATEMENT, Writes.NO, 0)  # text the parser cannot read: the server will refuse it too
 _COPY_IN = Statement(Step.STATEMENT, Writes.YES, 0)
-
-
-def _single(query: str) -> Statement:
-    statements = read(query)
-    return statements[0] if statements is not None and len(statements) == 1 else _UNREAD
+_NOT_PLAIN = Statement(Step.NEUTRAL, Writes.NO, 0)  # `_Shape.plain` of a text planned statement by statement
 
 
 class _Shape(NamedTuple):
-    """What `execute` needs to know of a query string, worked out once per text."""
+    """What the connection needs to know of a query string, worked out once per text."""
 
     statements: tuple[Statement, ...]
+    alone: Statement  # the statement when the text holds exactly one (calls with arguments take only one)
+    plain: Statement  # the whole text as one statement when it holds no transaction control and no SET / SHOW
     control: bool  # it holds transaction control: the statements must be planned one by one
     sets: bool  # it holds a SET / SHOW, in front of which no message may go
     writes: Writes  # the strongest judgement among its statements (used outside a transaction only)
@@ -318,9 +318,12 @@ class _Shape(NamedTuple):
 
 def _make_shape(query: str) -> _Shape:
     statements = read(query) or (_UNREAD,)
+    alone = statements[0] if len(statements) == 1 else _UNREAD
     control = any(s.step is not Step.STATEMENT and s.step is not Step.NEUTRAL for s in statements)
     sets = any(s.step is Step.NEUTRAL for s in statements)
-    return _Shape(statements, control, sets, max((s.writes for s in statements), default=Writes.NO))
+    writes = max((s.writes for s in statements), default=Writes.NO)
+    plain = _NOT_PLAIN if control or sets else Statement(Step.STATEMENT, writes, 0)
+    return _Shape(statements, alone, plain, control, sets, writes)
 
 
 _shape_cached = functools.lru_cache(maxsize=4096)(_make_shape)
@@ -346,6 +349,26 @@ class BemiConnection(_Connection):
         self._bemi = Transaction()
 
     # -- the tracked state, kept in step with the server --
+
+    def _bemi_passes(self, statement: Statement) -> bool:
+        """Whether `statement` runs as it is, with nothing sent around it; if so the tracked state has moved past it.
+
+        The hot path of every call: a few attribute reads, no allocation. False leaves everything to `_bemi_run`
+        (transaction control, a context switch, a statement to wrap, a state to align with the server's).
+        """
+        if statement.step is not Step.STATEMENT:
+            return False
+        tx = self._bemi
+        state = tx.state
+        if not self.is_in_transaction():
+            return state is TransactionState.IDLE and (statement.writes is Writes.NO or current() is None)
+        if state is TransactionState.RUNNING:
+            return current() is tx.under  # the same context object: no switch (another one: `advance` judges)
+        if state is TransactionState.STARTED:
+            data = current()
+            tx.state, tx.under, tx.touched = TransactionState.RUNNING, data, data is not None
+            return True
+        return state is TransactionState.READ_ONLY
 
     def _bemi_tracked(self) -> Transaction:
         """The tracked transaction, first aligned with the server's transaction status."""
@@ -393,29 +416,34 @@ class BemiConnection(_Connection):
 
     async def execute(self, query: str, *args: object, timeout: float | None = None) -> str:  # noqa: ASYNC109
         if args:
+            if self._bemi_passes(_shape(query).alone):
+                return await _Connection.execute(self, query, *args, timeout=timeout)
             return await self._bemi_run(query, super().execute, query, *args, timeout=timeout)
-        parent = super().execute
+        shape = _shape(query)
+        parent = _Connection.execute
+        if self._bemi_passes(shape.plain):  # nothing to send
+            return await parent(self, query, timeout=timeout)
         data = current()
         tx = self._bemi_tracked()
-        statements, control, sets, writes = _shape(query)
+        statements, _, _, control, sets, writes = shape
         idle = tx.state is TransactionState.IDLE
         if not control and idle and (data is None or writes is Writes.NO):  # nothing to send, nothing to track
-            return await parent(query, timeout=timeout)
+            return await parent(self, query, timeout=timeout)
         if not control and not sets:  # the common case: at most one message, in front
             if not idle:
                 owed = tx.advance(Step.STATEMENT, data)
-                return await parent(query if owed is None else owed + query, timeout=timeout)
+                return await parent(self, query if owed is None else owed + query, timeout=timeout)
             if data is None or writes is Writes.NO:
-                return await parent(query, timeout=timeout)
+                return await parent(self, query, timeout=timeout)
             if writes is Writes.MAYBE and len(statements) == 1:  # only calls that may write: emit if they did
-                return await self._bemi_wrap(data, parent, query, timeout=timeout)
+                return await self._bemi_wrap(data, super().execute, query, timeout=timeout)
             # One implicit transaction: the message first (an appended statement would replace the status).
-            return await parent(emit_sql(data, conditional=False) + query, timeout=timeout)
+            return await parent(self, emit_sql(data, conditional=False) + query, timeout=timeout)
         if len(statements) == 1:  # one control statement or SET: move past it here, no plan
             statement = statements[0]
             message = tx.advance(statement.step, data, statement.savepoint)
             if message is None:
-                return await parent(query, timeout=timeout)
+                return await parent(self, query, timeout=timeout)
             return await self._bemi_commit(message, query, timeout)  # only COMMITs owe a message
         planned = tx.copy()
         inserts = _plan(planned, statements, data)
@@ -423,22 +451,22 @@ class BemiConnection(_Connection):
             self._bemi = planned
             return await self._bemi_commit(inserts[0][1], query, timeout)
         try:
-            return await parent(_splice(query, inserts), timeout=timeout)
+            return await parent(self, _splice(query, inserts), timeout=timeout)
         finally:
             self._bemi_settle(planned, data)
 
     async def _bemi_commit(self, message: str, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
         """COMMIT (or PREPARE TRANSACTION) with its message in front, in one round trip. The tracked state has
         moved past it already; only a failed message changes it again."""
-        parent = super().execute
+        parent = _Connection.execute
         try:
-            return await parent(message + query, timeout=timeout)
+            return await parent(self, message + query, timeout=timeout)
         except asyncpg.PostgresError as exc:
             if not self.is_in_transaction():  # COMMIT itself ran and failed (a deferred constraint, say)
                 raise
             if isinstance(exc, asyncpg.InFailedSQLTransactionError):
                 # The transaction had failed before: COMMIT rolls it back without an error, as without the pool.
-                return await parent(query, timeout=timeout)
+                return await parent(self, query, timeout=timeout)
             raise await self._bemi_emit_failed(exc, True) from exc
 
     # -- extended query protocol, COPY, prepared statements, cursors --
@@ -447,7 +475,7 @@ class BemiConnection(_Connection):
         """Run `fn(*args, **kwargs)`, one statement with text `query` (None: COPY FROM STDIN), with the context."""
         data = current()
         tx = self._bemi_tracked()
-        statement = _COPY_IN if query is None else _single(query)
+        statement = _COPY_IN if query is None else _shape(query).alone
         if statement.step is Step.STATEMENT:  # the common case: no transaction control, nothing to plan
             if tx.state is not TransactionState.IDLE:
                 sql = tx.advance(Step.STATEMENT, data)
@@ -489,18 +517,28 @@ class BemiConnection(_Connection):
             await self._bemi_emit(sql, commit=False)
 
     async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if self._bemi_passes(_shape(command).alone):
+            return await _Connection.executemany(self, command, args, timeout=timeout)
         await self._bemi_run(command, super().executemany, command, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: object, timeout: float | None = None, record_class: Any = None) -> Any:  # noqa: ASYNC109
+        if self._bemi_passes(_shape(query).alone):
+            return await _Connection.fetch(self, query, *args, timeout=timeout, record_class=record_class)
         return await self._bemi_run(query, super().fetch, query, *args, timeout=timeout, record_class=record_class)
 
     async def fetchval(self, query: str, *args: object, column: int = 0, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        if self._bemi_passes(_shape(query).alone):
+            return await _Connection.fetchval(self, query, *args, column=column, timeout=timeout)
         return await self._bemi_run(query, super().fetchval, query, *args, column=column, timeout=timeout)
 
     async def fetchrow(self, query: str, *args: object, timeout: float | None = None, record_class: Any = None) -> Any:  # noqa: ASYNC109
+        if self._bemi_passes(_shape(query).alone):
+            return await _Connection.fetchrow(self, query, *args, timeout=timeout, record_class=record_class)
         return await self._bemi_run(query, super().fetchrow, query, *args, timeout=timeout, record_class=record_class)
 
     async def fetchmany(self, query: str, args: Any, *, timeout: float | None = None, record_class: Any = None) -> Any:  # noqa: ASYNC109
+        if self._bemi_passes(_shape(query).alone):
+            return await _Connection.fetchmany(self, query, args, timeout=timeout, record_class=record_class)
         return await self._bemi_run(query, super().fetchmany, query, args, timeout=timeout, record_class=record_class)
 
     async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
@@ -592,22 +630,32 @@ class BemiPreparedStatement(_Statement):
 
     async def fetch(self, *args: object, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()
+        if conn._bemi_passes(_shape(query).alone):
+            return await _Statement.fetch(self, *args, timeout=timeout)
         return await conn._bemi_run(query, super().fetch, *args, timeout=timeout)
 
     async def fetchval(self, *args: object, column: int = 0, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()
+        if conn._bemi_passes(_shape(query).alone):
+            return await _Statement.fetchval(self, *args, column=column, timeout=timeout)
         return await conn._bemi_run(query, super().fetchval, *args, column=column, timeout=timeout)
 
     async def fetchrow(self, *args: object, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()
+        if conn._bemi_passes(_shape(query).alone):
+            return await _Statement.fetchrow(self, *args, timeout=timeout)
         return await conn._bemi_run(query, super().fetchrow, *args, timeout=timeout)
 
     async def fetchmany(self, args: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         conn, query = self._bemi()
+        if conn._bemi_passes(_shape(query).alone):
+            return await _Statement.fetchmany(self, args, timeout=timeout)
         return await conn._bemi_run(query, super().fetchmany, args, timeout=timeout)
 
     async def executemany(self, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         conn, query = self._bemi()
+        if conn._bemi_passes(_shape(query).alone):
+            return await _Statement.executemany(self, args, timeout=timeout)
         await conn._bemi_run(query, super().executemany, args, timeout=timeout)
 
 

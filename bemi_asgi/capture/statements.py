@@ -55,6 +55,10 @@ class Step(enum.Enum):
     RELEASE = "release"
     ROLLBACK_TO = "rollback to"
 
+    # Members are singletons: hash them by identity in C, not by name in Python (Enum's default), since the pool
+    # looks steps up in sets on every COMMIT.
+    __hash__ = object.__hash__
+
 
 class Writes(enum.IntEnum):
     """Whether a statement may write rows, judged from its text (used outside a transaction only)."""
