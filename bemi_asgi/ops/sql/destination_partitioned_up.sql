@@ -40,10 +40,9 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     commit_lsn      bigint NOT NULL,
     ordinal         integer NOT NULL,
     -- A partitioned table's unique constraints must contain the partition key. committed_at is the commit's own
-    -- time, the same for every change of a commit LSN, so these are exactly as unique as (id) and
-    -- (commit_lsn, ordinal). (The worker does not rely on them: it skips what bemi.worker_state says is stored.)
-    CONSTRAINT changes_pkey PRIMARY KEY (id, committed_at),
-    CONSTRAINT changes_commit_lsn_ordinal_key UNIQUE (commit_lsn, ordinal, committed_at)
+    -- time, the same for every change of a commit LSN, so this is exactly as unique as (commit_lsn, ordinal).
+    -- (The worker does not rely on it: it skips what bemi.worker_state says is stored.)
+    CONSTRAINT changes_pkey PRIMARY KEY (commit_lsn, ordinal, committed_at)
 ) PARTITION BY RANGE (committed_at);
 
 -- Changes of months without a partition (the worker never fails for want of one); `bemi-asgi prune` and
