@@ -56,6 +56,7 @@ from ..history.models import Change
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
 from .refs import Refs, SealedRefs
+from .rows import TimelineRows
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
@@ -204,8 +205,8 @@ class BemiUI:
             request_id_key=request_id_key,
             title=title,
             no_filters=TimelineFilters(),
-            table_params=_table_params,
             ref=self.refs,
+            timeline_row_html=TimelineRows(self.refs, request_id_key),
         )
         self._router = Router(
             routes=[
@@ -596,11 +597,6 @@ class BemiUI:
 
 #: The documented name: `bemi_ui(bemi, authorize=...)` creates the app.
 bemi_ui = BemiUI
-
-
-def _table_params(change: Change) -> list[tuple[str, str]]:
-    """The timeline's query for every change of `change`'s table."""
-    return TimelineFilters(table=f"{change.schema_}.{change.table}").params()
 
 
 def _linker(base: str) -> Callable[..., str]:
