@@ -16,24 +16,22 @@ from typing import Any, Literal
 
 import asyncpg
 
-from .._changes_table import CHANGES, COLUMNS, SCHEMA, WORKER_STATE
+from .._changes_table import CHANGES, SCHEMA, WORKER_STATE
 from .._exceptions import QueryError, UnknownTableError
-from .._pgtext import quote_ident, quote_qualified
+from .._pgtext import quote_qualified
 from .catalog import fetch_table_info
 from .filters import At, ChangeFilter, FilterArgs, Where
-from .models import Change, change_from_record
+from .models import Change, change_from_json
 from .replay import without_idle_truncates
 
-__all__ = ["CHANGES_SQL", "SELECT_COLUMNS", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
+__all__ = ["CHANGES_SQL", "SELECT_CHANGE", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
 
 CHANGES_SQL = quote_qualified(SCHEMA, CHANGES)
 WORKER_STATE_SQL = quote_qualified(SCHEMA, WORKER_STATE)
 
-#: Every column of `bemi.changes`, jsonb as text (asyncpg would decode it twice otherwise): what `change_from_record`
-#: reads.
-SELECT_COLUMNS = ", ".join(
-    f"{name}::text AS {name}" if column.is_json else name for column in COLUMNS for name in [quote_ident(column.name)]
-)
+#: The select list of a change read from `bemi.changes AS c`: the whole row as one JSON object (what
+#: `change_from_json` reads), and its commit order key for ORDER BY.
+SELECT_CHANGE = "row_to_json(c)::text AS change, c.commit_lsn, c.ordinal"
 
 
 #: What a role needs to read the history (the README's `bemi_reader`; an app reading through its own pool gets them by
@@ -111,7 +109,7 @@ class ChangeStore:
         """The changes matching `where` in commit order (`order`), at most `limit` of them."""
         direction = "ASC" if order == "asc" else "DESC"
         sql = (
-            f"SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {where.sql()} "
+            f"SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {where.sql()} "
             f"ORDER BY commit_lsn {direction}, ordinal {direction}"
         )
         if limit is not None:
@@ -119,7 +117,7 @@ class ChangeStore:
         pool = await self.pool()
         with history_grants():
             records = await pool.fetch(sql, *where.params)
-        return [change_from_record(record) for record in records]
+        return [change_from_json(record[0]) for record in records]
 
     async def count(self, where: Where) -> int:
         pool = await self.pool()
@@ -148,11 +146,11 @@ class ChangeStore:
         scope = where.sql()
         sql = f"""
             WITH row_changes AS (
-                SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {scope} AND primary_key = {where.param(key)}
+                SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {scope} AND primary_key = {where.param(key)}
                  ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(limit)})
             SELECT * FROM row_changes
             UNION ALL
-            SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {scope} AND operation = 'TRUNCATE'
+            SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {scope} AND operation = 'TRUNCATE'
                AND (commit_lsn, ordinal) > (SELECT commit_lsn, ordinal FROM row_changes
                                              ORDER BY commit_lsn, ordinal LIMIT 1)
             ORDER BY commit_lsn, ordinal
@@ -160,7 +158,7 @@ class ChangeStore:
         pool = await self.pool()
         with history_grants():
             records = await pool.fetch(sql, *where.params)
-        return without_idle_truncates(change_from_record(record) for record in records)
+        return without_idle_truncates(change_from_json(record[0]) for record in records)
 
     # Validation.
 
