@@ -29,8 +29,9 @@ __all__ = ["CHANGES_SQL", "SELECT_CHANGE", "WORKER_STATE_SQL", "ChangeStore", "h
 CHANGES_SQL = quote_qualified(SCHEMA, CHANGES)
 WORKER_STATE_SQL = quote_qualified(SCHEMA, WORKER_STATE)
 
-#: The select list of a change read from `bemi.changes AS c`: the whole row as one JSON object (what
-#: `change_from_json` reads), and its commit order key for ORDER BY.
+#: The select list of a change read from `bemi.changes AS c` (or a subquery of its rows): the whole row as one JSON
+#: object (what `change_from_json` reads), and its commit order key for ORDER BY. PostgreSQL writes the JSON before
+#: it sorts and limits, so queries with a LIMIT select it from a subquery of the rows kept.
 SELECT_CHANGE = "row_to_json(c)::text AS change, c.commit_lsn, c.ordinal"
 
 
@@ -108,12 +109,13 @@ class ChangeStore:
     ) -> list[Change]:
         """The changes matching `where` in commit order (`order`), at most `limit` of them."""
         direction = "ASC" if order == "asc" else "DESC"
+        in_order = f"ORDER BY commit_lsn {direction}, ordinal {direction}"
+        # The JSON is written for the changes kept, after the LIMIT: in a flat query PostgreSQL would write it for
+        # every matching change before sorting them.
         sql = (
-            f"SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {where.sql()} "
-            f"ORDER BY commit_lsn {direction}, ordinal {direction}"
+            f"SELECT {SELECT_CHANGE} FROM (SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} {in_order}"
+            f"{'' if limit is None else f' LIMIT {where.param(limit)}'}) AS c {in_order}"
         )
-        if limit is not None:
-            sql += f" LIMIT {where.param(limit)}"
         pool = await self.pool()
         with history_grants():
             records = await pool.fetch(sql, *where.params)
@@ -146,13 +148,15 @@ class ChangeStore:
         scope = where.sql()
         sql = f"""
             WITH row_changes AS (
-                SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {scope} AND primary_key = {where.param(key)}
+                SELECT * FROM {CHANGES_SQL} WHERE {scope} AND primary_key = {where.param(key)}
                  ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(limit)})
-            SELECT * FROM row_changes
-            UNION ALL
-            SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {scope} AND operation = 'TRUNCATE'
-               AND (commit_lsn, ordinal) > (SELECT commit_lsn, ordinal FROM row_changes
-                                             ORDER BY commit_lsn, ordinal LIMIT 1)
+            SELECT {SELECT_CHANGE} FROM (
+                SELECT * FROM row_changes
+                UNION ALL
+                SELECT * FROM {CHANGES_SQL} WHERE {scope} AND operation = 'TRUNCATE'
+                   AND (commit_lsn, ordinal) > (SELECT commit_lsn, ordinal FROM row_changes
+                                                 ORDER BY commit_lsn, ordinal LIMIT 1)
+            ) AS c
             ORDER BY commit_lsn, ordinal
         """
         pool = await self.pool()
