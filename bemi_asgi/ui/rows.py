@@ -14,7 +14,7 @@ from markupsafe import Markup, escape
 
 from ..history.models import Change, Operation
 from .refs import Refs
-from .view import TimelineFilters, context_value_text, format_time, json_text, shorten
+from .view import CONTEXT_PARAM_PREFIX, TimelineFilters, context_value_text, format_time, json_text, shorten
 
 __all__ = ["Link", "TimelineRows"]
 
@@ -88,13 +88,19 @@ class TimelineRows:
         if not change.context:
             return Markup('<span class="muted">no context</span>')
         chips = []
+        base = None
         for key, value in change.context.items():
             text = context_value_text(value)
             key_html, text_html = escape(key), escape(text)
             if key == self.request_id_key:
                 href, title = link("/request", {"id": text}), "Every change of this request"
             else:
-                href, title = link("/", filters.with_context(key, value).params()), f"Filter by {key_html}={text_html}"
+                if key in filters.context:
+                    params = filters.with_context(key, value).params()
+                else:  # the same parameters, without building new filters for every chip
+                    base = filters.params(cursor=None) if base is None else base
+                    params = [*base, (CONTEXT_PARAM_PREFIX + key, text)]
+                href, title = link("/", params), f"Filter by {key_html}={text_html}"
             chips.append(f'<a class="chip" href="{escape(href)}" title="{title}">')
             chips.append(f'<span class="k">{key_html}=</span>{text_html}</a>\n')
         return Markup("".join(chips))
