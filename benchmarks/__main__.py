@@ -33,6 +33,7 @@ BENCHMARKS = {
     "write_overhead": "the bemi pool against a plain asyncpg pool",
     "decode": "pgoutput decoding against touching each message",
     "worker_throughput": "the worker against pg_recvlogical; memory; lag",
+    "destination": "COPY into bemi.changes, and each index, against the heap alone",
     "tracking_overhead": "worker with column rules against no rules",
     "sharding": "two workers on two publications against one worker on both",
     "backfill": "backfill baselines against COPY TO of the same table",

@@ -114,6 +114,21 @@ async def test_prune_deletes_exactly_what_is_older_while_the_worker_ingests(data
     assert progress.getvalue().count("deleted") >= len(old) // 100  # one line per batch, then the total
 
 
+@pytest.mark.parametrize("partitioned", [False, True], ids=["plain", "partitioned"])
+def test_prune_deletes_older_changes_stored_after_newer_ones(database: str, partitioned: bool) -> None:
+    """Prune walks the changes in commit order and stops where they reach the cutoff, yet a change committed before
+    the cutoff but stored after newer ones (a clock stepped back) goes too, and every newer change stays."""
+    prepare(database, partitioned=partitioned)
+    # In commit order: 250 old changes, one at the cutoff, then old and new ones mixed.
+    times = [CUTOFF - timedelta(days=3) + timedelta(minutes=n) for n in range(250)]
+    times += [CUTOFF, CUTOFF - timedelta(days=1), CUTOFF + TICK, CUTOFF - TICK, CUTOFF + timedelta(days=1)]
+    times += [CUTOFF - timedelta(days=2) + timedelta(seconds=n) for n in range(120)]
+    seed(database, times)
+    result = prune(database, before=CUTOFF, batch_size=100)
+    assert result.deleted == len([at for at in times if at < CUTOFF])
+    assert committed_at(database) == sorted(at for at in times if at >= CUTOFF)
+
+
 async def _current_lsn(dsn: str) -> int:
     pool = await bemi_asgi.create_pool(dsn, min_size=1, max_size=1)
     try:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
+import asyncpg
 import pytest
 
 import bemi_asgi
@@ -89,6 +90,23 @@ async def test_find_returns_immutable_change_models_newest_first(env: Env) -> No
     with pytest.raises(ValueError, match="frozen"):
         latest.operation = Operation.DELETE  # type: ignore[misc]
     assert page.next_cursor is None
+
+
+async def test_times_come_back_in_utc_whatever_the_session_time_zone(env: Env, database: str) -> None:
+    """Read through a pool whose sessions use another time zone, a change's times are the same instants, aware and
+    in UTC."""
+    await write_item_story(env)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1, server_settings={"TimeZone": "Asia/Kathmandu"})
+    try:
+        assert await pool.fetchval("SHOW TimeZone") == "Asia/Kathmandu"
+        for change in [*await Bemi(pool).changes.find(table="items"), *await Bemi(pool).history("items", 1)]:
+            for moment in (change.committed_at, change.queued_at, change.created_at):
+                assert moment.tzinfo is UTC
+        first = (await Bemi(pool).history("items", 1))[0]
+        assert first.committed_at == T0
+        assert first.committed_at.isoformat() == T0.isoformat()
+    finally:
+        await pool.close()
 
 
 async def test_find_filters_combine(env: Env) -> None:

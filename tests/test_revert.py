@@ -217,19 +217,21 @@ async def test_revert_argument_errors(env: Env) -> None:
 
 async def test_revert_refuses_an_empty_context_and_rereads_a_given_change(env: Env) -> None:
     """`context={}` would select every stored change and undo all tracked writes: refused, nothing written. A
-    Change passed as `change=` is planned from the row stored under its id, never from the object given: a forged
-    Change (another table, other values) undoes only what the stored change did, and one whose id is not stored is
-    refused."""
+    Change passed as `change=` is planned from the row stored under its exactly-once key (commit LSN, ordinal),
+    never from the object given: a forged Change (another table, other values, another id) undoes only what the
+    stored change did, and one whose key is not stored is refused."""
     await tracked(env.conn, env.writer, "items", {"id": 1}, INSERT_ITEM, 1, "pen", context={"job": "x"})
     with pytest.raises(QueryError, match="empty"):
         await env.bemi.revert(env.conn, context={})
     assert await image(env, 1) is not None
     create = (await env.bemi.history("items", 1))[0]
-    forged = create.model_copy(update={"table": "stock", "primary_key": '["EU","1"]', "after": {"qty": 1}})
+    forged = create.model_copy(
+        update={"id": create.id + 1000, "table": "stock", "primary_key": '["EU","1"]', "after": {"qty": 1}}
+    )
     plan = await env.bemi.revert(change=forged, dry_run=True)
     assert plan.changes == (create,)
     assert [s.sql for s in plan.statements] == ['DELETE FROM "public"."items" WHERE "id" = $1::text::integer']
-    ghost = create.model_copy(update={"id": create.id + 1000, "operation": "DELETE", "before": {"id": 5}})
-    with pytest.raises(QueryError, match=rf"no stored change with id {ghost.id}"):
+    ghost = create.model_copy(update={"ordinal": create.ordinal + 1000, "operation": "DELETE", "before": {"id": 5}})
+    with pytest.raises(QueryError, match=rf"no stored change .*commit LSN {ghost.commit_lsn}, ordinal {ghost.ordinal}"):
         await env.bemi.revert(env.conn, change=ghost)
     assert await env.conn.fetchval("SELECT count(*) FROM items") == 1

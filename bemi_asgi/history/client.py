@@ -28,10 +28,10 @@ from .._exceptions import QueryError
 from .catalog import fetch_table_info
 from .changes import ChangesAPI
 from .filters import ChangeFilter, FilterArgs, PrimaryKey, encode_primary_key, parse_at, read_lsn, split_table
-from .models import Change, Stream, change_from_record
+from .models import Change, Stream, change_from_json
 from .replay import apply_schema_change, blame_columns, row_states, table_columns
 from .revert import RevertPlan, apply_plan, plan_revert, revert_selection
-from .store import CHANGES_SQL, SELECT_COLUMNS, STREAMS_SQL, WORKER_STATE_SQL, ChangeStore, at_condition, history_grants
+from .store import CHANGES_SQL, SELECT_CHANGE, STREAMS_SQL, WORKER_STATE_SQL, ChangeStore, at_condition, history_grants
 from .wait import wait_for_lsn
 
 __all__ = ["Bemi"]
@@ -159,9 +159,9 @@ class Bemi:
             after_lsn, after_ordinal = (end["commit_lsn"], end["ordinal"]) if end else (-1, -1)
             after = f"({where.param(after_lsn)}::bigint, {where.param(after_ordinal)}::integer)"
             schema_changes = [
-                change_from_record(record)
+                change_from_json(record["change"])
                 for record in await conn.fetch(
-                    f"""SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {where.sql()} AND operation = 'DDL'
+                    f"""SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {where.sql()} AND operation = 'DDL'
                          AND "before" -> 'columns' IS DISTINCT FROM "after" -> 'columns'
                          AND (commit_lsn, ordinal) > {after} ORDER BY commit_lsn, ordinal""",
                     *where.params,

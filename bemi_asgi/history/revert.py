@@ -179,11 +179,18 @@ async def _select(store: ChangeStore, chosen: RevertSelection) -> list[Change]:
     """The selected changes in commit order."""
     if chosen.change is not None:
         # Planned from the stored row, never from the object given (which anyone can build with any values).
-        by_id = Where()
-        by_id.add(f"id = {by_id.param(chosen.change.id)}::bigint")
-        stored = await store.select(by_id)
+        # Looked up by the exactly-once key, the primary key.
+        by_key = Where()
+        by_key.add(
+            f"commit_lsn = {by_key.param(chosen.change.commit_lsn)}::bigint "
+            f"AND ordinal = {by_key.param(chosen.change.ordinal)}::integer"
+        )
+        stored = await store.select(by_key)
         if not stored:
-            raise QueryError(f"no stored change with id {chosen.change.id}: pass a Change from find or history")
+            raise QueryError(
+                f"no stored change {chosen.change.id} (commit LSN {chosen.change.commit_lsn}, ordinal "
+                f"{chosen.change.ordinal}): pass a Change from find or history"
+            )
         return stored
     assert chosen.matching is not None
     selected = await store.select(chosen.matching.where())

@@ -16,25 +16,24 @@ from typing import Any, Literal
 
 import asyncpg
 
-from .._changes_table import CHANGES, COLUMNS, SCHEMA, STREAMS, WORKER_STATE
+from .._changes_table import CHANGES, SCHEMA, STREAMS, WORKER_STATE
 from .._exceptions import QueryError, UnknownTableError
-from .._pgtext import quote_ident, quote_qualified
+from .._pgtext import quote_qualified
 from .catalog import fetch_table_info
 from .filters import At, ChangeFilter, FilterArgs, Where
-from .models import Change, change_from_record
+from .models import Change, change_from_json
 from .replay import without_idle_truncates
 
-__all__ = ["CHANGES_SQL", "SELECT_COLUMNS", "STREAMS_SQL", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
+__all__ = ["CHANGES_SQL", "SELECT_CHANGE", "STREAMS_SQL", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
 
 CHANGES_SQL = quote_qualified(SCHEMA, CHANGES)
 WORKER_STATE_SQL = quote_qualified(SCHEMA, WORKER_STATE)
 STREAMS_SQL = quote_qualified(SCHEMA, STREAMS)
 
-#: Every column of `bemi.changes`, jsonb as text (asyncpg would decode it twice otherwise): what `change_from_record`
-#: reads.
-SELECT_COLUMNS = ", ".join(
-    f"{name}::text AS {name}" if column.is_json else name for column in COLUMNS for name in [quote_ident(column.name)]
-)
+#: The select list of a change read from `bemi.changes AS c` (or a subquery of its rows): the whole row as one JSON
+#: object (what `change_from_json` reads), and its commit order key for ORDER BY. PostgreSQL writes the JSON before
+#: it sorts and limits, so queries with a LIMIT select it from a subquery of the rows kept.
+SELECT_CHANGE = "row_to_json(c)::text AS change, c.commit_lsn, c.ordinal"
 
 
 #: What a role needs to read the history (the README's `bemi_reader`; an app reading through its own pool gets them by
@@ -112,16 +111,17 @@ class ChangeStore:
     ) -> list[Change]:
         """The changes matching `where` in commit order (`order`), at most `limit` of them."""
         direction = "ASC" if order == "asc" else "DESC"
+        in_order = f"ORDER BY commit_lsn {direction}, ordinal {direction}, stream {direction}"
+        # The JSON is written for the changes kept, after the LIMIT: in a flat query PostgreSQL would write it for
+        # every matching change before sorting them.
         sql = (
-            f"SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {where.sql()} "
-            f"ORDER BY commit_lsn {direction}, ordinal {direction}, stream {direction}"
+            f"SELECT {SELECT_CHANGE} FROM (SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} {in_order}"
+            f"{'' if limit is None else f' LIMIT {where.param(limit)}'}) AS c {in_order}"
         )
-        if limit is not None:
-            sql += f" LIMIT {where.param(limit)}"
         pool = await self.pool()
         with history_grants():
             records = await pool.fetch(sql, *where.params)
-        return [change_from_record(record) for record in records]
+        return [change_from_json(record[0]) for record in records]
 
     async def count(self, where: Where) -> int:
         pool = await self.pool()
@@ -153,21 +153,23 @@ class ChangeStore:
         scope = where.sql()
         sql = f"""
             WITH row_changes AS (
-                SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {scope} AND primary_key = {where.param(key)}
+                SELECT * FROM {CHANGES_SQL} WHERE {scope} AND primary_key = {where.param(key)}
                  ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(limit)})
-            SELECT * FROM row_changes
-            UNION ALL
-            SELECT {SELECT_COLUMNS} FROM {CHANGES_SQL} WHERE {scope}
-               AND (operation = 'TRUNCATE'
-                    OR operation = 'DDL' AND "before" -> 'columns' IS DISTINCT FROM "after" -> 'columns')
-               AND (commit_lsn, ordinal) > (SELECT commit_lsn, ordinal FROM row_changes
-                                             ORDER BY commit_lsn, ordinal LIMIT 1)
+            SELECT {SELECT_CHANGE} FROM (
+                SELECT * FROM row_changes
+                UNION ALL
+                SELECT * FROM {CHANGES_SQL} WHERE {scope}
+                   AND (operation = 'TRUNCATE'
+                        OR operation = 'DDL' AND "before" -> 'columns' IS DISTINCT FROM "after" -> 'columns')
+                   AND (commit_lsn, ordinal) > (SELECT commit_lsn, ordinal FROM row_changes
+                                                 ORDER BY commit_lsn, ordinal LIMIT 1)
+            ) AS c
             ORDER BY commit_lsn, ordinal
         """
         pool = await self.pool()
         with history_grants():
             records = await pool.fetch(sql, *where.params)
-        return without_idle_truncates(change_from_record(record) for record in records)
+        return without_idle_truncates(change_from_json(record[0]) for record in records)
 
     # Validation.
 

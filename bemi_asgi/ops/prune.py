@@ -7,8 +7,8 @@
   exclusive lock on `bemi.changes` (PostgreSQL's rule), so it runs with a short `lock_timeout` and retries rather
   than queueing every reader and the worker behind a long query.
 - The remaining rows before the cutoff (the month that straddles it, the default partition, or all of an
-  unpartitioned table) are deleted in batches of `batch_size`, oldest first, each batch its own transaction. The
-  worker's COPY only inserts, so the two never wait on each other's rows.
+  unpartitioned table) are deleted in batches of `batch_size`, oldest first in commit order (the primary key),
+  each batch its own transaction. The worker's COPY only inserts, so the two never wait on each other's rows.
 - On a partitioned table, the partitions of the coming months are created (`bemi.create_changes_partitions`), so
   the worker's rows keep landing in monthly partitions rather than in the default one.
 
@@ -191,23 +191,52 @@ def _drop_partition(conn: psycopg.Connection[Any], name: str, lock_timeout: floa
     raise ConfigError(f"could not lock bemi.{name} to drop it: a long query holds bemi.changes; try again later")
 
 
+#: One batch: the next `size` changes in commit order (the primary key) after the last one looked at, those of them
+#: committed before the cutoff deleted. It reads only the rows it looks at, never the ones earlier batches deleted.
+_BATCH = """
+WITH batch AS (
+    SELECT commit_lsn, ordinal, committed_at FROM bemi.changes
+     WHERE (commit_lsn, ordinal) > (%(lsn)s::bigint, %(ordinal)s::integer)
+     ORDER BY commit_lsn, ordinal LIMIT %(size)s),
+gone AS (
+    DELETE FROM bemi.changes c USING batch b
+     WHERE b.committed_at < %(before)s
+       AND c.commit_lsn = b.commit_lsn AND c.ordinal = b.ordinal AND c.committed_at = b.committed_at
+    RETURNING 1)
+SELECT (SELECT count(*) FROM gone), (SELECT bool_or(committed_at >= %(before)s) FROM batch), last.commit_lsn,
+       last.ordinal
+  FROM (SELECT commit_lsn, ordinal FROM batch ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1) AS last
+"""
+
+#: The older changes stored after the walk's end, `size` at a time: found through the BRIN on committed_at.
+_STRAGGLERS = """
+DELETE FROM bemi.changes WHERE (commit_lsn, ordinal, committed_at) IN (
+    SELECT commit_lsn, ordinal, committed_at FROM bemi.changes WHERE committed_at < %(before)s LIMIT %(size)s)
+"""
+
+
 def _delete_in_batches(
     conn: psycopg.Connection[Any], before: datetime, batch_size: int, progress: TextIO | None
 ) -> int:
-    # (id, committed_at) identifies a row on both layouts (it is the partitioned table's primary key); oldest first,
-    # through the committed_at index, so each batch reads only what it deletes.
-    statement = (
-        "DELETE FROM bemi.changes WHERE (id, committed_at) IN"
-        " (SELECT id, committed_at FROM bemi.changes WHERE committed_at < %s ORDER BY committed_at LIMIT %s)"
-    )
+    # Commit times grow with commit LSNs, so the walk in commit order meets the old changes first and stops at the
+    # first batch that reaches the cutoff. A change committed before the cutoff but stored later in commit order (a
+    # clock stepped back) is left to the last loop, which the BRIN leads to.
     total = 0
+    lsn, ordinal = -1, 0
     while True:
-        deleted = conn.execute(statement, [before, batch_size]).rowcount
+        row = conn.execute(_BATCH, {"lsn": lsn, "ordinal": ordinal, "size": batch_size, "before": before}).fetchone()
+        if row is None:
+            break
+        deleted, reached_cutoff, lsn, ordinal = row
         total += deleted
         if deleted:
             _say(progress, f"deleted {total:,} changes so far")
-        if deleted < batch_size:
-            return total
+        if reached_cutoff:
+            break
+    while deleted := conn.execute(_STRAGGLERS, {"before": before, "size": batch_size}).rowcount:
+        total += deleted
+        _say(progress, f"deleted {total:,} changes so far")
+    return total
 
 
 def _say(progress: TextIO | None, text: str) -> None:

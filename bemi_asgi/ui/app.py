@@ -75,6 +75,7 @@ from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
 from .chart import chart, table_rows
 from .revert import AuthorizeRevert, RevertPages, RevertPool
+from .rows import TimelineRows
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
@@ -90,6 +91,7 @@ from .view import (
     parse_moment,
     schema_change_summary,
     shorten,
+    trace_id_of,
 )
 
 if TYPE_CHECKING:
@@ -237,12 +239,12 @@ class BemiUI:
             request_id_key=request_id_key,
             title=title,
             no_filters=TimelineFilters(),
-            table_params=_table_params,
             ref=self.refs,
             trace_id_key=TRACE_ID_KEY,
-            trace_id_of=_trace_id_of,
+            trace_id_of=trace_id_of,
             viewer_link=self._viewer_link,
             can_revert=False,
+            timeline_row_html=TimelineRows(self.refs, request_id_key, self._viewer_link),
         )
         self._router = Router(
             routes=[
@@ -701,14 +703,6 @@ bemi_ui = BemiUI
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 
 
-def _trace_id_of(value: Any) -> str | None:
-    """A context's trace id, when it is one that the trace page can open."""
-    try:
-        return value if isinstance(value, str) and read_trace_id(value) == value else None
-    except QueryError:
-        return None
-
-
 def _check_trace_url(template: str) -> None:
     """Refuse a trace viewer template that names other fields or is not a web address (a `javascript:` link)."""
     try:
@@ -722,11 +716,6 @@ def _check_trace_url(template: str) -> None:
         )
     if not template.startswith(("http://", "https://", "/")):
         raise ValueError("bemi_ui(trace_url=...) must be an http(s) address or a path starting with /")
-
-
-def _table_params(change: Change) -> list[tuple[str, str]]:
-    """The timeline's query for every change of `change`'s table."""
-    return TimelineFilters(table=f"{change.schema_}.{change.table}").params()
 
 
 def _route_path(scope: Scope) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from .._exceptions import QueryError
 from ..history.access import merge_scope
-from ..history.filters import FilterArgs
+from ..history.filters import FilterArgs, read_trace_id
 from ..history.models import Change, Operation
 from ..history.replay import column_changes
 
@@ -329,3 +329,11 @@ def _cut(text: str) -> tuple[str, bool]:
     if len(text) <= MAX_VALUE_CHARS:
         return text, False
     return text[:MAX_VALUE_CHARS] + "…", True
+
+
+def trace_id_of(value: Any) -> str | None:
+    """A context's trace id, when it is one that the trace page can open."""
+    try:
+        return value if isinstance(value, str) and read_trace_id(value) == value else None
+    except QueryError:
+        return None

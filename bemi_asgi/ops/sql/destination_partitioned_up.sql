@@ -43,11 +43,9 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     ordinal         integer NOT NULL,
     stream          integer NOT NULL,
     -- A partitioned table's unique constraints must contain the partition key. committed_at is the commit's own
-    -- time, the same for every change of a commit LSN, so these are exactly as unique as (id) and
-    -- (stream, commit_lsn, ordinal). (The worker does not rely on them: it skips what bemi.worker_state says is
-    -- stored.)
-    CONSTRAINT changes_pkey PRIMARY KEY (id, committed_at),
-    CONSTRAINT changes_stream_commit_lsn_ordinal_key UNIQUE (stream, commit_lsn, ordinal, committed_at)
+    -- time, the same for every change of a commit LSN, so this is exactly as unique as (commit_lsn, ordinal, stream).
+    -- (The worker does not rely on it: it skips what bemi.worker_state says is stored.)
+    CONSTRAINT changes_pkey PRIMARY KEY (commit_lsn, ordinal, stream, committed_at)
 ) PARTITION BY RANGE (committed_at);
 
 -- Changes of months without a partition (the worker never fails for want of one); `bemi-asgi prune` and

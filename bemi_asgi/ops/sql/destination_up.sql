@@ -16,8 +16,11 @@ CREATE TABLE IF NOT EXISTS bemi.streams (
 );
 
 -- One row per changed row (one per table for TRUNCATE). Column names follow Bemi's so queries carry over.
+-- Every index below is paid on each stored row (the worker's COPY), so each one is there for a query that needs it;
+-- the README's "The changes table" section gives each index's query and cost.
 CREATE TABLE IF NOT EXISTS bemi.changes (
-    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- A number for people and Bemi's queries; nothing looks a change up by it, so it has no index.
+    id              bigint GENERATED ALWAYS AS IDENTITY,
     -- The row's primary key: its text for a single-column key; for a composite key a JSON array of the key
     -- columns' text values in key order, e.g. ["42","EU"]; NULL for a table without a primary key and TRUNCATE.
     primary_key     text,
@@ -36,13 +39,16 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     transaction_id  bigint NOT NULL,
     -- WAL position (LSN as a number) of the change itself.
     position        bigint NOT NULL,
-    -- Exactly-once key: the source stream, the transaction's commit LSN on it and the change's ordinal within
-    -- the transaction. Commit LSNs only order and identify commits within one stream. (No foreign key to
-    -- bemi.streams: its check per row would slow the worker's COPY, and the worker registers its stream first.)
+    -- Exactly-once key: the transaction's commit LSN on its source stream, the change's ordinal within the
+    -- transaction, and the stream (bemi.streams). (No foreign key to bemi.streams: its check per row would slow
+    -- the worker's COPY, and the worker registers its stream first.)
     commit_lsn      bigint NOT NULL,
     ordinal         integer NOT NULL,
     stream          integer NOT NULL,
-    CONSTRAINT changes_stream_commit_lsn_ordinal_key UNIQUE (stream, commit_lsn, ordinal)
+    -- The primary key, in commit order first: the timeline, every cursor, one change's look-up (revert) and
+    -- prune's batches read it, and rows arrive near its right end, so it is cheap to fill. The stream comes last:
+    -- it only tells apart the changes of two sources at the same position.
+    CONSTRAINT changes_pkey PRIMARY KEY (commit_lsn, ordinal, stream)
 );
 
 -- Tables created before schema changes were recorded: allow operation DDL. Widened NOT VALID: every stored row
@@ -58,12 +64,26 @@ BEGIN
     END IF;
 END $$;
 
--- A row's history and time travel: the row's changes in commit order.
+-- Upgrade of a destination created before commit times had a BRIN (0.1): its B-tree on committed_at becomes the
+-- BRIN below (same name). (The primary key's upgrade needs the stream column: destination_upgrade_1_streams.sql.)
+DO $$
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);  -- PostgreSQL's own functions only
+    IF EXISTS (SELECT FROM pg_class i JOIN pg_am am ON am.oid = i.relam
+                WHERE i.oid = to_regclass('bemi.changes_committed_at_idx') AND am.amname = 'btree') THEN
+        DROP INDEX bemi.changes_committed_at_idx;
+    END IF;
+END $$;
+
+-- A row's history and time travel: the row's changes (a few, sorted in memory), by time for as_of(at=time).
 CREATE INDEX IF NOT EXISTS changes_row_idx ON bemi.changes ("schema", "table", primary_key, committed_at);
--- Context containment filters (context @> '{"user_id": 42}').
+-- Context containment filters (context @> '{"user_id": 42}'); jsonb_path_ops: one hashed entry per path and value,
+-- smaller and cheaper to fill than the default operator class, and containment is the only operator queried.
 CREATE INDEX IF NOT EXISTS changes_context_idx ON bemi.changes USING gin (context jsonb_path_ops);
--- Timelines and retention.
-CREATE INDEX IF NOT EXISTS changes_committed_at_idx ON bemi.changes (committed_at);
+-- since/until filters and retention. Commit times grow with the table, so a BRIN (a few bytes per 128 pages,
+-- next to nothing per row) finds a time range; nothing reads commit times in index order.
+CREATE INDEX IF NOT EXISTS changes_committed_at_idx ON bemi.changes USING brin (committed_at)
+    WITH (autosummarize = on);
 
 -- The worker's progress, one row per source stream: the last commit fully stored. Written in the same
 -- transaction as the changes it covers, so a restart skips exactly what is already stored.

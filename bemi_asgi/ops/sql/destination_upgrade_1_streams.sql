@@ -6,7 +6,7 @@
 -- by slot name, for its one source. This keeps every row: each recorded progress becomes a stream carried over
 -- (no system identifier yet: the first worker that streams that slot name from that database claims it), and the
 -- stored changes and backfill progress join the stream whose progress moved last. The stream column is added with
--- a constant default (no table rewrite); only the new unique index is built over the stored changes.
+-- a constant default (no table rewrite); only the new primary key is built over the stored changes.
 DO $$
 DECLARE
     carried integer;
@@ -36,12 +36,14 @@ BEGIN
     END IF;
     EXECUTE format('ALTER TABLE bemi.changes ADD COLUMN stream integer NOT NULL DEFAULT %s', coalesce(carried, 0));
     ALTER TABLE bemi.changes ALTER COLUMN stream DROP DEFAULT;
+    -- The exactly-once key gains the stream and becomes the primary key: 0.1's primary key was the id (the
+    -- partitioned layout's (id, committed_at)) beside a unique (commit_lsn, ordinal), one index more on every row.
+    ALTER TABLE bemi.changes DROP CONSTRAINT changes_pkey;
     ALTER TABLE bemi.changes DROP CONSTRAINT changes_commit_lsn_ordinal_key;
     IF (SELECT relkind FROM pg_class WHERE oid = 'bemi.changes'::regclass) = 'p' THEN
-        ALTER TABLE bemi.changes
-            ADD CONSTRAINT changes_stream_commit_lsn_ordinal_key UNIQUE (stream, commit_lsn, ordinal, committed_at);
+        ALTER TABLE bemi.changes ADD CONSTRAINT changes_pkey PRIMARY KEY (commit_lsn, ordinal, stream, committed_at);
     ELSE
-        ALTER TABLE bemi.changes ADD CONSTRAINT changes_stream_commit_lsn_ordinal_key UNIQUE (stream, commit_lsn, ordinal);
+        ALTER TABLE bemi.changes ADD CONSTRAINT changes_pkey PRIMARY KEY (commit_lsn, ordinal, stream);
     END IF;
 
     IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'bemi.backfill_state'::regclass AND attname = 'stream'
