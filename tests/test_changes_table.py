@@ -83,23 +83,27 @@ def test_a_destination_created_by_0_1_is_upgraded_in_place_keeping_every_row(dat
         for name in old:
             conn.execute((RELEASE_0_1 / name).read_text().encode())
         conn.execute(SOME_CHANGES)
-        stored = conn.execute("SELECT * FROM bemi.changes ORDER BY commit_lsn, ordinal").fetchall()
+        cursor = conn.execute("SELECT * FROM bemi.changes ORDER BY commit_lsn, ordinal")
+        stored = cursor.fetchall()
+        # 0.1's columns: the upgrade adds the stream (test_destination_upgrade checks which one).
+        old_columns = ", ".join(f'"{column.name}"' for column in cursor.description or [])
+        read_back = f"SELECT {old_columns} FROM bemi.changes ORDER BY commit_lsn, ordinal"
         current = migration_sql(parts=("destination",), partition_by_month=partitioned).encode()
         conn.execute(current)
         upgraded = _shape(conn)
-        assert conn.execute("SELECT * FROM bemi.changes ORDER BY commit_lsn, ordinal").fetchall() == stored
+        assert conn.execute(read_back).fetchall() == stored
         conn.execute(current)
         assert _shape(conn) == upgraded
-        assert conn.execute("SELECT * FROM bemi.changes ORDER BY commit_lsn, ordinal").fetchall() == stored
+        assert conn.execute(read_back).fetchall() == stored
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute(
                 'INSERT INTO bemi.changes (database, "schema", "table", operation, committed_at, queued_at,'
-                " transaction_id, position, commit_lsn, ordinal)"
+                " transaction_id, position, commit_lsn, ordinal, stream)"
                 ' SELECT database, "schema", "table", operation, committed_at, queued_at, transaction_id,'
-                " position, commit_lsn, ordinal FROM bemi.changes LIMIT 1"
+                " position, commit_lsn, ordinal, stream FROM bemi.changes LIMIT 1"
             )
         indexes, constraints = upgraded
-        key = "(commit_lsn, ordinal, committed_at)" if partitioned else "(commit_lsn, ordinal)"
+        key = "(commit_lsn, ordinal, stream, committed_at)" if partitioned else "(commit_lsn, ordinal, stream)"
         assert ("changes_pkey", f"PRIMARY KEY {key}") in constraints
         assert not [name for name, definition in indexes if "(id" in definition]
         by_time = [definition for name, definition in indexes if name == "bemi.changes_committed_at_idx"]

@@ -1,7 +1,7 @@
 """Upgrading a destination made before source streams (`ops/sql/destination_upgrade_1_streams.sql`): every stored
 row is kept, the tables end up as a new migration makes them, and the worker resumes where it stopped.
 
-`tests/destination_0_1/` holds that version's destination SQL, as it shipped."""
+`tests/data/destination_0_1/` holds that version's destination SQL, as it shipped."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from bemi_asgi.ops.migration import migration_sql
 
 from .worker_support import drain
 
-OLD = Path(__file__).parent / "destination_0_1"
+OLD = Path(__file__).parent / "data" / "destination_0_1"
 
 OLD_ROWS = """
 INSERT INTO bemi.changes (primary_key, "after", context, database, "schema", "table", operation, committed_at,

@@ -183,7 +183,8 @@ async def _select(store: ChangeStore, chosen: RevertSelection) -> list[Change]:
         by_key = Where()
         by_key.add(
             f"commit_lsn = {by_key.param(chosen.change.commit_lsn)}::bigint "
-            f"AND ordinal = {by_key.param(chosen.change.ordinal)}::integer"
+            f"AND ordinal = {by_key.param(chosen.change.ordinal)}::integer "
+            f"AND stream = {by_key.param(chosen.change.stream)}::integer"
         )
         stored = await store.select(by_key)
         if not stored:

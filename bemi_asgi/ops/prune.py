@@ -195,17 +195,18 @@ def _drop_partition(conn: psycopg.Connection[Any], name: str, lock_timeout: floa
 #: committed before the cutoff deleted. It reads only the rows it looks at, never the ones earlier batches deleted.
 _BATCH = """
 WITH batch AS (
-    SELECT commit_lsn, ordinal, committed_at FROM bemi.changes
-     WHERE (commit_lsn, ordinal) > (%(lsn)s::bigint, %(ordinal)s::integer)
-     ORDER BY commit_lsn, ordinal LIMIT %(size)s),
+    SELECT commit_lsn, ordinal, stream, committed_at FROM bemi.changes
+     WHERE (commit_lsn, ordinal, stream) > (%(lsn)s::bigint, %(ordinal)s::integer, %(stream)s::integer)
+     ORDER BY commit_lsn, ordinal, stream LIMIT %(size)s),
 gone AS (
     DELETE FROM bemi.changes c USING batch b
-     WHERE b.committed_at < %(before)s
-       AND c.commit_lsn = b.commit_lsn AND c.ordinal = b.ordinal AND c.committed_at = b.committed_at
+     WHERE b.committed_at < %(before)s AND c.commit_lsn = b.commit_lsn AND c.ordinal = b.ordinal
+       AND c.stream = b.stream AND c.committed_at = b.committed_at
     RETURNING 1)
 SELECT (SELECT count(*) FROM gone), (SELECT bool_or(committed_at >= %(before)s) FROM batch), last.commit_lsn,
-       last.ordinal
-  FROM (SELECT commit_lsn, ordinal FROM batch ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1) AS last
+       last.ordinal, last.stream
+  FROM (SELECT commit_lsn, ordinal, stream FROM batch ORDER BY commit_lsn DESC, ordinal DESC, stream DESC LIMIT 1)
+       AS last
 """
 
 #: The older changes stored after the walk's end, `size` at a time: found through the BRIN on committed_at.
@@ -222,12 +223,13 @@ def _delete_in_batches(
     # first batch that reaches the cutoff. A change committed before the cutoff but stored later in commit order (a
     # clock stepped back) is left to the last loop, which the BRIN leads to.
     total = 0
-    lsn, ordinal = -1, 0
+    lsn, ordinal, stream = -1, 0, 0
     while True:
-        row = conn.execute(_BATCH, {"lsn": lsn, "ordinal": ordinal, "size": batch_size, "before": before}).fetchone()
+        position = {"lsn": lsn, "ordinal": ordinal, "stream": stream}
+        row = conn.execute(_BATCH, {**position, "size": batch_size, "before": before}).fetchone()
         if row is None:
             break
-        deleted, reached_cutoff, lsn, ordinal = row
+        deleted, reached_cutoff, lsn, ordinal, stream = row
         total += deleted
         if deleted:
             _say(progress, f"deleted {total:,} changes so far")
