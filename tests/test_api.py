@@ -293,7 +293,7 @@ async def test_openapi_schema_shows_the_endpoints_and_response_models(env: Env) 
         "committed_at",
         "changed_fields",
     }
-    assert components["Operation"]["enum"] == ["CREATE", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT"]
+    assert components["Operation"]["enum"] == ["CREATE", "UPDATE", "DELETE", "TRUNCATE", "DDL", "SNAPSHOT"]
     assert paths[f"{PREFIX}/rows/blame"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/BlameView"
     }
