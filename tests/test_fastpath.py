@@ -18,13 +18,15 @@ from hypothesis import strategies as st
 
 from bemi_asgi import DecodeError
 from bemi_asgi.ops.migration import load_sql
+from bemi_asgi.worker.config import load_config
 from bemi_asgi.worker.destination import BinaryCopy, Destination, SourceStream
-from bemi_asgi.worker.fastpath import RowCodec
+from bemi_asgi.worker.fastpath import DROPPED, RowCodec
 from bemi_asgi.worker.options import Options
 from bemi_asgi.worker.pgoutput import UNCHANGED, Column, Delete, Insert, Relation, Update, decode
 from bemi_asgi.worker.progress import Progress, WorkerStats
 from bemi_asgi.worker.reader import Reader
 from bemi_asgi.worker.relations import Relations
+from bemi_asgi.worker.rules import Filters
 from bemi_asgi.worker.spill import PendingChange
 from bemi_asgi.worker.stream import SourceCatalog
 from bemi_asgi.worker.values import RULE_NAMES, column_rule
@@ -129,12 +131,13 @@ def captured(database: str) -> dict[str, list[bytes]]:
     return {timezone: capture(database, timezone) for timezone in ("UTC", "America/St_Johns")}
 
 
-async def compare(dsn: str, frames: list[bytes]) -> dict[str, Any]:
-    """Run every row change through both paths; return what the fast path handled, by operation."""
+async def compare(dsn: str, frames: list[bytes], filters: Filters | None = None) -> dict[str, Any]:
+    """Run every row change through both paths (with the tracking rules of `filters`); return what the fast path
+    handled, by operation, and how many updates both dropped."""
     catalog = await SourceCatalog.connect(dsn)
-    handled: dict[str, Any] = {"CREATE": 0, "UPDATE": 0, "DELETE": 0, "general": 0, "unchanged": 0}
+    handled: dict[str, Any] = {"CREATE": 0, "UPDATE": 0, "DELETE": 0, "general": 0, "unchanged": 0, "dropped": 0}
     try:
-        relations = Relations(catalog)
+        relations = Relations(catalog, filters)
         for frame in frames:
             message = decode(frame[25:])
             if isinstance(message, Relation):
@@ -146,10 +149,14 @@ async def compare(dsn: str, frames: list[bytes]) -> dict[str, Any]:
             assert rel.codec is not None
             fast = rel.codec.change(frame)
             general = rel.change(message)
-            assert general is not None
             if fast is None:
                 handled["general"] += 1
                 continue
+            if fast is DROPPED:
+                assert general is None, frame
+                handled["dropped"] += 1
+                continue
+            assert general is not None, frame
             assert fast == general, frame
             handled[general[3]] += 1
             if isinstance(message, Update) and UNCHANGED in message.new:
@@ -167,8 +174,35 @@ async def test_fast_path_stores_exactly_what_the_general_path_stores(
     UTC and in another session time zone; what it leaves to the general path is only the key-only old rows."""
     for timezone, frames in captured.items():
         handled = await compare(database, frames)
-        assert handled == {"CREATE": 12, "UPDATE": 12, "DELETE": 5, "unchanged": 3, "general": 3}, timezone
+        assert handled == {"CREATE": 12, "UPDATE": 12, "DELETE": 5, "unchanged": 3, "general": 3, "dropped": 0}, (
+            timezone
+        )
         # (general: defaultid has REPLICA IDENTITY DEFAULT, so its updates and delete send a key-only or no old row)
+
+
+RULES = dict(
+    ignore_columns=["everything.i4", "everything.ts", "composite.v"],
+    mask_columns=['everything.quo"te', "everything.big", "everything.jb", "nokey.a"],
+    hash_columns=["everything.n", "everything.ünï cødé %s 🙂", "composite.region", "defaultid.v"],
+)
+
+
+@pytest.mark.parametrize("drop_noop_updates", [True, False])
+async def test_fast_path_applies_the_tracking_rules_as_the_general_path_does(
+    database: str, captured: dict[str, list[bytes]], drop_noop_updates: bool
+) -> None:
+    """With columns ignored, masked and hashed (a hashed key column, masked unchanged TOAST values, NULLs), the
+    fast path stores what the general path stores under the same rules, and drops the same updates: those that
+    changed only ignored columns, and with drop_noop_updates those that changed nothing."""
+    config = load_config(**RULES, drop_noop_updates=drop_noop_updates, environ={"BEMI_HASH_KEY": "k" * 32})
+    for timezone, frames in captured.items():
+        handled = await compare(database, frames, Filters(config))
+        # `SET i4 = i4 + 1` on two rows of everything and `SET v = ...` on composite touch only ignored columns;
+        # `SET b = b` changes nothing.
+        dropped = 4 if drop_noop_updates else 3
+        assert handled == {
+            "CREATE": 12, "UPDATE": 12 - dropped, "DELETE": 5, "unchanged": 3, "general": 3, "dropped": dropped
+        }, timezone  # fmt: skip
 
 
 async def test_fast_path_declines_malformed_messages(database: str, captured: dict[str, list[bytes]]) -> None:
@@ -343,10 +377,10 @@ async def test_malformed_row_changes_are_reported_as_decode_errors(database: str
 
 def test_a_traceback_through_a_generated_reader_shows_its_source() -> None:
     """The generated readers are registered with linecache: a traceback through one shows the rule's line."""
-    codec = RowCodec([Column(True, "id", 20, -1)], [column_rule(20)], [0], 0)
-    read = codec._row  # type: ignore[attr-defined]
+    codec = RowCodec([Column(True, "id", 20, -1)], [column_rule(20)], [0])
+    frame = b"w" + bytes(24) + b"I" + bytes(4) + b"N\x00\x01t\x00\x00\x00\x02\xff\xfe"
     try:
-        read(b"\x00\x01t\x00\x00\x00\x02\xff\xfe", 0)  # invalid UTF-8: the rule's decode raises
+        codec.read(frame)  # invalid UTF-8: the rule's decode raises
     except UnicodeDecodeError as exc:
         shown = "".join(traceback.format_exception(exc))
     else:

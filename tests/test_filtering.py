@@ -16,7 +16,7 @@ from bemi_asgi import ConfigError, hash_value, skip_tracking
 from bemi_asgi.capture.context import current
 from bemi_asgi.worker.config import load_config
 from bemi_asgi.worker.pgoutput import UNCHANGED, Column, Value
-from bemi_asgi.worker.rules import Filters, RowPolicy, filter_relation, is_skip_context
+from bemi_asgi.worker.rules import Filters, Hasher, RowPolicy, filter_relation, hash_text, is_skip_context
 
 KEY = "secret-key-0123456789"
 COLUMNS = tuple(
@@ -184,3 +184,10 @@ def test_the_hash_key_never_appears_in_a_repr() -> None:
         assert key not in text
         assert key.encode().hex() not in text
         assert "KKKK" not in text
+
+
+@given(st.binary(min_size=1, max_size=200), st.text())
+def test_the_workers_hasher_is_hmac_sha256(key: bytes, text: str) -> None:
+    """The worker's hasher (inner and outer states computed once) gives the standard library's HMAC-SHA256, for
+    keys shorter and longer than SHA-256's block and any text."""
+    assert Hasher(key)(text) == hash_text(key, text) == hmac.new(key, text.encode(), hashlib.sha256).hexdigest()

@@ -10,6 +10,7 @@ status updates, and stops when asked or, with a target, caught up.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .writer import CommitQueue, Committed
 __all__ = ["Reader"]
 
 _ROW_CHANGES: Final = frozenset((INSERT, UPDATE, DELETE))
+_start_lsn: Final = struct.Struct(">Q").unpack_from  # `xlog_start_lsn` without the call, on the hot path
 _EMPTY: Final = "{}"
 
 
@@ -99,13 +101,20 @@ class Reader:
                 await progress.send_status(reply_requested=not frames)
 
     async def handle(self, frames: list[memoryview]) -> None:
+        row_change = self._relations.row_change
         for frame in frames:
             if frame[0] == KEEPALIVE:
                 self._keepalive(frame)
                 continue
             data = bytes(frame)
             if len(data) > XLOG_HEADER_SIZE and data[XLOG_HEADER_SIZE] in _ROW_CHANGES:
-                self._row_change(data)
+                # Most frames: a row change joins the open transaction's buffer (inline, as it runs per change).
+                current = self._open
+                if current is not None and current.buffer is not None and (found := row_change(data)) is not None:
+                    rel, (key, before, after, operation) = found
+                    current.ordinal = ordinal = current.ordinal + 1
+                    current.buffer.append((key, before, after, rel.schema, rel.table, operation,
+                                           _start_lsn(data, 1)[0], ordinal))  # fmt: skip
                 continue
             message = decode(data[XLOG_HEADER_SIZE:])
             if type(message) is Begin:
@@ -119,18 +128,6 @@ class Reader:
             elif type(message) is Truncate:
                 self._truncate(message, xlog_start_lsn(data))
             # Type and Origin messages carry nothing the changes need.
-
-    def _row_change(self, data: bytes) -> None:
-        current = self._open
-        if current is None or current.buffer is None:
-            return  # a skipped transaction
-        found = self._relations.row_change(data)
-        if found is None:
-            return
-        rel, (key, before, after, operation) = found
-        current.ordinal += 1
-        current.buffer.append((key, before, after, rel.schema, rel.table, operation, xlog_start_lsn(data),
-                               current.ordinal))  # fmt: skip
 
     def _keepalive(self, frame: memoryview) -> None:
         keepalive = parse_frame(frame)

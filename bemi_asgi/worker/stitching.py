@@ -56,7 +56,9 @@ def context_json(content: bytes, encoding: str = "utf-8") -> str:
         return json.dumps({INVALID_CONTEXT_KEY: text.replace("\x00", "\ufffd")}, ensure_ascii=False)
     try:
         value = _decode(text)
-        if isinstance(value, dict) and _jsonb_safe(value):
+        # Only a \u escape can put NUL or a lone surrogate in a string (the decoder refuses raw control
+        # characters, and decoded text holds no surrogates): without one, nothing needs walking.
+        if isinstance(value, dict) and ("\\u" not in text or _jsonb_safe(value)):
             return text
     except (ValueError, RecursionError):
         pass
