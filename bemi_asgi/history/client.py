@@ -152,7 +152,7 @@ class Bemi:
             # Rows end at the last TRUNCATE or DROP TABLE; the schema changes since then apply to the rows before.
             end = await conn.fetchrow(
                 f"""SELECT commit_lsn, ordinal FROM {CHANGES_SQL} WHERE {where.sql()}
-                     AND (operation = 'TRUNCATE' OR operation = 'DDL' AND NOT "after" ? 'columns')
+                     AND operation IN ('TRUNCATE', 'DDL') AND (operation = 'TRUNCATE' OR NOT "after" ? 'columns')
                      ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1""",
                 *where.params,
             )
@@ -161,7 +161,8 @@ class Bemi:
             schema_changes = [
                 change_from_json(record["change"])
                 for record in await conn.fetch(
-                    f"""SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {where.sql()} AND operation = 'DDL'
+                    f"""SELECT {SELECT_CHANGE} FROM {CHANGES_SQL} AS c WHERE {where.sql()}
+                         AND operation IN ('TRUNCATE', 'DDL') AND operation = 'DDL'
                          AND "before" -> 'columns' IS DISTINCT FROM "after" -> 'columns'
                          AND (commit_lsn, ordinal) > {after} ORDER BY commit_lsn, ordinal""",
                     *where.params,
@@ -205,11 +206,13 @@ class Bemi:
         await self.store.require_known_table(schema_name, table_name)
         where = ChangeFilter(FilterArgs(table=table_name, schema=schema_name, operation="DDL")).where()
         moment = at_condition(point, where)
+        events = "operation IN ('TRUNCATE', 'DDL')"
         side = await (await self.pool()).fetchval(
-            f"""(SELECT "after"::text FROM {CHANGES_SQL} WHERE {where.sql()} AND {moment}
+            # The literal IN lets the planner use the table events' partial index (a parameter would not).
+            f"""(SELECT "after"::text FROM {CHANGES_SQL} WHERE {where.sql()} AND {events} AND {moment}
                   ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1)
                 UNION ALL
-                (SELECT "before"::text FROM {CHANGES_SQL} WHERE {where.sql()} AND NOT ({moment})
+                (SELECT "before"::text FROM {CHANGES_SQL} WHERE {where.sql()} AND {events} AND NOT ({moment})
                   ORDER BY commit_lsn, ordinal LIMIT 1)
                 LIMIT 1""",
             *where.params,

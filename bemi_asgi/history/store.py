@@ -159,8 +159,8 @@ class ChangeStore:
                 SELECT * FROM row_changes
                 UNION ALL
                 SELECT * FROM {CHANGES_SQL} WHERE {scope}
-                   AND (operation = 'TRUNCATE'
-                        OR operation = 'DDL' AND "before" -> 'columns' IS DISTINCT FROM "after" -> 'columns')
+                   AND operation IN ('TRUNCATE', 'DDL')  -- the table events' partial index
+                   AND (operation = 'TRUNCATE' OR "before" -> 'columns' IS DISTINCT FROM "after" -> 'columns')
                    AND (commit_lsn, ordinal) > (SELECT commit_lsn, ordinal FROM row_changes
                                                  ORDER BY commit_lsn, ordinal LIMIT 1)
             ) AS c

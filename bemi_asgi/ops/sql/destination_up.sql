@@ -96,9 +96,11 @@ CREATE TABLE IF NOT EXISTS bemi.worker_state (
 -- Query helpers (find, history, as_of, table_as_of, revert).
 -- A table's changes in commit order: find(table=...) pages and table_as_of.
 CREATE INDEX IF NOT EXISTS changes_table_order_idx ON bemi.changes ("schema", "table", commit_lsn, ordinal);
--- The few TRUNCATEs of a table, which end every row's existence in time travel.
-CREATE INDEX IF NOT EXISTS changes_truncate_idx ON bemi.changes ("schema", "table", commit_lsn, ordinal)
-    WHERE operation = 'TRUNCATE';
+-- The few table-wide events of a table, which every row's history and time travel read: TRUNCATEs (they end every
+-- row's existence) and schema changes (they rename, drop and add columns). 0.1's index held the TRUNCATEs only.
+DROP INDEX IF EXISTS bemi.changes_truncate_idx;
+CREATE INDEX IF NOT EXISTS changes_table_events_idx ON bemi.changes ("schema", "table", commit_lsn, ordinal)
+    WHERE operation IN ('TRUNCATE', 'DDL');
 -- find(transaction_id=...) and revert(transaction=...).
 CREATE INDEX IF NOT EXISTS changes_transaction_idx ON bemi.changes (transaction_id);
 
