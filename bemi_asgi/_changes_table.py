@@ -61,8 +61,8 @@ COLUMNS: Final = (
     Column("position", "bigint"),  # the change's own WAL position
     Column("commit_lsn", "bigint"),  # with ordinal: the commit order within a stream
     Column("ordinal", "integer"),
-    # The source stream (`bemi.streams.id`), leading the exactly-once key (stream, commit_lsn, ordinal). Last, so a
-    # destination upgraded from before streams has the same column order as a new one.
+    # The source stream (`bemi.streams.id`), last in the exactly-once key (commit_lsn, ordinal, stream). Last here
+    # too, so a destination upgraded from before streams has the same column order as a new one.
     Column("stream", "integer"),
 )
 
