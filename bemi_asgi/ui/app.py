@@ -91,7 +91,6 @@ from .view import (
     parse_moment,
     schema_change_summary,
     shorten,
-    trace_id_of,
 )
 
 if TYPE_CHECKING:
@@ -236,13 +235,9 @@ class BemiUI:
             context_param_prefix=CONTEXT_PARAM_PREFIX,
             moment_input=moment_input,
             moment_param=moment_param,
-            request_id_key=request_id_key,
             title=title,
             no_filters=TimelineFilters(),
             ref=self.refs,
-            trace_id_key=TRACE_ID_KEY,
-            trace_id_of=trace_id_of,
-            viewer_link=self._viewer_link,
             can_revert=False,
             timeline_row_html=TimelineRows(self.refs, request_id_key, self._viewer_link),
         )
