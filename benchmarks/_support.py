@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
-from bemi_asgi.ops.postgres import LocalPostgres
+from bemi_asgi.ops.postgres import LocalPostgres, throwaway_cluster
 
 
 @dataclass(frozen=True)
@@ -24,16 +21,6 @@ class Result:
     against: str = ""
 
 
-@contextmanager
-def throwaway_server(settings: Mapping[str, str] | None = None) -> Iterator[LocalPostgres]:
+def throwaway_server(settings: Mapping[str, str] | None = None) -> AbstractContextManager[LocalPostgres]:
     """A local PostgreSQL (wal_level=logical) for one benchmark, stopped and removed afterwards."""
-    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-bench-"))
-    base.chmod(0o755)  # the server may run as another user
-    server = LocalPostgres(base / "data", settings=settings)
-    try:
-        server.init()
-        server.start()
-        yield server
-    finally:
-        server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
+    return throwaway_cluster("bemi-asgi-bench-", settings)

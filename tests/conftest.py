@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bemi_asgi.ops.postgres import LocalPostgres
+from bemi_asgi.ops.postgres import LocalPostgres, throwaway_cluster
 
 
 @dataclass
@@ -47,16 +45,8 @@ def pg_server() -> Iterator[PgServer]:
             version = conn.info.server_version // 10000
         yield PgServer(dsn, version, None)
         return
-    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-tests-"))
-    base.chmod(0o755)  # the server may run as another user
-    server = LocalPostgres(base / "data")
-    try:
-        server.init()
-        server.start()
+    with throwaway_cluster("bemi-asgi-tests-") as server:
         yield PgServer(server.dsn(), server.version, server)
-    finally:
-        server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 _database_numbers = itertools.count()

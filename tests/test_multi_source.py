@@ -15,10 +15,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ import pytest
 from psycopg import sql
 
 from bemi_asgi.ops.migration import migration_sql, slot_sql
-from bemi_asgi.ops.postgres import LocalPostgres
+from bemi_asgi.ops.postgres import LocalPostgres, throwaway_cluster
 from bemi_asgi.worker.pipeline import Worker
 
 from .conftest import PgServer, drop_database
@@ -117,16 +115,8 @@ COPIED = (
 @pytest.fixture
 def second_cluster() -> Iterator[LocalPostgres]:
     """Another PostgreSQL cluster (its own system identifier) beside the session's server."""
-    base = Path(tempfile.mkdtemp(prefix="bemi-asgi-second-"))
-    base.chmod(0o755)  # the server may run as another user
-    server = LocalPostgres(base / "data")
-    try:
-        server.init()
-        server.start()
+    with throwaway_cluster("bemi-asgi-second-") as server:
         yield server
-    finally:
-        server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def create_database(admin_dsn: str, name: str) -> str:

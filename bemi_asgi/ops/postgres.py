@@ -15,12 +15,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["LocalPostgres", "find_bin_dir", "free_port"]
+__all__ = ["LocalPostgres", "find_bin_dir", "free_port", "throwaway_cluster"]
 
 #: Settings for a capture-ready development cluster. fsync is off: these clusters are disposable. (Keep
 #: synchronous_commit on: logical decoding only reads flushed WAL, so an asynchronous commit reaches the worker late.)
@@ -216,3 +217,19 @@ def _reachable_bin_dir(bin_dir: Path, user: pwd.struct_passwd) -> Path:
 
 
 _reachable_copies: dict[Path, Path] = {}
+
+
+@contextmanager
+def throwaway_cluster(prefix: str, settings: Mapping[str, str] | None = None) -> Iterator[LocalPostgres]:
+    """A started cluster in a new temporary directory named `prefix`..., stopped at once and removed afterwards (for
+    tests and benchmarks: nothing in it is kept)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)  # the server may run as another user
+    server = LocalPostgres(base / "data", settings=settings)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
