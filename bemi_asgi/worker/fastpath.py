@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
+from .jsonb import json_string, key_order
 from .pgoutput import (
     DELETE,
     INSERT,
@@ -42,7 +43,7 @@ from .pgoutput import (
 )
 from .rules import RowPolicy
 from .stream import XLOG_HEADER_SIZE
-from .values import RULE_NAMES, ColumnRule, compile_source, encode_json, json_string
+from .values import RULE_NAMES, ColumnRule, compile_source, encode_json
 
 __all__ = ["DROPPED", "Dropped", "FastChange", "RowCodec"]
 
@@ -96,9 +97,10 @@ class RowCodec:
         policy: RowPolicy | None = None,
     ) -> None:
         treatments = _treatments(rules, policy)
-        names = [
-            json_string(c.name).replace("%", "%%") for c, t in zip(columns, treatments, strict=True) if not t.ignored
-        ]
+        # The row's keys in jsonb's order, so the row is sent as the destination prints it (`jsonb.py`).
+        stored = {columns[i].name: i for i, t in enumerate(treatments) if not t.ignored}
+        order = [stored[name] for name in key_order(stored)]
+        names = [json_string(columns[i].name).replace("%", "%%") for i in order]
         namespace: dict[str, object] = {
             **RULE_NAMES,
             "_i16": _i16,
@@ -108,7 +110,7 @@ class RowCodec:
             "UNCHANGED": UNCHANGED,
             "DROPPED": DROPPED,
             "_encode_json": encode_json,
-            "_template": "{" + ",".join(f"{name}:%s" for name in names) + "}",
+            "_template": "{" + ", ".join(f"{name}: %s" for name in names) + "}",
         }
         for i, treatment in enumerate(treatments):
             if treatment.rule is not None and treatment.rule[1] is not None:
@@ -119,7 +121,7 @@ class RowCodec:
                 namespace[f"t{i}"] = treatment.transform
         #: The generated functions' source (also in `linecache`).
         self.source = _source(
-            treatments, tuple(key), drops=policy is not None, drop_noop=bool(policy and policy.drop_noop)
+            treatments, order, tuple(key), drops=policy is not None, drop_noop=bool(policy and policy.drop_noop)
         )
         # Named by its source: relations with the same column treatments share one linecache entry.
         digest = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()[:16]
@@ -251,13 +253,16 @@ def _key(treatments: Sequence[_Treatment], key: tuple[int, ...], raw: str, old: 
     return "\n".join(code)
 
 
-def _pieces(treatments: Sequence[_Treatment], piece: str) -> str:
-    return "(" + "".join(f"{piece}{i}, " for i, t in enumerate(treatments) if not t.ignored) + ")"
+def _pieces(order: Sequence[int], piece: str) -> str:
+    return "(" + "".join(f"{piece}{i}, " for i in order) + ")"
 
 
-def _source(treatments: Sequence[_Treatment], key: tuple[int, ...], *, drops: bool, drop_noop: bool) -> str:
-    """The relation's `read(data)` (raises on anything unexpected) and `change(data)` (None instead)."""
-    new, old = _pieces(treatments, "p"), _pieces(treatments, "q")
+def _source(
+    treatments: Sequence[_Treatment], order: Sequence[int], key: tuple[int, ...], *, drops: bool, drop_noop: bool
+) -> str:
+    """The relation's `read(data)` (raises on anything unexpected) and `change(data)` (None instead); `order`:
+    the stored columns in the row's key order."""
+    new, old = _pieces(order, "p"), _pieces(order, "q")
     end = "if pos != len(data):\n    return None\n"
     dropped = ""
     if drops:

@@ -16,10 +16,10 @@ context; one from psql has `{}`), and a rolled-back DDL leaves nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Final
 
+from . import jsonb
 from .spill import PendingChange
 
 __all__ = ["DDL", "SCHEMA_CHANGE_PREFIX", "schema_change"]
@@ -36,7 +36,7 @@ def schema_change(content: bytes, encoding: str, position: int, ordinal: int) ->
     """The change to store for one schema change message, or None (logged) for a payload of another shape: a
     message written by hand with this prefix never stops the worker."""
     try:
-        payload = json.loads(content.decode(encoding))
+        payload = jsonb.loads(content.decode(encoding))
         schema, table, before, after = payload["schema"], payload["table"], payload["before"], payload["after"]
     except (ValueError, TypeError, KeyError) as exc:
         logger.warning("ignored a %s message that is not a schema change (%s)", SCHEMA_CHANGE_PREFIX, exc)
@@ -46,4 +46,4 @@ def schema_change(content: bytes, encoding: str, position: int, ordinal: int) ->
     ):
         logger.warning("ignored a %s message that is not a schema change", SCHEMA_CHANGE_PREFIX)
         return None
-    return (None, json.dumps(before), json.dumps(after), schema, table, DDL, position, ordinal)
+    return (None, jsonb.dump(before), jsonb.dump(after), schema, table, DDL, position, ordinal)

@@ -9,9 +9,9 @@ place that decides which message a segment belongs to.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
+
+from . import jsonb
 
 __all__ = [
     "EMPTY_CONTEXT",
@@ -42,7 +42,7 @@ def segment_contexts(message_contexts: Sequence[str]) -> list[str]:
 
 
 def context_json(content: bytes, encoding: str = "utf-8") -> str:
-    """The JSON object text to store for one `_bemi` message payload.
+    """The JSON object text to store for one `_bemi` message payload, as jsonb prints it (`jsonb.py`).
 
     The payload is text in the source server's `encoding` (pgoutput sends message contents as they were written;
     the pool's are ASCII, so any encoding reads them). A payload that is not JSON text holding an object, or holds
@@ -53,24 +53,20 @@ def context_json(content: bytes, encoding: str = "utf-8") -> str:
         text = content.decode(encoding)
     except UnicodeDecodeError:
         text = content.decode(encoding, errors="replace")
-        return json.dumps({INVALID_CONTEXT_KEY: text.replace("\x00", "\ufffd")}, ensure_ascii=False)
+        return _invalid(text)
     try:
-        value = _decode(text)
+        value = jsonb.loads(text)
         # Only a \u escape can put NUL or a lone surrogate in a string (the decoder refuses raw control
         # characters, and decoded text holds no surrogates): without one, nothing needs walking.
         if isinstance(value, dict) and ("\\u" not in text or _jsonb_safe(value)):
-            return text
+            return jsonb.dump(value)
     except (ValueError, RecursionError):
         pass
-    return json.dumps({INVALID_CONTEXT_KEY: text.replace("\x00", "\ufffd")}, ensure_ascii=False)
+    return _invalid(text)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-# One decoder for every message: json.loads with a keyword argument builds a new one per call.
-_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+def _invalid(text: str) -> str:
+    return jsonb.dump({INVALID_CONTEXT_KEY: text.replace("\x00", "\ufffd")})
 
 
 def _jsonb_safe(value: object) -> bool:

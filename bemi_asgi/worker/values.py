@@ -9,12 +9,14 @@ Both compiled sources are registered with `linecache`: a traceback through them 
     numeric                           number when the text has no fractional part, else the exact text ('1.50',
                                       'NaN', 'Infinity'): never a float, so no digit is lost. A numeric(10,2)
                                       column therefore always gives strings, which keeps its scale.
-    float4, float8                    number: the text as is (PostgreSQL prints the shortest exact digits);
-                                      'NaN', 'Infinity', '-Infinity' as strings (JSON has no such numbers)
+    float4, float8                    number: the shortest exact digits PostgreSQL prints, without exponent
+                                      ('1e-05' -> 0.00001, as jsonb prints it); 'NaN', 'Infinity',
+                                      '-Infinity' as strings (JSON has no such numbers)
     bool                              true / false
-    jsonb                             the document itself, verbatim (compacted): numbers keep every digit
-    json                              the document itself, verbatim (compacted); escapes jsonb cannot hold
-                                      (\\u0000, unpaired surrogates) become \\ufffd
+    jsonb                             the document itself, verbatim: numbers keep every digit
+    json                              the document itself as jsonb prints it (`jsonb.canonical`): numbers keep
+                                      every digit; escapes jsonb cannot hold (\\u0000, unpaired surrogates)
+                                      become \\ufffd
     timestamptz                       ISO 8601 in UTC: '2026-11-27T21:00:14.564968+00:00'
     timestamp                         ISO 8601 without offset: '2026-11-27T21:00:14.564968'
     timetz                            '21:00:14+05:30' (offset always with minutes)
@@ -24,6 +26,9 @@ Both compiled sources are registered with `linecache`: a traceback through them 
                                       instead, since a list cannot say where it starts
     everything else                   the text as a string: text, varchar, date, time, uuid, bytea ('\\x00ff'),
                                       interval, enums, composites, ranges, user-defined and unknown types
+
+Every rule writes jsonb's canonical text (`jsonb.py`: `", "` and `": "` between items, keys in jsonb's order), so
+the row the worker sends is byte for byte what the destination prints for it: the hash chain hashes it as sent.
 
 Dates and times are read in PostgreSQL's ISO DateStyle (the worker sets it). Values ISO 8601 cannot express with a
 four-digit year ('infinity', BC dates, year 10000 and later) stay text. A value its rule rejects keeps its text, so
@@ -50,6 +55,8 @@ from datetime import UTC, datetime
 from typing import Final, TypeAlias
 
 from .._jsontext import compact_encoder
+from .jsonb import canonical as _canonical
+from .jsonb import json_string, key_order, numeric_text
 from .pgoutput import UNCHANGED, Column, Unchanged, Value
 
 __all__ = [
@@ -94,8 +101,6 @@ ARRAY_ELEMENT_OIDS: Final[dict[int, int]] = {
     1187: INTERVAL, 1270: TIMETZ, 1561: BIT, 1563: VARBIT, 1231: NUMERIC, 2951: UUID, 3807: JSONB, 4073: JSONPATH,
 }  # fmt: skip
 
-#: A JSON string's text for a str (escaped, non-ASCII kept): the C accelerator when present.
-json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
 _string: Final = json_string
 
 
@@ -123,10 +128,21 @@ RULES: Final[dict[str, TypeRule]] = {
         # numeric_out never uses exponents: digits with an optional '-' are an integer, anything else exact text.
         TypeRule("numeric", 'out = text if text.lstrip("-").isdigit() else _string(text)'),
         # float_out prints the shortest text that reads back exactly; only NaN and the infinities end in a letter.
-        TypeRule("float", "out = text if text[-1:].isdigit() else _string(text)"),
+        # jsonb reads the number as a numeric: exponents and -0 are written as jsonb prints them.
+        TypeRule(
+            "float",
+            """\
+if not text[-1:].isdigit():
+    out = _string(text)
+elif "e" in text or text == "-0":
+    out = _numeric_text(text)
+else:
+    out = text""",
+        ),
         # boolout prints 't'; 'true' is bool's cast to text.
         TypeRule("bool", 'out = "true" if text == "t" or text == "true" else "false"'),
-        TypeRule("jsonb", "out = _jsonb(text)"),
+        # jsonb_out already prints the canonical text.
+        TypeRule("jsonb", "out = text"),
         TypeRule("json", "out = _json(text)"),
         TypeRule(
             "timestamptz",
@@ -203,8 +219,6 @@ def _timetz(text: str) -> str:
     return f"{text}:00"
 
 
-# A JSON string (group 1) or a run of JSON whitespace outside strings.
-_JSON_SPACE: Final = re.compile(r'("(?:[^"\\]|\\.)*")|[ \t\n\r]+', re.DOTALL)
 # In JSON text: a valid surrogate pair escape, or an escape jsonb refuses (group 1: \u0000, a lone surrogate), or
 # any other escape (so `\\u0000`, an escaped backslash before "u0000", is skipped whole).
 _JSON_ESCAPE: Final = re.compile(
@@ -212,10 +226,6 @@ _JSON_ESCAPE: Final = re.compile(
     re.DOTALL,
 )
 _UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
-
-
-def _keep_string(match: re.Match[str]) -> str:
-    return match[1] or ""
 
 
 def _unstorable_escape(match: re.Match[str]) -> str:
@@ -266,27 +276,11 @@ def _encodable(text: str, encoding: str) -> bool:
 
 
 def _json(text: str) -> str:
-    """A json value's text (valid JSON: the server checked it on input), compacted and storable as jsonb."""
+    """A json value's text (valid JSON: the server checked it on input) as jsonb's canonical text, with the
+    escapes jsonb cannot hold replaced."""
     if "\\u" in text:
         text = _JSON_ESCAPE.sub(_unstorable_escape, text)
-    if " " in text or "\n" in text or "\t" in text or "\r" in text:
-        return _JSON_SPACE.sub(_keep_string, text)
-    return text
-
-
-def _jsonb(text: str) -> str:
-    """A jsonb value's canonical text, compacted.
-
-    jsonb prints `", "` and `": "` between items and no other whitespace outside strings. Without a backslash
-    every `"` delimits a string, so the spaces outside strings are in the parts between an even and an odd
-    quote; with one, strings are found by a regular expression."""
-    if "\\" in text:
-        return _JSON_SPACE.sub(_keep_string, text)
-    if '"' not in text:
-        return text.replace(" ", "")
-    parts = text.split('"')
-    parts[::2] = [part.replace(" ", "") for part in parts[::2]]
-    return '"'.join(parts)
+    return _canonical(text)
 
 
 def _array(text: str, arg: tuple[ValueEncoder, str]) -> str:
@@ -299,7 +293,7 @@ def _array(text: str, arg: tuple[ValueEncoder, str]) -> str:
 
 
 def _list_json(items: list[object]) -> str:
-    return "[" + ",".join(_item_json(item) for item in items) + "]"
+    return "[" + ", ".join(_item_json(item) for item in items) + "]"
 
 
 def _item_json(item: object) -> str:
@@ -314,11 +308,11 @@ def _item_json(item: object) -> str:
 #: The names a rule's code may use.
 RULE_NAMES: Final[dict[str, Callable[..., str]]] = {
     "_string": _string,
-    "_jsonb": _jsonb,
     "_json": _json,
     "_timestamptz": _timestamptz,
     "_timetz": _timetz,
     "_array": _array,
+    "_numeric_text": numeric_text,
 }
 
 
@@ -486,8 +480,11 @@ def row_json(
 
 
 def object_json(row: Mapping[str, str | Unchanged]) -> str:
-    """A `row_json` row as one compact JSON object (an UNCHANGED value nothing could fill is null)."""
-    items = ",".join(f"{_string(name)}:{'null' if text is UNCHANGED else text}" for name, text in row.items())
+    """A `row_json` row as one JSON object in jsonb's canonical form (an UNCHANGED value nothing could fill is
+    null)."""
+    items = ", ".join(
+        f"{_string(name)}: {'null' if (text := row[name]) is UNCHANGED else text}" for name in key_order(row)
+    )
     return "{" + items + "}"
 
 
