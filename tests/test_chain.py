@@ -5,6 +5,9 @@ worker was killed and restarted and after `prune` cut it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import logging
 import os
 import signal
 import sys
@@ -20,6 +23,7 @@ from bemi_asgi.ops.migration import migration_sql
 from bemi_asgi.ops.prune import prune
 from bemi_asgi.ops.verify import ChainReport, verify
 from bemi_asgi.worker.backfill import Backfill
+from bemi_asgi.worker.chain import chain_hasher
 
 from .worker_support import changes, drain, emit
 
@@ -156,6 +160,29 @@ async def test_unkeyed_chain_verifies_and_shows_an_edit(database: str) -> None:
     assert report.problem.kind == "edited"
 
 
+async def test_a_destination_that_rewrites_rows_gets_the_digests_it_stored(
+    database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker computes each digest from the row as it sent it, and checks each table's first batch against the
+    destination's own: when the destination stores something else (here a trigger adding to every context), the
+    worker says so and chains the destination's digests from then on, so the history still verifies."""
+    migrate(database)
+    as_superuser(
+        database,
+        "CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN NEW.context := NEW.context || '{\"stamped\": true}'; RETURN NEW; END $$;"
+        " CREATE TRIGGER stamp BEFORE INSERT ON bemi.changes FOR EACH ROW EXECUTE FUNCTION public.stamp()",
+    )
+    write(database, 3)
+    with caplog.at_level(logging.WARNING, logger="bemi_asgi.worker"):
+        await drain(database, chain_key=KEY, batch_rows=2)
+    assert len([r for r in caplog.records if "digest" in r.message]) == 1
+    assert all(row["context"]["stamped"] for row in changes(database))
+    report = changes_report(database)
+    assert report.intact, report.describe()
+    assert report.changes == 6
+
+
 async def test_history_verifies_after_the_worker_is_killed_and_restarted(database: str, tmp_path: Any) -> None:
     """The worker killed with SIGKILL while it stores (and started again, several times) leaves a history that is
     stored once and verifies: a batch and its link commit together."""
@@ -258,3 +285,14 @@ def test_verify_command_prints_the_head_and_exits_1_on_tampering(database: str) 
     result = runner.invoke(app, ["verify", database, "--quiet"], env=env)
     assert result.exit_code == 1
     assert "NOT INTACT, edited" in result.stdout
+
+
+@pytest.mark.parametrize("key_bytes", [None, 16, 64, 65, 200])
+def test_chain_hash_is_hmac_sha256_of_the_previous_hash_the_position_and_the_digest(key_bytes: int | None) -> None:
+    """The worker's chain hash is HMAC-SHA256 (RFC 2104, keys longer than a block hashed first) over the previous
+    hash, the commit LSN and ordinal (big-endian int8, int4) and the digest; SHA-256 of the same without a key."""
+    key = None if key_bytes is None else bytes(range(256))[:key_bytes]
+    previous, digest = bytes(range(32)), bytes(range(100, 132))
+    message = previous + (2**40 + 5).to_bytes(8, "big") + (7).to_bytes(4, "big") + digest
+    expected = hashlib.sha256(message).digest() if key is None else hmac.digest(key, message, "sha256")
+    assert chain_hasher(key)(previous, 2**40 + 5, 7, digest) == expected

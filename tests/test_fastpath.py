@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import traceback
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,8 @@ from hypothesis import strategies as st
 
 from bemi_asgi import DecodeError
 from bemi_asgi.ops.migration import load_sql
+from bemi_asgi.ops.verify import verify
+from bemi_asgi.worker.chain import ChainState, Link
 from bemi_asgi.worker.config import load_config
 from bemi_asgi.worker.destination import BinaryCopy, Destination, SourceStream
 from bemi_asgi.worker.fastpath import DROPPED, RowCodec
@@ -27,6 +30,7 @@ from bemi_asgi.worker.reader import Reader
 from bemi_asgi.worker.relations import Relations
 from bemi_asgi.worker.rules import Filters
 from bemi_asgi.worker.spill import PendingChange
+from bemi_asgi.worker.stitching import context_json
 from bemi_asgi.worker.stream import SourceCatalog
 from bemi_asgi.worker.values import RULE_NAMES, column_rule
 from bemi_asgi.worker.writer import CommitQueue
@@ -300,7 +304,7 @@ async def test_binary_copy_stores_what_record_copy_stores(database: str, capture
         conn.execute(DESTINATION_SQL)
     committed_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     queued_at = datetime.now(UTC)
-    contexts = ['{"user_id": 1, "who": "é 🙂 \\"q\\""}', "{}"]
+    contexts = [context_json('{"user_id": 1, "who": "é 🙂 \\"q\\""}'.encode()), "{}"]
     halves = [changes[: len(changes) // 2], changes[len(changes) // 2 :]]
     destination = await Destination.connect(database)
     try:
@@ -316,23 +320,33 @@ async def test_binary_copy_stores_what_record_copy_stores(database: str, capture
         with psycopg.connect(database, autocommit=True) as conn:
             expected = conn.execute(STORED).fetchall()
             conn.execute("TRUNCATE bemi.changes")
-        copy = BinaryCopy("dbé", stream)
-        pieces = []
-        for n, (context, half) in enumerate(zip(contexts, halves, strict=True)):
-            copy.transaction(committed_at, queued_at, 4_000_000_000 + n, 2**40 + n)
-            copy.context(context)
-            copy.add(half[:3])
-            pieces.append(copy.take())
-            copy.add(half[3:])
-        pieces.append(copy.end())
-        await destination.write_binary(stream, pieces, 2, 2, None)
+        copy = BinaryCopy("dbé", stream, link=Link(ChainState(stream, "changes", None)))
+
+        def pieces() -> Iterator[bytes]:  # produced while sent, as the writer's
+            for n, (context, half) in enumerate(zip(contexts, halves, strict=True)):
+                copy.transaction(committed_at, queued_at, 4_000_000_000 + n, 2**40 + n)
+                copy.context(context)
+                copy.add(half[:3])
+                yield copy.take()
+                copy.add(half[3:])
+            yield copy.end()
+
+        _, differs = await destination.write_binary(
+            stream, copy, pieces(), 2**40, 2**40 + 1, unchecked=lambda: [e for s in copy.samples.values() for e in s]
+        )
         with psycopg.connect(database, autocommit=True) as conn:
             assert conn.execute(STORED).fetchall() == expected
-            assert conn.execute("SELECT last_commit_lsn FROM bemi.worker_state").fetchall() == [(2,)]
+            assert conn.execute("SELECT last_commit_lsn FROM bemi.worker_state").fetchall() == [(2**40 + 1,)]
     finally:
         await destination.close()
     assert len(expected) == len(changes)
     assert any(row[0] is None for row in expected)
+    # The digests computed from the rows as sent are those the destination computes from what it stored: the
+    # sampled ones when the rows were written, and all of them when the chain is verified.
+    assert differs is None
+    report = verify(database, key=None)[0]
+    assert report.intact, report.describe()
+    assert report.changes == len(changes)
 
 
 async def test_destination_with_other_column_types_is_written_by_records(database: str) -> None:

@@ -29,7 +29,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .._pgtext import format_lsn
-from ..worker.chain import DIGEST_SQL, GENESIS, REMOVED, ChainKind, chain_hash, key_id
+from ..worker.chain import DIGEST_SQL, GENESIS, REMOVED, ChainKind, chain_hasher, key_id
 
 __all__ = ["ChainReport", "Problem", "verify"]
 
@@ -168,6 +168,7 @@ class _Walker:
             [self.stream, self.kind],
         ).fetchone()
         expected_seq, skip, previous = 1, 0, GENESIS
+        chain_hash = chain_hasher(self.key)
         if anchor is not None:
             expected_seq, skip, previous = anchor["seq"], anchor["entry"], bytes(anchor["hash"])
             report.anchor = (expected_seq, skip)
@@ -205,13 +206,13 @@ class _Walker:
                     if row is not None:
                         return self._fail(Problem("inserted", *entry_key, row[0], link.seq,
                                                   "a baseline the backfill removed is back"))  # fmt: skip
-                    computed = chain_hash(self.key, previous, *entry_key, REMOVED)
+                    computed = chain_hash(previous, *entry_key, REMOVED)
                 elif row is None:
                     if entry_key not in removed_later:
                         return self._fail(Problem("deleted", *entry_key, None, link.seq, "this change is gone"))
                     computed = stored  # replaced by a later backfill page, which the chain records
                 else:
-                    computed = chain_hash(self.key, previous, *entry_key, row[1])
+                    computed = chain_hash(previous, *entry_key, row[1])
                 if computed != stored:
                     return self._fail(Problem("edited", *entry_key, row[0] if row else None, link.seq,
                                               "its content is not what was stored (edited, or moved from another "

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from hashlib import sha256
 from typing import Any, Final
 
 import asyncpg
 
 from .._changes_table import TYPES, WRITTEN
 from .._exceptions import DestinationNotReadyError
-from .chain import ChainState, link
+from .chain import ChainState, Entry, Link, digest_timestamp, link, stored_digests
+from .jsonb import json_string
 from .spill import PendingChange
 from .stream import python_encoding
 
@@ -102,7 +104,7 @@ class BinaryCopy:
     in memory), `end()` the rest. A value that cannot be UTF-8 encoded raises UnicodeEncodeError.
     """
 
-    def __init__(self, database: str, stream: int) -> None:
+    def __init__(self, database: str, stream: int, *, link: Link | None = None, samples: int = 8) -> None:
         self._parts: list[bytes] = [_HEADER]
         #: Rows added since the last `take()`.
         self.rows = 0
@@ -111,19 +113,41 @@ class BinaryCopy:
         self._transaction = b""
         self._tail = b""
         self._shared: dict[tuple[str, str, str], bytes] = {}
+        #: The hash chain's link for these rows (None: no chain): each row's digest, computed from the row as sent,
+        #: is added to it.
+        self.link = link
+        #: Of each (schema, table, operation), the first `samples` segments' first rows, with their digests.
+        self.samples: dict[tuple[str, str, str], list[Entry]] = {}
+        self._samples = samples
+        #: `created_at` as the digests hold it: set before the first `add()` (the destination transaction's start).
+        self.created_at = ""
+        self._database_json = json_string(database)
+        self._context_json = ""
+        self._times_json = ""
+        self._commit_lsn = 0
+        self._middles: dict[bytes, bytes] = {}
 
     def transaction(self, committed_at: datetime, queued_at: datetime, xid: int, commit_lsn: int) -> None:
         self._transaction = _transaction(
             8, _microseconds(committed_at), 8, _microseconds(queued_at), 8, xid, 8, commit_lsn, 4, self._stream
         )
+        if self.link is not None:
+            self._times_json = (
+                f"{digest_timestamp(committed_at)}, {digest_timestamp(queued_at)}, {self.created_at}, {xid}, "
+            )
+            self._commit_lsn = commit_lsn
 
     def context(self, context: str) -> None:
         data = context.encode()
         self._tail = self._database + _jsonb_head(len(data) + 1, 1) + data + self._transaction
+        self._context_json = context
+        self._middles.clear()
 
     def add(self, changes: Iterable[PendingChange]) -> None:
         add = self._parts.append
         tail, shared = self._tail, self._shared
+        link, middles = self.link, self._middles
+        digests: list[Entry] = []  # chained at the end of the call: one call into the link per call, not per row
         rows = 0
         for key, before, after, schema, table, operation, position, ordinal in changes:
             rows += 1
@@ -133,19 +157,54 @@ class BinaryCopy:
                 data = key.encode()
                 add(_key_head(_FIELDS, len(data)))
                 add(data)
-            data = before.encode()
-            add(_jsonb_head(len(data) + 1, 1))
-            add(data)
-            data = after.encode()
-            add(_jsonb_head(len(data) + 1, 1))
-            add(data)
+            old = before.encode()
+            add(_jsonb_head(len(old) + 1, 1))
+            add(old)
+            new = after.encode()
+            add(_jsonb_head(len(new) + 1, 1))
+            add(new)
             add(_numbers(8, position, 4, ordinal))
             relation = shared.get((schema, table, operation))
             if relation is None:
                 relation = shared[schema, table, operation] = _text(schema) + _text(table) + _text(operation)
             add(relation)
             add(tail)
+            if link is not None:
+                # The text DIGEST_SQL hashes: jsonb_build_array(primary_key, before, after, context, database,
+                # schema, table, operation, committed_at, queued_at, created_at, transaction_id, position,
+                # commit_lsn, ordinal)::text, the jsonb values as sent (already as the destination prints them).
+                middle = middles.get(relation)
+                first = middle is None
+                if first:
+                    middle = middles[relation] = self._middle(schema, table, operation)
+                text = b"[%s, %s, %s, %s%d, %d, %d]" % (
+                    b"null" if key is None else json_string(key).encode(),
+                    old,
+                    new,
+                    middle,
+                    position,
+                    self._commit_lsn,
+                    ordinal,
+                )
+                digest = sha256(text).digest()
+                digests.append((self._commit_lsn, ordinal, digest))
+                if first:
+                    self._sample(schema, table, operation, ordinal, digest)
         self.rows += rows
+        if link is not None:
+            link.extend(digests)
+
+    def _sample(self, schema: str, table: str, operation: str, ordinal: int, digest: bytes) -> None:
+        samples = self.samples.setdefault((schema, table, operation), [])
+        if len(samples) < self._samples:
+            samples.append((self._commit_lsn, ordinal, digest))
+
+    def _middle(self, schema: str, table: str, operation: str) -> bytes:
+        """The digest text between a row's `after` and its position, for this segment and relation."""
+        return (
+            f"{self._context_json}, {self._database_json}, {json_string(schema)}, {json_string(table)},"
+            f" {json_string(operation)}, {self._times_json}"
+        ).encode()
 
     def take(self) -> bytes:
         data = b"".join(self._parts)
@@ -281,24 +340,38 @@ class Destination:
         chain: ChainState | None,
     ) -> ChainState | None:  # fmt: skip
         """Store `records`, chain them and move the stream's progress to `last_commit_lsn`, atomically; return the
-        chain's state after them (valid once this returns: the transaction committed)."""
+        chain's state after them (valid once this returns: the transaction committed). The chain's digests are
+        read back: this path sends values as asyncpg encodes them."""
         async with self._conn.transaction():
             await self._conn.copy_records_to_table("changes", schema_name="bemi", columns=COLUMNS, records=records)
-            chained = None if chain is None else await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
+            chained = None
+            if chain is not None:
+                stored = await stored_digests(self._conn, stream, first_commit_lsn, last_commit_lsn)
+                chained = await link(self._conn, chain, stored)
             await self._save_progress(stream, last_commit_lsn)
         return chained
 
     async def write_binary(
         self,
         stream: int,
+        copy: BinaryCopy,
         chunks: Iterable[bytes],
         first_commit_lsn: int,
         last_commit_lsn: int,
-        chain: ChainState | None,
-    ) -> ChainState | None:
-        """Store the rows of a `BinaryCopy` stream (produced while it is sent), chain them and move the stream's
-        progress to `last_commit_lsn`, atomically; return the chain's state after them."""
+        *,
+        trusted: bool = True,
+        unchecked: Callable[[], Sequence[Entry]] = tuple,
+    ) -> tuple[ChainState | None, Entry | None]:
+        """Store the rows of `copy`'s stream `chunks` (produced while it is sent), its link of the hash chain and
+        the stream's progress (`last_commit_lsn`), atomically; return the chain's state after them (None without
+        a chain), and None or the first change whose digest `copy` computed differs from the destination's.
+
+        The link holds the digests `copy` computed, unless they are not `trusted`, or some of the changes
+        `unchecked()` returns (asked once the rows are sent) have another digest in the destination: then the
+        destination's digests are read back and chained instead."""
         async with self._conn.transaction():
+            # First, so the rows' created_at (this transaction's start) is known before their digests are made.
+            copy.created_at = await self._save_progress(stream, last_commit_lsn)
             await self._conn.copy_to_table(
                 "changes",
                 schema_name="bemi",
@@ -306,14 +379,34 @@ class Destination:
                 source=_stream(chunks),
                 format="binary",
             )
-            chained = None if chain is None else await link(self._conn, chain, first_commit_lsn, last_commit_lsn)
-            await self._save_progress(stream, last_commit_lsn)
-        return chained
+            pending = copy.link
+            if pending is None:
+                return None, None
+            differs = None
+            if trusted and (computed := unchecked()):
+                keys = [entry[:2] for entry in computed]
+                differs = _first_difference(computed, await stored_digests(self._conn, stream, keys=keys))
+            if trusted and differs is None:
+                return await pending.store(self._conn), None
+            stored = await stored_digests(self._conn, stream, first_commit_lsn, last_commit_lsn)
+            return await link(self._conn, pending.state, stored), differs
 
-    async def _save_progress(self, stream: int, last_commit_lsn: int) -> None:
-        await self._conn.execute(
+    async def _save_progress(self, stream: int, last_commit_lsn: int) -> str:
+        """Record the stream's progress; return `created_at` for this transaction's rows, as digests hold it."""
+        created_at: str = await self._conn.fetchval(
             "INSERT INTO bemi.worker_state (stream, last_commit_lsn) VALUES ($1, $2)"
-            " ON CONFLICT (stream) DO UPDATE SET last_commit_lsn = excluded.last_commit_lsn, updated_at = now()",
+            " ON CONFLICT (stream) DO UPDATE SET last_commit_lsn = excluded.last_commit_lsn, updated_at = now()"
+            " RETURNING to_jsonb(now() AT TIME ZONE 'UTC')::text",
             stream,
             last_commit_lsn,
         )
+        return created_at
+
+
+def _first_difference(computed: Sequence[Entry], stored: Sequence[Entry]) -> Entry | None:
+    """The first of the `stored` changes whose digest differs from the one `computed` holds for it, if any."""
+    mine = {entry[:2]: entry for entry in computed}
+    for theirs in stored:
+        if mine.get(theirs[:2]) != theirs:
+            return theirs
+    return None
