@@ -22,6 +22,7 @@ from bemi_asgi.cli import app
 from bemi_asgi.ops.migration import migration_sql
 from bemi_asgi.ops.prune import prune
 from bemi_asgi.ops.verify import ChainReport, verify
+from bemi_asgi.worker import chain
 from bemi_asgi.worker.backfill import Backfill
 from bemi_asgi.worker.chain import chain_hasher
 
@@ -181,6 +182,27 @@ async def test_a_destination_that_rewrites_rows_gets_the_digests_it_stored(
     report = changes_report(database)
     assert report.intact, report.describe()
     assert report.changes == 6
+
+
+async def test_a_large_batch_is_linked_in_bounded_rows(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of more changes than one `bemi.chain` row holds is linked in several rows, chained to each other in
+    the same transaction; it verifies, and an edit in a later row is still located."""
+    monkeypatch.setattr(chain, "LINK_CHANGES", 4)
+    migrate(database)
+    write(database, 15)
+    await drain(database, chain_key=KEY)
+    report = changes_report(database)
+    assert report.intact, report.describe()
+    assert (report.changes, report.links) == (30, 8)
+    target = changes(database)[21]
+    as_superuser(
+        database,
+        "UPDATE bemi.changes SET context = '{}' WHERE commit_lsn = %s AND ordinal = %s",
+        [target["commit_lsn"], target["ordinal"]],
+    )
+    problem = changes_report(database).problem
+    assert problem is not None
+    assert (problem.kind, problem.commit_lsn, problem.ordinal) == ("edited", target["commit_lsn"], target["ordinal"])
 
 
 async def test_history_verifies_after_the_worker_is_killed_and_restarted(database: str, tmp_path: Any) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "CHAIN_KEY_ENV",
     "DIGEST_SQL",
     "GENESIS",
+    "LINK_CHANGES",
     "REMOVED",
     "ChainHasher",
     "ChainKind",
@@ -56,6 +57,8 @@ __all__ = [
 #: The environment variable holding the chain's HMAC key (the worker, the backfill and verify read it).
 CHAIN_KEY_ENV: Final = "BEMI_CHAIN_KEY"
 MIN_CHAIN_KEY_BYTES: Final = 16
+#: The most changes one `bemi.chain` row holds: a larger batch is linked in several (bounded memory while stored).
+LINK_CHANGES: Final = 20_000
 #: The hash before a chain's first change.
 GENESIS: Final = bytes(32)
 #: The digest of a removal (a baseline the backfill replaced).
@@ -240,26 +243,30 @@ class Link:
         self.head = head
 
     async def store(self, conn: asyncpg.Connection) -> ChainState:
-        """Store the link as one `bemi.chain` row (in the transaction that stored its changes); return the chain's
-        state after it, which the caller keeps only once that transaction committed."""
+        """Store the link (in the transaction that stored its changes) as `bemi.chain` rows of at most
+        `LINK_CHANGES` changes each; return the chain's state after them, which the caller keeps only once that
+        transaction committed."""
         state = self.state
-        if not self.lsns:
-            return state
-        seq = state.seq + 1
-        await conn.execute(
-            "INSERT INTO bemi.chain (stream, kind, seq, previous, commit_lsns, ordinals, removals, hashes, key_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            state.stream,
-            state.kind,
-            seq,
-            state.head,
-            self.lsns.tolist(),  # asyncpg encodes a list fastest
-            self.ordinals.tolist(),
-            self.removals,
-            bytes(self.hashes),
-            key_id(state.key),
-        )
-        return ChainState(state.stream, state.kind, state.key, seq, self.head)
+        seq, previous = state.seq, state.head
+        for start in range(0, len(self.lsns), LINK_CHANGES):
+            end = min(start + LINK_CHANGES, len(self.lsns))
+            seq += 1
+            hashes = bytes(self.hashes[start * _DIGEST_BYTES : end * _DIGEST_BYTES])
+            await conn.execute(
+                "INSERT INTO bemi.chain (stream, kind, seq, previous, commit_lsns, ordinals, removals, hashes,"
+                " key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                state.stream,
+                state.kind,
+                seq,
+                previous,
+                self.lsns[start:end].tolist(),  # asyncpg encodes a list fastest
+                self.ordinals[start:end].tolist(),
+                min(max(self.removals - start, 0), end - start),
+                hashes,
+                key_id(state.key),
+            )
+            previous = hashes[-_DIGEST_BYTES:]
+        return ChainState(state.stream, state.kind, state.key, seq, previous)
 
 
 async def link(
