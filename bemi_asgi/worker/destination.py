@@ -146,7 +146,7 @@ class BinaryCopy:
     def add(self, changes: Iterable[PendingChange]) -> None:
         add = self._parts.append
         tail, shared = self._tail, self._shared
-        link, middles = self.link, self._middles
+        link, middles, commit_lsn = self.link, self._middles, self._commit_lsn
         digests: list[Entry] = []  # chained at the end of the call: one call into the link per call, not per row
         rows = 0
         for key, before, after, schema, table, operation, position, ordinal in changes:
@@ -183,11 +183,11 @@ class BinaryCopy:
                     new,
                     middle,
                     position,
-                    self._commit_lsn,
+                    commit_lsn,
                     ordinal,
                 )
                 digest = sha256(text).digest()
-                digests.append((self._commit_lsn, ordinal, digest))
+                digests.append((commit_lsn, ordinal, digest))
                 if first:
                     self._sample(schema, table, operation, ordinal, digest)
         self.rows += rows
