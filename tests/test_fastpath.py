@@ -249,11 +249,15 @@ JSON_VALUES = st.recursive(
 )
 
 
-def test_json_rule_writes_what_jsonb_prints(database: str) -> None:
+def test_json_rule_and_contexts_write_what_jsonb_prints(database: str) -> None:
     """For any JSON document, however written, the json rule gives exactly the text the server's jsonb prints for
-    it (the hash chain hashes rows as sent: see worker/jsonb.py), and a jsonb value's text is kept as it is."""
+    it, and so does a `_bemi` message's context (the hash chain hashes rows as sent: see worker/jsonb.py)."""
     json_rule = RULE_NAMES["_json"]
     with psycopg.connect(database, autocommit=True) as conn:
+        # What a generated document never has: a key twice (jsonb keeps the last), exponents, a negative zero.
+        written = '{"b": 1, "a": 2, "b": 1.50e1, "ab": [1E2, -0.0, -0, 1e-3]}'
+        printed = conn.execute("SELECT %s::jsonb::text", [written]).fetchone()
+        assert printed == (json_rule(written),) == (context_json(written.encode()),)
 
         @settings(max_examples=300, deadline=None)
         @given(st.lists(JSON_VALUES, min_size=1, max_size=10), st.sampled_from([None, 1]))
@@ -261,6 +265,8 @@ def test_json_rule_writes_what_jsonb_prints(database: str) -> None:
             written = [json.dumps(d, indent=indent, ensure_ascii=indent is None) for d in documents]
             printed = conn.execute("SELECT d::jsonb::text FROM unnest(%s::text[]) AS d", [written]).fetchall()
             assert [json_rule(text) for text in written] == [text for (text,) in printed]
+            contexts = [(w, p) for w, (p,) in zip(written, printed, strict=True) if w.startswith("{")]
+            assert [context_json(w.encode()) for w, _ in contexts] == [p for _, p in contexts]
 
         check()
 

@@ -4,6 +4,7 @@ change browser replay them."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import bemi_asgi
 from bemi_asgi import Bemi, Operation
 from bemi_asgi.ops.migration import migration_sql
+from bemi_asgi.ops.verify import verify
 
 from .worker_support import changes, drain, emit
 
@@ -89,9 +91,12 @@ async def test_add_rename_and_drop_column_are_stored_in_order_with_the_row_chang
     assert rename["before"]["columns"] == add["after"]["columns"]
 
 
-async def test_create_index_constraint_and_drop_table_are_recorded(database: str) -> None:
+async def test_create_index_constraint_and_drop_table_are_recorded(
+    database: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """CREATE TABLE in a tracked schema, CREATE INDEX, ADD CONSTRAINT, DROP INDEX and DROP TABLE are recorded
-    with their command tags; an index or constraint shows in the table's definition."""
+    with their command tags; an index or constraint shows in the table's definition. They are chained like any
+    change: the digests the worker computes are the destination's, and the chain verifies."""
     migrate(database)
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("CREATE TABLE orders (id int PRIMARY KEY, total int)")
@@ -100,7 +105,10 @@ async def test_create_index_constraint_and_drop_table_are_recorded(database: str
         conn.execute("DROP INDEX orders_total_idx")
         conn.execute("DROP TABLE orders")
         conn.execute("CREATE TEMP TABLE scratch (x int)")  # not tracked
-    await drain(database)
+    with caplog.at_level(logging.WARNING, logger="bemi_asgi.worker"):
+        await drain(database)
+    assert [r.message for r in caplog.records if "digest" in r.message] == []
+    assert verify(database, key=None)[0].intact
 
     stored = ddl_changes(database)
     assert [(row["table"], row["after"]["command_tag"]) for row in stored] == [
