@@ -34,7 +34,7 @@ from .worker_support import changes, drain, prepare_source
 
 ROOT = Path(__file__).parent.parent
 LONG = os.environ.get("BEMI_LONG_TESTS", "") not in ("", "0")
-REQUESTS = 20_000 if LONG else 3000
+REQUESTS = 20_000 if LONG else 1500
 CONCURRENCY = 100
 USERS = 500
 KINDS = ("transaction", "autocommit", "task", "nested")
