@@ -46,7 +46,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlencode
 
 import asyncpg
 from starlette.requests import ClientDisconnect, Request
@@ -89,6 +88,7 @@ from .view import (
     parse_context_value,
     parse_filters,
     parse_moment,
+    query_string,
     schema_change_summary,
     shorten,
 )
@@ -217,6 +217,7 @@ class BemiUI:
         self._revert = RevertPages(
             self, authorize_revert=authorize_revert, revert_pool=revert_pool, key=key or secrets.token_bytes(32)
         )
+        self._rows = TimelineRows(self.refs, request_id_key, self._viewer_link)
         self._env: jinja2.Environment = jinja.Environment(
             loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
             autoescape=True,
@@ -239,7 +240,7 @@ class BemiUI:
             no_filters=TimelineFilters(),
             ref=self.refs,
             can_revert=False,
-            timeline_row_html=TimelineRows(self.refs, request_id_key, self._viewer_link),
+            timeline_rows=self._rows,
         )
         self._router = Router(
             routes=[
@@ -382,11 +383,7 @@ class BemiUI:
             if not page:
                 return None, ref
             last = page[-1]
-            macros = self._env.get_template("_macros.html").make_module(
-                {"link": _linker(self._base(request)), "scope": scope}
-            )
-            row = getattr(macros, "timeline_row")  # noqa: B009 (a template macro, unknown to the type checker)
-            html = "".join(str(row(change, filters, True)) for change in reversed(page))
+            html = self._rows.rows(_linker(self._base(request)), reversed(page), filters, new=True)
             return html, self.refs.cursor(encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc", last.stream)))
 
         first = await poll(start)  # here, so that input the query refuses is a 400, not a broken stream
@@ -730,7 +727,7 @@ def _duration(span: timedelta) -> str:
 
 def _linker(base: str) -> Callable[..., str]:
     def link(path: str, params: Sequence[tuple[str, str]] | Mapping[str, str] = ()) -> str:
-        query = urlencode(list(params.items()) if isinstance(params, Mapping) else list(params))
+        query = query_string(params.items() if isinstance(params, Mapping) else params)
         return f"{base}{path}" + (f"?{query}" if query else "")
 
     return link
