@@ -107,6 +107,10 @@ MAX_GROUP_SCAN = 1000
 KEEPALIVE_SECONDS = 15.0
 # Context keys and tables offered in the filter form come from this many latest (in-scope) changes.
 SUGGESTION_SAMPLE = 500
+#: How long a scope's suggestions are reused: they are hints that a few seconds' new changes hardly move, and reading
+#: them costs a timeline page as much as its changes. Kept for at most SUGGESTION_SCOPES scopes at once.
+SUGGESTION_SECONDS = 10.0
+SUGGESTION_SCOPES = 1000
 SUGGESTED_KEYS = 6
 _ACCESS = "bemi_asgi.ui.access"
 # Input a query refuses: a malformed filter, a value PostgreSQL rejects (NUL, out of range), a time out of range.
@@ -218,6 +222,8 @@ class BemiUI:
             self, authorize_revert=authorize_revert, revert_pool=revert_pool, key=key or secrets.token_bytes(32)
         )
         self._rows = TimelineRows(self.refs, request_id_key, self._viewer_link)
+        #: `_suggestions` by scope: when they were read, the tables, the context keys.
+        self._suggested: dict[str, tuple[float, list[str], list[str]]] = {}
         self._env: jinja2.Environment = jinja.Environment(
             loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
             autoescape=True,
@@ -673,18 +679,33 @@ class BemiUI:
         return list(row_states(changes))[-1]
 
     async def _suggestions(self, scope: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-        """Tables and context keys seen in the latest in-scope changes, for the filter form's suggestions."""
+        """Tables and context keys seen in the latest in-scope changes, for the filter form's suggestions (read again
+        after SUGGESTION_SECONDS)."""
+        cache_key = json.dumps(scope, sort_keys=True)
+        now = asyncio.get_running_loop().time()
+        cached = self._suggested.get(cache_key)
+        if cached is not None and now - cached[0] < SUGGESTION_SECONDS:
+            return cached[1], cached[2]
         where = ChangeFilter(FilterArgs(context=dict(scope) or None)).where()
         pool = await self.bemi.pool()
+        # The tables and the keys apart: a key set per change, taken apart in the select list, costs less than a
+        # row per key joined to its change.
         records = await pool.fetch(
-            f"""SELECT DISTINCT s."schema", s."table", k.key
-                  FROM (SELECT "schema", "table", context FROM {CHANGES_SQL} WHERE {where.sql()}
-                         ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(SUGGESTION_SAMPLE)}) AS s
-                  LEFT JOIN LATERAL jsonb_object_keys(s.context) AS k(key) ON true""",
+            f"""WITH s AS MATERIALIZED (
+                    SELECT "schema", "table", context FROM {CHANGES_SQL} WHERE {where.sql()}
+                     ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(SUGGESTION_SAMPLE)})
+                SELECT "schema", "table", NULL AS key FROM s GROUP BY "schema", "table"
+                UNION ALL
+                SELECT NULL, NULL, key FROM (SELECT jsonb_object_keys(context) AS key FROM s) AS k GROUP BY key""",
             *where.params,
         )
-        tables = sorted({r["table"] if r["schema"] == "public" else f"{r['schema']}.{r['table']}" for r in records})
-        keys = sorted({r["key"] for r in records if r["key"] is not None})
+        tables = sorted(
+            {r["table"] if r["schema"] == "public" else f"{r['schema']}.{r['table']}" for r in records if r["table"]}
+        )
+        keys = sorted(r["key"] for r in records if r["key"] is not None)
+        if len(self._suggested) >= SUGGESTION_SCOPES:
+            self._suggested.clear()
+        self._suggested[cache_key] = (now, tables, keys)
         return tables, keys
 
 
