@@ -73,6 +73,7 @@ from ..history.refs import Refs, refs_for
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
 from .chart import chart, table_rows
+from .diffs import DiffTables
 from .revert import AuthorizeRevert, RevertPages, RevertPool
 from .rows import TimelineRows
 from .view import (
@@ -80,7 +81,6 @@ from .view import (
     OPERATIONS,
     TimelineFilters,
     context_value_text,
-    field_rows,
     format_time,
     json_text,
     moment_input,
@@ -232,7 +232,6 @@ class BemiUI:
             lstrip_blocks=True,
         )
         self._env.globals.update(
-            fields=field_rows,
             schema_change_summary=schema_change_summary,
             when=format_time,
             json_text=json_text,
@@ -247,6 +246,7 @@ class BemiUI:
             ref=self.refs,
             can_revert=False,
             timeline_rows=self._rows,
+            diff_tables=DiffTables(self.refs),
         )
         self._router = Router(
             routes=[
