@@ -118,12 +118,19 @@ class _PageRows:
         self._chips: dict[tuple[str, str], str] = {}
         self._filter_prefix: str | None = None
         self._transaction_prefix = link("/transaction/", ())
+        self._transaction_cells: dict[int, str] = {}
         self._request_prefix = link("/request", {"id": ""})
 
     def row(self, change: Change, new: bool) -> str:
         refs, link = self.rows.refs, self.link
         anchor = escape_text(refs.change(change))
-        transaction = refs.transaction(change)
+        transaction_cell = self._transaction_cells.get(change.transaction_id)
+        if transaction_cell is None:  # the same for each change of a transaction (and sealing one costs)
+            transaction = refs.transaction(change)
+            transaction_cell = self._transaction_cells[change.transaction_id] = (
+                f'  <td class="mono"><a href="{escape_text(self._transaction_prefix + transaction)}" '
+                f'title="Every change of this transaction">{escape_text(refs.label(transaction))}</a></td>\n'
+            )
         schema, table = change.schema_, change.table
         table_href = self._table_hrefs.get((schema, table))
         if table_href is None:
@@ -149,9 +156,7 @@ class _PageRows:
             f'  <td class="mono">{key}</td>\n'
             f'  <td class="summary">{self.rows.summary(change)}</td>\n'
             f"  <td>{self.context_chips(change)}</td>\n"
-            f'  <td class="mono"><a href="{escape_text(self._transaction_prefix + transaction)}" '
-            f'title="Every change of this transaction">{escape_text(refs.label(transaction))}</a></td>\n'
-            "</tr>\n"
+            f"{transaction_cell}</tr>\n"
         )
 
     def context_chips(self, change: Change) -> str:
