@@ -73,9 +73,9 @@ from ..history.refs import Refs, refs_for
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
 from .chart import chart, table_rows
-from .diffs import DiffTables
 from .revert import AuthorizeRevert, RevertPages, RevertPool
 from .rows import TimelineRows
+from .sections import ChangeSections
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
@@ -246,7 +246,7 @@ class BemiUI:
             ref=self.refs,
             can_revert=False,
             timeline_rows=self._rows,
-            diff_tables=DiffTables(self.refs),
+            change_sections=ChangeSections(self.refs, self._rows),
         )
         self._router = Router(
             routes=[
