@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -61,6 +62,9 @@ def history_grants() -> Iterator[None]:
 #: and how many times farther a window reaches after one that held nothing.
 WINDOW_MARGIN = 2
 WINDOW_GROWTH = 16
+#: A window is worth it when its reach is this many times less than every commit position stored: its pages are
+#: read whole (the BRIN marks pages, not rows), so each costs about as much as this many matches read one by one.
+WINDOW_PAGE_COST = 8
 #: The filter shapes whose spacing `newest` remembers (forgotten all at once beyond that: they are only estimates).
 MAX_HABITS = 1000
 
@@ -82,14 +86,21 @@ def _lower_end(position: int) -> int | None:
     return position if position > 0 else None
 
 
+#: How far below the newest commit position stored the oldest is; read again after SPAN_SECONDS by a query over
+#: every match (a window reads it every time), so that a growing history turns to windows when they pay.
+SPAN_SECONDS = 60.0
+_SPAN = f"(SELECT max(commit_lsn) - min(commit_lsn) FROM {CHANGES_SQL}) AS span"
+
+
 async def _newest_window(
     conn: asyncpg.Connection | PoolConnectionProxy[asyncpg.Record], where: Where, reach: int, limit: int
-) -> tuple[int | None, list[asyncpg.Record]]:
-    """The newest commit LSN stored (None: no change at all) and the newest `limit` changes matching `where` at most
-    `reach` below it, newest first, in one round trip."""
+) -> tuple[int | None, int, list[asyncpg.Record]]:
+    """The newest commit LSN stored (None: no change at all), how far below it the oldest is, and the newest `limit`
+    changes matching `where` at most `reach` below it, newest first, in one round trip."""
     in_order = "ORDER BY commit_lsn DESC, ordinal DESC, stream DESC"
     records = await conn.fetch(
-        f"""SELECT w.top, page.change FROM (SELECT max(commit_lsn) AS top FROM {CHANGES_SQL}) AS w
+        f"""SELECT w.top, w.top - w.bottom AS span, page.change
+              FROM (SELECT max(commit_lsn) AS top, min(commit_lsn) AS bottom FROM {CHANGES_SQL}) AS w
               LEFT JOIN LATERAL (
                   SELECT {SELECT_CHANGE}, c.stream FROM (
                       SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} AND commit_lsn >= w.top - {where.param(reach)}
@@ -98,7 +109,7 @@ async def _newest_window(
         *where.params,
     )
     top: int | None = records[0]["top"]
-    return top, [record for record in records if record["change"] is not None]
+    return top, records[0]["span"] or 0, [record for record in records if record["change"] is not None]
 
 
 def at_condition(at: At, where: Where) -> str:
@@ -125,6 +136,10 @@ class ChangeStore:
         self._columns: dict[tuple[str, str], frozenset[str]] = {}
         #: `newest`'s estimates: how far apart in commit LSN the matches of each filter shape were last time.
         self._spacings: dict[str, float] = {}
+        #: How far apart the oldest and the newest commit positions stored were at the last window read, and when
+        #: a query over every match reads it again.
+        self._span: int | None = None
+        self._span_due = 0.0
 
     async def pool(self) -> asyncpg.Pool:
         """The pool queries run on (opened on first use when the store was given a DSN)."""
@@ -173,7 +188,8 @@ class ChangeStore:
         windows partition the commit positions, so the result is exactly the one query's; their sizes only decide
         the cost. The first reaches as far as the last query of the same `habit` (the filters' shape, such as
         "a user's changes") needed for as many changes, with a margin; each next one as far as the matches found
-        so far suggest; the last one has no lower end.
+        so far suggest; the last one has no lower end. A window reaching over much of the history is not worth
+        its pages (see WINDOW_PAGE_COST): then one query reads every match.
         """
         spacing = self._spacings.get(habit)
         found: list[Change] = []
@@ -187,17 +203,25 @@ class ChangeStore:
                 if high is not None:
                     window.add(f"commit_lsn < {window.param(high)}::bigint")
                 reach = None if spacing is None else int(spacing * need * WINDOW_MARGIN) + 1
+                if reach is not None and self._span is not None and reach * WINDOW_PAGE_COST >= self._span:
+                    reach = None  # so near to the whole history that every match one by one costs less
                 low: int | None = None
                 with history_grants():
                     if reach is not None and top is None:  # the first window, under the newest commit stored
-                        top, records = await _newest_window(conn, window, reach, need)
+                        top, self._span, records = await _newest_window(conn, window, reach, need)
                         low = None if top is None else _lower_end(top - reach)
                     else:  # a window under `top` or `high`; or, without an estimate, every match
                         if reach is not None and top is not None:
                             low = _lower_end((top if high is None else high) - reach)
                         if low is not None:
                             window.add(f"commit_lsn >= {window.param(low)}::bigint")
-                        records = await conn.fetch(_select_sql(window, "desc", need), *window.params)
+                        sql = _select_sql(window, "desc", need)
+                        read_span = reach is None and top is None and time.monotonic() >= self._span_due
+                        if read_span:  # every match, and how far the positions reach now (it costs a little)
+                            sql = f"SELECT page.*, {_SPAN} FROM ({sql}) AS page"
+                        records = await conn.fetch(sql, *window.params)
+                        if read_span and records:
+                            self._span, self._span_due = records[0]["span"], time.monotonic() + SPAN_SECONDS
                 changes = [change_from_json(record["change"]) for record in records]
                 found += changes
                 if len(found) >= limit or low is None or top is None:
