@@ -72,10 +72,6 @@ class ChangesAPI:
                 f"(commit_lsn, ordinal, stream) {comparison} ({where.param(position.commit_lsn)}::bigint, "
                 f"{where.param(position.ordinal)}::integer, {where.param(position.stream)}::integer)"
             )
-            if order == "asc" and selection.unordered:
-                # Implied by the comparison, but a bound on the column alone, which the BRIN on commit_lsn narrows
-                # to the pages after the cursor: a live stream's poll reads its few new matches, not all of them.
-                where.add(f"commit_lsn >= {where.param(position.commit_lsn)}::bigint")
         if order == "desc" and selection.unordered:
             below = None if position is None else position.commit_lsn
             found = await self._store.newest(where, limit=limit + 1, below=below, habit=selection.shape())
