@@ -109,6 +109,9 @@ def test_a_destination_created_by_0_1_is_upgraded_in_place_keeping_every_row(dat
         by_time = [definition for name, definition in indexes if name == "bemi.changes_committed_at_idx"]
         assert len(by_time) == 1
         assert "USING brin (committed_at)" in by_time[0]
+        by_position = [definition for name, definition in indexes if name == "bemi.changes_commit_lsn_idx"]
+        assert len(by_position) == 1
+        assert "USING brin (commit_lsn)" in by_position[0]
         conn.execute("DROP SCHEMA bemi CASCADE")
         conn.execute(current)
         assert _shape(conn) == upgraded

@@ -130,6 +130,38 @@ async def test_find_filters_combine(env: Env) -> None:
     assert await find(table="items", context={"user": "carol"}) == []
 
 
+async def test_context_pages_read_in_windows_are_those_of_one_query_over_every_match(env: Env) -> None:
+    """find(context=...) newest first reads windows of commit positions, sized from the last query of the same
+    filters; whatever their sizes, its pages hold exactly the changes, in the order, of one query over every match:
+    for a value frequent among the newest changes, a rare one, one seen only long ago and one never seen, one after
+    the other, page by page."""
+    for n in range(300):
+        users = ["dense"] if n % 2 else []
+        users += ["rare"] if n % 37 == 0 else []
+        users += ["old"] if n < 8 else []
+        await env.writer.commit(
+            [Row("UPDATE", "items", n % 11, before={"n": n - 1}, after={"n": n}) for _ in range(1 + n % 3)],
+            context={"user": users[0] if users else "other", **{f"is_{user}": True for user in users}},
+        )
+    for key in ["is_dense", "is_rare", "is_dense", "is_old", "is_dense", "is_none", "is_dense", "is_rare"]:
+        expected = [
+            record["id"]
+            for record in await env.conn.fetch(
+                "SELECT id FROM bemi.changes WHERE context @> $1::jsonb ORDER BY commit_lsn DESC, ordinal DESC",
+                f'{{"{key}": true}}',
+            )
+        ]
+        for limit in (1, 7, 40):
+            found, cursor = [], None
+            while True:
+                page = await env.bemi.changes.find(context={key: True}, limit=limit, cursor=cursor)
+                found += [change.id for change in page]
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+            assert found == expected, (key, limit)
+
+
 async def test_count_uses_the_same_filters(env: Env) -> None:
     """count() counts what find() would return for the same filters."""
     await write_item_story(env)

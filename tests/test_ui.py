@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
+import markupsafe
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,12 +29,14 @@ from bemi_asgi import Bemi, bemi_context
 from bemi_asgi.history.access import merge_scope
 from bemi_asgi.history.filters import Cursor, encode_cursor
 from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
+from bemi_asgi.ui.rows import escape_text
 from bemi_asgi.ui.view import (
     context_value_text,
     moment_input,
     parse_context_value,
     parse_filters,
     parse_moment,
+    query_string,
 )
 from bemi_asgi.worker.pipeline import Worker
 
@@ -725,6 +728,18 @@ def test_filter_parsing_and_scope_merging() -> None:
     assert merge_scope({"tenant_id": "1"}, {"tenant_id": 1}) is None
     assert merge_scope({"user": "ann"}, {"tenant_id": 1}) == {"user": "ann", "tenant_id": 1}
     assert parse_moment("2025-03-01T13:00+01:00", "at") == T0
+
+
+@given(st.text())
+def test_timeline_rows_escape_as_markupsafe_does(text: str) -> None:
+    """The timeline rows' own escaping gives markupsafe's text for any value."""
+    assert escape_text(text) == str(markupsafe.escape(text))
+
+
+@given(st.lists(st.tuples(st.text(), st.text())))
+def test_links_quote_their_parameters_as_urlencode_does(params: list[tuple[str, str]]) -> None:
+    """The pages' links carry exactly the query string `urllib.parse.urlencode` writes."""
+    assert query_string(params) == urlencode(params)
 
 
 def test_moment_input_rounds_up_to_keep_the_moment() -> None:

@@ -62,6 +62,7 @@ class ChangesAPI:
             raise QueryError(f"limit must be an int from 1 to {MAX_LIMIT}, got {limit!r}")
         selection = ChangeFilter(filters, caller="find")
         where = await self._store.where(selection)
+        position = None
         if cursor is not None:
             position = decode_cursor(cursor)
             if position.order != order:
@@ -71,7 +72,11 @@ class ChangesAPI:
                 f"(commit_lsn, ordinal, stream) {comparison} ({where.param(position.commit_lsn)}::bigint, "
                 f"{where.param(position.ordinal)}::integer, {where.param(position.stream)}::integer)"
             )
-        found = await self._store.select(where, order=order, limit=limit + 1)
+        if order == "desc" and selection.unordered:
+            below = None if position is None else position.commit_lsn
+            found = await self._store.newest(where, limit=limit + 1, below=below, habit=selection.shape())
+        else:
+            found = await self._store.select(where, order=order, limit=limit + 1)
         changes = found[:limit]
         if not changes and selection.table is not None and cursor is None:
             await self._store.require_known_table(*selection.table)

@@ -253,6 +253,20 @@ class ChangeFilter:
         table = self.args.get("table")
         return None if table is None else split_table(table, self.args.get("schema"))
 
+    @property
+    def unordered(self) -> bool:
+        """Whether the context's GIN index, which finds changes in no order, is what narrows these filters: a context
+        or trace filter, without a row or a transaction (whose own indexes find few changes)."""
+        args = self.args
+        by_context = args.get("context") is not None or args.get("trace_id") is not None
+        return by_context and args.get("primary_key") is None and args.get("transaction_id") is None
+
+    def shape(self) -> str:
+        """Which filters are given and the context keys they match, not their values: "a user's changes" for every
+        user."""
+        given = sorted(name for name, value in self.args.items() if value is not None)
+        return json.dumps([given, sorted(self.args.get("context") or {})])
+
     def column_filters(self) -> list[tuple[tuple[str, str], list[str]]]:
         """The table and column names the `before`/`after` filters rely on (checked against the table by I/O)."""
         table = self.table

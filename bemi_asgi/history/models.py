@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
-__all__ = ["Change", "FieldChange", "Operation", "Stream", "change_from_json"]
+__all__ = ["Change", "FieldChange", "Operation", "Stream", "change_from_json", "changed_columns"]
 
 #: A time as the query helpers return it: aware, in UTC (whatever the session's TimeZone wrote).
 UtcDatetime = Annotated[datetime, AfterValidator(lambda moment: moment.astimezone(UTC))]
@@ -99,14 +99,20 @@ class Stream(BaseModel):
     slot_name: str
 
 
-def diff_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, FieldChange]:
-    """The columns that differ between two row images, with both values (a missing side counts as None)."""
-    result: dict[str, FieldChange] = {}
+def changed_columns(before: Mapping[str, Any], after: Mapping[str, Any]) -> Iterator[str]:
+    """The names of the columns that differ between two row images, in the row's column order (a column on one
+    side only differs)."""
     for name in (*after, *(key for key in before if key not in after)):
         old, new = before.get(name), after.get(name)
         if name not in before or name not in after or old != new or type(old) is not type(new):
-            result[name] = FieldChange(before=old, after=new)
-    return result
+            yield name
+
+
+def diff_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, FieldChange]:
+    """The columns that differ between two row images, with both values (a missing side counts as None)."""
+    return {
+        name: FieldChange(before=before.get(name), after=after.get(name)) for name in changed_columns(before, after)
+    }
 
 
 def change_from_json(text: str | bytes) -> Change:

@@ -164,7 +164,10 @@ def refs_for(*, scoped: bool, secret: str | bytes | None) -> Refs:
 
 def _xor(data: bytes, pad: bytes) -> bytes:
     assert len(data) <= len(pad), "a token's plaintext is at most one HMAC-SHA256 output long"
-    return bytes(a ^ b for a, b in zip(data, pad, strict=False))
+    # As two big integers: a timeline page seals a hundred tokens, and a byte at a time in Python cost more than
+    # the HMACs.
+    size = len(data)
+    return (int.from_bytes(data) ^ int.from_bytes(pad[:size])).to_bytes(size)
 
 
 def _b64(raw: bytes) -> str:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from .._changes_table import CHANGES, SCHEMA, STREAMS, WORKER_STATE
 from .._exceptions import QueryError, UnknownTableError
@@ -56,6 +58,60 @@ def history_grants() -> Iterator[None]:
         ) from None
 
 
+#: `ChangeStore.newest`: how many times the room the last query of the same filters needed its first window takes,
+#: and how many times farther a window reaches after one that held nothing.
+WINDOW_MARGIN = 2
+WINDOW_GROWTH = 16
+#: A window is worth it when its reach is this many times less than every commit position stored: its pages are
+#: read whole (the BRIN marks pages, not rows), so each costs about as much as this many matches read one by one.
+WINDOW_PAGE_COST = 8
+#: The filter shapes whose spacing `newest` remembers (forgotten all at once beyond that: they are only estimates).
+MAX_HABITS = 1000
+
+
+def _select_sql(where: Where, order: Literal["asc", "desc"], limit: int | None) -> str:
+    """The query of the changes matching `where` in commit order (`order`), at most `limit` of them."""
+    direction = "ASC" if order == "asc" else "DESC"
+    in_order = f"ORDER BY commit_lsn {direction}, ordinal {direction}, stream {direction}"
+    # The JSON is written for the changes kept, after the LIMIT: in a flat query PostgreSQL would write it for every
+    # matching change before sorting them.
+    return (
+        f"SELECT {SELECT_CHANGE} FROM (SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} {in_order}"
+        f"{'' if limit is None else f' LIMIT {where.param(limit)}'}) AS c {in_order}"
+    )
+
+
+def _lower_end(position: int) -> int | None:
+    """A window's lowest commit LSN; None (no lower end) once it reaches below every LSN (none is negative)."""
+    return position if position > 0 else None
+
+
+#: How far below the newest commit position stored the oldest is; read again after SPAN_SECONDS by a query over
+#: every match (a window reads it every time), so that a growing history turns to windows when they pay.
+SPAN_SECONDS = 60.0
+_SPAN = f"(SELECT max(commit_lsn) - min(commit_lsn) FROM {CHANGES_SQL}) AS span"
+
+
+async def _newest_window(
+    conn: asyncpg.Connection | PoolConnectionProxy[asyncpg.Record], where: Where, reach: int, limit: int
+) -> tuple[int | None, int, list[asyncpg.Record]]:
+    """The newest commit LSN stored (None: no change at all), how far below it the oldest is, and the newest `limit`
+    changes matching `where` at most `reach` below it, newest first, in one round trip."""
+    in_order = "ORDER BY commit_lsn DESC, ordinal DESC, stream DESC"
+    records = await conn.fetch(
+        f"""SELECT w.top, w.top - w.bottom AS span, page.change
+              FROM (SELECT max(commit_lsn) AS top, min(commit_lsn) AS bottom FROM {CHANGES_SQL}) AS w
+              LEFT JOIN LATERAL (
+                  SELECT {SELECT_CHANGE}, c.stream FROM (
+                      SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} AND commit_lsn >= w.top - {where.param(reach)}
+                       {in_order} LIMIT {where.param(limit)}) AS c) AS page ON true
+             ORDER BY page.commit_lsn DESC, page.ordinal DESC, page.stream DESC""",
+        *where.params,
+    )
+    top: int | None = records[0]["top"]
+    return top, records[0]["span"] or 0, [record for record in records if record["change"] is not None]
+
+
 def at_condition(at: At, where: Where) -> str:
     """`at` as a condition: committed at or before a time, or with a commit LSN at or below a position."""
     if at.kind == "time":
@@ -78,6 +134,12 @@ class ChangeStore:
         self._owns_pool = self._pool is None
         self._pool_lock = asyncio.Lock()
         self._columns: dict[tuple[str, str], frozenset[str]] = {}
+        #: `newest`'s estimates: how far apart in commit LSN the matches of each filter shape were last time.
+        self._spacings: dict[str, float] = {}
+        #: How far apart the oldest and the newest commit positions stored were at the last window read, and when
+        #: a query over every match reads it again.
+        self._span: int | None = None
+        self._span_due = 0.0
 
     async def pool(self) -> asyncpg.Pool:
         """The pool queries run on (opened on first use when the store was given a DSN)."""
@@ -110,18 +172,81 @@ class ChangeStore:
         limit: int | None = None,
     ) -> list[Change]:
         """The changes matching `where` in commit order (`order`), at most `limit` of them."""
-        direction = "ASC" if order == "asc" else "DESC"
-        in_order = f"ORDER BY commit_lsn {direction}, ordinal {direction}, stream {direction}"
-        # The JSON is written for the changes kept, after the LIMIT: in a flat query PostgreSQL would write it for
-        # every matching change before sorting them.
-        sql = (
-            f"SELECT {SELECT_CHANGE} FROM (SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} {in_order}"
-            f"{'' if limit is None else f' LIMIT {where.param(limit)}'}) AS c {in_order}"
-        )
+        sql = _select_sql(where, order, limit)
         pool = await self.pool()
         with history_grants():
             records = await pool.fetch(sql, *where.params)
         return [change_from_json(record[0]) for record in records]
+
+    async def newest(self, where: Where, *, limit: int, below: int | None, habit: str) -> list[Change]:
+        """The newest `limit` changes matching `where`, newest first, for filters whose index finds the changes in
+        no order (the context's GIN index): rather than read and sort every match (a user's thousands of changes
+        for a page of 20), read windows of commit positions, newest first, until `limit` are found. The BRIN on
+        `commit_lsn` narrows each window to its pages, which PostgreSQL intersects with the GIN's matches.
+
+        `below` is the commit LSN a page starts at (its cursor's, which `where` holds), None for the newest. The
+        windows partition the commit positions, so the result is exactly the one query's; their sizes only decide
+        the cost. The first reaches as far as the last query of the same `habit` (the filters' shape, such as
+        "a user's changes") needed for as many changes, with a margin; each next one as far as the matches found
+        so far suggest; the last one has no lower end. A window reaching over much of the history is not worth
+        its pages (see WINDOW_PAGE_COST): then one query reads every match.
+        """
+        spacing = self._spacings.get(habit)
+        found: list[Change] = []
+        top = below  # where the windows start: the cursor's position, or the newest stored (read with the first)
+        high: int | None = None  # the last window's lowest commit LSN: the next window ends below it
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            while True:
+                need = limit - len(found)
+                window = Where(list(where.conditions), list(where.params))
+                if high is not None:
+                    window.add(f"commit_lsn < {window.param(high)}::bigint")
+                reach = None if spacing is None else int(spacing * need * WINDOW_MARGIN) + 1
+                if reach is not None and self._span is not None and reach * WINDOW_PAGE_COST >= self._span:
+                    reach = None  # so near to the whole history that every match one by one costs less
+                low: int | None = None
+                with history_grants():
+                    if reach is not None and top is None:  # the first window, under the newest commit stored
+                        top, self._span, records = await _newest_window(conn, window, reach, need)
+                        low = None if top is None else _lower_end(top - reach)
+                    else:  # a window under `top` or `high`; or, without an estimate, every match
+                        if reach is not None and top is not None:
+                            low = _lower_end((top if high is None else high) - reach)
+                        if low is not None:
+                            window.add(f"commit_lsn >= {window.param(low)}::bigint")
+                        sql = _select_sql(window, "desc", need)
+                        read_span = reach is None and top is None and time.monotonic() >= self._span_due
+                        if read_span:  # every match, and how far the positions reach now (it costs a little)
+                            sql = f"SELECT page.*, {_SPAN} FROM ({sql}) AS page"
+                        records = await conn.fetch(sql, *window.params)
+                        if read_span and records:
+                            self._span, self._span_due = records[0]["span"], time.monotonic() + SPAN_SECONDS
+                changes = [change_from_json(record["change"]) for record in records]
+                found += changes
+                if len(found) >= limit or low is None or top is None:
+                    break
+                # Every match between `low` and the window's upper end is in `changes`: as many more farther down
+                # need about as much room each (much more room, when this window held none).
+                span = (top if high is None else high) - low
+                spacing = span / len(changes) if changes else span / need * WINDOW_GROWTH
+                high = low
+        if len(found) < limit:
+            # Every match there is (a request's few changes): one query over them all is the cheapest next time,
+            # as a window reaching over the whole history would mark every page of it first.
+            self._spacings.pop(habit, None)
+        else:
+            reached = (found[0].commit_lsn if top is None else top) - found[-1].commit_lsn
+            self._learn(habit, max(reached, 1) / len(found))
+        return found
+
+    def _learn(self, habit: str, spacing: float) -> None:
+        """Remember how far apart a habit's matches are: between the last estimate and this one (a geometric mean,
+        so that one unusual user moves it halfway)."""
+        if len(self._spacings) >= MAX_HABITS and habit not in self._spacings:
+            self._spacings.clear()
+        known = self._spacings.get(habit)
+        self._spacings[habit] = spacing if known is None else (known * spacing) ** 0.5
 
     async def count(self, where: Where) -> int:
         pool = await self.pool()

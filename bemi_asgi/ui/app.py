@@ -46,7 +46,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlencode
 
 import asyncpg
 from starlette.requests import ClientDisconnect, Request
@@ -76,12 +75,12 @@ from ..history.store import CHANGES_SQL
 from .chart import chart, table_rows
 from .revert import AuthorizeRevert, RevertPages, RevertPool
 from .rows import TimelineRows
+from .sections import ChangeSections
 from .view import (
     CONTEXT_PARAM_PREFIX,
     OPERATIONS,
     TimelineFilters,
     context_value_text,
-    field_rows,
     format_time,
     json_text,
     moment_input,
@@ -89,6 +88,7 @@ from .view import (
     parse_context_value,
     parse_filters,
     parse_moment,
+    query_string,
     schema_change_summary,
     shorten,
 )
@@ -107,6 +107,10 @@ MAX_GROUP_SCAN = 1000
 KEEPALIVE_SECONDS = 15.0
 # Context keys and tables offered in the filter form come from this many latest (in-scope) changes.
 SUGGESTION_SAMPLE = 500
+#: How long a scope's suggestions are reused: they are hints that a few seconds' new changes hardly move, and reading
+#: them costs a timeline page as much as its changes. Kept for at most SUGGESTION_SCOPES scopes at once.
+SUGGESTION_SECONDS = 10.0
+SUGGESTION_SCOPES = 1000
 SUGGESTED_KEYS = 6
 _ACCESS = "bemi_asgi.ui.access"
 # Input a query refuses: a malformed filter, a value PostgreSQL rejects (NUL, out of range), a time out of range.
@@ -217,6 +221,9 @@ class BemiUI:
         self._revert = RevertPages(
             self, authorize_revert=authorize_revert, revert_pool=revert_pool, key=key or secrets.token_bytes(32)
         )
+        self._rows = TimelineRows(self.refs, request_id_key, self._viewer_link)
+        #: `_suggestions` by scope: when they were read, the tables, the context keys.
+        self._suggested: dict[str, tuple[float, list[str], list[str]]] = {}
         self._env: jinja2.Environment = jinja.Environment(
             loader=jinja.PackageLoader("bemi_asgi.ui", "templates"),
             autoescape=True,
@@ -225,7 +232,6 @@ class BemiUI:
             lstrip_blocks=True,
         )
         self._env.globals.update(
-            fields=field_rows,
             schema_change_summary=schema_change_summary,
             when=format_time,
             json_text=json_text,
@@ -239,7 +245,8 @@ class BemiUI:
             no_filters=TimelineFilters(),
             ref=self.refs,
             can_revert=False,
-            timeline_row_html=TimelineRows(self.refs, request_id_key, self._viewer_link),
+            timeline_rows=self._rows,
+            change_sections=ChangeSections(self.refs, self._rows),
         )
         self._router = Router(
             routes=[
@@ -382,11 +389,7 @@ class BemiUI:
             if not page:
                 return None, ref
             last = page[-1]
-            macros = self._env.get_template("_macros.html").make_module(
-                {"link": _linker(self._base(request)), "scope": scope}
-            )
-            row = getattr(macros, "timeline_row")  # noqa: B009 (a template macro, unknown to the type checker)
-            html = "".join(str(row(change, filters, True)) for change in reversed(page))
+            html = self._rows.rows(_linker(self._base(request)), reversed(page), filters, new=True)
             return html, self.refs.cursor(encode_cursor(Cursor(last.commit_lsn, last.ordinal, "asc", last.stream)))
 
         first = await poll(start)  # here, so that input the query refuses is a 400, not a broken stream
@@ -676,18 +679,33 @@ class BemiUI:
         return list(row_states(changes))[-1]
 
     async def _suggestions(self, scope: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-        """Tables and context keys seen in the latest in-scope changes, for the filter form's suggestions."""
+        """Tables and context keys seen in the latest in-scope changes, for the filter form's suggestions (read again
+        after SUGGESTION_SECONDS)."""
+        cache_key = json.dumps(scope, sort_keys=True)
+        now = asyncio.get_running_loop().time()
+        cached = self._suggested.get(cache_key)
+        if cached is not None and now - cached[0] < SUGGESTION_SECONDS:
+            return cached[1], cached[2]
         where = ChangeFilter(FilterArgs(context=dict(scope) or None)).where()
         pool = await self.bemi.pool()
+        # The tables and the keys apart: a key set per change, taken apart in the select list, costs less than a
+        # row per key joined to its change.
         records = await pool.fetch(
-            f"""SELECT DISTINCT s."schema", s."table", k.key
-                  FROM (SELECT "schema", "table", context FROM {CHANGES_SQL} WHERE {where.sql()}
-                         ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(SUGGESTION_SAMPLE)}) AS s
-                  LEFT JOIN LATERAL jsonb_object_keys(s.context) AS k(key) ON true""",
+            f"""WITH s AS MATERIALIZED (
+                    SELECT "schema", "table", context FROM {CHANGES_SQL} WHERE {where.sql()}
+                     ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(SUGGESTION_SAMPLE)})
+                SELECT "schema", "table", NULL AS key FROM s GROUP BY "schema", "table"
+                UNION ALL
+                SELECT NULL, NULL, key FROM (SELECT jsonb_object_keys(context) AS key FROM s) AS k GROUP BY key""",
             *where.params,
         )
-        tables = sorted({r["table"] if r["schema"] == "public" else f"{r['schema']}.{r['table']}" for r in records})
-        keys = sorted({r["key"] for r in records if r["key"] is not None})
+        tables = sorted(
+            {r["table"] if r["schema"] == "public" else f"{r['schema']}.{r['table']}" for r in records if r["table"]}
+        )
+        keys = sorted(r["key"] for r in records if r["key"] is not None)
+        if len(self._suggested) >= SUGGESTION_SCOPES:
+            self._suggested.clear()
+        self._suggested[cache_key] = (now, tables, keys)
         return tables, keys
 
 
@@ -730,7 +748,7 @@ def _duration(span: timedelta) -> str:
 
 def _linker(base: str) -> Callable[..., str]:
     def link(path: str, params: Sequence[tuple[str, str]] | Mapping[str, str] = ()) -> str:
-        query = urlencode(list(params.items()) if isinstance(params, Mapping) else list(params))
+        query = query_string(params.items() if isinstance(params, Mapping) else params)
         return f"{base}{path}" + (f"?{query}" if query else "")
 
     return link

@@ -1,19 +1,21 @@
-"""The timeline's row, written in Python: the browser's hot path.
+"""The timeline's rows, written in Python: the browser's hot path.
 
 A timeline page is fifty of these rows, each a dozen links, chips and shortened values. As Jinja macros they cost
-more than everything else on the page (Jinja's per-call overhead, paid some thirty times a row), so the
-`timeline_row` macro hands over to `TimelineRows`, which writes the same HTML with every value escaped.
+more than everything else on the page (Jinja's per-call overhead, paid some thirty times a row), so the timeline
+hands its whole table body to `TimelineRows`, which writes the same HTML with every value escaped. One page's
+rows share their links' common parts (the filters' query string, each table's filter link), built once a page.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from markupsafe import Markup, escape
+from markupsafe import Markup
+from markupsafe import escape as markup_escape
 
 from ..history.filters import TRACE_ID_KEY
-from ..history.models import Change, Operation
+from ..history.models import Change, Operation, changed_columns
 from ..history.refs import Refs
 from .view import (
     CONTEXT_PARAM_PREFIX,
@@ -21,6 +23,7 @@ from .view import (
     context_value_text,
     format_time,
     json_text,
+    query_text,
     schema_change_summary,
     shorten,
     trace_id_of,
@@ -33,7 +36,29 @@ Link = Callable[[str, Sequence[tuple[str, str]] | Mapping[str, str]], str]
 #: The trace viewer's address of a trace id and span id, or None (no viewer configured).
 ViewerLink = Callable[[str, Any], str | None]
 
+
+def escape_text(text: str) -> str:
+    """`text` escaped for HTML as markupsafe escapes it (the same five characters, the same entities), as a plain
+    str: markupsafe's `escape` makes a `Markup` object of every value, which costs more than the escaping itself on
+    the few hundred values of a page. (`tests/test_ui.py` checks the two agree.)"""
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#39;").replace('"', "&#34;")
+    )
+
+
+def _short_json(value: Any, limit: int) -> str:
+    return escape_text(shorten(json_text(value), limit))
+
+
 _IMAGE_OF = {Operation.CREATE: "after", Operation.SNAPSHOT: "after"}
+#: Each operation's cell (the operations are fixed words).
+_OPERATION_CELL = {
+    op: f'  <td><span class="op op-{markup_escape(op.value)}">{markup_escape(op.value)}</span></td>\n'
+    for op in Operation
+}
+_NEW = ' class="new"'
+_NO_KEY = '<span class="muted">—</span>'
+_NO_CONTEXT = '<span class="muted">no context</span>'
 
 
 class TimelineRows:
@@ -44,88 +69,146 @@ class TimelineRows:
         self.request_id_key = request_id_key
         self.viewer_link = viewer_link
 
-    def __call__(self, link: Link, change: Change, filters: TimelineFilters, new: bool = False) -> Markup:
-        """One `<tr>` of the timeline (`new`: marked as arrived over the live stream)."""
-        anchor = escape(self.refs.change(change))
-        transaction = self.refs.transaction(change)
-        table = change.table if change.schema_ == "public" else f"{change.schema_}.{change.table}"
-        table_filter = TimelineFilters(table=f"{change.schema_}.{change.table}").params()
-        if change.primary_key is None:
-            key = Markup('<span class="muted">—</span>')
-        else:
-            row = link("/row", {"schema": change.schema_, "table": change.table, "key": change.primary_key})
-            key = Markup(
-                f'<a href="{escape(row)}#c{anchor}" title="History of this row">'
-                f"{escape(shorten(change.primary_key, 30))}</a>"
-            )
-        operation = change.operation.value
-        marker = ' class="new"' if new else ""
-        return Markup(
-            f'<tr id="c{anchor}"{marker}>\n'
-            f'  <td class="time" title="{escape(change.committed_at.isoformat())}">'
-            f"{escape(format_time(change.committed_at))}</td>\n"
-            f'  <td><span class="op op-{escape(operation)}">{escape(operation)}</span></td>\n'
-            f'  <td class="mono"><a href="{escape(link("/", table_filter))}" title="Only this table">'
-            f"{escape(table)}</a></td>\n"
-            f'  <td class="mono">{key}</td>\n'
-            f'  <td class="summary">{self.summary(change)}</td>\n'
-            f"  <td>{self.context_chips(link, change, filters)}</td>\n"
-            f'  <td class="mono"><a href="{escape(link("/transaction/" + transaction, ()))}" '
-            f'title="Every change of this transaction">{escape(self.refs.label(transaction))}</a></td>\n'
-            "</tr>\n"
-        )
-
-    @staticmethod
-    def summary(change: Change) -> Markup:
-        """What the change did, in a line or three."""
-        if change.operation is Operation.TRUNCATE:
-            return Markup('<span class="muted">every row removed</span>')
-        if change.operation is Operation.DDL:
-            return Markup(f'<span class="schema-change">{escape(schema_change_summary(change))}</span>')
-        if change.operation is Operation.UPDATE:
-            diff = change.diff
-            if not diff:
-                return Markup('<span class="muted">no value changed</span>')
-            parts = [
-                f'<div><b>{escape(name)}</b>: <span class="from">{escape(shorten(json_text(field.before), 40))}'
-                f'</span> → <span class="to">{escape(shorten(json_text(field.after), 40))}</span></div>'
-                for name, field in list(diff.items())[:3]
-            ]
-            if len(diff) > 3:
-                parts.append(f'<div class="muted">and {len(diff) - 3} more</div>')
-            return Markup("\n".join(parts))
-        image: dict[str, Any] = getattr(change, _IMAGE_OF.get(change.operation, "before"))
-        plural = "" if len(image) == 1 else "s"
-        return Markup(f'<span class="muted">{len(image)} field{plural}:</span> {escape(shorten(json_text(image), 70))}')
+    def rows(self, link: Link, changes: Iterable[Change], filters: TimelineFilters, new: bool = False) -> Markup:
+        """A timeline's table body: every change's row (`new`: marked as arrived over the live stream)."""
+        page = _PageRows(self, link, filters)
+        return Markup("".join([f"  {page.row(change, new)}" for change in changes]))
 
     def context_chips(self, link: Link, change: Change, filters: TimelineFilters) -> Markup:
         """The change's context pairs as chips: a request id links to its request, a trace id to its trace (and the
         trace viewer), any other pair filters by it."""
+        return Markup(_PageRows(self, link, filters).context_chips(change))
+
+    @staticmethod
+    def summary(change: Change) -> str:
+        """What the change did, in a line or three (HTML)."""
+        if change.operation is Operation.TRUNCATE:
+            return '<span class="muted">every row removed</span>'
+        if change.operation is Operation.DDL:
+            return f'<span class="schema-change">{escape_text(schema_change_summary(change))}</span>'
+        if change.operation is Operation.UPDATE:
+            before, after = change.before, change.after
+            names = list(changed_columns(before, after))
+            if not names:
+                return '<span class="muted">no value changed</span>'
+            parts = [
+                f'<div><b>{escape_text(name)}</b>: <span class="from">{_short_json(before.get(name), 40)}</span> → '
+                f'<span class="to">{_short_json(after.get(name), 40)}</span></div>'
+                for name in names[:3]
+            ]
+            if len(names) > 3:
+                parts.append(f'<div class="muted">and {len(names) - 3} more</div>')
+            return "\n".join(parts)
+        image: dict[str, Any] = getattr(change, _IMAGE_OF.get(change.operation, "before"))
+        plural = "" if len(image) == 1 else "s"
+        return f'<span class="muted">{len(image)} field{plural}:</span> {_short_json(image, 70)}'
+
+
+class _PageRows:
+    """The rows of one page: its links' common parts, built once, and each row's HTML."""
+
+    def __init__(self, rows: TimelineRows, link: Link, filters: TimelineFilters) -> None:
+        self.rows = rows
+        self.link = link
+        self.filters = filters
+        self._table_hrefs: dict[tuple[str, str], str] = {}
+        #: The row link of each table, but for the key, which comes last.
+        self._row_hrefs: dict[tuple[str, str], str] = {}
+        #: Each context pair's chip but a trace id's (pairs repeat from row to row: an endpoint, a user).
+        self._chips: dict[tuple[str, str], str] = {}
+        self._filter_prefix: str | None = None
+        self._transaction_prefix = link("/transaction/", ())
+        self._transaction_cells: dict[int, str] = {}
+        self._request_prefix = link("/request", {"id": ""})
+
+    def row(self, change: Change, new: bool) -> str:
+        refs, link = self.rows.refs, self.link
+        anchor = escape_text(refs.change(change))
+        transaction_cell = self._transaction_cells.get(change.transaction_id)
+        if transaction_cell is None:  # the same for each change of a transaction (and sealing one costs)
+            transaction = refs.transaction(change)
+            transaction_cell = self._transaction_cells[change.transaction_id] = (
+                f'  <td class="mono"><a href="{escape_text(self._transaction_prefix + transaction)}" '
+                f'title="Every change of this transaction">{escape_text(refs.label(transaction))}</a></td>\n'
+            )
+        schema, table = change.schema_, change.table
+        table_href = self._table_hrefs.get((schema, table))
+        if table_href is None:
+            table_href = escape_text(link("/", TimelineFilters(table=f"{schema}.{table}").params()))
+            self._table_hrefs[(schema, table)] = table_href
+        if change.primary_key is None:
+            key = _NO_KEY
+        else:
+            row = self._row_hrefs.get((schema, table))
+            if row is None:
+                row = self._row_hrefs[(schema, table)] = link("/row", {"schema": schema, "table": table, "key": ""})
+            key = (
+                f'<a href="{escape_text(row + query_text(change.primary_key))}#c{anchor}" title="History of this row">'
+                f"{escape_text(shorten(change.primary_key, 30))}</a>"
+            )
+        committed_at = change.committed_at  # a datetime's texts: digits and separators, nothing to escape
+        return (
+            f'<tr id="c{anchor}"{_NEW if new else ""}>\n'
+            f'  <td class="time" title="{committed_at.isoformat()}">{format_time(committed_at)}</td>\n'
+            f"{_OPERATION_CELL[change.operation]}"
+            f'  <td class="mono"><a href="{table_href}" title="Only this table">'
+            f"{escape_text(table if schema == 'public' else f'{schema}.{table}')}</a></td>\n"
+            f'  <td class="mono">{key}</td>\n'
+            f'  <td class="summary">{self.rows.summary(change)}</td>\n'
+            f"  <td>{self.context_chips(change)}</td>\n"
+            f"{transaction_cell}</tr>\n"
+        )
+
+    def context_chips(self, change: Change) -> str:
         if not change.context:
-            return Markup('<span class="muted">no context</span>')
+            return _NO_CONTEXT
         chips = []
-        base = None
         for key, value in change.context.items():
+            if key == TRACE_ID_KEY and trace_id_of(value):
+                chips.append(self._trace_chip(value, change.context.get("span_id")))
+                continue
             text = context_value_text(value)
-            key_html, text_html = escape(key), escape(text)
-            viewer = None
-            if key == self.request_id_key:
-                href, title = link("/request", {"id": text}), "Every change of this request"
-            elif key == TRACE_ID_KEY and trace_id_of(value):
-                href, title = link("/trace/" + value, ()), "Every change of this trace"
-                viewer = self.viewer_link(value, change.context.get("span_id"))
-            else:
-                if key in filters.context:
-                    params = filters.with_context(key, value).params()
-                else:  # the same parameters, without building new filters for every chip
-                    base = filters.params(cursor=None) if base is None else base
-                    params = [*base, (CONTEXT_PARAM_PREFIX + key, text)]
-                href, title = link("/", params), f"Filter by {key_html}={text_html}"
-            chips.append(f'<a class="chip" href="{escape(href)}" title="{title}">')
-            chips.append(f'<span class="k">{key_html}=</span>{text_html}</a>\n')
-            if viewer:
-                chips.append(
-                    f'<a class="chip viewer" href="{escape(viewer)}" rel="noreferrer" '
-                    'title="Open this trace in the trace viewer">trace viewer ↗</a>\n'
-                )
-        return Markup("".join(chips))
+            chip = self._chips.get((key, text))
+            if chip is None:
+                chip = self._chips[(key, text)] = self._chip(key, value, text)
+            chips.append(chip)
+        return "".join(chips)
+
+    def _chip(self, key: str, value: Any, text: str) -> str:
+        """A context pair's chip: a request id links to its request, any other pair filters by it."""
+        key_html, text_html = escape_text(key), escape_text(text)
+        if key == self.rows.request_id_key:
+            href, title = self._request_prefix + query_text(text), "Every change of this request"
+        else:
+            if key in self.filters.context:
+                href = self.link("/", self.filters.with_context(key, value).params())
+            else:  # the page's filters and this pair: the filters' part is the same for every chip
+                href = f"{self._filters_href()}{query_text(CONTEXT_PARAM_PREFIX + key)}={query_text(text)}"
+            title = f"Filter by {key_html}={text_html}"
+        return (
+            f'<a class="chip" href="{escape_text(href)}" title="{title}"><span class="k">{key_html}=</span>'
+            f"{text_html}</a>\n"
+        )
+
+    def _trace_chip(self, trace_id: str, span_id: Any) -> str:
+        """A trace id's chip, linking to its trace page, and to the trace viewer when there is one."""
+        key_html, text_html = escape_text(TRACE_ID_KEY), escape_text(trace_id)
+        href = escape_text(self.link("/trace/" + trace_id, ()))
+        chip = (
+            f'<a class="chip" href="{href}" title="Every change of this trace"><span class="k">{key_html}=</span>'
+            f"{text_html}</a>\n"
+        )
+        viewer = self.rows.viewer_link(trace_id, span_id)
+        if viewer:
+            chip += (
+                f'<a class="chip viewer" href="{escape_text(viewer)}" rel="noreferrer" '
+                'title="Open this trace in the trace viewer">trace viewer ↗</a>\n'
+            )
+        return chip
+
+    def _filters_href(self) -> str:
+        """The timeline's link with the page's filters (first page), ready for one more parameter."""
+        if self._filter_prefix is None:
+            params = self.filters.params(cursor=None)
+            self._filter_prefix = self.link("/", params) + ("&" if params else "?")
+        return self._filter_prefix

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import quote_plus
 
 from .._exceptions import QueryError
 from ..history.access import merge_scope
@@ -36,6 +38,8 @@ __all__ = [
     "parse_context_value",
     "parse_filters",
     "parse_moment",
+    "query_string",
+    "query_text",
     "shorten",
 ]
 
@@ -84,9 +88,17 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+#: The first characters (after JSON whitespace) of every text Python's JSON parser reads: a text starting otherwise
+#: (`alice`, `req-5`) is bare without trying to parse it, which costs an exception per value.
+_JSON_STARTS = frozenset('{["-0123456789tfnNI')
+_JSON_SPACE = " \t\n\r"
+
+
 def context_value_text(value: Any) -> str:
     """The text that `parse_context_value` reads back as `value` (text stays bare unless it would parse as JSON)."""
     if isinstance(value, str):
+        if value.lstrip(_JSON_SPACE)[:1] not in _JSON_STARTS:
+            return value
         try:
             json.loads(value)
         except (ValueError, RecursionError):
@@ -94,9 +106,27 @@ def context_value_text(value: Any) -> str:
     return json_text(value)
 
 
+# json.dumps(value, ensure_ascii=False) builds this encoder on every call.
+_DISPLAY_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def json_text(value: Any) -> str:
     """A stored JSON value as text for display (`"pen"`, `3`, `null`, `{"a": 1}`)."""
-    return json.dumps(value, ensure_ascii=False)
+    return _DISPLAY_JSON.encode(value)
+
+
+#: What `urllib.parse.quote_plus` leaves as it is.
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def query_text(text: str) -> str:
+    """`text` quoted for a query string, as `urllib.parse.urlencode` quotes it (safe text skips its slow path)."""
+    return text if _URL_SAFE.fullmatch(text) else quote_plus(text)
+
+
+def query_string(params: Iterable[tuple[str, str]]) -> str:
+    """`urllib.parse.urlencode(params)`, the same text, in a fraction of its time (pages write hundreds of links)."""
+    return "&".join(f"{query_text(name)}={query_text(value)}" for name, value in params)
 
 
 def shorten(text: str, limit: int = 60) -> str:
@@ -133,7 +163,7 @@ def moment_param(moment: datetime) -> str:
 
 def format_time(moment: datetime) -> str:
     """A time as shown in tables: UTC to the millisecond."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "milliseconds")  # cut, not rounded
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,13 @@ CREATE INDEX IF NOT EXISTS changes_context_idx ON bemi.changes USING gin (contex
 CREATE INDEX IF NOT EXISTS changes_committed_at_idx ON bemi.changes USING brin (committed_at)
     WITH (autosummarize = on);
 
+-- The newest changes matching a context filter (find(context=...), the browser's scopes): the GIN index above finds
+-- them in no order, so find reads windows of the newest commit positions first (bemi_asgi/history/store.py), and
+-- this BRIN turns a window into the few page ranges that hold it, which the executor intersects with the GIN's
+-- matches. Commit positions grow with the table (the worker appends in commit order): next to nothing per row.
+CREATE INDEX IF NOT EXISTS changes_commit_lsn_idx ON bemi.changes USING brin (commit_lsn)
+    WITH (autosummarize = on);
+
 -- The worker's progress, one row per source stream: the last commit fully stored. Written in the same
 -- transaction as the changes it covers, so a restart skips exactly what is already stored.
 CREATE TABLE IF NOT EXISTS bemi.worker_state (
