@@ -15,7 +15,7 @@ Starlette's.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 from starlette.datastructures import URL, FormData, Headers
 from starlette.requests import Request, empty_receive, empty_send
@@ -30,6 +30,8 @@ _PLAIN_PATH = re.compile(r"/(?!/)[^?#\\\t\r\n]*")
 
 class ScopeURL(URL):
     """A request's URL, built from its scope only when more than the path is read."""
+
+    _scope: Scope | None = None  # set when built from a scope (a class default: reading it needs no dict look-up)
 
     def __init__(self, url: str = "", scope: Scope | None = None, **components: Any) -> None:
         if scope is None or url or components:  # built by URL's own methods (`replace`, ...): an ordinary URL
@@ -46,14 +48,14 @@ class ScopeURL(URL):
 
     def __getattr__(self, name: str) -> Any:
         # Reached only for attributes not set yet: URL keeps its text in `_url`, which is built here on first use.
-        if name == "_url" and "_scope" in self.__dict__:
+        if name == "_url" and self._scope is not None:
             self._url: str = str(URL(scope=self._scope))
             return self._url
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def path(self) -> str:
-        scope = self.__dict__.get("_scope")
+        scope = self._scope
         if scope is not None:
             path: str = scope["path"]
             if _PLAIN_PATH.fullmatch(path):
@@ -92,20 +94,23 @@ class CallbackRequest(Request):
     _stream_consumed = False
     _is_disconnected = False
     _form: FormData | None = None
+    # Built on first use. Starlette types them as always set (its properties test them with hasattr).
+    _headers: Headers = cast(Headers, None)
+    _url: URL = cast(URL, None)
 
     def __init__(self, scope: Scope) -> None:  # the middleware hands over an http scope, and nothing else
         self.scope = scope
 
     @property
     def headers(self) -> Headers:
-        headers: Headers | None = self.__dict__.get("_headers")
+        headers = self._headers
         if headers is None:
             headers = self._headers = ScopeHeaders.of(self.scope)
         return headers
 
     @property
     def url(self) -> URL:
-        url: URL | None = self.__dict__.get("_url")
+        url = self._url
         if url is None:
             url = self._url = ScopeURL.of(self.scope)
         return url
