@@ -422,7 +422,8 @@ class BemiConnection(_Connection):
             return await self._bemi_run(query, super().execute, query, *args, timeout=timeout)
         shape = _shape(query)
         parent = _Connection.execute
-        if self._bemi_passes(shape.plain):  # nothing to send
+        plain = shape.plain
+        if plain.step is Step.STATEMENT and self._bemi_passes(plain):  # nothing to send
             return await parent(self, query, timeout=timeout)
         tx = self._bemi_tracked()
         statements, _, _, control, sets, writes = shape
@@ -435,7 +436,10 @@ class BemiConnection(_Connection):
             message = tx.advance(step, data, statement.savepoint)
             if message is None:
                 return await parent(self, query, timeout=timeout)
-            return await self._bemi_commit(message, query, timeout)  # only COMMITs owe a message
+            try:  # only COMMITs owe a message: in front, in the same round trip
+                return await parent(self, message + query, timeout=timeout)
+            except asyncpg.PostgresError as exc:
+                return await self._bemi_commit_failed(exc, query, timeout)
         data = current()
         idle = tx.state is TransactionState.IDLE
         if not control and idle and (data is None or writes is Writes.NO):  # nothing to send, nothing to track
@@ -457,19 +461,15 @@ class BemiConnection(_Connection):
         finally:
             self._bemi_settle(planned, data)
 
-    async def _bemi_commit(self, message: str, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
-        """COMMIT (or PREPARE TRANSACTION) with its message in front, in one round trip. The tracked state has
-        moved past it already; only a failed message changes it again."""
-        parent = _Connection.execute
-        try:
-            return await parent(self, message + query, timeout=timeout)
-        except asyncpg.PostgresError as exc:
-            if not self.is_in_transaction():  # COMMIT itself ran and failed (a deferred constraint, say)
-                raise
-            if isinstance(exc, asyncpg.InFailedSQLTransactionError):
-                # The transaction had failed before: COMMIT rolls it back without an error, as without the pool.
-                return await parent(self, query, timeout=timeout)
-            raise await self._bemi_emit_failed(exc, True) from exc
+    async def _bemi_commit_failed(self, exc: asyncpg.PostgresError, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
+        """After COMMIT (or PREPARE TRANSACTION) `query` with its message in front failed with `exc`. The tracked
+        state has moved past it already; only a failed message changes it again."""
+        if not self.is_in_transaction():  # COMMIT itself ran and failed (a deferred constraint, say)
+            raise exc
+        if isinstance(exc, asyncpg.InFailedSQLTransactionError):
+            # The transaction had failed before: COMMIT rolls it back without an error, as without the pool.
+            return await _Connection.execute(self, query, timeout=timeout)
+        raise await self._bemi_emit_failed(exc, True) from exc
 
     # -- extended query protocol, COPY, prepared statements, cursors --
 
@@ -509,7 +509,10 @@ class BemiConnection(_Connection):
             self._bemi = Transaction()
             raise
         self._bemi = Transaction()
-        await self._bemi_commit(emit_sql(data), "COMMIT", None)
+        try:
+            await _Connection.execute(self, emit_sql(data) + "COMMIT")
+        except asyncpg.PostgresError as exc:
+            await self._bemi_commit_failed(exc, "COMMIT", None)
         return result
 
     async def _bemi_before_cursor(self) -> None:
@@ -567,7 +570,8 @@ class BemiConnection(_Connection):
             query = self.get_reset_query()
             if query:
                 await _Connection.execute(self, query)
-        self._bemi = Transaction()
+        if self._bemi.state is not TransactionState.IDLE:
+            self._bemi = Transaction()
 
     async def prepare(self, query: str, **kwargs: Any) -> Any:
         statement = await super().prepare(query, **kwargs)
