@@ -4,8 +4,9 @@
 
 The app is driven directly through ASGI (no HTTP client, no sockets), so the figures are the app's and the
 middleware's own cost. Time is the process's CPU time, not the wall clock: on a shared machine the wall clock also
-counts the moments other processes ran, which fall on variants at random. Variants run in interleaved rounds and
-each keeps its best round; the ratios against the bare app are what to read.
+counts the moments other processes ran, which fall on variants at random. Variants run in many short interleaved
+rounds; a variant's ratio is the median over the rounds of its rate against the bare app's in the same round (the
+machine's load drifts less within a round than across them), printed with the lowest and highest round.
 
 Trace capture (on by default) is measured on and off: reading a `traceparent` header the request sends, and
 adding the active OpenTelemetry span's ids where the endpoint takes the context, as the pool does for each write
@@ -17,10 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request, Response
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -157,41 +160,61 @@ async def _run(variant: _Variant, requests: int) -> float:
     return requests / elapsed
 
 
-async def measure(requests: int, rounds: int) -> dict[str, float]:
-    """Best requests/s of each variant over interleaved rounds; prints the table."""
+class Measured(NamedTuple):
+    """A variant's best requests/s over the rounds, and its ratio to the bare app: the median of the ratios of
+    the same round, with the lowest and highest of them."""
+
+    rate: float
+    ratio: float
+    low: float
+    high: float
+
+
+async def measure(requests: int, rounds: int) -> dict[str, Measured]:
+    """Each variant measured over interleaved rounds; prints the table."""
     variants = _variants()
     for variant in variants.values():  # warm up: build middleware stacks, fill caches
         await _run(variant, 200)
-    best = dict.fromkeys(variants, 0.0)
-    for _ in range(rounds):
-        for name, variant in variants.items():
-            best[name] = max(best[name], await _run(variant, requests))
-    baseline = best["no middleware"]
-    print(f"{'variant':52} {'req/s':>10} {'ratio':>7}")
-    for name, rate in best.items():
-        print(f"{name:52} {rate:10.0f} {rate / baseline:7.3f}x")
-    return best
+    # What is alive now (the modules, the apps) lives for the whole run: moved out of the collector's sight, as a
+    # server that preloads its app would, so that a full collection's cost falls on no variant by chance.
+    gc.collect()
+    gc.freeze()
+    names = list(variants)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        # Each round starts with another variant: what the machine does meanwhile drifts, and no variant always
+        # comes right after the same one.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            rates[name].append(await _run(variants[name], requests))
+    bare = rates["no middleware"]
+    measured = {}
+    for name in names:
+        ratios = sorted(rate / base for rate, base in zip(rates[name], bare, strict=True))
+        measured[name] = Measured(max(rates[name]), statistics.median(ratios), ratios[0], ratios[-1])
+    print(f"{'variant':52} {'req/s':>10} {'ratio':>7}  {'rounds from':>11}")
+    for name, m in measured.items():
+        print(f"{name:52} {m.rate:10.0f} {m.ratio:7.3f}x  {m.low:.3f}-{m.high:.3f}")
+    return measured
 
 
 def results(quick: bool = False) -> list[Result]:
-    """The figures for `python -m benchmarks` (`quick`: fewer requests and rounds, the same ratios)."""
-    best = asyncio.run(measure(1000 if quick else 5000, 3 if quick else 7))
-    baseline = best["no middleware"]
+    """The figures for `python -m benchmarks` (`quick`: fewer rounds, the same ratios)."""
+    measured = asyncio.run(measure(300, 30 if quick else 100))
     return [
         Result(
             "middleware",
             name,
-            f"{rate:,.0f} req/s",
-            None if name == "no middleware" else rate / baseline,
+            f"{m.rate:,.0f} req/s",
+            None if name == "no middleware" else m.ratio,
             "no middleware",
         )
-        for name, rate in best.items()
+        for name, m in measured.items()
     ]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=5000, help="requests per round and variant")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; each variant keeps its best")
+    parser.add_argument("--requests", type=int, default=300, help="requests per round and variant")
+    parser.add_argument("--rounds", type=int, default=100, help="interleaved rounds")
     args = parser.parse_args()
     asyncio.run(measure(args.requests, args.rounds))

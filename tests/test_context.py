@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bemi_asgi import BemiContextError, bemi_context, configure_context, get_context
-from bemi_asgi.capture.context import DEFAULT_MAX_CONTEXT_BYTES, current
+from bemi_asgi.capture.context import DEFAULT_MAX_CONTEXT_BYTES, current, validate
 
 
 def test_no_context_by_default() -> None:
@@ -237,3 +237,49 @@ async def test_one_instance_in_two_overlapping_tasks() -> None:
     with job, job:  # nested in one task too
         assert get_context() == {"job": "nightly"}
     assert get_context() is None
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"user_id": 1},
+        {"user_id": True},
+        {"user_id": 1.0},
+        {"user_id": "1"},
+        {"user_id": 0},
+        {"user_id": False},
+        {"user_id": -0.0},
+        {"user_id": 0.0},
+        {"user_id": None},
+        {"user_id": [1]},
+        {"user_id": (1,)},
+        {"user_id": {"id": 1}},
+    ],
+)
+def test_equal_contexts_of_other_types_keep_their_own_json(values: dict[str, Any]) -> None:
+    """Contexts whose values compare equal across types (1, True, 1.0; 0, False, -0.0) each keep their own JSON,
+    whichever of them was validated first: validated contexts are reused only when they give the same text."""
+    for earlier in ({"user_id": 1}, {"user_id": 0}, {"user_id": True}, {"user_id": 0.0}, {"user_id": "1"}):
+        validate(earlier)
+        assert validate(values).json == json.dumps(values, separators=(",", ":"))
+        assert validate(dict(values)).values == values
+
+
+def test_an_equal_flat_context_is_validated_once() -> None:
+    """A flat context equal to one validated before (a callback's new dict each request) is the same object."""
+    first = validate({"user_id": 42, "endpoint": "/orders", "admin": False, "tenant": None})
+    again = validate({"user_id": 42, "endpoint": "/orders", "admin": False, "tenant": None})
+    assert again is first
+    assert validate({"endpoint": "/orders", "user_id": 42, "admin": False, "tenant": None}).json != first.json
+
+
+def test_a_lowered_size_limit_applies_to_contexts_validated_before() -> None:
+    """Lowering the size limit refuses a context that was accepted, and validated, under the old limit."""
+    values = {"note": "x" * 100}
+    validate(values)
+    configure_context(max_bytes=50)
+    try:
+        with pytest.raises(BemiContextError, match="over the limit of 50"):
+            validate(dict(values))
+    finally:
+        configure_context(max_bytes=DEFAULT_MAX_CONTEXT_BYTES)

@@ -805,3 +805,22 @@ def test_read_only_transactions_owe_nothing_until_a_set() -> None:
     tx.advance(Step.NEUTRAL, b)
     tx.advance(Step.STATEMENT, b)
     assert tx.advance(Step.COMMIT, b) == emit_sql(b)
+
+
+async def test_releasing_a_connection_inside_a_span_writes_nothing(
+    source: tuple[str, asyncpg.Connection], reader: asyncpg.Connection
+) -> None:
+    """The reset the pool runs when a connection goes back is asyncpg's own, not a write of the application's: no
+    message even when a span (whose ids every write's context gains) is active."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+    async with bemi_asgi.create_pool(source[0], min_size=1, max_size=1) as pool:
+        with tracer.start_as_current_span("request"), bemi_context(CTX):
+            async with pool.acquire() as connection:
+                await connection.fetchval("SELECT 1")
+            await pool.execute(INSERT)
+    (transaction,) = await read_slot(reader)  # the INSERT's, and no message-only transaction of the releases
+    ((change, context),) = stitch(transaction)
+    assert change == "I"
+    assert context.keys() == CTX.keys() | {"trace_id", "span_id"}

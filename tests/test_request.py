@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.datastructures import URL
@@ -83,3 +84,44 @@ def test_the_rest_of_the_request_is_starlettes() -> None:
         plain.query_params,
         plain.client,
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    headers=st.lists(
+        st.tuples(st.sampled_from([b"x-user-id", b"X-User-Id", b"host", b"x-tenant"]), st.binary(max_size=6)),
+        max_size=4,
+    ),
+    name=st.sampled_from(["x-user-id", "X-USER-ID", "x-tenant", "missing"]),
+)
+def test_header_lookup_matches_starlette(headers: list[tuple[bytes, bytes]], name: str) -> None:
+    """`request.headers.get(name)` and `[name]` give what Starlette's Headers give, for any headers, present or not."""
+    scope = _scope("/p", None, None, "http", b"")
+    scope["headers"] = headers
+    expected = Request(dict(scope)).headers
+    got = CallbackRequest(scope).headers
+    assert got.get(name) == expected.get(name)
+    assert got.get(name, "default") == expected.get(name, "default")
+    assert (name in got) == (name in expected)
+    assert got.items() == expected.items()
+
+
+def test_headers_of_a_tuple_become_a_list_as_in_starlette() -> None:
+    """A server may pass headers as a tuple: they are read all the same, and the scope keeps a list, as Starlette's
+    Headers leave it."""
+    scope = _scope("/p", None, None, "http", b"")
+    scope["headers"] = ((b"x-user-id", b"7"),)
+    assert CallbackRequest(scope).headers.get("x-user-id") == "7"
+    assert scope["headers"] == [(b"x-user-id", b"7")]
+
+
+async def test_the_body_is_not_the_callbacks() -> None:
+    """The callback's request has no receive channel: reading the body fails as Starlette's does without one, and
+    what one request's methods change stays on that request."""
+    scope = _scope("/p", None, None, "http", b"")
+    request = CallbackRequest(scope)
+    with pytest.raises(RuntimeError, match="Receive channel has not been made available"):
+        await request.body()
+    request._stream_consumed = True
+    assert CallbackRequest(scope)._stream_consumed is False
+    assert CallbackRequest(scope)._is_disconnected is False

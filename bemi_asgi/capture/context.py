@@ -59,6 +59,7 @@ def configure_context(*, max_bytes: int) -> None:
     if max_bytes < 2:
         raise ValueError(f"max_bytes must be at least 2 (the size of '{{}}'), got {max_bytes}")
     _max_bytes = max_bytes
+    _validated.clear()  # validated under the previous limit
 
 
 def get_context() -> dict[str, Any] | None:
@@ -86,11 +87,47 @@ def current() -> ContextData | None:
     return data if _extension is None else _extension(data)
 
 
+#: Flat contexts validated before, by their items in order, with their values' types: what a request's callback
+#: returns is mostly an equal dict each time, and taking the earlier `ContextData` skips the JSON encoding (the
+#: C encoder is most of the cost of a validation) and gives the pool and tracing the same object again. Only str
+#: keys and str, int, bool or None values, only small texts, and at most `_VALIDATED_MAX` entries (the values may
+#: come from request headers). Equal items give the same JSON when the values are str or None; 1, 1.0 and True are
+#: equal with different JSON, so an entry holding another type is taken only when the types match too.
+_validated: dict[tuple[tuple[str, Any], ...], tuple[ContextData, tuple[type, ...] | None]] = {}
+_VALIDATED_MAX = 256
+_VALIDATED_MAX_TEXT = 1024
+_STR = frozenset({str})
+_TEXT_VALUES = frozenset({str, type(None)})
+_FLAT_VALUES = frozenset({str, int, bool, type(None)})
+
+
 def validate(values: Mapping[str, Any]) -> ContextData:
     """Check that `values` can be stored exactly and return it with its JSON text.
 
     Raises BemiContextError naming the offending key otherwise.
     """
+    if type(values) is not dict:
+        return _validate(values)
+    key = tuple(values.items())
+    try:
+        entry = _validated.get(key)
+    except Exception:  # an unhashable value (a list, a mapping): not a flat context
+        return _validate(values)
+    if entry is not None:
+        data, types = entry
+        if types is None or types == tuple(map(type, values.values())):
+            return data
+        return _validate(values)
+    data = _validate(values)
+    types = tuple(map(type, values.values()))
+    if len(data.json) <= _VALIDATED_MAX_TEXT and _FLAT_VALUES.issuperset(types) and _STR.issuperset(map(type, values)):
+        if len(_validated) >= _VALIDATED_MAX:
+            _validated.clear()
+        _validated[key] = (data, None if _TEXT_VALUES.issuperset(types) else types)
+    return data
+
+
+def _validate(values: Mapping[str, Any]) -> ContextData:
     if type(values) is not dict and not isinstance(values, Mapping):
         raise BemiContextError(
             f"a Bemi context must be a mapping of str keys to JSON values, got {type(values).__name__}"

@@ -44,6 +44,7 @@ Note: a procedure's or DO block's own COMMITs carry no context, and neither do t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import functools
@@ -56,7 +57,7 @@ from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
 
 from .._exceptions import SourceNotReadyError
-from .context import MESSAGE_PREFIX, ContextData, activate, current, deactivate
+from .context import MESSAGE_PREFIX, ContextData, current
 from .statements import CACHED_LENGTH, Statement, Step, Writes, read
 
 __all__ = [
@@ -421,11 +422,25 @@ class BemiConnection(_Connection):
             return await self._bemi_run(query, super().execute, query, *args, timeout=timeout)
         shape = _shape(query)
         parent = _Connection.execute
-        if self._bemi_passes(shape.plain):  # nothing to send
+        plain = shape.plain
+        if plain.step is Step.STATEMENT and self._bemi_passes(plain):  # nothing to send
             return await parent(self, query, timeout=timeout)
-        data = current()
         tx = self._bemi_tracked()
         statements, _, _, control, sets, writes = shape
+        if len(statements) == 1 and (control or sets):  # one control statement or SET: move past it here, no plan
+            statement = statements[0]
+            step = statement.step
+            # Of these, only a COMMIT of a transaction in which nothing ran yet reads the context (it is owed the
+            # one current at COMMIT): BEGIN and COMMIT, twice a transaction, skip taking it.
+            data = current() if step in _COMMITS and tx.state is TransactionState.STARTED else None
+            message = tx.advance(step, data, statement.savepoint)
+            if message is None:
+                return await parent(self, query, timeout=timeout)
+            try:  # only COMMITs owe a message: in front, in the same round trip
+                return await parent(self, message + query, timeout=timeout)
+            except asyncpg.PostgresError as exc:
+                return await self._bemi_commit_failed(exc, query, timeout)
+        data = current()
         idle = tx.state is TransactionState.IDLE
         if not control and idle and (data is None or writes is Writes.NO):  # nothing to send, nothing to track
             return await parent(self, query, timeout=timeout)
@@ -439,35 +454,22 @@ class BemiConnection(_Connection):
                 return await self._bemi_wrap(data, super().execute, query, timeout=timeout)
             # One implicit transaction: the message first (an appended statement would replace the status).
             return await parent(self, emit_sql(data, conditional=False) + query, timeout=timeout)
-        if len(statements) == 1:  # one control statement or SET: move past it here, no plan
-            statement = statements[0]
-            message = tx.advance(statement.step, data, statement.savepoint)
-            if message is None:
-                return await parent(self, query, timeout=timeout)
-            return await self._bemi_commit(message, query, timeout)  # only COMMITs owe a message
         planned = tx.copy()
         inserts = _plan(planned, statements, data)
-        if len(statements) == 1 and statements[0].step in _COMMITS and inserts:
-            self._bemi = planned
-            return await self._bemi_commit(inserts[0][1], query, timeout)
         try:
             return await parent(self, _splice(query, inserts), timeout=timeout)
         finally:
             self._bemi_settle(planned, data)
 
-    async def _bemi_commit(self, message: str, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
-        """COMMIT (or PREPARE TRANSACTION) with its message in front, in one round trip. The tracked state has
-        moved past it already; only a failed message changes it again."""
-        parent = _Connection.execute
-        try:
-            return await parent(self, message + query, timeout=timeout)
-        except asyncpg.PostgresError as exc:
-            if not self.is_in_transaction():  # COMMIT itself ran and failed (a deferred constraint, say)
-                raise
-            if isinstance(exc, asyncpg.InFailedSQLTransactionError):
-                # The transaction had failed before: COMMIT rolls it back without an error, as without the pool.
-                return await parent(self, query, timeout=timeout)
-            raise await self._bemi_emit_failed(exc, True) from exc
+    async def _bemi_commit_failed(self, exc: asyncpg.PostgresError, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
+        """After COMMIT (or PREPARE TRANSACTION) `query` with its message in front failed with `exc`. The tracked
+        state has moved past it already; only a failed message changes it again."""
+        if not self.is_in_transaction():  # COMMIT itself ran and failed (a deferred constraint, say)
+            raise exc
+        if isinstance(exc, asyncpg.InFailedSQLTransactionError):
+            # The transaction had failed before: COMMIT rolls it back without an error, as without the pool.
+            return await _Connection.execute(self, query, timeout=timeout)
+        raise await self._bemi_emit_failed(exc, True) from exc
 
     # -- extended query protocol, COPY, prepared statements, cursors --
 
@@ -507,7 +509,10 @@ class BemiConnection(_Connection):
             self._bemi = Transaction()
             raise
         self._bemi = Transaction()
-        await self._bemi_commit(emit_sql(data), "COMMIT", None)
+        try:
+            await _Connection.execute(self, emit_sql(data) + "COMMIT")
+        except asyncpg.PostgresError as exc:
+            await self._bemi_commit_failed(exc, "COMMIT", None)
         return result
 
     async def _bemi_before_cursor(self) -> None:
@@ -557,12 +562,16 @@ class BemiConnection(_Connection):
         return factory
 
     async def reset(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        # The pool resets a connection on release, maybe inside the caller's context: that is no write of theirs.
-        token = activate(None)
-        try:
-            await super().reset(timeout=timeout)
-        finally:
-            deactivate(token)
+        # The pool resets a connection on release, maybe inside the caller's context and span: asyncpg's own
+        # statements, no write of theirs, so they run as on a plain connection (asyncpg's `reset`, whose query would
+        # otherwise come through `execute` above and gain the span's trace).
+        async with asyncio.timeout(timeout):
+            await self._reset()
+            query = self.get_reset_query()
+            if query:
+                await _Connection.execute(self, query)
+        if self._bemi.state is not TransactionState.IDLE:
+            self._bemi = Transaction()
 
     async def prepare(self, query: str, **kwargs: Any) -> Any:
         statement = await super().prepare(query, **kwargs)
