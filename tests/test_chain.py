@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -24,7 +24,8 @@ from bemi_asgi.ops.prune import prune
 from bemi_asgi.ops.verify import ChainReport, verify
 from bemi_asgi.worker import chain
 from bemi_asgi.worker.backfill import Backfill
-from bemi_asgi.worker.chain import chain_hasher
+from bemi_asgi.worker.chain import chain_hasher, digest_timestamp
+from bemi_asgi.worker.pgoutput import PG_EPOCH
 
 from .worker_support import changes, drain, emit
 
@@ -318,3 +319,19 @@ def test_chain_hash_is_hmac_sha256_of_the_previous_hash_the_position_and_the_dig
     message = previous + (2**40 + 5).to_bytes(8, "big") + (7).to_bytes(4, "big") + digest
     expected = hashlib.sha256(message).digest() if key is None else hmac.digest(key, message, "sha256")
     assert chain_hasher(key)(previous, 2**40 + 5, 7, digest) == expected
+
+
+def test_digest_timestamps_are_written_as_the_destination_prints_them(database: str) -> None:
+    """The worker's text for a commit or queue time (in the digest it hashes) is the destination's, whatever the
+    fraction: none, trailing zeros, a full six digits, before PostgreSQL's epoch."""
+    moments = [
+        datetime(2026, 11, 30, 17, 0, 0, tzinfo=UTC),
+        datetime(2026, 11, 30, 17, 0, 0, 500000, tzinfo=UTC),
+        datetime(2026, 11, 30, 17, 0, 0, 120, tzinfo=UTC),
+        datetime(2026, 11, 30, 17, 0, 59, 999999, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 10, tzinfo=UTC),
+    ]
+    with psycopg.connect(database, autocommit=True) as conn:
+        for moment in moments:
+            printed = conn.execute("SELECT to_jsonb(%s::timestamptz AT TIME ZONE 'UTC')::text", [moment]).fetchone()
+            assert printed == (digest_timestamp((moment - PG_EPOCH) // timedelta(microseconds=1)),), moment

@@ -28,12 +28,13 @@ import struct
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import timedelta
 from typing import Final, Literal
 
 import asyncpg
 
 from .._exceptions import ConfigError
+from .pgoutput import PG_EPOCH
 
 __all__ = [
     "CHAIN_KEY_ENV",
@@ -165,13 +166,19 @@ class ChainState:
 Entry = tuple[int, int, bytes]
 
 
-def digest_timestamp(moment: datetime) -> str:
-    """A timestamptz as the digest's text holds it (`to_jsonb(moment AT TIME ZONE 'UTC')`): ISO 8601 without
-    offset, the fraction without trailing zeros."""
-    if moment.tzinfo is not UTC:  # the worker's own timestamps are in UTC already
-        moment = moment.astimezone(UTC)
-    text = moment.isoformat()[:-6]  # without "+00:00"
-    return f'"{text.rstrip("0") if moment.microsecond else text}"'
+@functools.lru_cache(maxsize=64)
+def _second_text(seconds: int) -> str:
+    return (PG_EPOCH + timedelta(seconds=seconds)).isoformat()[:-6]  # without "+00:00"
+
+
+def digest_timestamp(microseconds: int) -> str:
+    """A timestamptz, given in microseconds since 2000-01-01 UTC (PostgreSQL's epoch), as the digest's text holds
+    it (`to_jsonb(moment AT TIME ZONE 'UTC')`): ISO 8601 without offset, the fraction without trailing zeros. The
+    worker calls it twice per transaction, for moments a few seconds apart: each second is written once."""
+    seconds, fraction = divmod(microseconds, 1_000_000)
+    if not fraction:
+        return f'"{_second_text(seconds)}"'
+    return f'"{_second_text(seconds)}.{f"{fraction:06d}".rstrip("0")}"'
 
 
 async def stored_digests(

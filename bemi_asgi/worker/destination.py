@@ -15,7 +15,7 @@ import json
 import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from hashlib import sha256
 from typing import Any, Final
 
@@ -25,6 +25,7 @@ from .._changes_table import TYPES, WRITTEN
 from .._exceptions import DestinationNotReadyError
 from .chain import ChainState, Entry, Link, digest_timestamp, link, stored_digests
 from .jsonb import json_string
+from .pgoutput import PG_EPOCH
 from .spill import PendingChange
 from .stream import python_encoding
 
@@ -69,7 +70,6 @@ BINARY_COLUMNS: Final = tuple(
     )
 )
 
-_PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
 _HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # signature, flags, no header extension
 _TRAILER: Final = struct.pack(">h", -1)
@@ -88,7 +88,7 @@ def _text(value: str) -> bytes:
 
 
 def _microseconds(moment: datetime) -> int:
-    return (moment - _PG_EPOCH) // _MICROSECOND
+    return (moment - PG_EPOCH) // _MICROSECOND
 
 
 async def _stream(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
@@ -128,13 +128,10 @@ class BinaryCopy:
         self._middles: dict[bytes, bytes] = {}
 
     def transaction(self, committed_at: datetime, queued_at: datetime, xid: int, commit_lsn: int) -> None:
-        self._transaction = _transaction(
-            8, _microseconds(committed_at), 8, _microseconds(queued_at), 8, xid, 8, commit_lsn, 4, self._stream
-        )
+        committed, queued = _microseconds(committed_at), _microseconds(queued_at)
+        self._transaction = _transaction(8, committed, 8, queued, 8, xid, 8, commit_lsn, 4, self._stream)
         if self.link is not None:
-            self._times_json = (
-                f"{digest_timestamp(committed_at)}, {digest_timestamp(queued_at)}, {self.created_at}, {xid}, "
-            )
+            self._times_json = f"{digest_timestamp(committed)}, {digest_timestamp(queued)}, {self.created_at}, {xid}, "
             self._commit_lsn = commit_lsn
 
     def context(self, context: str) -> None:

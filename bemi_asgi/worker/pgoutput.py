@@ -34,6 +34,7 @@ __all__ = [
     "NEW_TUPLE",
     "NULL_VALUE",
     "OLD_TUPLE",
+    "PG_EPOCH",
     "RELATION",
     "ROW_RELATION_OFFSET",
     "ROW_TUPLE_OFFSET",
@@ -168,7 +169,8 @@ class Message:
 
 PgOutputMessage: TypeAlias = Begin | Commit | Origin | Relation | Type | Insert | Update | Delete | Truncate | Message
 
-_PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
+#: PostgreSQL's epoch: its timestamps count microseconds from it.
+PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 
 _u8: Final = struct.Struct("!B").unpack_from
 _i16: Final = struct.Struct("!h").unpack_from
@@ -187,7 +189,7 @@ _NAMES: Final = {
 
 
 def _timestamp(microseconds: int) -> datetime:
-    return _PG_EPOCH + timedelta(microseconds=microseconds)
+    return PG_EPOCH + timedelta(microseconds=microseconds)
 
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:
@@ -228,13 +230,13 @@ def _tuple(data: bytes, pos: int) -> tuple[tuple[Value, ...], int]:
 def _decode_begin(data: bytes) -> Begin:
     final_lsn, micros, xid = _begin(data, 1)
     _end(data, 21)
-    return Begin(final_lsn, _PG_EPOCH + timedelta(microseconds=micros), xid)
+    return Begin(final_lsn, PG_EPOCH + timedelta(microseconds=micros), xid)
 
 
 def _decode_commit(data: bytes) -> Commit:
     flags, commit_lsn, end_lsn, micros = _commit(data, 1)
     _end(data, 26)
-    return Commit(flags, commit_lsn, end_lsn, _PG_EPOCH + timedelta(microseconds=micros))
+    return Commit(flags, commit_lsn, end_lsn, PG_EPOCH + timedelta(microseconds=micros))
 
 
 def _decode_origin(data: bytes) -> Origin:
