@@ -22,12 +22,14 @@ __all__ = ["Number", "canonical", "dump", "json_string", "key_order", "loads", "
 #: the C accelerator when present.
 json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
 
-#: numeric_in refuses exponents beyond this (NUMERIC_MAX_PRECISION).
+#: numeric_in refuses exponents beyond this (NUMERIC_MAX_PRECISION): a number reaching farther is refused here
+#: rather than written in a form jsonb might print otherwise.
 _MAX_EXPONENT: Final = 1000
 
 
 class Number:
-    """A JSON number, held as its canonical text (what `loads` gives for numbers: never a float)."""
+    """A JSON number with a fraction or an exponent, held as its canonical text (what `loads` gives for them, never
+    a float)."""
 
     __slots__ = ("text",)
 
