@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
-from .._jsontext import compact_encoder
-
 __all__ = ["Number", "canonical", "dump", "json_string", "key_order", "loads", "numeric_text"]
 
 #: A JSON string's text for a str (escaped as jsonb escapes: quote, backslash, control characters; non-ASCII kept):
@@ -79,47 +77,9 @@ def key_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=_order)
 
 
-class _HasNumber(Exception):
-    """A `Number` the C encoder cannot write."""
-
-
-_SCALARS: Final = frozenset((str, int, bool, type(None)))
-
-
-def _in_key_order(value: object) -> object:
-    """`value` with every object's keys in jsonb's order; _HasNumber when it holds a `Number`."""
-    if isinstance(value, dict):
-        ordered = {}
-        for key in sorted(value, key=_order):
-            item = value[key]
-            ordered[key] = item if item.__class__ in _SCALARS else _in_key_order(item)
-        return ordered
-    if isinstance(value, list | tuple):
-        return [item if item.__class__ in _SCALARS else _in_key_order(item) for item in value]
-    if isinstance(value, Number):
-        raise _HasNumber
-    return value
-
-
-def _refuse(value: object) -> object:
-    raise TypeError(f"no canonical jsonb text for {type(value).__name__}")
-
-
-# The C encoder (when present) with jsonb's separators: keys as given (already in jsonb's order), floats refused.
-_encode: Final = compact_encoder(allow_nan=False, default=_refuse, separators=(", ", ": "))
-
-
 def dump(value: object) -> str:
     """The canonical text of a JSON value (from `loads`, or plain Python values: dict, list, str, int, bool,
     None; floats are refused, their text is not jsonb's)."""
-    try:
-        return "".join(_encode(_in_key_order(value), 0))
-    except _HasNumber:
-        return _dump(value)
-
-
-def _dump(value: object) -> str:
-    """`dump`, written out in Python, for values holding a `Number`."""
     if isinstance(value, str):
         return json_string(value)
     if isinstance(value, Number):
@@ -133,9 +93,9 @@ def _dump(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json_string(key)}: {_dump(value[key])}" for key in key_order(value)) + "}"
+        return "{" + ", ".join(f"{json_string(key)}: {dump(value[key])}" for key in key_order(value)) + "}"
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_dump(item) for item in value) + "]"
+        return "[" + ", ".join(dump(item) for item in value) + "]"
     raise TypeError(f"no canonical jsonb text for {type(value).__name__}")
 
 
