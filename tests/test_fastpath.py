@@ -338,7 +338,13 @@ async def test_binary_copy_stores_what_record_copy_stores(database: str, capture
             yield copy.end()
 
         _, differs = await destination.write_binary(
-            stream, copy, pieces(), 2**40, 2**40 + 1, unchecked=lambda: [e for s in copy.samples.values() for e in s]
+            stream,
+            copy,
+            pieces(),
+            2**40,
+            2**40 + 1,
+            copy.link.state if copy.link else None,
+            unchecked=lambda: [e for s in copy.samples.values() for e in s],
         )
         with psycopg.connect(database, autocommit=True) as conn:
             assert conn.execute(STORED).fetchall() == expected

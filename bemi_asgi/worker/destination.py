@@ -355,17 +355,17 @@ class Destination:
         chunks: Iterable[bytes],
         first_commit_lsn: int,
         last_commit_lsn: int,
+        chain: ChainState | None,
         *,
-        trusted: bool = True,
         unchecked: Callable[[], Sequence[Entry]] = tuple,
     ) -> tuple[ChainState | None, Entry | None]:
-        """Store the rows of `copy`'s stream `chunks` (produced while it is sent), its link of the hash chain and
-        the stream's progress (`last_commit_lsn`), atomically; return the chain's state after them (None without
-        a chain), and None or the first change whose digest `copy` computed differs from the destination's.
+        """Store the rows of `copy`'s stream `chunks` (produced while it is sent), their link of the hash `chain`
+        (None: no chain) and the stream's progress (`last_commit_lsn`), atomically; return the chain's state after
+        them, and None or the first change whose digest `copy` computed differs from the destination's.
 
-        The link holds the digests `copy` computed, unless they are not `trusted`, or some of the changes
-        `unchecked()` returns (asked once the rows are sent) have another digest in the destination: then the
-        destination's digests are read back and chained instead."""
+        The link holds the digests `copy` computed (its `link`), unless some of the changes `unchecked()` returns
+        (asked once the rows are sent) have another digest in the destination. Then, and when `copy` computes
+        none, the destination's digests are read back and chained instead."""
         async with self._conn.transaction():
             # First, so the rows' created_at (this transaction's start) is known before their digests are made.
             copy.created_at = await self._save_progress(stream, last_commit_lsn)
@@ -376,17 +376,16 @@ class Destination:
                 source=_stream(chunks),
                 format="binary",
             )
-            pending = copy.link
-            if pending is None:
+            if chain is None:
                 return None, None
-            differs = None
-            if trusted and (computed := unchecked()):
+            pending, differs = copy.link, None
+            if pending is not None and (computed := unchecked()):
                 keys = [entry[:2] for entry in computed]
                 differs = _first_difference(computed, await stored_digests(self._conn, stream, keys=keys))
-            if trusted and differs is None:
+            if pending is not None and differs is None:
                 return await pending.store(self._conn), None
             stored = await stored_digests(self._conn, stream, first_commit_lsn, last_commit_lsn)
-            return await link(self._conn, pending.state, stored), differs
+            return await link(self._conn, chain, stored), differs
 
     async def _save_progress(self, stream: int, last_commit_lsn: int) -> str:
         """Record the stream's progress; return `created_at` for this transaction's rows, as digests hold it."""

@@ -171,7 +171,9 @@ class Writer:
         first, last, state = batch[0].commit_lsn, batch[-1].commit_lsn, self.chain
         try:
             if destination.binary:
-                copy = BinaryCopy(database, stream, link=None if state is None else Link(state))
+                # Once a digest differed, the destination's are read back: the copy computes none.
+                pending = Link(state) if state is not None and self._trust_digests else None
+                copy = BinaryCopy(database, stream, link=pending)
 
                 def unchecked() -> list[Entry]:
                     # The first batches holding each relation's rows check a few of their digests against the
@@ -179,10 +181,9 @@ class Writer:
                     return [entry for key in copy.samples.keys() - self._checked for entry in copy.samples[key]]
 
                 self.chain, differs = await destination.write_binary(
-                    stream, copy, _binary_copy(copy, batch), first, last, trusted=self._trust_digests,
-                    unchecked=unchecked,
+                    stream, copy, _binary_copy(copy, batch), first, last, state, unchecked=unchecked,
                 )  # fmt: skip
-                if differs is not None and self._trust_digests:
+                if differs is not None:
                     self._trust_digests = False
                     logger.warning(
                         "the hash chain's digest of the change at commit LSN %s, ordinal %d, differs from the one "
