@@ -12,6 +12,8 @@ import pytest
 import bemi_asgi
 from bemi_asgi import Bemi, Change, Operation, QueryError
 from bemi_asgi._pgtext import format_lsn
+from bemi_asgi.history.filters import ChangeFilter
+from bemi_asgi.history.store import newest_window_sql
 
 from ._change_writer import ChangesEnv as Env
 from ._change_writer import Row, changes_env
@@ -160,6 +162,29 @@ async def test_context_pages_read_in_windows_are_those_of_one_query_over_every_m
                     break
                 cursor = page.next_cursor
             assert found == expected, (key, limit)
+
+
+async def test_a_context_window_reads_its_commit_positions_even_for_a_value_the_statistics_overrate(env: Env) -> None:
+    """The first window of find(context=...) reads the changes of its commit positions (the BRIN on `commit_lsn`)
+    and sorts its matches, also for a value the planner's statistics hold to be frequent (user 1 made 30% of the old
+    changes and none of the newest): given the primary key's order, PostgreSQL reads the primary key backwards
+    instead, filtering every change until it meets enough of that user's, here the whole newest half of the
+    history rather than the window's tenth of it."""
+    await env.conn.execute(
+        """INSERT INTO bemi.changes (primary_key, context, database, "schema", "table", operation, committed_at,
+                                     queued_at, transaction_id, position, commit_lsn, ordinal, stream)
+           SELECT g::text,
+                  jsonb_build_object('user_id', CASE WHEN g < 10000 AND g % 10 < 3 THEN 1 ELSE 2 + g % 500 END),
+                  'app', 'public', 'items', 'CREATE', $1::timestamptz, $1::timestamptz, 1000 + g, g * 64, g * 64, 0, 1
+             FROM generate_series(0, 19999) AS g""",
+        T0,
+    )
+    await env.conn.execute("ANALYZE bemi.changes")
+    where = ChangeFilter({"context": {"user_id": 1}}).where()
+    sql = newest_window_sql(where, 64 * 2000, 21)
+    plan = "\n".join(record[0] for record in await env.conn.fetch(f"EXPLAIN {sql}", *where.params))
+    assert "changes_commit_lsn_idx" in plan, plan
+    assert "Index Scan Backward using changes_pkey" not in plan, plan
 
 
 async def test_count_uses_the_same_filters(env: Env) -> None:

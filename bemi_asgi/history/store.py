@@ -69,14 +69,22 @@ WINDOW_PAGE_COST = 8
 MAX_HABITS = 1000
 
 
-def _select_sql(where: Where, order: Literal["asc", "desc"], limit: int | None) -> str:
-    """The query of the changes matching `where` in commit order (`order`), at most `limit` of them."""
+#: The newest first order `newest` sorts its matches in, with the commit LSN as an expression that no index
+#: provides: PostgreSQL then intersects the context's GIN with the window's BRIN and sorts the few matches. Given
+#: the primary key's order, it reads the primary key backwards and filters every change instead whenever its
+#: statistics overrate the value (one that its sample of contexts holds): 20,000 changes read for a page of 20.
+SORTED_NEWEST_FIRST = "ORDER BY commit_lsn + 0 DESC, ordinal DESC, stream DESC"
+
+
+def _select_sql(where: Where, order: Literal["asc", "desc"], limit: int | None, *, sorted_order: str = "") -> str:
+    """The query of the changes matching `where` in commit order (`order`), at most `limit` of them; the matches
+    are taken in `sorted_order` when one is given (see SORTED_NEWEST_FIRST)."""
     direction = "ASC" if order == "asc" else "DESC"
     in_order = f"ORDER BY commit_lsn {direction}, ordinal {direction}, stream {direction}"
     # The JSON is written for the changes kept, after the LIMIT: in a flat query PostgreSQL would write it for every
     # matching change before sorting them.
     return (
-        f"SELECT {SELECT_CHANGE} FROM (SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} {in_order}"
+        f"SELECT {SELECT_CHANGE} FROM (SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} {sorted_order or in_order}"
         f"{'' if limit is None else f' LIMIT {where.param(limit)}'}) AS c {in_order}"
     )
 
@@ -92,22 +100,24 @@ SPAN_SECONDS = 60.0
 _SPAN = f"(SELECT max(commit_lsn) - min(commit_lsn) FROM {CHANGES_SQL}) AS span"
 
 
+def newest_window_sql(where: Where, reach: int, limit: int) -> str:
+    """The query of the newest commit LSN stored (`top`; None: no change at all), how far below it the oldest is
+    (`span`), and the newest `limit` changes matching `where` at most `reach` below it (`change`), newest first."""
+    return f"""SELECT w.top, w.top - w.bottom AS span, page.change
+              FROM (SELECT max(commit_lsn) AS top, min(commit_lsn) AS bottom FROM {CHANGES_SQL}) AS w
+              LEFT JOIN LATERAL (
+                  SELECT {SELECT_CHANGE}, c.stream FROM (
+                      SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} AND commit_lsn >= w.top - {where.param(reach)}
+                       {SORTED_NEWEST_FIRST} LIMIT {where.param(limit)}) AS c) AS page ON true
+             ORDER BY page.commit_lsn DESC, page.ordinal DESC, page.stream DESC"""
+
+
 async def _newest_window(
     conn: asyncpg.Connection | PoolConnectionProxy[asyncpg.Record], where: Where, reach: int, limit: int
 ) -> tuple[int | None, int, list[asyncpg.Record]]:
     """The newest commit LSN stored (None: no change at all), how far below it the oldest is, and the newest `limit`
     changes matching `where` at most `reach` below it, newest first, in one round trip."""
-    in_order = "ORDER BY commit_lsn DESC, ordinal DESC, stream DESC"
-    records = await conn.fetch(
-        f"""SELECT w.top, w.top - w.bottom AS span, page.change
-              FROM (SELECT max(commit_lsn) AS top, min(commit_lsn) AS bottom FROM {CHANGES_SQL}) AS w
-              LEFT JOIN LATERAL (
-                  SELECT {SELECT_CHANGE}, c.stream FROM (
-                      SELECT * FROM {CHANGES_SQL} WHERE {where.sql()} AND commit_lsn >= w.top - {where.param(reach)}
-                       {in_order} LIMIT {where.param(limit)}) AS c) AS page ON true
-             ORDER BY page.commit_lsn DESC, page.ordinal DESC, page.stream DESC""",
-        *where.params,
-    )
+    records = await conn.fetch(newest_window_sql(where, reach, limit), *where.params)
     top: int | None = records[0]["top"]
     return top, records[0]["span"] or 0, [record for record in records if record["change"] is not None]
 
@@ -215,7 +225,7 @@ class ChangeStore:
                             low = _lower_end((top if high is None else high) - reach)
                         if low is not None:
                             window.add(f"commit_lsn >= {window.param(low)}::bigint")
-                        sql = _select_sql(window, "desc", need)
+                        sql = _select_sql(window, "desc", need, sorted_order=SORTED_NEWEST_FIRST)
                         read_span = reach is None and top is None and time.monotonic() >= self._span_due
                         if read_span:  # every match, and how far the positions reach now (it costs a little)
                             sql = f"SELECT page.*, {_SPAN} FROM ({sql}) AS page"
