@@ -1028,3 +1028,27 @@ def test_sealed_cursors_read_back_as_given(lsn: int, ordinal: int, order: str) -
     assert refs.find_cursor(token) == cursor
     assert refs.change_id(token) is None
     assert refs.transaction_id(token) is None
+
+
+def test_sealed_tokens_are_the_documented_construction() -> None:
+    """A change's token is base64url(tag + body) with tag = HMAC(k1, plaintext)[:16] and body = plaintext XOR
+    HMAC(k2, tag), both keys derived from the secret: links written before keep reading back the same."""
+    import base64
+    import hashlib
+    import hmac
+    import struct
+
+    from bemi_asgi.history.models import Change
+    from bemi_asgi.history.refs import SealedRefs
+
+    secret = b"sixteen bytes at least"
+    tag_key = hmac.digest(secret, b"bemi-asgi ui refs: tag", hashlib.sha256)
+    pad_key = hmac.digest(secret, b"bemi-asgi ui refs: pad", hashlib.sha256)
+    plain = b"C" + struct.pack(">q", 4242)
+    tag = hmac.digest(tag_key, plain, hashlib.sha256)[:16]
+    pad = hmac.digest(pad_key, tag, hashlib.sha256)
+    body = bytes(a ^ b for a, b in zip(plain, pad, strict=False))
+    expected = base64.urlsafe_b64encode(tag + body).decode().rstrip("=")
+    refs = SealedRefs(secret)
+    assert refs.change(Change.model_construct(id=4242)) == expected
+    assert refs.change_id(expected) == 4242
