@@ -168,6 +168,28 @@ async def test_timeline_lists_every_change_newest_first(env: Env) -> None:
     assert 'href="/transaction/505"' in response.text
 
 
+@pytest.mark.parametrize("page_size", [2, 50])
+@pytest.mark.parametrize("tenant", [None, 1])
+async def test_filter_form_suggests_the_tables_and_context_keys_in_scope(
+    env: Env, page_size: int, tenant: int | None
+) -> None:
+    """The filter form offers the tables and context keys (but the scope's) of the latest in-scope changes, whether
+    the first page holds them all (50 a page) or not (2 a page)."""
+    scope = {} if tenant is None else {"tenant_id": tenant}
+    if tenant is None:
+        app = bemi_ui(env.bemi, authorize=allow_all, page_size=page_size)
+    else:
+        app = tenant_ui(env, page_size=page_size)
+    async with client_for(app) as client:
+        response = await client.get("/", headers={"x-user": "ann", "x-tenant": str(tenant)})
+    in_scope = await env.bemi.changes.find(context=scope or None, limit=1000)
+    datalist = re.search(r'<datalist id="bemi-tables">(.*?)</datalist>', response.text, re.S)
+    assert datalist is not None
+    assert re.findall(r'<option value="([^"]*)">', datalist.group(1)) == sorted({c.table for c in in_scope})
+    keys = sorted({key for change in in_scope for key in change.context if key not in scope})
+    assert re.findall(r'<input type="text" name="c\.([^"]*)"', response.text) == keys[:6]
+
+
 async def test_timeline_filters_match_find(env: Env) -> None:
     """Table, operation, time range and context filters (named or the free key/value pair) narrow the timeline
     exactly as the same find() filters do."""
