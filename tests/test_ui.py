@@ -32,6 +32,7 @@ from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
 from bemi_asgi.ui.rows import escape_text
 from bemi_asgi.ui.view import (
     context_value_text,
+    json_text,
     moment_input,
     parse_context_value,
     parse_filters,
@@ -756,6 +757,19 @@ def test_filter_parsing_and_scope_merging() -> None:
 def test_timeline_rows_escape_as_markupsafe_does(text: str) -> None:
     """The timeline rows' own escaping gives markupsafe's text for any value."""
     assert escape_text(text) == str(markupsafe.escape(text))
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=12,
+    )
+)
+def test_values_show_as_json_dumps_writes_them(value: Any) -> None:
+    """A stored value's text on the pages is `json.dumps(value, ensure_ascii=False)`'s, for any JSON value (NaN and
+    infinities included, as Python's JSON writes them)."""
+    assert json_text(value) == json.dumps(value, ensure_ascii=False)
 
 
 @given(st.lists(st.tuples(st.text(), st.text())))
