@@ -1088,3 +1088,35 @@ def test_sealed_tokens_are_the_documented_construction() -> None:
     refs = SealedRefs(secret)
     assert refs.change(Change.model_construct(id=4242)) == expected
     assert refs.change_id(expected) == 4242
+
+
+def test_context_chips_tell_equal_values_of_other_types_apart() -> None:
+    """Values that Python holds equal or that print alike (1, 1.0, True, "1"; [1] and "[1]") each get the chip of
+    their own JSON text on one page, whatever order they come in."""
+    from bemi_asgi.history.models import Change, Operation
+    from bemi_asgi.history.refs import Refs
+    from bemi_asgi.ui.rows import TimelineRows
+    from bemi_asgi.ui.view import TimelineFilters
+
+    values: list[Any] = [1, 1.0, True, "1", [1], "[1]", 0.0, -0.0, 1]
+    changes = [
+        Change.model_construct(
+            id=n,
+            transaction_id=n,
+            schema_="public",
+            table="items",
+            primary_key=str(n),
+            committed_at=T0,
+            operation=Operation.DELETE,
+            before={"id": n},
+            after={},
+            context={"k": value},
+        )
+        for n, value in enumerate(values)
+    ]
+    html = TimelineRows(Refs(), "request_id", lambda trace, span: None).rows(
+        lambda path, params: path + "?" + urlencode(params), changes, TimelineFilters()
+    )
+    shown = re.findall(r'<span class="k">k=</span>([^<]*)</a>', html)
+    assert shown == [escape_text(context_value_text(value)) for value in values]
+    assert shown[:6] == ["1", "1.0", "true", "&#34;1&#34;", "[1]", "&#34;[1]&#34;"]
