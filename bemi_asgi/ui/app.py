@@ -231,6 +231,8 @@ class BemiUI:
             undefined=jinja.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
+            # The templates ship with the package: no file to look at again on every page.
+            auto_reload=False,
         )
         self._env.globals.update(
             schema_change_summary=schema_change_summary,
