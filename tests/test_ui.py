@@ -32,6 +32,7 @@ from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
 from bemi_asgi.ui.rows import escape_text
 from bemi_asgi.ui.view import (
     context_value_text,
+    json_text,
     moment_input,
     parse_context_value,
     parse_filters,
@@ -166,6 +167,28 @@ async def test_timeline_lists_every_change_newest_first(env: Env) -> None:
     assert row_ids(response.text) == await ids_of(env)
     assert "ink pen" in response.text
     assert 'href="/transaction/505"' in response.text
+
+
+@pytest.mark.parametrize("page_size", [2, 50])
+@pytest.mark.parametrize("tenant", [None, 1])
+async def test_filter_form_suggests_the_tables_and_context_keys_in_scope(
+    env: Env, page_size: int, tenant: int | None
+) -> None:
+    """The filter form offers the tables and context keys (but the scope's) of the latest in-scope changes, whether
+    the first page holds them all (50 a page) or not (2 a page)."""
+    scope = {} if tenant is None else {"tenant_id": tenant}
+    if tenant is None:
+        app = bemi_ui(env.bemi, authorize=allow_all, page_size=page_size)
+    else:
+        app = tenant_ui(env, page_size=page_size)
+    async with client_for(app) as client:
+        response = await client.get("/", headers={"x-user": "ann", "x-tenant": str(tenant)})
+    in_scope = await env.bemi.changes.find(context=scope or None, limit=1000)
+    datalist = re.search(r'<datalist id="bemi-tables">(.*?)</datalist>', response.text, re.S)
+    assert datalist is not None
+    assert re.findall(r'<option value="([^"]*)">', datalist.group(1)) == sorted({c.table for c in in_scope})
+    keys = sorted({key for change in in_scope for key in change.context if key not in scope})
+    assert re.findall(r'<input type="text" name="c\.([^"]*)"', response.text) == keys[:6]
 
 
 async def test_timeline_filters_match_find(env: Env) -> None:
@@ -736,6 +759,19 @@ def test_timeline_rows_escape_as_markupsafe_does(text: str) -> None:
     assert escape_text(text) == str(markupsafe.escape(text))
 
 
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=12,
+    )
+)
+def test_values_show_as_json_dumps_writes_them(value: Any) -> None:
+    """A stored value's text on the pages is `json.dumps(value, ensure_ascii=False)`'s, for any JSON value (NaN and
+    infinities included, as Python's JSON writes them)."""
+    assert json_text(value) == json.dumps(value, ensure_ascii=False)
+
+
 @given(st.lists(st.tuples(st.text(), st.text())))
 def test_links_quote_their_parameters_as_urlencode_does(params: list[tuple[str, str]]) -> None:
     """The pages' links carry exactly the query string `urllib.parse.urlencode` writes."""
@@ -1028,3 +1064,59 @@ def test_sealed_cursors_read_back_as_given(lsn: int, ordinal: int, order: str) -
     assert refs.find_cursor(token) == cursor
     assert refs.change_id(token) is None
     assert refs.transaction_id(token) is None
+
+
+def test_sealed_tokens_are_the_documented_construction() -> None:
+    """A change's token is base64url(tag + body) with tag = HMAC(k1, plaintext)[:16] and body = plaintext XOR
+    HMAC(k2, tag), both keys derived from the secret: links written before keep reading back the same."""
+    import base64
+    import hashlib
+    import hmac
+    import struct
+
+    from bemi_asgi.history.models import Change
+    from bemi_asgi.history.refs import SealedRefs
+
+    secret = b"sixteen bytes at least"
+    tag_key = hmac.digest(secret, b"bemi-asgi ui refs: tag", hashlib.sha256)
+    pad_key = hmac.digest(secret, b"bemi-asgi ui refs: pad", hashlib.sha256)
+    plain = b"C" + struct.pack(">q", 4242)
+    tag = hmac.digest(tag_key, plain, hashlib.sha256)[:16]
+    pad = hmac.digest(pad_key, tag, hashlib.sha256)
+    body = bytes(a ^ b for a, b in zip(plain, pad, strict=False))
+    expected = base64.urlsafe_b64encode(tag + body).decode().rstrip("=")
+    refs = SealedRefs(secret)
+    assert refs.change(Change.model_construct(id=4242)) == expected
+    assert refs.change_id(expected) == 4242
+
+
+def test_context_chips_tell_equal_values_of_other_types_apart() -> None:
+    """Values that Python holds equal or that print alike (1, 1.0, True, "1"; [1] and "[1]") each get the chip of
+    their own JSON text on one page, whatever order they come in."""
+    from bemi_asgi.history.models import Change, Operation
+    from bemi_asgi.history.refs import Refs
+    from bemi_asgi.ui.rows import TimelineRows
+    from bemi_asgi.ui.view import TimelineFilters
+
+    values: list[Any] = [1, 1.0, True, "1", [1], "[1]", 0.0, -0.0, 1]
+    changes = [
+        Change.model_construct(
+            id=n,
+            transaction_id=n,
+            schema_="public",
+            table="items",
+            primary_key=str(n),
+            committed_at=T0,
+            operation=Operation.DELETE,
+            before={"id": n},
+            after={},
+            context={"k": value},
+        )
+        for n, value in enumerate(values)
+    ]
+    html = TimelineRows(Refs(), "request_id", lambda trace, span: None).rows(
+        lambda path, params: path + "?" + urlencode(params), changes, TimelineFilters()
+    )
+    shown = re.findall(r'<span class="k">k=</span>([^<]*)</a>', html)
+    assert shown == [escape_text(context_value_text(value)) for value in values]
+    assert shown[:6] == ["1", "1.0", "true", "&#34;1&#34;", "[1]", "&#34;[1]&#34;"]

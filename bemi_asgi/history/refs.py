@@ -28,6 +28,7 @@ import struct
 from typing import Literal
 
 from .._exceptions import QueryError
+from .._hmac import hmac_sha256
 from .filters import Cursor, decode_cursor, encode_cursor
 from .models import Change
 
@@ -87,8 +88,9 @@ class SealedRefs(Refs):
                 f"secret= must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}: use e.g. "
                 "secrets.token_urlsafe(32), the same in every process that serves the change browser"
             )
-        self._tag_key = hmac.digest(secret, b"bemi-asgi ui refs: tag", hashlib.sha256)
-        self._pad_key = hmac.digest(secret, b"bemi-asgi ui refs: pad", hashlib.sha256)
+        # A page seals a hundred tokens, two HMACs each: the keys' blocks are hashed once, here.
+        self._tag = hmac_sha256(hmac.digest(secret, b"bemi-asgi ui refs: tag", hashlib.sha256))
+        self._pad = hmac_sha256(hmac.digest(secret, b"bemi-asgi ui refs: pad", hashlib.sha256))
 
     def __repr__(self) -> str:
         return "SealedRefs(secret=<hidden>)"
@@ -129,7 +131,7 @@ class SealedRefs(Refs):
 
     def _seal(self, kind: bytes, payload: bytes) -> str:
         plain = kind + payload
-        tag = hmac.digest(self._tag_key, plain, hashlib.sha256)[:_TAG_BYTES]
+        tag = self._tag(plain)[:_TAG_BYTES]
         return _b64(tag + _xor(plain, self._pad(tag)))
 
     def _open(self, kind: bytes, token: str, size: int) -> bytes | None:
@@ -144,13 +146,10 @@ class SealedRefs(Refs):
             return None
         tag, body = raw[:_TAG_BYTES], raw[_TAG_BYTES:]
         plain = _xor(body, self._pad(tag))
-        expected = hmac.digest(self._tag_key, plain, hashlib.sha256)[:_TAG_BYTES]
+        expected = self._tag(plain)[:_TAG_BYTES]
         if not hmac.compare_digest(tag, expected) or plain[:1] != kind:
             return None
         return plain[1:]
-
-    def _pad(self, tag: bytes) -> bytes:
-        return hmac.digest(self._pad_key, tag, hashlib.sha256)
 
 
 def refs_for(*, scoped: bool, secret: str | bytes | None) -> Refs:

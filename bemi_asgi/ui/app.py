@@ -105,7 +105,8 @@ STREAM_BATCH = 100
 #: The changes of one row in one transaction a value link looks through (a row changes a few times per transaction).
 MAX_GROUP_SCAN = 1000
 KEEPALIVE_SECONDS = 15.0
-# Context keys and tables offered in the filter form come from this many latest (in-scope) changes.
+# Context keys and tables offered in the filter form come from this many latest (in-scope) changes: those of the
+# unfiltered first page when it holds them all, otherwise read apart.
 SUGGESTION_SAMPLE = 500
 #: How long a scope's suggestions are reused: they are hints that a few seconds' new changes hardly move, and reading
 #: them costs a timeline page as much as its changes. Kept for at most SUGGESTION_SCOPES scopes at once.
@@ -230,6 +231,8 @@ class BemiUI:
             undefined=jinja.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
+            # The templates ship with the package: no file to look at again on every page.
+            auto_reload=False,
         )
         self._env.globals.update(
             schema_change_summary=schema_change_summary,
@@ -344,7 +347,12 @@ class BemiUI:
                 page = await self._find(filters, scope, limit=self.page_size, cursor=cursor)
             except _BAD_INPUT as exc:
                 error = str(exc)
-        tables, keys = await self._suggestions(scope)
+        whole_sample = page.next_cursor is None or len(page) >= SUGGESTION_SAMPLE
+        if error is None and not filters.active and filters.cursor is None and whole_sample:
+            # The page is the newest in-scope changes, as many as the suggestions read or every one there is.
+            tables, keys = self._suggest(scope, page[:SUGGESTION_SAMPLE])
+        else:
+            tables, keys = await self._suggestions(scope)
         keys = [key for key in keys if key not in scope]
         shown_keys = list(dict.fromkeys([*(k for k in filters.context if k not in scope), *keys[:SUGGESTED_KEYS]]))
         stream_after = None
@@ -681,10 +689,8 @@ class BemiUI:
     async def _suggestions(self, scope: Mapping[str, Any]) -> tuple[list[str], list[str]]:
         """Tables and context keys seen in the latest in-scope changes, for the filter form's suggestions (read again
         after SUGGESTION_SECONDS)."""
-        cache_key = json.dumps(scope, sort_keys=True)
-        now = asyncio.get_running_loop().time()
-        cached = self._suggested.get(cache_key)
-        if cached is not None and now - cached[0] < SUGGESTION_SECONDS:
+        cached = self._suggested.get(json.dumps(scope, sort_keys=True))
+        if cached is not None and asyncio.get_running_loop().time() - cached[0] < SUGGESTION_SECONDS:
             return cached[1], cached[2]
         where = ChangeFilter(FilterArgs(context=dict(scope) or None)).where()
         pool = await self.bemi.pool()
@@ -699,14 +705,24 @@ class BemiUI:
                 SELECT NULL, NULL, key FROM (SELECT jsonb_object_keys(context) AS key FROM s) AS k GROUP BY key""",
             *where.params,
         )
-        tables = sorted(
-            {r["table"] if r["schema"] == "public" else f"{r['schema']}.{r['table']}" for r in records if r["table"]}
-        )
-        keys = sorted(r["key"] for r in records if r["key"] is not None)
+        places = {(r["schema"], r["table"]) for r in records if r["table"]}
+        return self._remember(scope, places, {r["key"] for r in records if r["key"] is not None})
+
+    def _suggest(self, scope: Mapping[str, Any], sample: Sequence[Change]) -> tuple[list[str], list[str]]:
+        """`_suggestions` read from `sample`, the newest in-scope changes already at hand."""
+        places = {(change.schema_, change.table) for change in sample}
+        return self._remember(scope, places, {key for change in sample for key in change.context})
+
+    def _remember(
+        self, scope: Mapping[str, Any], places: set[tuple[str, str]], keys: set[str]
+    ) -> tuple[list[str], list[str]]:
+        """The suggested tables (schema-qualified outside `public`) and context keys, kept for the scope."""
+        tables = sorted(table if schema == "public" else f"{schema}.{table}" for schema, table in places)
+        suggested = sorted(keys)
         if len(self._suggested) >= SUGGESTION_SCOPES:
             self._suggested.clear()
-        self._suggested[cache_key] = (now, tables, keys)
-        return tables, keys
+        self._suggested[json.dumps(scope, sort_keys=True)] = (asyncio.get_running_loop().time(), tables, suggested)
+        return tables, suggested
 
 
 #: The documented name: `bemi_ui(bemi, authorize=...)` creates the app.

@@ -57,6 +57,8 @@ _OPERATION_CELL = {
     for op in Operation
 }
 _NEW = ' class="new"'
+#: Context values that are their own chip's key (hashable, and equal only when their text is the same).
+_SCALARS = frozenset({str, int, bool})
 _NO_KEY = '<span class="muted">—</span>'
 _NO_CONTEXT = '<span class="muted">no context</span>'
 
@@ -115,7 +117,7 @@ class _PageRows:
         #: The row link of each table, but for the key, which comes last.
         self._row_hrefs: dict[tuple[str, str], str] = {}
         #: Each context pair's chip but a trace id's (pairs repeat from row to row: an endpoint, a user).
-        self._chips: dict[tuple[str, str], str] = {}
+        self._chips: dict[tuple[str, type, Any], str] = {}
         self._filter_prefix: str | None = None
         self._transaction_prefix = link("/transaction/", ())
         self._transaction_cells: dict[int, str] = {}
@@ -167,10 +169,13 @@ class _PageRows:
             if key == TRACE_ID_KEY and trace_id_of(value):
                 chips.append(self._trace_chip(value, change.context.get("span_id")))
                 continue
-            text = context_value_text(value)
-            chip = self._chips.get((key, text))
+            # By the value itself when it is text, an integer or a boolean, with its type (1 and True are equal keys):
+            # its text is then written once a page.
+            known = (key, type(value), value) if type(value) in _SCALARS else (key, object, context_value_text(value))
+            chip = self._chips.get(known)
             if chip is None:
-                chip = self._chips[(key, text)] = self._chip(key, value, text)
+                text = context_value_text(value)
+                chip = self._chips[known] = self._chip(key, value, text)
             chips.append(chip)
         return "".join(chips)
 

@@ -3,19 +3,21 @@ table.
 
 As Jinja macros (a macro per header, table, field and value cell) a page of a hundred changes cost ten times its
 queries; `ChangeSections` writes the same HTML, every value escaped. The group pages hand it their whole list, the
-row page (which has a header of its own) its diff tables through the `diff_table` macro.
+row page its steps (a header of their own, linking to the row's state after each).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
 
 from markupsafe import Markup
 
 from ..history.models import Change, Operation
 from ..history.refs import Refs
 from .rows import Link, TimelineRows, escape_text
-from .view import FieldRow, TimelineFilters, field_rows, format_time, schema_change_summary
+from .view import FieldRow, TimelineFilters, field_rows, format_time, moment_param, schema_change_summary
 
 __all__ = ["ChangeSections"]
 
@@ -25,6 +27,8 @@ _ABSENT = '<span class="none">absent</span>'
 
 
 _NO_FILTERS = TimelineFilters()
+#: What a row page's step offers no revert of: these change no single row.
+_NOT_REVERTIBLE = frozenset({Operation.TRUNCATE, Operation.SNAPSHOT, Operation.DDL})
 
 
 class ChangeSections:
@@ -44,6 +48,65 @@ class ChangeSections:
                 for change in changes
             )
         )
+
+    def row_steps(
+        self,
+        link: Link,
+        steps: Sequence[tuple[Change, Any]],
+        *,
+        schema: str,
+        table: str,
+        key: str,
+        effective: Change | None,
+        at: datetime | None,
+        can_revert: bool,
+    ) -> Markup:
+        """A row page's history: a section per change (newest first), the one in effect marked, those after `at`
+        marked as future, each linking to the row's state after it (`key` is the page's: a TRUNCATE or a schema
+        change names no row)."""
+        refs = self.refs
+        row_params = {"schema": schema, "table": table, "key": key}
+        parts = []
+        for change, _state in steps:
+            anchor = escape_text(refs.change(change))
+            in_effect = effective is not None and change.id == effective.id
+            classes = "step" + (" effective" if in_effect else "")
+            if at is not None and change.committed_at > at:
+                classes += " future"
+            summary = ""
+            if change.operation is Operation.DDL:
+                summary = f'<span class="schema-change">{escape_text(schema_change_summary(change))}</span>'
+            badge = ""
+            if in_effect:
+                badge = f'<span class="badge">in effect{" at the chosen moment" if at is not None else ""}</span>'
+            transaction = refs.transaction(change)
+            revert = ""
+            if can_revert and change.operation not in _NOT_REVERTIBLE:
+                href = link(
+                    "/revert",
+                    {
+                        "change": refs.change(change),
+                        "transaction": transaction,
+                        "schema": change.schema_,
+                        "table": change.table,
+                        "key": change.primary_key,  # type: ignore[dict-item]  # a row's change names its row
+                    },
+                )
+                revert = f'<a class="undo" href="{escape_text(href)}">Revert…</a> ·'
+            after = escape_text(link("/row", {**row_params, "at": moment_param(change.committed_at)}))
+            operation = escape_text(change.operation.value)
+            parts.append(
+                f'<section class="{classes}" id="c{anchor}">\n  <header>\n'
+                f'    <span class="op op-{operation}">{operation}</span>\n'
+                f'{summary}    <span class="time mono" title="{change.committed_at.isoformat()}">'
+                f"{format_time(change.committed_at)}</span>\n"
+                f"{badge}    <span>{self.rows.context_chips(link, change, _NO_FILTERS)}</span>\n"
+                f'    <span class="right">\n{revert}      <a href="{after}#as-of">state after this</a> ·\n'
+                f'      <a href="{escape_text(link("/transaction/" + transaction, ()))}" '
+                f'title="Every change of this transaction">transaction {escape_text(refs.label(transaction))}</a>\n'
+                f"    </span>\n  </header>\n  {self.diff_table(link, change)}\n</section>\n"
+            )
+        return Markup("".join(parts))
 
     def header(self, link: Link, change: Change, with_database: bool) -> str:
         """What, where, when, in which context and transaction."""

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote_plus
 
 from .._exceptions import QueryError
+from .._jsontext import display_encoder
 from ..history.access import merge_scope
 from ..history.filters import FilterArgs, read_trace_id
 from ..history.models import Change, Operation
@@ -106,13 +107,20 @@ def context_value_text(value: Any) -> str:
     return json_text(value)
 
 
-# json.dumps(value, ensure_ascii=False) builds this encoder on every call.
-_DISPLAY_JSON = json.JSONEncoder(ensure_ascii=False)
+def _not_json(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_display_chunks = display_encoder(_not_json)
+_quoted: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def json_text(value: Any) -> str:
-    """A stored JSON value as text for display (`"pen"`, `3`, `null`, `{"a": 1}`)."""
-    return _DISPLAY_JSON.encode(value)
+    """A stored JSON value as text for display (`"pen"`, `3`, `null`, `{"a": 1}`): `json.dumps(value,
+    ensure_ascii=False)`."""
+    if type(value) is str:  # the encoder's own shortcut for text, taken without building a list
+        return _quoted(value)
+    return "".join(_display_chunks(value, 0))
 
 
 #: What `urllib.parse.quote_plus` leaves as it is.
