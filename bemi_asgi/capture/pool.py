@@ -57,6 +57,7 @@ from asyncpg.cursor import Cursor, CursorFactory, CursorIterator
 from asyncpg.prepared_stmt import PreparedStatement
 
 from .._exceptions import SourceNotReadyError
+from . import tracing  # noqa: F401  (imported for its effect: writes carry the active trace)
 from .context import MESSAGE_PREFIX, ContextData, current
 from .statements import CACHED_LENGTH, Statement, Step, Writes, read
 
