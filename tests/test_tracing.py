@@ -234,7 +234,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 import bemi_asgi
 from bemi_asgi.capture import tracing
-assert tracing._current_span is None
+assert tracing._current_otel_context is None
 
 async def endpoint(request):
     return JSONResponse(bemi_asgi.get_context())
