@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from markupsafe import Markup
-from markupsafe import escape as markup_escape
 
 from ..history.filters import TRACE_ID_KEY
 from ..history.models import Change, Operation, changed_columns
@@ -46,16 +45,21 @@ def escape_text(text: str) -> str:
     )
 
 
+def schema_change_html(change: Change) -> str:
+    """A schema change in a line (HTML)."""
+    return f'<span class="schema-change">{escape_text(schema_change_summary(change))}</span>'
+
+
 def _short_json(value: Any, limit: int) -> str:
     return escape_text(shorten(json_text(value), limit))
 
 
 _IMAGE_OF = {Operation.CREATE: "after", Operation.SNAPSHOT: "after"}
-#: Each operation's cell (the operations are fixed words).
-_OPERATION_CELL = {
-    op: f'  <td><span class="op op-{markup_escape(op.value)}">{markup_escape(op.value)}</span></td>\n'
-    for op in Operation
+#: Each operation's badge (the operations are fixed words), and its timeline cell.
+OPERATION_BADGES = {
+    op: f'<span class="op op-{escape_text(op.value)}">{escape_text(op.value)}</span>' for op in Operation
 }
+_OPERATION_CELL = {op: f"  <td>{badge}</td>\n" for op, badge in OPERATION_BADGES.items()}
 _NEW = ' class="new"'
 #: Context values that are their own chip's key (hashable, and equal only when their text is the same).
 _SCALARS = frozenset({str, int, bool})
@@ -87,7 +91,7 @@ class TimelineRows:
         if change.operation is Operation.TRUNCATE:
             return '<span class="muted">every row removed</span>'
         if change.operation is Operation.DDL:
-            return f'<span class="schema-change">{escape_text(schema_change_summary(change))}</span>'
+            return schema_change_html(change)
         if change.operation is Operation.UPDATE:
             before, after = change.before, change.after
             names = list(changed_columns(before, after))

@@ -16,8 +16,8 @@ from markupsafe import Markup
 
 from ..history.models import Change, Operation
 from ..history.refs import Refs
-from .rows import Link, TimelineRows, escape_text
-from .view import FieldRow, TimelineFilters, field_rows, format_time, moment_param, schema_change_summary
+from .rows import OPERATION_BADGES, Link, TimelineRows, escape_text, schema_change_html
+from .view import FieldRow, TimelineFilters, field_rows, format_time, moment_param
 
 __all__ = ["ChangeSections"]
 
@@ -31,6 +31,13 @@ _NO_FILTERS = TimelineFilters()
 _NOT_REVERTIBLE = frozenset({Operation.TRUNCATE, Operation.SNAPSHOT, Operation.DDL})
 
 
+def _moment(change: Change) -> str:
+    """When the change was committed (a datetime's texts: digits and separators, nothing to escape)."""
+    return (
+        f'<span class="time mono" title="{change.committed_at.isoformat()}">{format_time(change.committed_at)}</span>'
+    )
+
+
 class ChangeSections:
     """Writes changes as sections (a header, then the diff table), with the browser's references and chips."""
 
@@ -41,13 +48,14 @@ class ChangeSections:
     def sections(self, link: Link, changes: Iterable[Change], *, with_database: bool) -> Markup:
         """A section per change (`with_database`: the header names each change's database, as on a trace page,
         whose changes may come from several)."""
-        return Markup(
-            "".join(
-                f'<section class="step" id="c{escape_text(self.refs.change(change))}">\n'
-                f"{self.header(link, change, with_database)}{self.diff_table(link, change)}</section>\n"
-                for change in changes
+        parts = []
+        for change in changes:
+            anchor = escape_text(self.refs.change(change))  # sealed once: the section's id and its row link's anchor
+            parts.append(
+                f'<section class="step" id="c{anchor}">\n'
+                f"{self.header(link, change, anchor, with_database)}{self.diff_table(link, change)}</section>\n"
             )
-        )
+        return Markup("".join(parts))
 
     def row_steps(
         self,
@@ -73,9 +81,7 @@ class ChangeSections:
             classes = "step" + (" effective" if in_effect else "")
             if at is not None and change.committed_at > at:
                 classes += " future"
-            summary = ""
-            if change.operation is Operation.DDL:
-                summary = f'<span class="schema-change">{escape_text(schema_change_summary(change))}</span>'
+            summary = schema_change_html(change) if change.operation is Operation.DDL else ""
             badge = ""
             if in_effect:
                 badge = f'<span class="badge">in effect{" at the chosen moment" if at is not None else ""}</span>'
@@ -94,23 +100,18 @@ class ChangeSections:
                 )
                 revert = f'<a class="undo" href="{escape_text(href)}">Revert…</a> ·'
             after = escape_text(link("/row", {**row_params, "at": moment_param(change.committed_at)}))
-            operation = escape_text(change.operation.value)
             parts.append(
                 f'<section class="{classes}" id="c{anchor}">\n  <header>\n'
-                f'    <span class="op op-{operation}">{operation}</span>\n'
-                f'{summary}    <span class="time mono" title="{change.committed_at.isoformat()}">'
-                f"{format_time(change.committed_at)}</span>\n"
+                f"    {OPERATION_BADGES[change.operation]}\n{summary}    {_moment(change)}\n"
                 f"{badge}    <span>{self.rows.context_chips(link, change, _NO_FILTERS)}</span>\n"
                 f'    <span class="right">\n{revert}      <a href="{after}#as-of">state after this</a> ·\n'
-                f'      <a href="{escape_text(link("/transaction/" + transaction, ()))}" '
-                f'title="Every change of this transaction">transaction {escape_text(refs.label(transaction))}</a>\n'
+                f"      {self._transaction_link(link, transaction)}\n"
                 f"    </span>\n  </header>\n  {self.diff_table(link, change)}\n</section>\n"
             )
         return Markup("".join(parts))
 
-    def header(self, link: Link, change: Change, with_database: bool) -> str:
-        """What, where, when, in which context and transaction."""
-        operation = escape_text(change.operation.value)
+    def header(self, link: Link, change: Change, anchor: str, with_database: bool) -> str:
+        """What, where, when, in which context and transaction (`anchor`: the change's section id, escaped)."""
         schema, table = change.schema_, change.table
         place = escape_text(table if schema == "public" else f"{schema}.{table}")
         if with_database:
@@ -118,21 +119,22 @@ class ChangeSections:
         if change.primary_key is not None:
             row = link("/row", {"schema": schema, "table": table, "key": change.primary_key})
             place += (
-                f' <a href="{escape_text(row)}#c{escape_text(self.refs.change(change))}" title="History of this row">'
+                f' <a href="{escape_text(row)}#c{anchor}" title="History of this row">'
                 f"{escape_text(change.primary_key)}</a>"
             )
-        summary = ""
-        if change.operation is Operation.DDL:
-            summary = f'<span class="schema-change">{escape_text(schema_change_summary(change))}</span>'
-        transaction = self.refs.transaction(change)
+        summary = schema_change_html(change) if change.operation is Operation.DDL else ""
         return (
-            f'<header>\n  <span class="op op-{operation}">{operation}</span>\n'
-            f'  <span class="mono">{place}</span>\n{summary}'
-            f'  <span class="time mono" title="{change.committed_at.isoformat()}">{format_time(change.committed_at)}'
-            f"</span>\n  <span>{self.rows.context_chips(link, change, _NO_FILTERS)}</span>\n"
-            f'  <span class="right"><a href="{escape_text(link("/transaction/" + transaction, ()))}" '
+            f"<header>\n  {OPERATION_BADGES[change.operation]}\n"
+            f'  <span class="mono">{place}</span>\n{summary}  {_moment(change)}\n'
+            f"  <span>{self.rows.context_chips(link, change, _NO_FILTERS)}</span>\n"
+            f'  <span class="right">{self._transaction_link(link, self.refs.transaction(change))}</span>\n</header>\n'
+        )
+
+    def _transaction_link(self, link: Link, transaction: str) -> str:
+        """A link to the page of the transaction whose reference is `transaction`."""
+        return (
+            f'<a href="{escape_text(link("/transaction/" + transaction, ()))}" '
             f'title="Every change of this transaction">transaction {escape_text(self.refs.label(transaction))}</a>'
-            "</span>\n</header>\n"
         )
 
     def diff_table(self, link: Link, change: Change) -> Markup:
