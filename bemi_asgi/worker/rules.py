@@ -32,6 +32,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from .._exceptions import ConfigError
+from .._hmac import hmac_sha256
 from ..capture.context import SKIP_KEY
 from .config import DEFAULT_HASH_KEY_ENV, ColumnRules, TrackingConfig
 from .pgoutput import UNCHANGED, Column, Value
@@ -92,26 +93,17 @@ def is_skip_context(content: bytes, text: str) -> bool:
 
 
 class Hasher:
-    """`hash_text` under one key, for every hashed value: RFC 2104's HMAC with the keyed inner and outer SHA-256
-    states computed once and copied per value (`hmac.new` per value cost several times more: OpenSSL sets up its
-    HMAC context each time). Its repr never shows the key (a partial would)."""
+    """`hash_text` under one key, for every hashed value: HMAC-SHA256 with the key's padded blocks hashed once
+    (`_hmac`; `hmac.new` per value cost several times more: OpenSSL sets up its HMAC context each time). Its repr
+    never shows the key (a partial would)."""
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_mac",)
 
     def __init__(self, key: bytes) -> None:
-        block = hashlib.sha256().block_size
-        if len(key) > block:
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(block, b"\0")
-        self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
-        self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+        self._mac = hmac_sha256(key)
 
     def __call__(self, text: str) -> str:
-        inner = self._inner.copy()
-        inner.update(text.encode())
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        return self._mac(text.encode()).hex()
 
     def __repr__(self) -> str:
         return "<HMAC-SHA256, key hidden>"
