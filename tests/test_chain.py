@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
+from bemi_asgi._exceptions import DestinationNotReadyError
 from bemi_asgi.cli import app
 from bemi_asgi.ops.migration import migration_sql
 from bemi_asgi.ops.prune import prune
@@ -311,14 +312,98 @@ def test_verify_command_prints_the_head_and_exits_1_on_tampering(database: str) 
 
 
 @pytest.mark.parametrize("key_bytes", [None, 16, 64, 65, 200])
-def test_chain_hash_is_hmac_sha256_of_the_previous_hash_the_position_and_the_digest(key_bytes: int | None) -> None:
-    """The worker's chain hash is HMAC-SHA256 (RFC 2104, keys longer than a block hashed first) over the previous
-    hash, the commit LSN and ordinal (big-endian int8, int4) and the digest; SHA-256 of the same without a key."""
+def test_chain_hash_is_hmac_sha256_of_the_previous_hash_and_the_content(key_bytes: int | None) -> None:
+    """The chain hash is HMAC-SHA256 (RFC 2104, keys longer than a block hashed first) over the previous hash and
+    the change's content, SHA-256 of the same without a key; format 1 (links written before) hashed the previous
+    hash, the commit LSN and ordinal (big-endian int8, int4) and the content's digest. The worker's own loop
+    (`Link.add`) gives the same hashes as `chain_hasher`."""
     key = None if key_bytes is None else bytes(range(256))[:key_bytes]
-    previous, digest = bytes(range(32)), bytes(range(100, 132))
-    message = previous + (2**40 + 5).to_bytes(8, "big") + (7).to_bytes(4, "big") + digest
-    expected = hashlib.sha256(message).digest() if key is None else hmac.digest(key, message, "sha256")
-    assert chain_hasher(key)(previous, 2**40 + 5, 7, digest) == expected
+
+    def expected(message: bytes) -> bytes:
+        return hashlib.sha256(message).digest() if key is None else hmac.digest(key, message, "sha256")
+
+    previous, content, digest = bytes(range(32)), b'["a change", 7]', bytes(range(100, 132))
+    assert chain_hasher(key)(previous, 2**40 + 5, 7, content) == expected(previous + content)
+    position = (2**40 + 5).to_bytes(8, "big") + (7).to_bytes(4, "big")
+    assert chain_hasher(key, 1)(previous, 2**40 + 5, 7, digest) == expected(previous + position + digest)
+
+    contents = [b"[%d]" % n for n in range(5)]
+    pending = chain.Link(chain.ChainState(1, "changes", key, head=previous))
+    pending.add(2**40 + 5, range(1, 6), contents)
+    hashes, head = [], previous
+    for ordinal, one in enumerate(contents, start=1):
+        head = chain_hasher(key)(head, 2**40 + 5, ordinal, one)
+        hashes.append(head)
+    assert (bytes(pending.hashes), pending.head) == (b"".join(hashes), head)
+    assert (list(pending.lsns), list(pending.ordinals)) == ([2**40 + 5] * 5, [1, 2, 3, 4, 5])
+
+
+def as_format_1(dsn: str, key: bytes) -> None:
+    """Rewrite every link of the stream's chain of changes as format 1 links are written: what a destination holds
+    after a worker of an earlier version stored them."""
+    hasher = chain_hasher(key, 1)
+    with psycopg.connect(dsn) as conn:
+        previous = chain.GENESIS
+        links = conn.execute("SELECT seq, commit_lsns, ordinals FROM bemi.chain WHERE kind = 'changes' ORDER BY seq")
+        for seq, lsns, ordinals in links.fetchall():
+            hashes = b""
+            for lsn, ordinal in zip(lsns, ordinals, strict=True):
+                row = conn.execute(
+                    f"SELECT {chain.DIGEST_SQL} FROM bemi.changes WHERE commit_lsn = %s AND ordinal = %s",
+                    [lsn, ordinal],
+                ).fetchone()
+                assert row is not None
+                hashes += hasher(previous if not hashes else hashes[-32:], lsn, ordinal, bytes(row[0]))
+            conn.execute(
+                "UPDATE bemi.chain SET format = 1, previous = %s, hashes = %s WHERE kind = 'changes' AND seq = %s",
+                [previous, hashes, seq],
+            )
+            previous = hashes[-32:]
+
+
+async def test_links_written_in_format_1_verify_and_the_chain_goes_on_after_them(history: str) -> None:
+    """A destination's links written before format 2 still verify, an edit among them is still located, and the
+    worker chains its new links after them."""
+    await drain(history, chain_key=KEY)
+    as_format_1(history, KEY)
+    write(history, 4, start=5)
+    await drain(history, chain_key=KEY)
+    with psycopg.connect(history) as conn:
+        formats = conn.execute("SELECT array_agg(DISTINCT format ORDER BY format) FROM bemi.chain").fetchone()
+    assert formats == ([1, 2],)
+    report = changes_report(history)
+    assert report.intact, report.describe()
+    assert report.changes == 18
+
+    victim = changes(history)[3]
+    as_superuser(history, "UPDATE bemi.changes SET context = '{}' WHERE id = %s", [victim["id"]])
+    problem = changes_report(history).problem
+    assert problem is not None
+    assert (problem.kind, problem.commit_lsn, problem.ordinal) == ("edited", victim["commit_lsn"], victim["ordinal"])
+
+
+async def test_a_link_in_an_unknown_format_is_reported_not_misread(history: str) -> None:
+    await drain(history, chain_key=KEY)
+    as_superuser(history, "UPDATE bemi.chain SET format = 9 WHERE seq = 1")
+    problem = changes_report(history).problem
+    assert problem is not None
+    assert (problem.kind, problem.link) == ("link", 1)
+    assert "format 9" in problem.detail
+
+
+async def test_a_destination_migrated_before_link_formats_is_told_to_migrate_again(history: str) -> None:
+    """The worker, the backfill and verify refuse a `bemi.chain` without its format column (as earlier versions
+    created it) and say to run the migration again, which adds it: the links already there are format 1."""
+    as_superuser(history, "ALTER TABLE bemi.chain DROP COLUMN format")
+    with pytest.raises(DestinationNotReadyError, match=r"bemi\.chain\.format.*sql-migration"):
+        await drain(history, chain_key=KEY)
+    with pytest.raises(DestinationNotReadyError, match=r"bemi\.chain\.format.*sql-migration"):
+        await Backfill(history, chain_key=KEY).run()
+    with pytest.raises(DestinationNotReadyError, match=r"format column.*sql-migration"):
+        verify(history, key=KEY)
+    as_superuser(history, migration_sql())
+    await drain(history, chain_key=KEY)
+    assert changes_report(history).intact
 
 
 def test_digest_timestamps_are_written_as_the_destination_prints_them(database: str) -> None:

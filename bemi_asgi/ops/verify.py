@@ -1,9 +1,10 @@
 """`bemi-asgi verify`: walk a stream's hash chains (`worker/chain.py`) and say whether the stored history is the one
 the worker and the backfill stored.
 
-For each link of a chain, in order, the changes it covers are read back with their digests (computed by the server
-from what it holds, `DIGEST_SQL`), each chain hash is recomputed from the previous one and compared with the hash
-stored when the change was written. The first difference is reported with where it is:
+For each link of a chain, in order, the changes it covers are read back as the chain covers them (their content as
+the server prints it, `CONTENT_SQL`, or its digest for links of format 1), each chain hash is recomputed from the
+previous one and compared with the hash stored when the change was written. The first difference is reported with
+where it is:
 
 - **edited**: a change whose content (any covered column, its commit LSN or ordinal) is not what was stored;
 - **deleted**: a change the chain covers that is not there (or a link that is missing);
@@ -28,8 +29,9 @@ from typing import Any, Literal, TextIO
 import psycopg
 from psycopg.rows import dict_row
 
+from .._exceptions import DestinationNotReadyError
 from .._pgtext import format_lsn
-from ..worker.chain import DIGEST_SQL, GENESIS, REMOVED, ChainKind, chain_hasher, key_id
+from ..worker.chain import CHAIN_FORMATS, CONTENT_SQL, DIGEST_SQL, GENESIS, ChainKind, chain_hasher, key_id, removal
 
 __all__ = ["ChainReport", "Problem", "verify"]
 
@@ -116,6 +118,11 @@ def verify(
     LSN, to recompute the head published then."""
     with psycopg.connect(dsn, row_factory=dict_row, application_name="bemi-asgi verify") as conn:
         conn.read_only = True
+        if not _has_format_column(conn):
+            raise DestinationNotReadyError(
+                "bemi.chain is missing or lacks its format column: run `bemi-asgi sql-migration --only destination` on "
+                "the destination database again (it adds what is missing and changes nothing else), then verify"
+            )
         sources = {
             row["id"]: f"database {row['database']}, slot {row['slot_name']}"
             for row in conn.execute("SELECT id, database, slot_name FROM bemi.streams")
@@ -133,6 +140,14 @@ def verify(
         return reports
 
 
+def _has_format_column(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('bemi.chain') AND attname = 'format'"
+        " AND NOT attisdropped) AS found"
+    ).fetchone()
+    return bool(row and row["found"])
+
+
 @dataclass(slots=True)
 class _Link:
     seq: int
@@ -141,6 +156,7 @@ class _Link:
     removals: int
     hashes: list[bytes]
     key_id: bytes
+    format: int
 
 
 class _Walker:
@@ -168,7 +184,6 @@ class _Walker:
             [self.stream, self.kind],
         ).fetchone()
         expected_seq, skip, previous = 1, 0, GENESIS
-        chain_hash = chain_hasher(self.key)
         if anchor is not None:
             expected_seq, skip, previous = anchor["seq"], anchor["entry"], bytes(anchor["hash"])
             report.anchor = (expected_seq, skip)
@@ -181,6 +196,9 @@ class _Walker:
             if link.seq != expected_seq:
                 return self._fail(Problem("deleted", link=expected_seq, detail=f"links {expected_seq} to "
                                           f"{link.seq - 1} of the chain are missing"))  # fmt: skip
+            if link.format not in CHAIN_FORMATS:
+                return self._fail(Problem("link", link=link.seq, detail=f"this link is in format {link.format}, "
+                                          "which this version of bemi-asgi cannot read: upgrade it"))  # fmt: skip
             if link.key_id != key_id(self.key):
                 return self._fail(Problem("key", link=link.seq, detail="this link was written with another chain key "
                                           "(or with none): verify with the worker's BEMI_CHAIN_KEY"))  # fmt: skip
@@ -192,7 +210,8 @@ class _Walker:
                 report.not_covered = self._count_before(entries[0][0])
             first = False
             low = last_key if skip == 0 else None  # a pruned link starts at its first remaining entry
-            rows = self._rows(entries, low)
+            rows = self._rows(entries, low, link.format)
+            chain_hash = chain_hasher(self.key, link.format)
             covered = {entry_key for entry_key, _ in entries}
             extras = sorted(found for found in rows if found not in covered)
             for index, (entry_key, stored) in enumerate(entries, start=skip):
@@ -206,7 +225,7 @@ class _Walker:
                     if row is not None:
                         return self._fail(Problem("inserted", *entry_key, row[0], link.seq,
                                                   "a baseline the backfill removed is back"))  # fmt: skip
-                    computed = chain_hash(previous, *entry_key, REMOVED)
+                    computed = chain_hash(previous, *entry_key, removal(link.format, *entry_key))
                 elif row is None:
                     if entry_key not in removed_later:
                         return self._fail(Problem("deleted", *entry_key, None, link.seq, "this change is gone"))
@@ -236,7 +255,7 @@ class _Walker:
         with self.conn.cursor(name="bemi_verify_links", row_factory=dict_row) as cursor:
             cursor.itersize = 20
             cursor.execute(
-                "SELECT seq, previous, commit_lsns, ordinals, removals, hashes, key_id FROM bemi.chain"
+                "SELECT seq, previous, commit_lsns, ordinals, removals, hashes, key_id, format FROM bemi.chain"
                 " WHERE stream = %s AND kind = %s AND seq >= %s ORDER BY seq",
                 [self.stream, self.kind, from_seq],
             )
@@ -249,33 +268,36 @@ class _Walker:
                     row["removals"],
                     [hashes[i : i + _HASH_BYTES] for i in range(0, len(hashes), _HASH_BYTES)],
                     bytes(row["key_id"]),
+                    row["format"],
                 )
 
     def _rows(
-        self, entries: list[tuple[tuple[int, int], bytes]], low: tuple[int, int] | None
+        self, entries: list[tuple[tuple[int, int], bytes]], low: tuple[int, int] | None, chain_format: int
     ) -> dict[tuple[int, int], tuple[int, bytes]]:
-        """The stored changes the entries name, by key: (id, digest). The worker's chain is in commit order, so
+        """The stored changes the entries name, by key: (id, what a link of `chain_format` covers of it: its
+        content, or for format 1 its digest). The worker's chain is in commit order, so
         its link's range is read whole, from after the previous link's last key: a change inserted among them is
         there too. The backfill's links name their keys."""
         if not entries:
             return {}
         keys = [entry_key for entry_key, _ in entries]
+        covered = DIGEST_SQL if chain_format == 1 else CONTENT_SQL
         if self.kind == "changes":
             start, inclusive = (keys[0], ">=") if low is None else (low, ">")
             found = self.conn.execute(
-                f"SELECT commit_lsn, ordinal, id, {DIGEST_SQL} AS digest FROM bemi.changes"
+                f"SELECT commit_lsn, ordinal, id, {covered} AS covered FROM bemi.changes"
                 f" WHERE stream = %s AND (commit_lsn, ordinal) {inclusive} (%s, %s)"
                 f"   AND (commit_lsn, ordinal) <= (%s, %s) AND ordinal {self.sign}",
                 [self.stream, *start, *keys[-1]],
             ).fetchall()
         else:
             found = self.conn.execute(
-                f"SELECT c.commit_lsn, c.ordinal, c.id, {DIGEST_SQL} AS digest FROM bemi.changes c"
+                f"SELECT c.commit_lsn, c.ordinal, c.id, {covered} AS covered FROM bemi.changes c"
                 " JOIN unnest(%s::bigint[], %s::integer[]) AS k(key_lsn, key_ordinal)"
                 "   ON c.stream = %s AND c.commit_lsn = k.key_lsn AND c.ordinal = k.key_ordinal",
                 [[key[0] for key in keys], [key[1] for key in keys], self.stream],
             ).fetchall()
-        return {(row["commit_lsn"], row["ordinal"]): (row["id"], bytes(row["digest"])) for row in found}
+        return {(row["commit_lsn"], row["ordinal"]): (row["id"], bytes(row["covered"])) for row in found}
 
     def _removed_later(self) -> set[tuple[int, int]]:
         rows = self.conn.execute(

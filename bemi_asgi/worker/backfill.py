@@ -56,7 +56,7 @@ from psycopg.adapt import Loader
 
 from .._exceptions import ConfigError, DestinationNotReadyError, SourceNotReadyError
 from .._pgtext import format_lsn, parse_lsn
-from .chain import ChainState, link, stored_digests
+from .chain import ChainState, link, stored_contents
 from .config import TrackingConfig
 from .destination import (
     BINARY_COLUMNS,
@@ -553,8 +553,8 @@ class _Writer:
             if numbered:
                 await self._copy(numbered)
             span = (numbered[0][7], numbered[-1][7]) if numbered else (0, -1)
-            digests = await stored_digests(conn, self.stream, self.lsn, self.lsn, ordinals=span)
-            chained = await link(conn, self.chain, digests, removed=removed)
+            contents = stored_contents(conn, self.stream, self.lsn, self.lsn, ordinals=span)
+            chained = await link(conn, self.chain, contents, removed=removed)
             await conn.execute(
                 'INSERT INTO bemi.backfill_state (stream, "schema", "table", snapshot_lsn, last_key, rows_stored, done)'
                 " VALUES ($7, $1, $2, $3, $4::text::jsonb, $5, $6)"

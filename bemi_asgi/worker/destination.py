@@ -23,7 +23,7 @@ import asyncpg
 
 from .._changes_table import TYPES, WRITTEN
 from .._exceptions import DestinationNotReadyError
-from .chain import ChainState, Entry, Link, digest_timestamp, link, stored_digests
+from .chain import ChainState, Entry, Link, digest_timestamp, link, stored_contents, stored_digests
 from .jsonb import json_string
 from .pgoutput import PG_EPOCH
 from .spill import PendingChange
@@ -113,13 +113,14 @@ class BinaryCopy:
         self._transaction = b""
         self._tail = b""
         self._shared: dict[tuple[str, str, str], bytes] = {}
-        #: The hash chain's link for these rows (None: no chain): each row's digest, computed from the row as sent,
+        #: The hash chain's link for these rows (None: no chain): each row's content, written from the row as sent,
         #: is added to it.
         self.link = link
-        #: Of each (schema, table, operation), the first `samples` segments' first rows, with their digests.
+        #: Of each (schema, table, operation), the first `samples` segments' first rows, with their contents'
+        #: digests (checked against the destination's).
         self.samples: dict[tuple[str, str, str], list[Entry]] = {}
         self._samples = samples
-        #: `created_at` as the digests hold it: set before the first `add()` (the destination transaction's start).
+        #: `created_at` as the contents hold it: set before the first `add()` (the destination transaction's start).
         self.created_at = ""
         self._database_json = json_string(database)
         self._context_json = ""
@@ -144,7 +145,9 @@ class BinaryCopy:
         add = self._parts.append
         tail, shared = self._tail, self._shared
         link, middles, commit_lsn = self.link, self._middles, self._commit_lsn
-        digests: list[Entry] = []  # chained at the end of the call: one call into the link per call, not per row
+        # Chained at the end of the call: one call into the link per call, not per row.
+        ordinals: list[int] = []
+        contents: list[bytes] = []
         rows = 0
         for key, before, after, schema, table, operation, position, ordinal in changes:
             rows += 1
@@ -167,14 +170,16 @@ class BinaryCopy:
             add(relation)
             add(tail)
             if link is not None:
-                # The text DIGEST_SQL hashes: jsonb_build_array(primary_key, before, after, context, database,
+                # The text CONTENT_SQL prints: jsonb_build_array(primary_key, before, after, context, database,
                 # schema, table, operation, committed_at, queued_at, created_at, transaction_id, position,
                 # commit_lsn, ordinal)::text, the jsonb values as sent (already as the destination prints them).
                 middle = middles.get(relation)
-                first = middle is None
-                if first:
+                if middle is None:
                     middle = middles[relation] = self._middle(schema, table, operation)
-                text = b"[%s, %s, %s, %s%d, %d, %d]" % (
+                    first = True
+                else:
+                    first = False
+                content = b"[%s, %s, %s, %s%d, %d, %d]" % (
                     b"null" if key is None else json_string(key).encode(),
                     old,
                     new,
@@ -183,21 +188,21 @@ class BinaryCopy:
                     commit_lsn,
                     ordinal,
                 )
-                digest = sha256(text).digest()
-                digests.append((commit_lsn, ordinal, digest))
+                ordinals.append(ordinal)
+                contents.append(content)
                 if first:
-                    self._sample(schema, table, operation, ordinal, digest)
+                    self._sample(schema, table, operation, ordinal, content)
         self.rows += rows
         if link is not None:
-            link.extend(digests)
+            link.add(commit_lsn, ordinals, contents)
 
-    def _sample(self, schema: str, table: str, operation: str, ordinal: int, digest: bytes) -> None:
+    def _sample(self, schema: str, table: str, operation: str, ordinal: int, content: bytes) -> None:
         samples = self.samples.setdefault((schema, table, operation), [])
         if len(samples) < self._samples:
-            samples.append((self._commit_lsn, ordinal, digest))
+            samples.append((self._commit_lsn, ordinal, sha256(content).digest()))
 
     def _middle(self, schema: str, table: str, operation: str) -> bytes:
-        """The digest text between a row's `after` and its position, for this segment and relation."""
+        """The content's text between a row's `after` and its position, for this segment and relation."""
         return (
             f"{self._context_json}, {self._database_json}, {json_string(schema)}, {json_string(table)},"
             f" {json_string(operation)}, {self._times_json}"
@@ -254,9 +259,21 @@ async def stream_id(conn: asyncpg.Connection, source: SourceStream) -> int:
     raise DestinationNotReadyError(f"cannot register the stream of slot {source.slot!r} in bemi.streams")
 
 
+#: Columns that destinations migrated by earlier versions lack (`schema.table.column`): `sql-migration` adds them.
+ADDED_COLUMNS: Final = ("bemi.chain.format",)
+
+
 async def missing_tables(conn: asyncpg.Connection, names: Sequence[str]) -> list[str]:
-    """Which of the tables `names` (`schema.table`) the destination lacks."""
-    rows = await conn.fetch("SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL", names)
+    """Which of the tables `names` (`schema.table`) the destination lacks, and which of their `ADDED_COLUMNS`."""
+    columns = [column for column in ADDED_COLUMNS if column.rpartition(".")[0] in names]
+    rows = await conn.fetch(
+        "SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL"
+        " UNION ALL SELECT name FROM unnest($2::text[]) AS name WHERE NOT EXISTS (SELECT FROM pg_attribute"
+        "  WHERE attrelid = to_regclass(regexp_replace(name, '[.][^.]*$', ''))"
+        "    AND attname = regexp_replace(name, '^.*[.]', '') AND NOT attisdropped)",
+        names,
+        columns,
+    )
     return [str(row["name"]) for row in rows]
 
 
@@ -337,13 +354,13 @@ class Destination:
         chain: ChainState | None,
     ) -> ChainState | None:  # fmt: skip
         """Store `records`, chain them and move the stream's progress to `last_commit_lsn`, atomically; return the
-        chain's state after them (valid once this returns: the transaction committed). The chain's digests are
-        read back: this path sends values as asyncpg encodes them."""
+        chain's state after them (valid once this returns: the transaction committed). The changes' contents are
+        read back for the chain: this path sends values as asyncpg encodes them."""
         async with self._conn.transaction():
             await self._conn.copy_records_to_table("changes", schema_name="bemi", columns=COLUMNS, records=records)
             chained = None
             if chain is not None:
-                stored = await stored_digests(self._conn, stream, first_commit_lsn, last_commit_lsn)
+                stored = stored_contents(self._conn, stream, first_commit_lsn, last_commit_lsn)
                 chained = await link(self._conn, chain, stored)
             await self._save_progress(stream, last_commit_lsn)
         return chained
@@ -363,11 +380,11 @@ class Destination:
         (None: no chain) and the stream's progress (`last_commit_lsn`), atomically; return the chain's state after
         them, and None or the first change whose digest `copy` computed differs from the destination's.
 
-        The link holds the digests `copy` computed (its `link`), unless some of the changes `unchecked()` returns
-        (asked once the rows are sent) have another digest in the destination. Then, and when `copy` computes
-        none, the destination's digests are read back and chained instead."""
+        The link holds the hashes of the contents `copy` wrote (its `link`), unless some of the changes
+        `unchecked()` returns (asked once the rows are sent) have another digest in the destination. Then, and when
+        `copy` has no link, the destination's contents are read back and chained instead."""
         async with self._conn.transaction():
-            # First, so the rows' created_at (this transaction's start) is known before their digests are made.
+            # First, so the rows' created_at (this transaction's start) is known before their contents are hashed.
             copy.created_at = await self._save_progress(stream, last_commit_lsn)
             await self._conn.copy_to_table(
                 "changes",
@@ -381,14 +398,14 @@ class Destination:
             pending, differs = copy.link, None
             if pending is not None and (computed := unchecked()):
                 keys = [entry[:2] for entry in computed]
-                differs = _first_difference(computed, await stored_digests(self._conn, stream, keys=keys))
+                differs = _first_difference(computed, await stored_digests(self._conn, stream, keys))
             if pending is not None and differs is None:
                 return await pending.store(self._conn), None
-            stored = await stored_digests(self._conn, stream, first_commit_lsn, last_commit_lsn)
+            stored = stored_contents(self._conn, stream, first_commit_lsn, last_commit_lsn)
             return await link(self._conn, chain, stored), differs
 
     async def _save_progress(self, stream: int, last_commit_lsn: int) -> str:
-        """Record the stream's progress; return `created_at` for this transaction's rows, as digests hold it."""
+        """Record the stream's progress; return `created_at` for this transaction's rows, as their contents hold it."""
         created_at: str = await self._conn.fetchval(
             "INSERT INTO bemi.worker_state (stream, last_commit_lsn) VALUES ($1, $2)"
             " ON CONFLICT (stream) DO UPDATE SET last_commit_lsn = excluded.last_commit_lsn, updated_at = now()"

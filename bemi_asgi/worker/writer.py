@@ -171,7 +171,7 @@ class Writer:
         first, last, state = batch[0].commit_lsn, batch[-1].commit_lsn, self.chain
         try:
             if destination.binary:
-                # Once a digest differed, the destination's are read back: the copy computes none.
+                # Once a digest differed, the destination's contents are read back: the copy hashes none.
                 pending = Link(state) if state is not None and self._trust_digests else None
                 copy = BinaryCopy(database, stream, link=pending)
 

@@ -129,8 +129,11 @@ CREATE TABLE IF NOT EXISTS bemi.chain (
     -- What the link records of its HMAC key (empty without one): a wrong key is told from an edited change.
     key_id       bytea NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- How its hashes were computed (bemi_asgi/worker/chain.py): 1 for links written before format 2.
+    format       smallint NOT NULL DEFAULT 1,
     PRIMARY KEY (stream, kind, seq)
 );
+ALTER TABLE bemi.chain ADD COLUMN IF NOT EXISTS format smallint NOT NULL DEFAULT 1;
 
 -- Where `bemi-asgi prune` cut a chain: the entries of link `seq` before `entry` (0-based) and the links before it
 -- are gone with the changes they covered, and the chain goes on after `hash`. The latest anchor of a chain counts.
