@@ -5,15 +5,16 @@
 Starts its own throwaway PostgreSQL (LocalPostgres), then:
 
 1. Throughput: commits `--changes` row changes (transactions of 10 inserts, then of 10 updates, each with a
-   `_bemi` context message) with four slots waiting. Times `pg_recvlogical` draining the WAL to /dev/null from
+   `_bemi` context message) with five slots waiting. Times `pg_recvlogical` draining the WAL to /dev/null from
    one slot (the baseline: the walsender's decoding plus a client that does nothing), then the worker storing
-   everything from another (`--until-caught-up`, in a subprocess, with a keyed hash chain), the worker without the
+   everything from another (until caught up, in a subprocess, with a keyed hash chain), the worker without the
    hash chain from the third (the chain's cost), and the worker into a second database whose `bemi.changes` has no
    secondary indexes (only its constraints' own) from the fourth, which separates the worker's CPU from what the
    destination's indexes cost; best of `--repeat` interleaved runs, and prints changes/s and the ratios (the
-   chain's cost is the median of each round's, the chained and unchained runs side by side in it). Also the
-   destination's own ceiling: the same rows COPYed again with nothing else running (no
-   decoding at all), since on a small machine the destination's indexes bound the worker.
+   chain's cost is the median of each round's, the chained and unchained runs side by side in it). Then
+   `bemi-asgi verify`'s rate over the keyed chain of the same changes, stored once more from a fifth slot. Also the
+   destination's own ceiling: the same rows COPYed again with nothing else running (no decoding at all), since on a
+   small machine the destination's indexes bound the worker.
 2. Memory: one transaction of `--big-rows` inserts whose context arrives at commit; the worker's peak RSS while
    storing it, and a check that every row got the context.
 3. Lag: a steady 1,000 transactions/s (one insert + context each) for `--lag-seconds` with the worker running;
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bemi_asgi.ops.migration import load_sql  # noqa: E402
 from bemi_asgi.ops.postgres import LocalPostgres  # noqa: E402
+from bemi_asgi.ops.verify import verify  # noqa: E402
 from benchmarks._support import Result, throwaway_server  # noqa: E402
 
 DESTINATION_SQL = load_sql("destination_up.sql")
@@ -77,13 +79,22 @@ def worker_command(dsn: str, *extra: str) -> list[str]:
 #: The hash chain's key for the throughput runs: the keyed chain (HMAC) is the one to recommend and to measure.
 CHAIN_KEY = "benchmark chain key, 32 bytes long"
 
-#: The worker as `worker_command` runs it (the CLI imported, so process start costs the same), without the chain.
-UNCHAINED = """
+#: The worker for the throughput runs: what `worker_command` runs, less the command line's own start (Typer loading
+#: rich: about 0.3 s of CPU, which in a run of a few seconds read as a share of the chain's cost). Arguments: source,
+#: slot, `chained` or `unchained` (the chain keyed with BEMI_CHAIN_KEY, or none), destination.
+WORKER = """
 import asyncio, sys
 import bemi_asgi.cli
+from bemi_asgi.worker.chain import chain_key
 from bemi_asgi.worker.pipeline import Worker
-asyncio.run(Worker(sys.argv[1], slot=sys.argv[2], chain=False).run(until_caught_up=True))
+source, slot, chain, destination = sys.argv[1:]
+worker = Worker(source, destination=destination, slot=slot, chain=chain == "chained", chain_key=chain_key())
+asyncio.run(worker.run(until_caught_up=True))
 """
+
+
+def worker_script(source: str, slot: str, chain: str, destination: str) -> list[str]:
+    return [sys.executable, "-c", WORKER, source, slot, chain, destination]
 
 
 @dataclass
@@ -190,7 +201,7 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
     without the hash chain, and without secondary indexes) and the destination alone, and the CPU seconds of the
     best runs."""
     bare = prepare_bare(server)
-    slots = [f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bemi", "plain", "bare")]
+    slots = [*(f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bemi", "plain", "bare")), "verify"]
     reset(dsn, *slots)
     transactions = changes // 20
     started = time.perf_counter()
@@ -215,19 +226,17 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
             "--no-loop",
         ]  # fmt: skip
         recv_runs.append(run_measured(recv, server))
-        chained = (worker_runs, worker_command(dsn, "--until-caught-up", "--slot", f"bemi{n}"), keyed, dsn)
-        unchained = (plain_runs, [sys.executable, "-c", UNCHAINED, dsn, f"plain{n}"], None, dsn)
-        bare_run = (
-            bare_runs,
-            worker_command(dsn, "--until-caught-up", "--slot", f"bare{n}", "--destination", bare),
-            keyed,
-            bare,
-        )
+        chained = (worker_runs, worker_script(dsn, f"bemi{n}", "chained", dsn), keyed, dsn)
+        unchained = (plain_runs, worker_script(dsn, f"plain{n}", "unchained", dsn), None, dsn)
+        bare_run = (bare_runs, worker_script(dsn, f"bare{n}", "chained", bare), keyed, bare)
         # The chained and unchained runs swap places every round, so neither always follows the same work.
         order = (chained, unchained, bare_run) if n % 2 == 0 else (unchained, chained, bare_run)
         for runs, command, env, into in order:
             with psycopg.connect(into, autocommit=True) as conn:
                 conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
+                # Every run starts from clean shared buffers: else the runs that come later evict the dirty pages
+                # of the earlier ones as they go, and run slower for it.
+                conn.execute("CHECKPOINT")
             runs.append(run_measured(command, server, env))
             stored = count(into)
             assert stored == total, f"the worker stored {stored:,} of {total:,} changes"
@@ -261,6 +270,9 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
     print(f"worker, no secondary indexes: {bare_best.seconds:6.2f} s  {bare_rate:10,.0f} changes/s  (ratio "
           f"{bare_rate / recv_rate:.2f}x; runs {', '.join(f'{run.seconds:.2f}' for run in bare_runs)}; CPU "
           f"{bare_best.cpu:.1f} s worker + {bare_best.server_cpu:.1f} s server)")  # fmt: skip
+    verify_rate = verify_throughput(server, dsn, keyed, total)
+    print(f"verify: {verify_rate:10,.0f} changes/s  (`bemi-asgi verify` of the keyed chain over the same changes; "
+          f"verify/worker {verify_rate / worker_rate:.2f}x)")  # fmt: skip
     ceiling = max(destination_ceiling(dsn) for _ in range(repeat))
     print(f"destination alone: {ceiling:10,.0f} rows/s  (the same rows COPYed in 10k batches into a copy of "
           f"bemi.changes with its indexes; worker/destination {worker_rate / ceiling:.2f}x)")  # fmt: skip
@@ -271,10 +283,25 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
         "chain cost": chain_cost,
         "worker without indexes": bare_rate,
         "destination": ceiling,
+        "verify": verify_rate,
         "worker CPU": min(run.cpu for run in worker_runs),
         "worker CPU without the chain": min(run.cpu for run in plain_runs),
         "worker CPU without indexes": min(run.cpu for run in bare_runs),
     }
+
+
+def verify_throughput(server: LocalPostgres, dsn: str, keyed: dict[str, str], total: int) -> float:
+    """Changes/s of verifying the keyed chain of `total` changes, stored by the worker from the `verify` slot."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
+    run_measured(worker_script(dsn, "verify", "chained", dsn), server, keyed)
+    started = time.perf_counter()
+    reports = verify(dsn, key=CHAIN_KEY.encode())
+    seconds = time.perf_counter() - started
+    chained = [report for report in reports if report.kind == "changes" and report.changes]
+    if len(chained) != 1 or not chained[0].intact or chained[0].changes != total:
+        raise RuntimeError(f"verify did not find the {total:,} changes intact: {[r.describe() for r in reports]}")
+    return total / seconds
 
 
 def destination_ceiling(dsn: str) -> float:
@@ -411,6 +438,13 @@ def results(quick: bool = False) -> list[Result]:
             "pg_recvlogical",
         ),
         Result("worker", "the same rows COPYed alone (destination ceiling)", f"{rates['destination']:,.0f} rows/s"),
+        Result(
+            "worker",
+            "bemi-asgi verify of the keyed chain",
+            f"{rates['verify']:,.0f} changes/s",
+            rates["verify"] / rates["worker"],
+            "worker (chained)",
+        ),
         Result("worker", f"one {big_rows:,}-row transaction", f"{seconds:.1f} s, peak RSS {peak / 2**20:.0f} MB"),
         Result("worker", f"lag at {achieved:,.0f} tx/s", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms"),
     ]
