@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from bemi_asgi._exceptions import DestinationNotReadyError
 from bemi_asgi.cli import app
+from bemi_asgi.ops import verify as verify_module
 from bemi_asgi.ops.migration import migration_sql
 from bemi_asgi.ops.prune import prune
 from bemi_asgi.ops.verify import ChainReport, verify
@@ -184,6 +185,42 @@ async def test_a_destination_that_rewrites_rows_gets_the_digests_it_stored(
     report = changes_report(database)
     assert report.intact, report.describe()
     assert report.changes == 6
+
+
+async def test_contents_are_read_back_and_verified_a_page_at_a_time(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination's contents, read back for the chain (here because a trigger rewrites rows) and by verify,
+    come a page at a time: with pages of 3 changes the history still chains and verifies whole, and a change
+    inserted among them is found where it is."""
+    monkeypatch.setattr(chain, "READ_BACK_CHANGES", 3)
+    monkeypatch.setattr(verify_module, "READ_BACK_CHANGES", 3)
+    migrate(database)
+    as_superuser(
+        database,
+        "CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN NEW.context := NEW.context || '{\"stamped\": true}'; RETURN NEW; END $$;"
+        " CREATE TRIGGER stamp BEFORE INSERT ON bemi.changes FOR EACH ROW EXECUTE FUNCTION public.stamp()",
+    )
+    write(database, 5)
+    await drain(database, chain_key=KEY)
+    report = changes_report(database)
+    assert report.intact, report.describe()
+    assert (report.changes, report.links) == (10, 1)
+
+    victim = changes(database)[4]
+    as_superuser(
+        database,
+        'INSERT INTO bemi.changes (primary_key, "before", "after", context, database, "schema", "table", operation,'
+        " committed_at, queued_at, transaction_id, position, commit_lsn, ordinal, stream)"
+        ' SELECT primary_key, "before", "after", context, database, "schema", "table", operation, committed_at,'
+        " queued_at, transaction_id, position, commit_lsn, ordinal + 100, stream FROM bemi.changes WHERE id = %s",
+        [victim["id"]],
+    )
+    problem = changes_report(database).problem
+    assert problem is not None
+    inserted = (victim["commit_lsn"], victim["ordinal"] + 100)
+    assert (problem.kind, problem.commit_lsn, problem.ordinal) == ("inserted", *inserted)
 
 
 async def test_a_large_batch_is_linked_in_bounded_rows(database: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,17 @@ from psycopg.rows import dict_row
 
 from .._exceptions import DestinationNotReadyError
 from .._pgtext import format_lsn
-from ..worker.chain import CHAIN_FORMATS, CONTENT_SQL, DIGEST_SQL, GENESIS, ChainKind, chain_hasher, key_id, removal
+from ..worker.chain import (
+    CHAIN_FORMATS,
+    CONTENT_SQL,
+    DIGEST_SQL,
+    GENESIS,
+    READ_BACK_CHANGES,
+    ChainKind,
+    chain_hasher,
+    key_id,
+    removal,
+)
 
 __all__ = ["ChainReport", "Problem", "verify"]
 
@@ -210,36 +220,40 @@ class _Walker:
                 report.not_covered = self._count_before(entries[0][0])
             first = False
             low = last_key if skip == 0 else None  # a pruned link starts at its first remaining entry
-            rows = self._rows(entries, low, link.format)
             chain_hash = chain_hasher(self.key, link.format)
-            covered = {entry_key for entry_key, _ in entries}
-            extras = sorted(found for found in rows if found not in covered)
-            for index, (entry_key, stored) in enumerate(entries, start=skip):
-                if self.up_to is not None and entry_key[0] > self.up_to:
-                    return report
-                if extras and extras[0] < entry_key:
-                    return self._fail(Problem("inserted", *extras[0], rows[extras[0]][0], link.seq,
-                                              "this change is not in the chain"))  # fmt: skip
-                row = rows.get(entry_key)
-                if index < link.removals:
-                    if row is not None:
-                        return self._fail(Problem("inserted", *entry_key, row[0], link.seq,
-                                                  "a baseline the backfill removed is back"))  # fmt: skip
-                    computed = chain_hash(previous, *entry_key, removal(link.format, *entry_key))
-                elif row is None:
-                    if entry_key not in removed_later:
-                        return self._fail(Problem("deleted", *entry_key, None, link.seq, "this change is gone"))
-                    computed = stored  # replaced by a later backfill page, which the chain records
-                else:
-                    computed = chain_hash(previous, *entry_key, row[1])
-                if computed != stored:
-                    return self._fail(Problem("edited", *entry_key, row[0] if row else None, link.seq,
-                                              "its content is not what was stored (edited, or moved from another "
-                                              "position)"))  # fmt: skip
-                previous = computed
-                report.changes += 1
-                report.head, report.position = computed, entry_key
-                last_key = entry_key
+            # A page of the link's changes at a time: their contents are read whole, and rows can be large.
+            for page_start in range(0, len(entries), READ_BACK_CHANGES):
+                page = entries[page_start : page_start + READ_BACK_CHANGES]
+                rows = self._rows(page, low, link.format)
+                covered = {entry_key for entry_key, _ in page}
+                extras = sorted(found for found in rows if found not in covered)
+                for index, (entry_key, stored) in enumerate(page, start=skip + page_start):
+                    if self.up_to is not None and entry_key[0] > self.up_to:
+                        return report
+                    if extras and extras[0] < entry_key:
+                        return self._fail(Problem("inserted", *extras[0], rows[extras[0]][0], link.seq,
+                                                  "this change is not in the chain"))  # fmt: skip
+                    row = rows.get(entry_key)
+                    if index < link.removals:
+                        if row is not None:
+                            return self._fail(Problem("inserted", *entry_key, row[0], link.seq,
+                                                      "a baseline the backfill removed is back"))  # fmt: skip
+                        computed = chain_hash(previous, *entry_key, removal(link.format, *entry_key))
+                    elif row is None:
+                        if entry_key not in removed_later:
+                            return self._fail(Problem("deleted", *entry_key, None, link.seq, "this change is gone"))
+                        computed = stored  # replaced by a later backfill page, which the chain records
+                    else:
+                        computed = chain_hash(previous, *entry_key, row[1])
+                    if computed != stored:
+                        return self._fail(Problem("edited", *entry_key, row[0] if row else None, link.seq,
+                                                  "its content is not what was stored (edited, or moved from "
+                                                  "another position)"))  # fmt: skip
+                    previous = computed
+                    report.changes += 1
+                    report.head, report.position = computed, entry_key
+                    last_key = entry_key
+                low = page[-1][0]
             report.links += 1
             expected_seq, skip = link.seq + 1, 0
             self._say()

@@ -174,11 +174,9 @@ class BinaryCopy:
                 # schema, table, operation, committed_at, queued_at, created_at, transaction_id, position,
                 # commit_lsn, ordinal)::text, the jsonb values as sent (already as the destination prints them).
                 middle = middles.get(relation)
-                if middle is None:
+                first = middle is None
+                if first:
                     middle = middles[relation] = self._middle(schema, table, operation)
-                    first = True
-                else:
-                    first = False
                 content = b"[%s, %s, %s, %s%d, %d, %d]" % (
                     b"null" if key is None else json_string(key).encode(),
                     old,
@@ -259,20 +257,23 @@ async def stream_id(conn: asyncpg.Connection, source: SourceStream) -> int:
     raise DestinationNotReadyError(f"cannot register the stream of slot {source.slot!r} in bemi.streams")
 
 
-#: Columns that destinations migrated by earlier versions lack (`schema.table.column`): `sql-migration` adds them.
-ADDED_COLUMNS: Final = ("bemi.chain.format",)
+#: Columns that destinations migrated by earlier versions lack, by table: `sql-migration` adds them.
+ADDED_COLUMNS: Final = (("bemi.chain", "format"),)
 
 
 async def missing_tables(conn: asyncpg.Connection, names: Sequence[str]) -> list[str]:
-    """Which of the tables `names` (`schema.table`) the destination lacks, and which of their `ADDED_COLUMNS`."""
-    columns = [column for column in ADDED_COLUMNS if column.rpartition(".")[0] in names]
+    """Which of the tables `names` (`schema.table`) the destination lacks, and which of their `ADDED_COLUMNS`
+    (as `schema.table.column`)."""
+    added = [(table, column) for table, column in ADDED_COLUMNS if table in names]
     rows = await conn.fetch(
         "SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL"
-        " UNION ALL SELECT name FROM unnest($2::text[]) AS name WHERE NOT EXISTS (SELECT FROM pg_attribute"
-        "  WHERE attrelid = to_regclass(regexp_replace(name, '[.][^.]*$', ''))"
-        "    AND attname = regexp_replace(name, '^.*[.]', '') AND NOT attisdropped)",
+        " UNION ALL SELECT added.name || '.' || added.column_name"
+        " FROM unnest($2::text[], $3::text[]) AS added(name, column_name)"
+        " WHERE NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(added.name)"
+        "                   AND attname = added.column_name AND NOT attisdropped)",
         names,
-        columns,
+        [table for table, _ in added],
+        [column for _, column in added],
     )
     return [str(row["name"]) for row in rows]
 
