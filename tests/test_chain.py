@@ -74,6 +74,32 @@ def as_superuser(dsn: str, statement: str, params: list[Any] | None = None) -> N
         conn.execute(statement, params)
 
 
+#: A copy of change {id} at its ordinal + 100, with another context: a change the chain does not cover.
+COPY_AT_ANOTHER_ORDINAL = (
+    'INSERT INTO bemi.changes (primary_key, "before", "after", context, database, "schema", "table", operation,'
+    " committed_at, queued_at, transaction_id, position, commit_lsn, ordinal, stream)"
+    ' SELECT primary_key, "before", "after", \'{"user": "mallory"}\', database, "schema", "table", operation,'
+    " committed_at, queued_at, transaction_id, position, commit_lsn, ordinal + 100, stream"
+    " FROM bemi.changes WHERE id = {id}"
+)
+
+
+def stamp_every_stored_change(dsn: str) -> None:
+    """A trigger on bemi.changes adding to every context: the destination stores something else than was sent."""
+    as_superuser(
+        dsn,
+        "CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN NEW.context := NEW.context || '{\"stamped\": true}'; RETURN NEW; END $$;"
+        " CREATE TRIGGER stamp BEFORE INSERT ON bemi.changes FOR EACH ROW EXECUTE FUNCTION public.stamp()",
+    )
+
+
+def assert_first_problem(dsn: str, kind: str, commit_lsn: int, ordinal: int) -> None:
+    problem = changes_report(dsn).problem
+    assert problem is not None
+    assert (problem.kind, problem.commit_lsn, problem.ordinal) == (kind, commit_lsn, ordinal)
+
+
 async def test_an_intact_history_verifies_with_its_head_and_position(history: str) -> None:
     """Every stored change is covered; verify says intact, with the head's hash and position, and the same head is
     found again later at the same position."""
@@ -101,14 +127,7 @@ async def test_an_intact_history_verifies_with_its_head_and_position(history: st
         ('UPDATE bemi.changes SET "after" = "after" || \'{"price": "0.01"}\' WHERE id = {id}', "edited"),
         ("UPDATE bemi.changes SET committed_at = committed_at - interval '1 day' WHERE id = {id}", "edited"),
         ("DELETE FROM bemi.changes WHERE id = {id}", "deleted"),
-        (
-            'INSERT INTO bemi.changes (primary_key, "before", "after", context, database, "schema", "table",'
-            " operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal, stream)"
-            ' SELECT primary_key, "before", "after", \'{"user": "mallory"}\', database, "schema", "table",'
-            " operation, committed_at, queued_at, transaction_id, position, commit_lsn, ordinal + 100, stream"
-            " FROM bemi.changes WHERE id = {id}",
-            "inserted",
-        ),
+        (COPY_AT_ANOTHER_ORDINAL, "inserted"),
         # Two changes swap places: each is intact, in the wrong position.
         (
             "UPDATE bemi.changes SET ordinal = 1000 WHERE id = {id};"
@@ -171,12 +190,7 @@ async def test_a_destination_that_rewrites_rows_gets_the_digests_it_stored(
     destination's own: when the destination stores something else (here a trigger adding to every context), the
     worker says so and chains the destination's digests from then on, so the history still verifies."""
     migrate(database)
-    as_superuser(
-        database,
-        "CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$"
-        " BEGIN NEW.context := NEW.context || '{\"stamped\": true}'; RETURN NEW; END $$;"
-        " CREATE TRIGGER stamp BEFORE INSERT ON bemi.changes FOR EACH ROW EXECUTE FUNCTION public.stamp()",
-    )
+    stamp_every_stored_change(database)
     write(database, 3)
     with caplog.at_level(logging.WARNING, logger="bemi_asgi.worker"):
         await drain(database, chain_key=KEY, batch_rows=2)
@@ -196,12 +210,7 @@ async def test_contents_are_read_back_and_verified_a_page_at_a_time(
     monkeypatch.setattr(chain, "READ_BACK_CHANGES", 3)
     monkeypatch.setattr(verify_module, "READ_BACK_CHANGES", 3)
     migrate(database)
-    as_superuser(
-        database,
-        "CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$"
-        " BEGIN NEW.context := NEW.context || '{\"stamped\": true}'; RETURN NEW; END $$;"
-        " CREATE TRIGGER stamp BEFORE INSERT ON bemi.changes FOR EACH ROW EXECUTE FUNCTION public.stamp()",
-    )
+    stamp_every_stored_change(database)
     write(database, 5)
     await drain(database, chain_key=KEY)
     report = changes_report(database)
@@ -209,18 +218,8 @@ async def test_contents_are_read_back_and_verified_a_page_at_a_time(
     assert (report.changes, report.links) == (10, 1)
 
     victim = changes(database)[4]
-    as_superuser(
-        database,
-        'INSERT INTO bemi.changes (primary_key, "before", "after", context, database, "schema", "table", operation,'
-        " committed_at, queued_at, transaction_id, position, commit_lsn, ordinal, stream)"
-        ' SELECT primary_key, "before", "after", context, database, "schema", "table", operation, committed_at,'
-        " queued_at, transaction_id, position, commit_lsn, ordinal + 100, stream FROM bemi.changes WHERE id = %s",
-        [victim["id"]],
-    )
-    problem = changes_report(database).problem
-    assert problem is not None
-    inserted = (victim["commit_lsn"], victim["ordinal"] + 100)
-    assert (problem.kind, problem.commit_lsn, problem.ordinal) == ("inserted", *inserted)
+    as_superuser(database, COPY_AT_ANOTHER_ORDINAL.replace("{id}", str(victim["id"])))
+    assert_first_problem(database, "inserted", victim["commit_lsn"], victim["ordinal"] + 100)
 
 
 async def test_a_large_batch_is_linked_in_bounded_rows(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -239,9 +238,7 @@ async def test_a_large_batch_is_linked_in_bounded_rows(database: str, monkeypatc
         "UPDATE bemi.changes SET context = '{}' WHERE commit_lsn = %s AND ordinal = %s",
         [target["commit_lsn"], target["ordinal"]],
     )
-    problem = changes_report(database).problem
-    assert problem is not None
-    assert (problem.kind, problem.commit_lsn, problem.ordinal) == ("edited", target["commit_lsn"], target["ordinal"])
+    assert_first_problem(database, "edited", target["commit_lsn"], target["ordinal"])
 
 
 async def test_history_verifies_after_the_worker_is_killed_and_restarted(database: str, tmp_path: Any) -> None:
@@ -414,9 +411,7 @@ async def test_links_written_in_format_1_verify_and_the_chain_goes_on_after_them
 
     victim = changes(history)[3]
     as_superuser(history, "UPDATE bemi.changes SET context = '{}' WHERE id = %s", [victim["id"]])
-    problem = changes_report(history).problem
-    assert problem is not None
-    assert (problem.kind, problem.commit_lsn, problem.ordinal) == ("edited", victim["commit_lsn"], victim["ordinal"])
+    assert_first_problem(history, "edited", victim["commit_lsn"], victim["ordinal"])
 
 
 async def test_a_link_in_an_unknown_format_is_reported_not_misread(history: str) -> None:
