@@ -137,6 +137,25 @@ async def test_callback_returning_bad_values_is_a_context_error() -> None:
             await client.get("/whoami")
 
 
+async def test_a_callback_mutating_the_dict_it_returns_is_validated_each_time() -> None:
+    """A callback may return one dict object that it changes per request: each request carries that request's
+    values, and a change to a value JSON cannot hold is refused, even after the same object was accepted before."""
+    shared: dict[str, Any] = {"service": "shop"}
+
+    def mutating(request: Request) -> dict[str, Any]:
+        shared["user_id"] = request.headers.get("x-user-id")
+        return shared
+
+    async with _client(_app(mutating)) as client:
+        first = await client.get("/whoami", headers={"x-user-id": "1"})
+        second = await client.get("/whoami", headers={"x-user-id": "2"})
+        shared["tags"] = {1, 2}
+        with pytest.raises(BemiContextError, match="at 'tags'"):
+            await client.get("/whoami", headers={"x-user-id": "3"})
+    assert first.json() == {"service": "shop", "user_id": "1"}
+    assert second.json() == {"service": "shop", "user_id": "2"}
+
+
 def test_non_callable_context_is_refused() -> None:
     """Passing something that is not callable fails at construction, not on the first request."""
 
