@@ -234,8 +234,7 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
         for runs, command, env, into in order:
             with psycopg.connect(into, autocommit=True) as conn:
                 conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
-                # Every run starts from clean shared buffers: else the runs that come later evict the dirty pages
-                # of the earlier ones as they go, and run slower for it.
+                # Every run starts with clean shared buffers, not with the dirty pages of the run before it.
                 conn.execute("CHECKPOINT")
             runs.append(run_measured(command, server, env))
             stored = count(into)
