@@ -431,7 +431,7 @@ async def test_a_destination_migrated_before_link_formats_is_told_to_migrate_aga
         await drain(history, chain_key=KEY)
     with pytest.raises(DestinationNotReadyError, match=r"bemi\.chain\.format.*sql-migration"):
         await Backfill(history, chain_key=KEY).run()
-    with pytest.raises(DestinationNotReadyError, match=r"format column.*sql-migration"):
+    with pytest.raises(DestinationNotReadyError, match=r"bemi\.chain\.format.*sql-migration"):
         verify(history, key=KEY)
     as_superuser(history, migration_sql())
     await drain(history, chain_key=KEY)

@@ -42,6 +42,7 @@ from ..worker.chain import (
     key_id,
     removal,
 )
+from ..worker.destination import ADDED_COLUMNS
 
 __all__ = ["ChainReport", "Problem", "verify"]
 
@@ -128,10 +129,10 @@ def verify(
     LSN, to recompute the head published then."""
     with psycopg.connect(dsn, row_factory=dict_row, application_name="bemi-asgi verify") as conn:
         conn.read_only = True
-        if not _has_format_column(conn):
+        if missing := _missing_chain_parts(conn):
             raise DestinationNotReadyError(
-                "bemi.chain is missing or lacks its format column: run `bemi-asgi sql-migration --only destination` on "
-                "the destination database again (it adds what is missing and changes nothing else), then verify"
+                f"the destination database lacks {', '.join(missing)}: run `bemi-asgi sql-migration --only destination`"
+                " on it again (it adds what is missing and changes nothing else), then verify"
             )
         sources = {
             row["id"]: f"database {row['database']}, slot {row['slot_name']}"
@@ -150,12 +151,20 @@ def verify(
         return reports
 
 
-def _has_format_column(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute(
-        "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('bemi.chain') AND attname = 'format'"
-        " AND NOT attisdropped) AS found"
-    ).fetchone()
-    return bool(row and row["found"])
+def _missing_chain_parts(conn: psycopg.Connection[Any]) -> list[str]:
+    """`bemi.chain`, or the columns of it that destinations migrated by earlier versions lack (`ADDED_COLUMNS`)."""
+    if conn.execute("SELECT to_regclass('bemi.chain') IS NULL AS missing").fetchone() == {"missing": True}:
+        return ["bemi.chain"]
+    missing = []
+    for table, column in (added for added in ADDED_COLUMNS if added[0] == "bemi.chain"):
+        found = conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s"
+            " AND NOT attisdropped) AS found",
+            [table, column],
+        ).fetchone()
+        if found == {"found": False}:
+            missing.append(f"{table}.{column}")
+    return missing
 
 
 @dataclass(slots=True)
