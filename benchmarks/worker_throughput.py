@@ -1,6 +1,7 @@
 """Worker throughput against `pg_recvlogical`, peak memory on a 1M-row transaction, and lag at a steady load.
 
-    python benchmarks/worker_throughput.py [--changes 250000] [--repeat 3] [--big-rows 1000000] [--lag-seconds 10]
+    python benchmarks/worker_throughput.py [--changes 250000] [--repeat 3] [--chain-rounds 9] [--big-rows 1000000]
+        [--lag-seconds 10]
 
 Starts its own throwaway PostgreSQL (LocalPostgres), then:
 
@@ -11,7 +12,8 @@ Starts its own throwaway PostgreSQL (LocalPostgres), then:
    hash chain from the third (the chain's cost), and the worker into a second database whose `bemi.changes` has no
    secondary indexes (only its constraints' own) from the fourth, which separates the worker's CPU from what the
    destination's indexes cost; best of `--repeat` interleaved runs, and prints changes/s and the ratios (the
-   chain's cost is the median of each round's, the chained and unchained runs side by side in it). Then
+   chain's cost is the median of each round's, the chained and unchained runs side by side in it, over
+   `--chain-rounds` rounds of those two). Every worker run stops at the end of the generated changes. Then
    `bemi-asgi verify`'s rate over the keyed chain of the same changes, stored once more from a fifth slot. Also the
    destination's own ceiling: the same rows COPYed again with nothing else running (no decoding at all), since on a
    small machine the destination's indexes bound the worker.
@@ -81,20 +83,24 @@ CHAIN_KEY = "benchmark chain key, 32 bytes long"
 
 #: The worker for the throughput runs: what `worker_command` runs, less the command line's own start (Typer loading
 #: rich: about 0.3 s of CPU, which in a run of a few seconds read as a share of the chain's cost). Arguments: source,
-#: slot, `chained` or `unchained` (the chain keyed with BEMI_CHAIN_KEY, or none), destination.
+#: slot, `chained` or `unchained` (the chain keyed with BEMI_CHAIN_KEY, or none), destination, and the WAL position
+#: to stop at: the end of the generated changes, like pg_recvlogical's --endpos. (Run until caught up, a worker would
+#: also decode what the runs before it wrote into `bemi.changes` of the same database: a later run has more WAL to
+#: read, which made the rounds slow down one after another.)
 WORKER = """
 import asyncio, sys
 import bemi_asgi.cli
+from bemi_asgi._pgtext import parse_lsn
 from bemi_asgi.worker.chain import chain_key
 from bemi_asgi.worker.pipeline import Worker
-source, slot, chain, destination = sys.argv[1:]
+source, slot, chain, destination, end = sys.argv[1:]
 worker = Worker(source, destination=destination, slot=slot, chain=chain == "chained", chain_key=chain_key())
-asyncio.run(worker.run(until_caught_up=True))
+asyncio.run(worker.run(until_lsn=parse_lsn(end)))
 """
 
 
-def worker_script(source: str, slot: str, chain: str, destination: str) -> list[str]:
-    return [sys.executable, "-c", WORKER, source, slot, chain, destination]
+def worker_script(source: str, slot: str, chain: str, destination: str, end: str) -> list[str]:
+    return [sys.executable, "-c", WORKER, source, slot, chain, destination, end]
 
 
 @dataclass
@@ -196,12 +202,18 @@ def count(dsn: str, where: str = "true") -> int:
         return int(row[0])
 
 
-def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> dict[str, float]:
+def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int, chain_rounds: int) -> dict[str, float]:
     """Prints the figures; returns the changes/s of pg_recvlogical, the worker (into `bemi.changes` as migrated,
     without the hash chain, and without secondary indexes) and the destination alone, and the CPU seconds of the
-    best runs."""
+    best runs. The chained and unchained workers run `chain_rounds` times (at least `repeat`): single runs vary
+    by more than the chain costs, so its cost is the median of many rounds."""
     bare = prepare_bare(server)
-    slots = [*(f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bemi", "plain", "bare")), "verify"]
+    rounds = max(repeat, chain_rounds)
+    slots = [
+        *(f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bare")),
+        *(f"{kind}{n}" for n in range(rounds) for kind in ("bemi", "plain")),
+        "verify",
+    ]
     reset(dsn, *slots)
     transactions = changes // 20
     started = time.perf_counter()
@@ -219,19 +231,20 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
     plain_runs: list[Measured] = []
     bare_runs: list[Measured] = []
     keyed = {**os.environ, "BEMI_CHAIN_KEY": CHAIN_KEY}
-    for n in range(repeat):  # interleaved, best of `repeat`: the machine may be busy with other work
-        recv = [
-            str(server.bin("pg_recvlogical")), "-d", dsn, "--slot", f"recv{n}", "--start", "-f", "/dev/null",
-            "-o", "proto_version=1", "-o", "publication_names=bemi", "-o", "messages=true", "--endpos", end,
-            "--no-loop",
-        ]  # fmt: skip
-        recv_runs.append(run_measured(recv, server))
-        chained = (worker_runs, worker_script(dsn, f"bemi{n}", "chained", dsn), keyed, dsn)
-        unchained = (plain_runs, worker_script(dsn, f"plain{n}", "unchained", dsn), None, dsn)
-        bare_run = (bare_runs, worker_script(dsn, f"bare{n}", "chained", bare), keyed, bare)
+    for n in range(rounds):  # interleaved, best of `repeat`: the machine may be busy with other work
+        if n < repeat:
+            recv = [
+                str(server.bin("pg_recvlogical")), "-d", dsn, "--slot", f"recv{n}", "--start", "-f", "/dev/null",
+                "-o", "proto_version=1", "-o", "publication_names=bemi", "-o", "messages=true", "--endpos", end,
+                "--no-loop",
+            ]  # fmt: skip
+            recv_runs.append(run_measured(recv, server))
+        chained = (worker_runs, worker_script(dsn, f"bemi{n}", "chained", dsn, end), keyed, dsn)
+        unchained = (plain_runs, worker_script(dsn, f"plain{n}", "unchained", dsn, end), None, dsn)
+        bare_run = (bare_runs, worker_script(dsn, f"bare{n}", "chained", bare, end), keyed, bare)
         # The chained and unchained runs swap places every round, so neither always follows the same work.
-        order = (chained, unchained, bare_run) if n % 2 == 0 else (unchained, chained, bare_run)
-        for runs, command, env, into in order:
+        order = [chained, unchained] if n % 2 == 0 else [unchained, chained]
+        for runs, command, env, into in [*order, bare_run] if n < repeat else order:
             with psycopg.connect(into, autocommit=True) as conn:
                 conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
                 # Every run starts with clean shared buffers, not with the dirty pages of the run before it.
@@ -256,20 +269,22 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
     # then the median: the best runs of each variant alone can come from different spells.
     costs = sorted(1 - plain.seconds / chained.seconds for chained, plain in zip(worker_runs, plain_runs, strict=True))
     chain_cost = statistics.median(costs)
-    chained_cpu = min(run.cpu for run in worker_runs) / total * 1e6
-    plain_cpu = min(run.cpu for run in plain_runs) / total * 1e6
+    pairs = list(zip(worker_runs, plain_runs, strict=True))
+    cpu_cost = statistics.median(chained.cpu / plain.cpu - 1 for chained, plain in pairs)
+    chained_cpu = statistics.median(run.cpu for run in worker_runs) / total * 1e6
+    plain_cpu = statistics.median(run.cpu for run in plain_runs) / total * 1e6
     print(f"worker without the hash chain: {plain_best.seconds:6.2f} s  {plain_rate:10,.0f} changes/s  (runs "
           f"{', '.join(f'{run.seconds:.2f}' for run in plain_runs)}; CPU {plain_best.cpu:.1f} s worker + "
           f"{plain_best.server_cpu:.1f} s server)")  # fmt: skip
     print(f"the keyed chain costs {chain_cost:.1%} of the throughput (target < 10%; median of the rounds' "
           f"{', '.join(f'{cost:.1%}' for cost in costs)}; {1 - worker_rate / plain_rate:.1%} best against best); "
-          f"least worker CPU per change "
-          f"{chained_cpu:.1f} us chained, {plain_cpu:.1f} us without ({chained_cpu / plain_cpu - 1:+.1%})")  # fmt: skip
+          f"worker CPU per change (medians) {chained_cpu:.1f} us chained, {plain_cpu:.1f} us without, "
+          f"{cpu_cost:+.1%} by round)")  # fmt: skip
     print(f"ratio worker/pg_recvlogical: {worker_rate / recv_rate:.2f}x (target >= 0.5x)")
     print(f"worker, no secondary indexes: {bare_best.seconds:6.2f} s  {bare_rate:10,.0f} changes/s  (ratio "
           f"{bare_rate / recv_rate:.2f}x; runs {', '.join(f'{run.seconds:.2f}' for run in bare_runs)}; CPU "
           f"{bare_best.cpu:.1f} s worker + {bare_best.server_cpu:.1f} s server)")  # fmt: skip
-    verify_rate = verify_throughput(server, dsn, keyed, total)
+    verify_rate = verify_throughput(server, dsn, keyed, total, end)
     print(f"verify: {verify_rate:10,.0f} changes/s  (`bemi-asgi verify` of the keyed chain over the same changes; "
           f"verify/worker {verify_rate / worker_rate:.2f}x)")  # fmt: skip
     ceiling = max(destination_ceiling(dsn) for _ in range(repeat))
@@ -289,11 +304,12 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int) -> di
     }
 
 
-def verify_throughput(server: LocalPostgres, dsn: str, keyed: dict[str, str], total: int) -> float:
-    """Changes/s of verifying the keyed chain of `total` changes, stored by the worker from the `verify` slot."""
+def verify_throughput(server: LocalPostgres, dsn: str, keyed: dict[str, str], total: int, end: str) -> float:
+    """Changes/s of verifying the keyed chain of `total` changes (up to WAL position `end`), stored by the worker
+    from the `verify` slot."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
-    run_measured(worker_script(dsn, "verify", "chained", dsn), server, keyed)
+    run_measured(worker_script(dsn, "verify", "chained", dsn, end), server, keyed)
     started = time.perf_counter()
     reports = verify(dsn, key=CHAIN_KEY.encode())
     seconds = time.perf_counter() - started
@@ -392,18 +408,22 @@ def lag(dsn: str, seconds: float, rate: int = 1000) -> tuple[float, float, float
     return achieved, p50, p99
 
 
-SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "30min"}
+#: Autovacuum off: whether it starts on `bemi.changes` during a run or after it is chance, and one run in a few
+#: slowed by it made the rounds' spread wider than the chain's cost.
+SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "30min", "autovacuum": "off"}
 
 
 def results(quick: bool = False) -> list[Result]:
-    """The figures for `python -m benchmarks` (`quick`: 100k changes, best of 3, a 200k-row transaction, 3 s of
-    lag; the worker's process start weighs more in the smaller run)."""
-    changes, repeat, big_rows, lag_seconds = (100_000, 3, 200_000, 3.0) if quick else (250_000, 3, 1_000_000, 10.0)
+    """The figures for `python -m benchmarks` (`quick`: 100k changes, best of 3, the chain's cost over 7 rounds, a
+    200k-row transaction, 3 s of lag; the worker's process start weighs more in the smaller run)."""
+    changes, repeat, chain_rounds, big_rows, lag_seconds = (
+        (100_000, 3, 7, 200_000, 3.0) if quick else (250_000, 3, 9, 1_000_000, 10.0)
+    )
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     with throwaway_server(SETTINGS) as server:
         dsn = server.dsn()
         prepare(dsn)
-        rates = throughput(server, dsn, changes, repeat)
+        rates = throughput(server, dsn, changes, repeat, chain_rounds)
         seconds, peak = memory(server, dsn, big_rows)
         achieved, p50, p99 = lag(dsn, lag_seconds)
     recv = rates["pg_recvlogical"]
@@ -455,13 +475,14 @@ def main() -> None:
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="0 skips the memory measurement")
     parser.add_argument("--lag-seconds", type=float, default=10, help="0 skips the lag measurement")
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs (the best one counts)")
+    parser.add_argument("--chain-rounds", type=int, default=9, help="chained and unchained runs (the median counts)")
     args = parser.parse_args()
 
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     with throwaway_server(SETTINGS) as server:
         dsn = server.dsn()
         prepare(dsn)
-        throughput(server, dsn, args.changes, args.repeat)
+        throughput(server, dsn, args.changes, args.repeat, args.chain_rounds)
         if args.big_rows:
             memory(server, dsn, args.big_rows)
         if args.lag_seconds:

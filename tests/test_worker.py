@@ -237,6 +237,30 @@ async def test_running_again_stores_nothing_twice(database: str) -> None:
     assert [c["primary_key"] for c in changes(database)] == ["1", "2"]
 
 
+async def test_run_until_a_position_stores_what_committed_before_it_and_returns(database: str) -> None:
+    """`run(until_lsn=...)` returns once what committed before that position is stored, though more is coming."""
+    prepare_source(database, ITEMS, ["items"])
+    run_sql(database, "INSERT INTO items VALUES (1, 'a', 0)")
+    with psycopg.connect(database, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        position = parse_lsn(row[0])
+        conn.execute(
+            "CREATE PROCEDURE keep_writing() LANGUAGE plpgsql AS $$ BEGIN"
+            " FOR i IN 2 .. 200000 LOOP INSERT INTO items VALUES (i, 'x', 0); COMMIT; END LOOP; END $$"
+        )
+    writer = asyncio.create_task(asyncio.to_thread(run_sql, database, "CALL keep_writing()"))
+    try:
+        worker = Worker(database)
+        await asyncio.wait_for(worker.run(until_lsn=position), timeout=60)
+        assert worker.stats.flushed_lsn >= position
+        assert "1" in [c["primary_key"] for c in changes(database)]
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = 'CALL keep_writing()'")
+        await asyncio.gather(writer, return_exceptions=True)
+
+
 async def test_transactions_already_stored_are_skipped_when_resent(database: str) -> None:
     """Transactions the slot sends again (its acknowledgement was lost) but the destination has are skipped."""
     prepare_source(database, ITEMS, ["items"])

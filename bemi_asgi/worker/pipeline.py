@@ -52,7 +52,8 @@ class Worker:
 
     `await worker.run()` runs until `stop()` (then it finishes the batch in flight, acknowledges it and returns);
     `await worker.run(until_caught_up=True)` returns once everything committed on the source when it started is
-    stored. Lost connections are retried with exponential backoff up to `max_backoff` seconds; readiness errors
+    stored, `await worker.run(until_lsn=lsn)` once everything committed before WAL position `lsn` is. Lost
+    connections are retried with exponential backoff up to `max_backoff` seconds; readiness errors
     (`SourceNotReadyError`, `DestinationNotReadyError`) are raised.
 
     Tuning: `batch_rows` caps the rows of one destination transaction (except a single larger source
@@ -123,18 +124,23 @@ class Worker:
         if self._stop_event is not None:
             self._stop_event.set()
 
-    async def run(self, *, until_caught_up: bool = False, give_up_after: float | None = 300.0) -> None:
-        """Capture until `stop()`, or with `until_caught_up` until the source's WAL position at start is stored.
+    async def run(
+        self, *, until_caught_up: bool = False, until_lsn: int | None = None, give_up_after: float | None = 300.0
+    ) -> None:
+        """Capture until `stop()`, with `until_caught_up` until the source's WAL position at start is stored, or
+        with `until_lsn` until that position is (a fixed end: what the worker's own writes to a destination in the
+        source database add to the WAL meanwhile is not waited for).
 
         Lost and refused connections are retried with backoff: forever when running as a service, for at most
-        `give_up_after` seconds without progress with `until_caught_up` (then SourceNotReadyError says why).
+        `give_up_after` seconds without progress when running to a position (then SourceNotReadyError says why).
         A refused password, an unknown role or database, a role without REPLICATION before the first session
         streamed stop it at once (retrying cannot fix them); after, they are retried like a lost connection."""
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()
         reporter = asyncio.create_task(self._report_progress()) if self.progress is not None else None
-        target: int | None = None
+        target = until_lsn
+        bounded = until_caught_up or until_lsn is not None
         backoff = initial_backoff = 0.25
         failing_since: float | None = None
         try:
@@ -158,7 +164,7 @@ class Worker:
                     if self.stats.changes > stored_before or now - started > 60:
                         backoff, failing_since = initial_backoff, None
                     failing_since = now if failing_since is None else failing_since
-                    if until_caught_up and give_up_after is not None and now - failing_since >= give_up_after:
+                    if bounded and give_up_after is not None and now - failing_since >= give_up_after:
                         raise SourceNotReadyError(
                             f"gave up after {now - failing_since:.0f} s of retries without progress: {reason}"
                         ) from None
