@@ -14,7 +14,8 @@ shard (`shard_orders`, `shard_payments`). Then, interleaved, best of `--repeat`:
 It prints the aggregate changes/s (wall time, process starts included) and the workers' CPU per change (user +
 system of the worker processes). Not counted: the source's walsenders, which each decode the whole WAL (every
 shard's slot reads every transaction, then drops the changes of the other shards' tables), and the destination's
-COPY into `bemi.changes`, which both layouts pay the same for.
+COPY into `bemi.changes` (in a database of its own, so that no run decodes what the runs before it stored), which
+both layouts pay the same for.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bemi_asgi.ops.migration import migration_sql  # noqa: E402
 from benchmarks._support import Result, throwaway_server  # noqa: E402
-from benchmarks.worker_throughput import count  # noqa: E402
+from benchmarks.worker_throughput import count, destination_database  # noqa: E402
 
 SHARDS = ("orders", "payments")
 ROWS_PER_TABLE = 10
@@ -54,16 +55,17 @@ END $$;
 """
 
 
-def start(dsn: str, slot: str, publication: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--quiet", "--until-caught-up"]
-    return subprocess.Popen([*command, "--slot", slot, "--publication", publication], cwd=ROOT)
+def start(dsn: str, destination: str, slot: str, publication: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--destination", destination]
+    return subprocess.Popen([*command, "--quiet", "--until-caught-up", "--slot", slot, "--publication", publication],
+                            cwd=ROOT)  # fmt: skip
 
 
-def run(dsn: str, workers: list[tuple[str, str]]) -> tuple[float, float]:
+def run(dsn: str, destination: str, workers: list[tuple[str, str]]) -> tuple[float, float]:
     """Run one worker per (slot, publication) side by side until all are caught up: wall and their CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    processes = [start(dsn, slot, publication) for slot, publication in workers]
+    processes = [start(dsn, destination, slot, publication) for slot, publication in workers]
     for process in processes:
         assert process.wait() == 0, "a worker failed"
     seconds = time.perf_counter() - started
@@ -87,6 +89,7 @@ def measure(changes: int, repeat: int) -> dict[str, tuple[float, float]]:
             started = time.perf_counter()
             conn.execute("CALL generate(%s, %s)", [transactions, ROWS_PER_TABLE])
         total = transactions * ROWS_PER_TABLE * len(SHARDS)
+        destination = destination_database(server, "destination")
         print(f"generated {total:,} changes in {transactions:,} transactions ({time.perf_counter() - started:.1f} s)")
         variants = {
             "one worker": lambda n: [(f"one_{n}", "bemi")],
@@ -96,11 +99,11 @@ def measure(changes: int, repeat: int) -> dict[str, tuple[float, float]]:
         names = list(variants)
         for n in range(repeat):
             for name in names[n % 2 :] + names[: n % 2]:  # alternate which goes first
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("TRUNCATE bemi.changes")
+                with psycopg.connect(destination, autocommit=True) as conn:
+                    conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
                     conn.execute("CHECKPOINT")
-                measured[name].append(run(dsn, variants[name](n)))
-                stored = count(dsn)
+                measured[name].append(run(dsn, destination, variants[name](n)))
+                stored = count(destination)
                 assert stored == total, f"{name}: stored {stored:,} of {total:,} changes"
         best: dict[str, tuple[float, float]] = {}
         for name, runs in measured.items():

@@ -4,8 +4,8 @@
 
 Starts its own throwaway PostgreSQL, commits `--changes` row changes (transactions of 10 inserts, then of 10
 updates, each with a `_bemi` context, as `benchmarks.worker_throughput` does), then stores them all with the
-worker (`--until-caught-up`, a subprocess, one slot per run) in these variants, interleaved in a rotating order,
-best of `--repeat`:
+worker (`--until-caught-up`, a subprocess, one slot per run) into a destination database of its own (so that no
+run decodes what the runs before it stored) in these variants, interleaved in a rotating order, best of `--repeat`:
 
     no rules        this tree, no configuration (the row path must not be slower than before rules existed)
     rules           this tree, `items`: one column ignored, one masked, one hashed, no-op updates dropped
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bemi_asgi.ops.postgres import LocalPostgres  # noqa: E402
 from benchmarks._support import Result  # noqa: E402
-from benchmarks.worker_throughput import count, prepare, reset  # noqa: E402
+from benchmarks.worker_throughput import count, destination_database, prepare, reset  # noqa: E402
 
 CONFIG = """
 drop_noop_updates = true
@@ -45,13 +45,13 @@ hash = ["meta"]
 """
 
 
-def run(tree: Path, dsn: str, slot: str, *extra: str) -> tuple[float, float]:
+def run(tree: Path, dsn: str, destination: str, slot: str, *extra: str) -> tuple[float, float]:
     """Run the worker of `tree` until caught up: wall seconds and the process's CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(tree), "BEMI_HASH_KEY": "benchmark-key-0123456789"}
-    command = [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--quiet", "--until-caught-up"]
-    subprocess.run([*command, "--slot", slot, *extra], cwd=tree, env=env, check=True)
+    command = [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--destination", destination]
+    subprocess.run([*command, "--quiet", "--until-caught-up", "--slot", slot, *extra], cwd=tree, env=env, check=True)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
@@ -72,6 +72,7 @@ def measure(changes: int, repeat: int, baseline_tree: Path | None = None) -> dic
         server.start()
         dsn = server.dsn()
         prepare(dsn)
+        destination = destination_database(server, "destination")
         slots = [f"s{n}_{i}" for n in range(repeat) for i in range(len(variants))]
         reset(dsn, *slots)
         transactions = changes // 20
@@ -83,12 +84,12 @@ def measure(changes: int, repeat: int, baseline_tree: Path | None = None) -> dic
         measured: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         items = list(enumerate(variants.items()))
         for n in range(repeat):
-            # Rotate the order each round: later runs in a round are slower (the server's WAL and caches).
+            # Rotate the order each round: no variant always follows the same work.
             for i, (name, (tree, extra)) in items[n % len(items) :] + items[: n % len(items)]:
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("TRUNCATE bemi.changes, bemi.worker_state")
-                measured[name].append(run(tree, dsn, f"s{n}_{i}", *extra))
-                stored = count(dsn)
+                with psycopg.connect(destination, autocommit=True) as conn:
+                    conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
+                measured[name].append(run(tree, dsn, destination, f"s{n}_{i}", *extra))
+                stored = count(destination)
                 assert stored > 0, f"{name}: nothing stored"
         best: dict[str, tuple[float, float]] = {}
         wall_ref = min(seconds for seconds, _ in measured["no rules"])

@@ -166,13 +166,21 @@ def prepare(dsn: str) -> None:
 BARE = "bare"
 
 
-def prepare_bare(server: LocalPostgres) -> str:
-    """A destination database whose `bemi.changes` keeps only the indexes its constraints need; its URL."""
+def destination_database(server: LocalPostgres, name: str) -> str:
+    """A database `name` holding the destination's tables; its URL. A worker storing there writes no WAL that its
+    source database's slots decode (the walsender skips another database's records as it reads them)."""
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {BARE}")
-    dsn = server.dsn(BARE)
+        conn.execute(f"CREATE DATABASE {name}")
+    dsn = server.dsn(name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(DESTINATION_SQL)
+    return dsn
+
+
+def prepare_bare(server: LocalPostgres) -> str:
+    """A destination database whose `bemi.changes` keeps only the indexes its constraints need; its URL."""
+    dsn = destination_database(server, BARE)
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             """DO $$ DECLARE i regclass; BEGIN
                 FOR i IN SELECT indexrelid::regclass FROM pg_index WHERE indrelid = 'bemi.changes'::regclass
