@@ -258,6 +258,13 @@ def worker(
     until_caught_up: Annotated[
         bool, _flag("--until-caught-up", help="Store what is committed now, then exit.")
     ] = False,
+    until_lsn: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LSN",
+            help="Store what committed before this WAL position (as pg_current_wal_lsn() prints it), then exit.",
+        ),
+    ] = None,
     quiet: Annotated[bool, _flag("--quiet", "-q", help="No progress line.")] = False,
     progress_interval: Annotated[float, typer.Option(help="Seconds between progress lines.")] = 10.0,
     config: Annotated[
@@ -307,11 +314,20 @@ def worker(
     import sys
 
     from ._exceptions import BemiError
+    from ._pgtext import parse_lsn
     from .worker.chain import chain_key
     from .worker.config import load_config
     from .worker.pipeline import Worker
 
     _check_urls("worker", source=source, destination=destination)
+    end: int | None = None
+    if until_lsn is not None:
+        if until_caught_up:
+            raise typer.BadParameter("give --until-caught-up or --until-lsn, not both", param_hint="--until-lsn")
+        try:
+            end = parse_lsn(until_lsn)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--until-lsn") from None
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
     with _reported("worker", BemiError, code=2):
         key = chain_key()
@@ -334,7 +350,7 @@ def worker(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, capture.stop)
-        await capture.run(until_caught_up=until_caught_up)
+        await capture.run(until_caught_up=until_caught_up, until_lsn=end)
 
     # What retrying cannot fix (a missing privilege, a refused password on the destination, a DSN that is not a
     # postgresql:// URL) ends the worker with what the server said.

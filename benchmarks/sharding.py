@@ -8,7 +8,7 @@ Starts its own throwaway PostgreSQL and commits `--changes` row changes: transac
 load, it creates per round three slots: one for the single worker (publication `bemi`, both tables) and one per
 shard (`shard_orders`, `shard_payments`). Then, interleaved, best of `--repeat`:
 
-    one worker            `bemi-asgi worker --until-caught-up` on both tables
+    one worker            `bemi-asgi worker --until-lsn END` on both tables (END: where the load ended)
     two sharded workers   two such processes side by side, one per shard; wall time until both are done
 
 It prints the aggregate changes/s (wall time, process starts included) and the workers' CPU per change (user +
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bemi_asgi.ops.migration import migration_sql  # noqa: E402
 from benchmarks._support import Result, throwaway_server  # noqa: E402
-from benchmarks.worker_throughput import count, destination_database  # noqa: E402
+from benchmarks.worker_throughput import count, destination_database, wal_position  # noqa: E402
 
 SHARDS = ("orders", "payments")
 ROWS_PER_TABLE = 10
@@ -55,17 +55,18 @@ END $$;
 """
 
 
-def start(dsn: str, destination: str, slot: str, publication: str) -> subprocess.Popen[bytes]:
+def start(dsn: str, destination: str, end: str, slot: str, publication: str) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--destination", destination]
-    return subprocess.Popen([*command, "--quiet", "--until-caught-up", "--slot", slot, "--publication", publication],
+    return subprocess.Popen([*command, "--quiet", "--until-lsn", end, "--slot", slot, "--publication", publication],
                             cwd=ROOT)  # fmt: skip
 
 
-def run(dsn: str, destination: str, workers: list[tuple[str, str]]) -> tuple[float, float]:
-    """Run one worker per (slot, publication) side by side until all are caught up: wall and their CPU seconds."""
+def run(dsn: str, destination: str, end: str, workers: list[tuple[str, str]]) -> tuple[float, float]:
+    """Run one worker per (slot, publication) side by side until all have stored what committed before WAL
+    position `end`: wall and their CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    processes = [start(dsn, destination, slot, publication) for slot, publication in workers]
+    processes = [start(dsn, destination, end, slot, publication) for slot, publication in workers]
     for process in processes:
         assert process.wait() == 0, "a worker failed"
     seconds = time.perf_counter() - started
@@ -88,6 +89,7 @@ def measure(changes: int, repeat: int) -> dict[str, tuple[float, float]]:
             transactions = changes // (ROWS_PER_TABLE * len(SHARDS))
             started = time.perf_counter()
             conn.execute("CALL generate(%s, %s)", [transactions, ROWS_PER_TABLE])
+            end = wal_position(conn)
         total = transactions * ROWS_PER_TABLE * len(SHARDS)
         destination = destination_database(server, "destination")
         print(f"generated {total:,} changes in {transactions:,} transactions ({time.perf_counter() - started:.1f} s)")
@@ -102,7 +104,7 @@ def measure(changes: int, repeat: int) -> dict[str, tuple[float, float]]:
                 with psycopg.connect(destination, autocommit=True) as conn:
                     conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
                     conn.execute("CHECKPOINT")
-                measured[name].append(run(dsn, destination, variants[name](n)))
+                measured[name].append(run(dsn, destination, end, variants[name](n)))
                 stored = count(destination)
                 assert stored == total, f"{name}: stored {stored:,} of {total:,} changes"
         best: dict[str, tuple[float, float]] = {}

@@ -4,12 +4,14 @@
 
 Starts its own throwaway PostgreSQL, commits `--changes` row changes (transactions of 10 inserts, then of 10
 updates, each with a `_bemi` context, as `benchmarks.worker_throughput` does), then stores them all with the
-worker (`--until-caught-up`, a subprocess, one slot per run) into a destination database of its own (so that no
-run decodes what the runs before it stored) in these variants, interleaved in a rotating order, best of `--repeat`:
+worker (a subprocess, one slot per run, `--until-lsn` the end of those changes, into a destination database of its
+own) in these variants, interleaved in a rotating order, best of `--repeat`:
 
     no rules        this tree, no configuration (the row path must not be slower than before rules existed)
     rules           this tree, `items`: one column ignored, one masked, one hashed, no-op updates dropped
-    baseline tree   with --baseline-tree DIR: the worker of another checkout (e.g. `git archive worker`), no rules
+    baseline tree   with --baseline-tree DIR: the worker of another checkout (e.g. `git archive worker`), no rules;
+                    `--until-caught-up` if its command line has no `--until-lsn` (it then also reads through the
+                    WAL the runs before it wrote)
 
 It prints changes/s (wall time, process start included) and the worker process's own CPU seconds, which is what
 the row path costs (wall time on a small machine is mostly the destination's), with ratios to `no rules`.
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bemi_asgi.ops.postgres import LocalPostgres  # noqa: E402
 from benchmarks._support import Result  # noqa: E402
-from benchmarks.worker_throughput import count, destination_database, prepare, reset  # noqa: E402
+from benchmarks.worker_throughput import count, destination_database, prepare, reset, wal_position  # noqa: E402
 
 CONFIG = """
 drop_noop_updates = true
@@ -45,13 +47,15 @@ hash = ["meta"]
 """
 
 
-def run(tree: Path, dsn: str, destination: str, slot: str, *extra: str) -> tuple[float, float]:
-    """Run the worker of `tree` until caught up: wall seconds and the process's CPU seconds."""
+def run(tree: Path, dsn: str, destination: str, slot: str, end: str, *extra: str) -> tuple[float, float]:
+    """Run the worker of `tree` until WAL position `end`: wall seconds and the process's CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(tree), "BEMI_HASH_KEY": "benchmark-key-0123456789"}
     command = [sys.executable, "-m", "bemi_asgi", "worker", "--source", dsn, "--destination", destination]
-    subprocess.run([*command, "--quiet", "--until-caught-up", "--slot", slot, *extra], cwd=tree, env=env, check=True)
+    knows_until_lsn = "--until-lsn" in (tree / "bemi_asgi" / "cli.py").read_text()
+    stop = ["--until-lsn", end] if knows_until_lsn else ["--until-caught-up"]
+    subprocess.run([*command, "--quiet", *stop, "--slot", slot, *extra], cwd=tree, env=env, check=True)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
@@ -79,6 +83,7 @@ def measure(changes: int, repeat: int, baseline_tree: Path | None = None) -> dic
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CALL generate(%s, 10, 0)", [transactions])
             conn.execute("CALL touch(%s, 10, 0)", [transactions])
+            end = wal_position(conn)
         total = transactions * 20
         print(f"{total:,} changes in {2 * transactions:,} transactions")
         measured: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
@@ -88,7 +93,7 @@ def measure(changes: int, repeat: int, baseline_tree: Path | None = None) -> dic
             for i, (name, (tree, extra)) in items[n % len(items) :] + items[: n % len(items)]:
                 with psycopg.connect(destination, autocommit=True) as conn:
                     conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
-                measured[name].append(run(tree, dsn, destination, f"s{n}_{i}", *extra))
+                measured[name].append(run(tree, dsn, destination, f"s{n}_{i}", end, *extra))
                 stored = count(destination)
                 assert stored > 0, f"{name}: nothing stored"
         best: dict[str, tuple[float, float]] = {}

@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
@@ -203,6 +204,13 @@ def reset(dsn: str, *slots: str) -> None:
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
 
 
+def wal_position(conn: psycopg.Connection[Any]) -> str:
+    """The server's current WAL position, as `pg_current_wal_lsn()` prints it."""
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def count(dsn: str, where: str = "true") -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(f"SELECT count(*) FROM bemi.changes WHERE {where}").fetchone()
@@ -228,9 +236,7 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int, chain
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CALL generate(%s, 10, 0)", [transactions])
         conn.execute("CALL touch(%s, 10, 0)", [transactions])
-        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert row is not None
-        end = row[0]
+        end = wal_position(conn)
     total = transactions * 20
     print(f"generated {total:,} changes in {2 * transactions:,} transactions ({time.perf_counter() - started:.1f} s)")
 

@@ -35,6 +35,25 @@ def test_until_caught_up_stores_everything_and_prints_progress(database: str) ->
     assert [c["context"] for c in changes(database)] == [{"job": "cli"}] * 5
 
 
+def test_until_lsn_stores_what_committed_before_it_and_exits(database: str) -> None:
+    """`worker --until-lsn` stores what committed before that position and exits 0; a position that is not one, or
+    both stopping options, exit 2 naming the option."""
+    prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"], slot="cli")
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("INSERT INTO items SELECT generate_series(1, 3)")
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+    command = ["worker", "--source", database, "--slot", "cli", "--quiet"]
+    result = CliRunner().invoke(app, [*command, "--until-lsn", row[0]])
+    assert result.exit_code == 0, result.output
+    assert sorted(int(c["primary_key"]) for c in changes(database)) == [1, 2, 3]
+    for wrong in (["--until-lsn", "16-B374D848"], ["--until-lsn", row[0], "--until-caught-up"]):
+        result = CliRunner().invoke(app, [*command, *wrong])
+        assert result.exit_code == 2, result.output
+        assert "--until-lsn" in result.stderr
+        assert "Traceback" not in result.output
+
+
 def test_quiet_prints_nothing(database: str) -> None:
     """`--quiet` silences the progress line."""
     prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"])
