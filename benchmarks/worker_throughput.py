@@ -86,8 +86,8 @@ CHAIN_KEY = "benchmark chain key, 32 bytes long"
 #: rich: about 0.3 s of CPU, which in a run of a few seconds read as a share of the chain's cost). Arguments: source,
 #: slot, `chained` or `unchained` (the chain keyed with BEMI_CHAIN_KEY, or none), destination, and the WAL position
 #: to stop at: the end of the generated changes, like pg_recvlogical's --endpos. (Run until caught up, a worker would
-#: also decode what the runs before it wrote into `bemi.changes` of the same database: a later run has more WAL to
-#: read, which made the rounds slow down one after another.)
+#: also read through the WAL the runs before it wrote into `bemi.changes`: a later run had more WAL to read, which
+#: made the rounds slow down one after another.)
 WORKER = """
 import asyncio, sys
 import bemi_asgi.cli
@@ -168,8 +168,8 @@ BARE = "bare"
 
 
 def destination_database(server: LocalPostgres, name: str) -> str:
-    """A database `name` holding the destination's tables; its URL. A worker storing there writes no WAL that its
-    source database's slots decode (the walsender skips another database's records as it reads them)."""
+    """A database `name` holding the destination's tables; its URL. What a worker stores there, its source
+    database's slots read past without decoding (the walsender skips another database's records)."""
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     dsn = server.dsn(name)
