@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -13,7 +14,7 @@ import bemi_asgi
 from bemi_asgi import Bemi, Change, Operation, QueryError
 from bemi_asgi._pgtext import format_lsn
 from bemi_asgi.history.filters import ChangeFilter
-from bemi_asgi.history.store import newest_window_sql
+from bemi_asgi.history.store import context_index_sql, newest_window_sql
 
 from ._change_writer import ChangesEnv as Env
 from ._change_writer import Row, changes_env
@@ -185,6 +186,76 @@ async def test_a_context_window_reads_its_commit_positions_even_for_a_value_the_
     plan = "\n".join(record[0] for record in await env.conn.fetch(f"EXPLAIN {sql}", *where.params))
     assert "changes_commit_lsn_idx" in plan, plan
     assert "Index Scan Backward using changes_pkey" not in plan, plan
+
+
+async def test_a_context_key_with_an_index_of_its_own_gives_the_pages_of_one_query_over_every_match(env: Env) -> None:
+    """With the opt-in B-tree on one context key (`context_index_sql`), find(context=...) on that key reads the
+    key's matches in commit order through it, in both orders and page by page, and returns exactly the changes of
+    one containment query over every match: numbers equal as JSON (7 and 7.0) match, a string "7" does not, other
+    context keys of the filter still narrow it, a JSON null is a value like any other."""
+    values: list[object] = [7, 7.0, "7", 8, None, {"id": 7}, [7]]
+    for n in range(120):
+        context = {"user_id": values[n % len(values)], "tag": "a" if n % 3 else "b"}
+        if n % 11 == 0:
+            context = {"tag": "a"}  # no user at all
+        await env.writer.commit([Row("UPDATE", "items", n % 5, before={"n": n - 1}, after={"n": n})], context=context)
+    await env.conn.execute(context_index_sql("user_id"))
+    await env.conn.execute("ANALYZE bemi.changes")
+    assert await env.bemi.store.context_index(["user_id"]) == "user_id"
+    where = ChangeFilter({"context": {"user_id": 7}}).where(context_index="user_id")
+    async with env.conn.transaction():  # a table this small is read whole otherwise
+        await env.conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(
+            record[0]
+            for record in await env.conn.fetch(
+                f"EXPLAIN SELECT * FROM bemi.changes WHERE {where.sql()} ORDER BY commit_lsn DESC, ordinal DESC, "
+                "stream DESC LIMIT 5",
+                *where.params,
+            )
+        )
+    assert "changes_context_user_id_idx" in plan, plan
+    assert "changes_context_idx" not in plan, plan
+    for context in ({"user_id": 7}, {"user_id": "7"}, {"user_id": 7, "tag": "b"}, {"user_id": None}, {"user_id": 9}):
+        for order in ("desc", "asc"):
+            direction = order.upper()
+            expected = [
+                record["id"]
+                for record in await env.conn.fetch(
+                    f"SELECT id FROM bemi.changes WHERE context @> $1::jsonb "
+                    f"ORDER BY commit_lsn {direction}, ordinal {direction}, stream {direction}",
+                    json.dumps(context),
+                )
+            ]
+            for limit in (1, 6, 100):
+                found, cursor = [], None
+                while True:
+                    page = await env.bemi.changes.find(context=context, limit=limit, order=order, cursor=cursor)
+                    found += [change.id for change in page]
+                    if page.next_cursor is None:
+                        break
+                    cursor = page.next_cursor
+                assert found == expected, (context, order, limit)
+
+
+async def test_only_a_context_key_index_in_commit_order_counts_as_one(env: Env) -> None:
+    """An index on a context key without the commit order after it, or with a predicate, is not one `find` can
+    read a context's changes from in order: such keys are found through the GIN index as before."""
+    await env.conn.execute("CREATE INDEX ON bemi.changes ((context -> 'tenant'))")
+    await env.conn.execute(
+        "CREATE INDEX ON bemi.changes ((context -> 'team'), commit_lsn, ordinal, stream) WHERE operation = 'UPDATE'"
+    )
+    await env.conn.execute(context_index_sql("user_id", concurrently=False))
+    assert await env.bemi.store.context_index(["tenant", "team"]) is None
+    assert await env.bemi.store.context_index(["tenant", "team", "user_id"]) == "user_id"
+
+
+def test_a_context_key_that_the_catalog_would_spell_otherwise_gets_no_index() -> None:
+    """Keys whose quoting in the index's definition differs from the query's (a `$`, a backslash) or that make
+    too long an index name are refused with the reason, rather than given an index `find` would never read."""
+    for key in ("a$b", "a\\b", "k" * 44):
+        with pytest.raises(ValueError, match="GIN index only"):
+            context_index_sql(key)
+    assert "'o''brien'" in context_index_sql("o'brien")
 
 
 async def test_count_uses_the_same_filters(env: Env) -> None:

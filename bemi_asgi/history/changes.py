@@ -61,7 +61,11 @@ class ChangesAPI:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise QueryError(f"limit must be an int from 1 to {MAX_LIMIT}, got {limit!r}")
         selection = ChangeFilter(filters, caller="find")
-        where = await self._store.where(selection)
+        # A context key with a B-tree of its own gives the matches in commit order, either way.
+        context_index = (
+            await self._store.context_index(selection.scalar_context_keys()) if selection.unordered else None
+        )
+        where = await self._store.where(selection, context_index=context_index)
         position = None
         if cursor is not None:
             position = decode_cursor(cursor)
@@ -72,7 +76,7 @@ class ChangesAPI:
                 f"(commit_lsn, ordinal, stream) {comparison} ({where.param(position.commit_lsn)}::bigint, "
                 f"{where.param(position.ordinal)}::integer, {where.param(position.stream)}::integer)"
             )
-        if order == "desc" and selection.unordered:
+        if order == "desc" and selection.unordered and context_index is None:
             below = None if position is None else position.commit_lsn
             found = await self._store.newest(where, limit=limit + 1, below=below, habit=selection.shape())
         else:

@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, Literal, TypedDict
 
 from .._exceptions import QueryError
-from .._pgtext import parse_lsn
+from .._pgtext import parse_lsn, quote_literal
 from ..capture.tracing import TRACE_ID_KEY
 from .models import Operation
 
@@ -267,14 +267,23 @@ class ChangeFilter:
         given = sorted(name for name, value in self.args.items() if value is not None)
         return json.dumps([given, sorted(self.args.get("context") or {})])
 
+    def scalar_context_keys(self) -> list[str]:
+        """The context filter's keys whose value is a JSON scalar: for those, containment is equality of the key's
+        value (`context -> 'key' = value`), which a B-tree on that key can find in commit order."""
+        context = self.args.get("context") or {}
+        return [key for key, value in context.items() if value is None or isinstance(value, str | int | float)]
+
     def column_filters(self) -> list[tuple[tuple[str, str], list[str]]]:
         """The table and column names the `before`/`after` filters rely on (checked against the table by I/O)."""
         table = self.table
         names = [name for side in (self.args.get("before"), self.args.get("after")) for name in (side or {})]
         return [(table, names)] if table is not None and names else []
 
-    def where(self) -> Where:
-        """The WHERE clause (raises QueryError for a filter that cannot mean anything)."""
+    def where(self, *, context_index: str | None = None) -> Where:
+        """The WHERE clause (raises QueryError for a filter that cannot mean anything). `context_index` is one of
+        `scalar_context_keys()` that has a B-tree on its value and commit order (see `ChangeStore.context_index`):
+        the context filter is then that key's equality, which the B-tree finds, and the containment, written so
+        that the GIN index cannot serve it (PostgreSQL would intersect both and sort every match)."""
         args = self.args
         where = Where()
         table = self.table
@@ -293,7 +302,15 @@ class ChangeFilter:
             where.add(f"operation = ANY({where.param(_operations(operation))}::text[])")
         context = args.get("context")
         if context is not None:
-            where.add(f"context @> {where.param(json_param(context, 'context'))}::jsonb")
+            contained = where.param(json_param(context, "context"))
+            if context_index is None:
+                where.add(f"context @> {contained}::jsonb")
+            else:
+                equal = where.param(json.dumps(context[context_index], ensure_ascii=False))
+                where.add(
+                    f"context -> {quote_literal(context_index)} = {equal}::jsonb"
+                    f" AND (context || '{{}}'::jsonb) @> {contained}::jsonb"
+                )
         for name, values in (("before", args.get("before")), ("after", args.get("after"))):
             if values is None:
                 continue

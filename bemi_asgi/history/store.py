@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,13 +21,21 @@ from asyncpg.pool import PoolConnectionProxy
 
 from .._changes_table import CHANGES, SCHEMA, STREAMS, WORKER_STATE
 from .._exceptions import QueryError, UnknownTableError
-from .._pgtext import quote_qualified
+from .._pgtext import quote_ident, quote_literal, quote_qualified
 from .catalog import fetch_table_info
 from .filters import At, ChangeFilter, FilterArgs, Where
 from .models import Change, change_from_json
 from .replay import without_idle_truncates
 
-__all__ = ["CHANGES_SQL", "SELECT_CHANGE", "STREAMS_SQL", "WORKER_STATE_SQL", "ChangeStore", "history_grants"]
+__all__ = [
+    "CHANGES_SQL",
+    "SELECT_CHANGE",
+    "STREAMS_SQL",
+    "WORKER_STATE_SQL",
+    "ChangeStore",
+    "context_index_sql",
+    "history_grants",
+]
 
 CHANGES_SQL = quote_qualified(SCHEMA, CHANGES)
 WORKER_STATE_SQL = quote_qualified(SCHEMA, WORKER_STATE)
@@ -122,6 +131,46 @@ async def _newest_window(
     return top, records[0]["span"] or 0, [record for record in records if record["change"] is not None]
 
 
+#: The opt-in B-trees on one context key's value in commit order (the README's "A context key's own index"): each
+#: index of `bemi.changes` with its columns' definitions, valid and whole (no predicate), read from the catalog.
+CONTEXT_INDEXES_SQL = f"""SELECT pg_get_indexdef(i.indexrelid, 1, true) AS key_column,
+                                ARRAY[pg_get_indexdef(i.indexrelid, 2, true), pg_get_indexdef(i.indexrelid, 3, true),
+                                      pg_get_indexdef(i.indexrelid, 4, true)] AS order_columns
+                           FROM pg_index i
+                          WHERE i.indrelid = '{CHANGES_SQL}'::regclass AND i.indisvalid AND i.indpred IS NULL
+                            AND i.indnatts = 4"""
+#: How PostgreSQL writes such an index's first column: `(context -> 'key'::text)`, quotes doubled. Keys with a `$`
+#: or a backslash are left out: the query would quote them otherwise than the index's definition does.
+_CONTEXT_KEY_COLUMN = re.compile(r"\(context -> '((?:[^'$\\]|'')*)'::text\)")
+_COMMIT_ORDER_COLUMNS = ["commit_lsn", "ordinal", "stream"]
+
+
+def context_index_sql(key: str, *, concurrently: bool = True) -> str:
+    """The statement creating the B-tree that `find(context={key: value})` reads a context's changes from in commit
+    order (found by `context_index_keys`). CONCURRENTLY keeps the worker writing while it is built; a partitioned
+    `bemi.changes` takes the statement without it."""
+    name = f"changes_context_{key}_idx"
+    if "$" in key or "\\" in key or "\x00" in key or len(name.encode()) > 63:
+        raise ValueError(
+            f"context key {key!r} cannot have an index of its own: keys with '$', a backslash or NUL, or longer "
+            "than 43 bytes, are read through the GIN index only"
+        )
+    return (
+        f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS {quote_ident(name)} ON {CHANGES_SQL} "
+        f"((context -> {quote_literal(key)}), commit_lsn, ordinal, stream)"
+    )
+
+
+def context_index_keys(records: Iterable[asyncpg.Record]) -> frozenset[str]:
+    """The context keys that have a B-tree on `(context -> 'key', commit_lsn, ordinal, stream)`."""
+    keys = set()
+    for record in records:
+        match = _CONTEXT_KEY_COLUMN.fullmatch(record["key_column"])
+        if match is not None and record["order_columns"] == _COMMIT_ORDER_COLUMNS:
+            keys.add(match[1].replace("''", "'"))
+    return frozenset(keys)
+
+
 def at_condition(at: At, where: Where) -> str:
     """`at` as a condition: committed at or before a time, or with a commit LSN at or below a position."""
     if at.kind == "time":
@@ -150,6 +199,9 @@ class ChangeStore:
         #: a query over every match reads it again.
         self._span: int | None = None
         self._span_due = 0.0
+        #: The context keys with a B-tree of their own (`context_index`), and when to read them again.
+        self._context_index_keys: frozenset[str] = frozenset()
+        self._context_index_due = 0.0
 
     async def pool(self) -> asyncpg.Pool:
         """The pool queries run on (opened on first use when the store was given a DSN)."""
@@ -167,12 +219,26 @@ class ChangeStore:
 
     # Reading changes.
 
-    async def where(self, selection: ChangeFilter) -> Where:
-        """The filter's WHERE clause, once its `before`/`after` filters name real columns of its table."""
-        where = selection.where()
+    async def where(self, selection: ChangeFilter, *, context_index: str | None = None) -> Where:
+        """The filter's WHERE clause (see `ChangeFilter.where`), once its `before`/`after` filters name real columns
+        of its table."""
+        where = selection.where(context_index=context_index)
         for table, names in selection.column_filters():
             await self.require_columns(*table, names)
         return where
+
+    async def context_index(self, keys: Iterable[str]) -> str | None:
+        """The first of `keys` (context keys matched by equality) that has a B-tree on its value in commit order,
+        if any: it finds a context's newest (or oldest) changes in order, where the GIN index finds every match in
+        no order. Indexes are read from the catalog again after SPAN_SECONDS, so one created later is used then."""
+        keys = list(keys)
+        if not keys:
+            return None
+        if time.monotonic() >= self._context_index_due:
+            pool = await self.pool()
+            self._context_index_keys = context_index_keys(await pool.fetch(CONTEXT_INDEXES_SQL))
+            self._context_index_due = time.monotonic() + SPAN_SECONDS
+        return next((key for key in keys if key in self._context_index_keys), None)
 
     async def select(
         self,
