@@ -9,7 +9,9 @@ fresh copy of the table:
 
 - without any index (the heap alone): the baseline;
 - with one of the shipped indexes: the index's own cost per row;
-- with every shipped index: the destination's ceiling, the most any worker could store.
+- with every shipped index: the destination's ceiling, the most any worker could store;
+- with the opt-in B-tree on the context key `user_id` (`context_index_sql`) alone, and with every shipped index
+  and it: what that index costs each stored row.
 
 Best of `--repeat` interleaved runs. Each line gives rows/s of wall time and rows per second of the server
 backend's own CPU time, which other work on a shared machine disturbs much less than wall time.
@@ -30,6 +32,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bemi_asgi.history.store import context_index_sql
 from bemi_asgi.worker.destination import COLUMNS
 from benchmarks import queries
 from benchmarks._support import Result, throwaway_server
@@ -92,6 +95,13 @@ async def run(dsn: str, rows: int, repeat: int) -> dict[str, Copied]:
         indexes = await shipped_indexes(conn)
         cases = {"heap alone": [], **{f"+ {name}": [statement] for name, statement in indexes.items()}}
         cases["bemi.changes (every index)"] = list(indexes.values())
+        user_index = (
+            context_index_sql("user_id", concurrently=False)
+            .replace('"bemi"."changes"', "bemi.ceiling")
+            .replace("changes_context_user_id_idx", "changes_context_user_id_idx_ceiling")
+        )
+        cases["+ changes_context_user_id_idx (opt-in)"] = [user_index]
+        cases["every index + the opt-in user_id index"] = [*indexes.values(), user_index]
         runs: dict[str, list[Copied]] = {label: [] for label in cases}
         for _ in range(repeat):
             for label, statements in cases.items():

@@ -7,7 +7,9 @@ in one INSERT ... SELECT generate_series: each row gets a CREATE then UPDATEs, i
 commit order as real traffic is (a row's changes are far apart on disk), five changes per transaction, contexts
 with a user id (1000 users) and a request id. Then it times each helper sequentially through one asyncpg pool and
 prints absolute p50/p95 and the ratio to a bare `SELECT 1` round trip through the same pool, measured in the same
-run. Without --dsn it starts a throwaway local PostgreSQL (the test suite's) and removes it afterwards.
+run. The last case creates the opt-in B-tree on the context key `user_id` (`context_index_sql`), times
+find(context=user) again, and drops it. Without --dsn it starts a throwaway local PostgreSQL (the test suite's) and
+removes it afterwards.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bemi_asgi import Bemi
+from bemi_asgi.history.store import context_index_sql
 from bemi_asgi.ops.migration import load_sql
 from benchmarks._support import Result, throwaway_server
 
@@ -47,6 +50,8 @@ SELECT r::text,
   FROM generate_series(0, $1::int * $2::int - 1) AS g,
        LATERAL (SELECT g % $1::int AS r, g / $1::int AS n) AS k
 """
+
+USER_INDEX_SIZE = "SELECT pg_size_pretty(pg_relation_size('bemi.changes_context_user_id_idx'))"
 
 
 async def timed(label: str, fn: Callable[[], Awaitable[object]], iterations: int) -> list[float]:
@@ -103,12 +108,21 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
         "find(table, row)": lambda: bemi.changes.find(table="items", primary_key=any_row(), limit=20),
     }
     results = {label: await timed(label, fn, iterations) for label, fn in cases.items()}
+    await pool.execute(context_index_sql("user_id", concurrently=False))
+    await pool.execute("ANALYZE bemi.changes")
+    print(f"the user_id index: {await pool.fetchval(USER_INDEX_SIZE)}")
+    indexed = Bemi(pool)  # a store that reads the catalog's indexes afresh
+    label = "find(context=user, limit=20), user_id index"
+    results[label] = await timed(
+        label, lambda: indexed.changes.find(context={"user_id": rng.randrange(1000)}, limit=20), iterations
+    )
+    await pool.execute("DROP INDEX bemi.changes_context_user_id_idx")
     await pool.close()
     base = p(results["baseline SELECT 1"], 50)
     print(f"\n{iterations} sequential calls each, one pooled connection\n")
-    print(f"{'query':32} {'p50 ms':>8} {'p95 ms':>8} {'p50 / SELECT 1':>15}")
+    print(f"{'query':44} {'p50 ms':>8} {'p95 ms':>8} {'p50 / SELECT 1':>15}")
     for label, samples in results.items():
-        print(f"{label:32} {p(samples, 50):8.3f} {p(samples, 95):8.3f} {p(samples, 50) / base:14.1f}x")
+        print(f"{label:44} {p(samples, 50):8.3f} {p(samples, 95):8.3f} {p(samples, 50) / base:14.1f}x")
     history, as_of = p(results["history(row)"], 50), p(results["as_of(row, at=time)"], 50)
     print(f"\ntargets: history p50 < 2 ms: {history:.3f} ms ({'ok' if history < 2 else 'MISSED'}); "
           f"as_of p50 < 5 ms: {as_of:.3f} ms ({'ok' if as_of < 5 else 'MISSED'})")  # fmt: skip
