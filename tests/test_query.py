@@ -189,10 +189,10 @@ async def test_a_context_window_reads_its_commit_positions_even_for_a_value_the_
 
 
 async def test_a_context_key_with_an_index_of_its_own_gives_the_pages_of_one_query_over_every_match(env: Env) -> None:
-    """With the opt-in B-tree on one context key (`context_index_sql`), find(context=...) on that key reads the
-    key's matches in commit order through it, in both orders and page by page, and returns exactly the changes of
-    one containment query over every match: numbers equal as JSON (7 and 7.0) match, a string "7" does not, other
-    context keys of the filter still narrow it, a JSON null is a value like any other."""
+    """With the opt-in B-tree on one context key (`context_index_sql`), find(context=...) on that key alone reads
+    the key's matches in commit order through it, in both orders and page by page, and returns exactly the changes
+    of one containment query over every match: numbers equal as JSON (7 and 7.0) match, a string "7" does not, a
+    JSON null is a value like any other; with another context key too (read through the GIN index), the same."""
     values: list[object] = [7, 7.0, "7", 8, None, {"id": 7}, [7]]
     for n in range(120):
         context = {"user_id": values[n % len(values)], "tag": "a" if n % 3 else "b"}
@@ -201,7 +201,7 @@ async def test_a_context_key_with_an_index_of_its_own_gives_the_pages_of_one_que
         await env.writer.commit([Row("UPDATE", "items", n % 5, before={"n": n - 1}, after={"n": n})], context=context)
     await env.conn.execute(context_index_sql("user_id"))
     await env.conn.execute("ANALYZE bemi.changes")
-    assert await env.bemi.store.context_index(["user_id"]) == "user_id"
+    assert await env.bemi.store.context_index("user_id") == "user_id"
     where = ChangeFilter({"context": {"user_id": 7}}).where(context_index="user_id")
     async with env.conn.transaction():  # a table this small is read whole otherwise
         await env.conn.execute("SET LOCAL enable_seqscan = off")
@@ -245,8 +245,27 @@ async def test_only_a_context_key_index_in_commit_order_counts_as_one(env: Env) 
         "CREATE INDEX ON bemi.changes ((context -> 'team'), commit_lsn, ordinal, stream) WHERE operation = 'UPDATE'"
     )
     await env.conn.execute(context_index_sql("user_id", concurrently=False))
-    assert await env.bemi.store.context_index(["tenant", "team"]) is None
-    assert await env.bemi.store.context_index(["tenant", "team", "user_id"]) == "user_id"
+    assert await env.bemi.store.context_index("tenant") is None
+    assert await env.bemi.store.context_index("team") is None
+    assert await env.bemi.store.context_index("user_id") == "user_id"
+
+
+def test_only_a_lone_scalar_context_filter_is_read_through_its_key_index() -> None:
+    """A context filter's key is read through its own index when it is the filter's only context key, its value a
+    JSON scalar, and no row, transaction or trace narrows the changes more (their indexes find few changes)."""
+    for value in ("alice", 7, 7.5, True, None):
+        assert ChangeFilter({"context": {"user_id": value}, "table": "items"}).indexable_context_key() == "user_id"
+    for args in (
+        {"context": {"user_id": 7, "tenant": 3}},
+        {"context": {"user_id": {"id": 7}}},
+        {"context": {"user_id": [7]}},
+        {"context": {}},
+        {"context": {"user_id": 7}, "table": "items", "primary_key": 1},
+        {"context": {"user_id": 7}, "transaction_id": 5},
+        {"context": {"user_id": 7}, "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"},
+        {"table": "items"},
+    ):
+        assert ChangeFilter(args).indexable_context_key() is None, args  # type: ignore[arg-type]
 
 
 def test_a_context_key_that_the_catalog_would_spell_otherwise_gets_no_index() -> None:

@@ -62,9 +62,7 @@ class ChangesAPI:
             raise QueryError(f"limit must be an int from 1 to {MAX_LIMIT}, got {limit!r}")
         selection = ChangeFilter(filters, caller="find")
         # A context key with a B-tree of its own gives the matches in commit order, either way.
-        context_index = (
-            await self._store.context_index(selection.scalar_context_keys()) if selection.unordered else None
-        )
+        context_index = await self._store.context_index(selection.indexable_context_key())
         where = await self._store.where(selection, context_index=context_index)
         position = None
         if cursor is not None:

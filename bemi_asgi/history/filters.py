@@ -267,11 +267,15 @@ class ChangeFilter:
         given = sorted(name for name, value in self.args.items() if value is not None)
         return json.dumps([given, sorted(self.args.get("context") or {})])
 
-    def scalar_context_keys(self) -> list[str]:
-        """The context filter's keys whose value is a JSON scalar: for those, containment is equality of the key's
-        value (`context -> 'key' = value`), which a B-tree on that key can find in commit order."""
+    def indexable_context_key(self) -> str | None:
+        """The context filter's one key, when it is the only context filter and its value a JSON scalar: then
+        containment is equality of the key's value (`context -> 'key' = value`), which a B-tree on that key finds in
+        commit order. With more keys, one of the others may be far rarer, which only the GIN index knows."""
         context = self.args.get("context") or {}
-        return [key for key, value in context.items() if value is None or isinstance(value, str | int | float)]
+        if len(context) != 1 or self.args.get("trace_id") is not None or not self.unordered:
+            return None
+        ((key, value),) = context.items()
+        return key if value is None or isinstance(value, str | int | float) else None
 
     def column_filters(self) -> list[tuple[tuple[str, str], list[str]]]:
         """The table and column names the `before`/`after` filters rely on (checked against the table by I/O)."""
@@ -280,8 +284,8 @@ class ChangeFilter:
         return [(table, names)] if table is not None and names else []
 
     def where(self, *, context_index: str | None = None) -> Where:
-        """The WHERE clause (raises QueryError for a filter that cannot mean anything). `context_index` is one of
-        `scalar_context_keys()` that has a B-tree on its value and commit order (see `ChangeStore.context_index`):
+        """The WHERE clause (raises QueryError for a filter that cannot mean anything). `context_index` is
+        `indexable_context_key()` when it has a B-tree on its value and commit order (see `ChangeStore.context_index`):
         the context filter is then that key's equality, which the B-tree finds, and the containment, written so
         that the GIN index cannot serve it (PostgreSQL would intersect both and sort every match)."""
         args = self.args

@@ -227,18 +227,18 @@ class ChangeStore:
             await self.require_columns(*table, names)
         return where
 
-    async def context_index(self, keys: Iterable[str]) -> str | None:
-        """The first of `keys` (context keys matched by equality) that has a B-tree on its value in commit order,
-        if any: it finds a context's newest (or oldest) changes in order, where the GIN index finds every match in
-        no order. Indexes are read from the catalog again after SPAN_SECONDS, so one created later is used then."""
-        keys = list(keys)
-        if not keys:
+    async def context_index(self, key: str | None) -> str | None:
+        """`key` (a context key matched by equality, `ChangeFilter.indexable_context_key`) when it has a B-tree on
+        its value in commit order: it finds a context's newest (or oldest) changes in order, where the GIN index
+        finds every match in no order. Indexes are read from the catalog again after SPAN_SECONDS, so one created
+        later is used then."""
+        if key is None:
             return None
         if time.monotonic() >= self._context_index_due:
             pool = await self.pool()
             self._context_index_keys = context_index_keys(await pool.fetch(CONTEXT_INDEXES_SQL))
             self._context_index_due = time.monotonic() + SPAN_SECONDS
-        return next((key for key in keys if key in self._context_index_keys), None)
+        return key if key in self._context_index_keys else None
 
     async def select(
         self,
