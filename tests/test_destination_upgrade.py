@@ -10,8 +10,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from bemi_asgi._changes_table import COLUMNS
+from bemi_asgi.history.store import CONTEXT_INDEXES_SQL, context_index_keys, context_index_sql
 from bemi_asgi.ops.migration import migration_sql
 
 from .worker_support import drain
@@ -96,6 +98,30 @@ def test_an_upgraded_destination_keeps_every_row_and_matches_a_new_one(database:
         conn.execute(migration_sql(parts=("destination",), down=True).encode())
         conn.execute(migration.encode())
     assert upgraded == shape(database)
+
+
+@pytest.mark.parametrize("partitioned", [False, True], ids=["plain", "partitioned"])
+def test_a_context_key_index_is_added_to_an_upgraded_destination_and_kept_by_later_migrations(
+    database: str, partitioned: bool
+) -> None:
+    """The opt-in index on a context key is added to a destination of the earlier version, once upgraded, over its
+    stored changes (CONCURRENTLY on a plain table, which keeps the worker writing), a later run of the migration
+    keeps it, and the query helpers find it there."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(old_destination(partitioned).encode())
+        conn.execute(OLD_ROWS)
+        migration = migration_sql(parts=("destination",), partition_by_month=partitioned)
+        conn.execute(migration.encode())
+        conn.execute(context_index_sql("user", concurrently=not partitioned).encode())
+        conn.execute(migration.encode())
+    with psycopg.connect(database, row_factory=dict_row) as conn:
+        assert context_index_keys(conn.execute(CONTEXT_INDEXES_SQL).fetchall()) == {"user"}
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            row["QUERY PLAN"]
+            for row in conn.execute("""EXPLAIN SELECT * FROM bemi.changes WHERE context -> 'user' = '"a"'""")
+        )
+    assert "Index Cond: ((context -> 'user'::text)" in plan, plan  # each partition's copy of the index, if any
 
 
 async def test_the_worker_resumes_an_upgraded_destination_where_it_stopped(database: str) -> None:
