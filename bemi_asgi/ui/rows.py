@@ -51,6 +51,8 @@ def schema_change_html(change: Change) -> str:
 
 
 def _short_json(value: Any, limit: int) -> str:
+    if type(value) is int:  # its JSON text is its digits, with nothing to escape (the commonest changed value)
+        return shorten(str(value), limit)
     return escape_text(shorten(json_text(value), limit))
 
 
@@ -118,14 +120,18 @@ class _PageRows:
         self.link = link
         self.filters = filters
         self._table_hrefs: dict[tuple[str, str], str] = {}
-        #: The row link of each table, but for the key, which comes last.
+        #: The row link of each table (as HTML), but for the key, which comes last.
         self._row_hrefs: dict[tuple[str, str], str] = {}
         #: Each context pair's chip but a trace id's (pairs repeat from row to row: an endpoint, a user).
         self._chips: dict[tuple[str, type, Any], str] = {}
         self._filter_prefix: str | None = None
         self._transaction_prefix = link("/transaction/", ())
         self._transaction_cells: dict[int, str] = {}
-        self._request_prefix = link("/request", {"id": ""})
+        # Link prefixes are escaped once a page: what follows them is `query_text`'s output, whose characters
+        # (letters, digits, `_.~-+%`) HTML leaves as they are.
+        self._request_prefix = escape_text(link("/request", {"id": ""}))
+        #: Each context key as HTML, and as a filter parameter's name (keys repeat from row to row).
+        self._keys: dict[str, tuple[str, str]] = {}
 
     def row(self, change: Change, new: bool) -> str:
         refs, link = self.rows.refs, self.link
@@ -147,9 +153,10 @@ class _PageRows:
         else:
             row = self._row_hrefs.get((schema, table))
             if row is None:
-                row = self._row_hrefs[(schema, table)] = link("/row", {"schema": schema, "table": table, "key": ""})
+                row = link("/row", {"schema": schema, "table": table, "key": ""})
+                row = self._row_hrefs[(schema, table)] = escape_text(row)
             key = (
-                f'<a href="{escape_text(row + query_text(change.primary_key))}#c{anchor}" title="History of this row">'
+                f'<a href="{row}{query_text(change.primary_key)}#c{anchor}" title="History of this row">'
                 f"{escape_text(shorten(change.primary_key, 30))}</a>"
             )
         committed_at = change.committed_at  # a datetime's texts: digits and separators, nothing to escape
@@ -185,19 +192,20 @@ class _PageRows:
 
     def _chip(self, key: str, value: Any, text: str) -> str:
         """A context pair's chip: a request id links to its request, any other pair filters by it."""
-        key_html, text_html = escape_text(key), escape_text(text)
+        known = self._keys.get(key)
+        if known is None:
+            known = self._keys[key] = (escape_text(key), query_text(CONTEXT_PARAM_PREFIX + key))
+        key_html, param = known
+        text_html = escape_text(text)
         if key == self.rows.request_id_key:
             href, title = self._request_prefix + query_text(text), "Every change of this request"
         else:
             if key in self.filters.context:
-                href = self.link("/", self.filters.with_context(key, value).params())
+                href = escape_text(self.link("/", self.filters.with_context(key, value).params()))
             else:  # the page's filters and this pair: the filters' part is the same for every chip
-                href = f"{self._filters_href()}{query_text(CONTEXT_PARAM_PREFIX + key)}={query_text(text)}"
+                href = f"{self._filters_href()}{param}={query_text(text)}"
             title = f"Filter by {key_html}={text_html}"
-        return (
-            f'<a class="chip" href="{escape_text(href)}" title="{title}"><span class="k">{key_html}=</span>'
-            f"{text_html}</a>\n"
-        )
+        return f'<a class="chip" href="{href}" title="{title}"><span class="k">{key_html}=</span>{text_html}</a>\n'
 
     def _trace_chip(self, trace_id: str, span_id: Any) -> str:
         """A trace id's chip, linking to its trace page, and to the trace viewer when there is one."""
@@ -216,8 +224,8 @@ class _PageRows:
         return chip
 
     def _filters_href(self) -> str:
-        """The timeline's link with the page's filters (first page), ready for one more parameter."""
+        """The timeline's link with the page's filters (first page), ready for one more parameter, as HTML."""
         if self._filter_prefix is None:
             params = self.filters.params(cursor=None)
-            self._filter_prefix = self.link("/", params) + ("&" if params else "?")
+            self._filter_prefix = escape_text(self.link("/", params) + ("&" if params else "?"))
         return self._filter_prefix
