@@ -10,7 +10,7 @@ import secrets
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -32,12 +32,14 @@ from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
 from bemi_asgi.ui.rows import escape_text
 from bemi_asgi.ui.view import (
     context_value_text,
+    format_time,
     json_text,
     moment_input,
     parse_context_value,
     parse_filters,
     parse_moment,
     query_string,
+    time_texts,
 )
 from bemi_asgi.worker.pipeline import Worker
 
@@ -751,6 +753,15 @@ def test_filter_parsing_and_scope_merging() -> None:
     assert merge_scope({"tenant_id": "1"}, {"tenant_id": 1}) is None
     assert merge_scope({"user": "ann"}, {"tenant_id": 1}) == {"user": "ann", "tenant_id": 1}
     assert parse_moment("2025-03-01T13:00+01:00", "at") == T0
+
+
+@given(st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5, minutes=-30))])))
+def test_time_texts_are_isoformat_and_format_time(moment: datetime) -> None:
+    """A time cell's texts, cut from one isoformat for a time in UTC, are its isoformat and format_time's text,
+    whole seconds and other offsets included."""
+    assert time_texts(moment) == (moment.isoformat(), format_time(moment))
+    whole = moment.replace(microsecond=0, tzinfo=UTC)
+    assert time_texts(whole) == (whole.isoformat(), format_time(whole))
 
 
 @given(st.text())

@@ -20,11 +20,11 @@ from .view import (
     CONTEXT_PARAM_PREFIX,
     TimelineFilters,
     context_value_text,
-    format_time,
     json_text,
     query_text,
     schema_change_summary,
     shorten,
+    time_texts,
     trace_id_of,
 )
 
@@ -159,10 +159,10 @@ class _PageRows:
                 f'<a href="{row}{query_text(change.primary_key)}#c{anchor}" title="History of this row">'
                 f"{escape_text(shorten(change.primary_key, 30))}</a>"
             )
-        committed_at = change.committed_at  # a datetime's texts: digits and separators, nothing to escape
+        exact, shown = time_texts(change.committed_at)  # a datetime's texts: digits and separators, nothing to escape
         return (
             f'<tr id="c{anchor}"{_NEW if new else ""}>\n'
-            f'  <td class="time" title="{committed_at.isoformat()}">{format_time(committed_at)}</td>\n'
+            f'  <td class="time" title="{exact}">{shown}</td>\n'
             f"{_OPERATION_CELL[change.operation]}"
             f'  <td class="mono"><a href="{table_href}" title="Only this table">'
             f"{escape_text(table if schema == 'public' else f'{schema}.{table}')}</a></td>\n"

@@ -17,7 +17,7 @@ from markupsafe import Markup
 from ..history.models import Change, Operation
 from ..history.refs import Refs
 from .rows import OPERATION_BADGES, Link, TimelineRows, escape_text, schema_change_html
-from .view import FieldRow, TimelineFilters, field_rows, format_time, moment_param
+from .view import FieldRow, TimelineFilters, field_rows, moment_param, time_texts
 
 __all__ = ["ChangeSections"]
 
@@ -33,9 +33,8 @@ _NOT_REVERTIBLE = frozenset({Operation.TRUNCATE, Operation.SNAPSHOT, Operation.D
 
 def _moment(change: Change) -> str:
     """When the change was committed (a datetime's texts: digits and separators, nothing to escape)."""
-    return (
-        f'<span class="time mono" title="{change.committed_at.isoformat()}">{format_time(change.committed_at)}</span>'
-    )
+    exact, shown = time_texts(change.committed_at)
+    return f'<span class="time mono" title="{exact}">{shown}</span>'
 
 
 class ChangeSections:

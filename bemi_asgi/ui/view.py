@@ -42,6 +42,7 @@ __all__ = [
     "query_string",
     "query_text",
     "shorten",
+    "time_texts",
 ]
 
 #: The query-string prefix of context filters: `c.<key>=<value>` narrows the timeline to that context pair
@@ -172,6 +173,21 @@ def moment_param(moment: datetime) -> str:
 def format_time(moment: datetime) -> str:
     """A time as shown in tables: UTC to the millisecond."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "milliseconds")  # cut, not rounded
+
+
+#: The length of a UTC time's `isoformat()` without a fraction of a second: "YYYY-MM-DDTHH:MM:SS+00:00".
+_WHOLE_SECOND_ISO = 25
+
+
+def time_texts(moment: datetime) -> tuple[str, str]:
+    """`moment.isoformat()` (a time cell's title) and `format_time(moment)`; for a time in UTC, as stored changes'
+    are, the second is cut from the first: an aware datetime's texts cost a microsecond or two each."""
+    iso = moment.isoformat()
+    if not iso.endswith("+00:00"):
+        return iso, format_time(moment)
+    if len(iso) == _WHOLE_SECOND_ISO:  # isoformat leaves out a zero fraction, format_time writes it
+        return iso, f"{iso[:10]} {iso[11:19]}.000"
+    return iso, f"{iso[:10]} {iso[11:23]}"
 
 
 @dataclass(frozen=True)
