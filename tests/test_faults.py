@@ -34,7 +34,7 @@ from bemi_asgi.ops.postgres import LocalPostgres
 from bemi_asgi.worker.pipeline import Worker
 
 from .conftest import PgServer
-from .worker_support import DESTINATION_SQL, changes, drain, emit, prepare_source
+from .worker_support import DESTINATION_SQL, changes, current_wal_lsn, drain, emit, prepare_source
 
 ROOT = Path(__file__).parent.parent
 LONG = os.environ.get("BEMI_LONG_TESTS", "") not in ("", "0")
@@ -47,10 +47,6 @@ def scalar(dsn: str, query: str, *args: Any) -> Any:
         row = conn.execute(query, args or None).fetchone()
         assert row is not None
         return row[0]
-
-
-def current_wal_lsn(dsn: str) -> int:
-    return parse_lsn(scalar(dsn, "SELECT pg_current_wal_lsn()::text"))
 
 
 def slot_positions(dsn: str, slot: str = "bemi") -> tuple[int, int]:

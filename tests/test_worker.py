@@ -17,7 +17,7 @@ from bemi_asgi.worker.pipeline import Worker
 from bemi_asgi.worker.stitching import INVALID_CONTEXT_KEY
 
 from .conftest import PgServer, drop_database
-from .worker_support import DESTINATION_SQL, changes, drain, emit, prepare_source
+from .worker_support import DESTINATION_SQL, changes, current_wal_lsn, drain, emit, prepare_source
 
 ITEMS = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, qty int)"
 
@@ -241,10 +241,8 @@ async def test_run_until_a_position_stores_what_committed_before_it_and_returns(
     """`run(until_lsn=...)` returns once what committed before that position is stored, though more is coming."""
     prepare_source(database, ITEMS, ["items"])
     run_sql(database, "INSERT INTO items VALUES (1, 'a', 0)")
+    position = current_wal_lsn(database)
     with psycopg.connect(database, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert row is not None
-        position = parse_lsn(row[0])
         conn.execute(
             "CREATE PROCEDURE keep_writing() LANGUAGE plpgsql AS $$ BEGIN"
             " FOR i IN 2 .. 200000 LOOP INSERT INTO items VALUES (i, 'x', 0); COMMIT; END LOOP; END $$"
@@ -345,9 +343,7 @@ async def test_idle_slot_advances_past_untracked_traffic(database: str) -> None:
                     with conn.transaction():
                         conn.execute("INSERT INTO untracked VALUES (%s)", [i])
                         emit(conn, {"i": i})
-                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-                assert row is not None
-                return parse_lsn(row[0])
+            return current_wal_lsn(database)
 
         written = await asyncio.to_thread(write_untracked)
 

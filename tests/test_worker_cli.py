@@ -12,10 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from bemi_asgi import SourceNotReadyError, Worker
+from bemi_asgi._pgtext import format_lsn
 from bemi_asgi.cli import app
 from bemi_asgi.ops.postgres import LocalPostgres, free_port
 
-from .worker_support import DESTINATION_SQL, changes, emit, prepare_source
+from .worker_support import DESTINATION_SQL, changes, current_wal_lsn, emit, prepare_source
 
 
 def test_until_caught_up_stores_everything_and_prints_progress(database: str) -> None:
@@ -41,13 +42,12 @@ def test_until_lsn_stores_what_committed_before_it_and_exits(database: str) -> N
     prepare_source(database, "CREATE TABLE items (id int PRIMARY KEY)", ["items"], slot="cli")
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("INSERT INTO items SELECT generate_series(1, 3)")
-        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert row is not None
+    position = format_lsn(current_wal_lsn(database))
     command = ["worker", "--source", database, "--slot", "cli", "--quiet"]
-    result = CliRunner().invoke(app, [*command, "--until-lsn", row[0]])
+    result = CliRunner().invoke(app, [*command, "--until-lsn", position])
     assert result.exit_code == 0, result.output
     assert sorted(int(c["primary_key"]) for c in changes(database)) == [1, 2, 3]
-    for wrong in (["--until-lsn", "16-B374D848"], ["--until-lsn", row[0], "--until-caught-up"]):
+    for wrong in (["--until-lsn", "16-B374D848"], ["--until-lsn", position, "--until-caught-up"]):
         result = CliRunner().invoke(app, [*command, *wrong])
         assert result.exit_code == 2, result.output
         assert "--until-lsn" in result.stderr

@@ -9,10 +9,19 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from bemi_asgi._pgtext import parse_lsn
 from bemi_asgi.ops.migration import load_sql
 from bemi_asgi.worker.pipeline import Worker
 
 DESTINATION_SQL = load_sql("destination_up.sql")
+
+
+def current_wal_lsn(dsn: str) -> int:
+    """The server's WAL position now."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        return parse_lsn(row[0])
 
 
 def prepare_source(dsn: str, schema_sql: str, tables: list[str], *, slot: str = "bemi") -> None:
