@@ -218,6 +218,15 @@ def count(dsn: str, where: str = "true") -> int:
         return int(row[0])
 
 
+def slot_names(repeat: int, chain_rounds: int) -> list[str]:
+    """The slots of `throughput`'s runs: each reads the generated changes once."""
+    return [
+        *(f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bare")),
+        *(f"{kind}{n}" for n in range(max(repeat, chain_rounds)) for kind in ("bemi", "plain")),
+        "verify",
+    ]
+
+
 def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int, chain_rounds: int) -> dict[str, float]:
     """Prints the figures; returns the changes/s of pg_recvlogical, the worker (into `bemi.changes` as migrated,
     without the hash chain, and without secondary indexes) and the destination alone, and the CPU seconds of the
@@ -225,12 +234,7 @@ def throughput(server: LocalPostgres, dsn: str, changes: int, repeat: int, chain
     by more than the chain costs, so its cost is the median of many rounds."""
     bare = prepare_bare(server)
     rounds = max(repeat, chain_rounds)
-    slots = [
-        *(f"{kind}{n}" for n in range(repeat) for kind in ("recv", "bare")),
-        *(f"{kind}{n}" for n in range(rounds) for kind in ("bemi", "plain")),
-        "verify",
-    ]
-    reset(dsn, *slots)
+    reset(dsn, *slot_names(repeat, chain_rounds))
     transactions = changes // 20
     started = time.perf_counter()
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -427,6 +431,11 @@ def lag(dsn: str, seconds: float, rate: int = 1000) -> tuple[float, float, float
 SETTINGS = {"max_wal_size": "4GB", "checkpoint_timeout": "30min", "autovacuum": "off"}
 
 
+def settings(repeat: int, chain_rounds: int) -> dict[str, str]:
+    """`SETTINGS`, with room for every slot of `throughput` (many rounds need more than the server's default)."""
+    return {**SETTINGS, "max_replication_slots": str(max(32, len(slot_names(repeat, chain_rounds)) + 1))}
+
+
 def results(quick: bool = False) -> list[Result]:
     """The figures for `python -m benchmarks` (`quick`: 100k changes, best of 3, the chain's cost over 7 rounds, a
     200k-row transaction, 3 s of lag; the worker's process start weighs more in the smaller run)."""
@@ -434,7 +443,7 @@ def results(quick: bool = False) -> list[Result]:
         (100_000, 3, 7, 200_000, 3.0) if quick else (250_000, 3, 9, 1_000_000, 10.0)
     )
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    with throwaway_server(SETTINGS) as server:
+    with throwaway_server(settings(repeat, chain_rounds)) as server:
         dsn = server.dsn()
         prepare(dsn)
         rates = throughput(server, dsn, changes, repeat, chain_rounds)
@@ -493,7 +502,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    with throwaway_server(SETTINGS) as server:
+    with throwaway_server(settings(args.repeat, args.chain_rounds)) as server:
         dsn = server.dsn()
         prepare(dsn)
         throughput(server, dsn, args.changes, args.repeat, args.chain_rounds)
