@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -26,8 +26,7 @@ from bemi_asgi.ops.prune import prune
 from bemi_asgi.ops.verify import ChainReport, verify
 from bemi_asgi.worker import chain
 from bemi_asgi.worker.backfill import Backfill
-from bemi_asgi.worker.chain import chain_hasher, digest_timestamp
-from bemi_asgi.worker.pgoutput import PG_EPOCH
+from bemi_asgi.worker.chain import chain_hasher
 
 from .worker_support import changes, drain, emit
 
@@ -222,6 +221,21 @@ async def test_contents_are_read_back_and_verified_a_page_at_a_time(
     assert_first_problem(database, "inserted", victim["commit_lsn"], victim["ordinal"] + 100)
 
 
+async def test_a_destination_with_other_column_types_is_chained_as_the_migrations_types(history: str) -> None:
+    """A `bemi.changes` whose column types differ from the migration's (ordinal widened to bigint) is written by
+    records, and its rows are read back for the chain: their contents are printed as the migration's types would
+    be sent, so the history chains, verifies, and an edit is still found."""
+    as_superuser(history, "ALTER TABLE bemi.changes ALTER COLUMN ordinal TYPE bigint")
+    await drain(history, chain_key=KEY)
+    report = changes_report(history)
+    assert report.intact, report.describe()
+    assert report.changes == 10
+
+    victim = changes(history)[6]
+    as_superuser(history, "UPDATE bemi.changes SET \"after\" = '{}' WHERE id = %s", [victim["id"]])
+    assert_first_problem(history, "edited", victim["commit_lsn"], victim["ordinal"])
+
+
 async def test_a_large_batch_is_linked_in_bounded_rows(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch of more changes than one `bemi.chain` row holds is linked in several rows, chained to each other in
     the same transaction; it verifies, and an edit in a later row is still located."""
@@ -348,9 +362,9 @@ def test_verify_command_prints_the_head_and_exits_1_on_tampering(database: str) 
 @pytest.mark.parametrize("key_bytes", [None, 16, 64, 65, 200])
 def test_chain_hash_is_hmac_sha256_of_the_previous_hash_and_the_content(key_bytes: int | None) -> None:
     """The chain hash is HMAC-SHA256 (RFC 2104, keys longer than a block hashed first) over the previous hash and
-    the change's content, SHA-256 of the same without a key; format 1 (links written before) hashed the previous
-    hash, the commit LSN and ordinal (big-endian int8, int4) and the content's digest. The worker's own loop
-    (`Link.add`) gives the same hashes as `chain_hasher`."""
+    the change's content (formats 2 and 3, which differ in what the content is), SHA-256 of the same without a key;
+    format 1 (links written before format 2) hashed the previous hash, the commit LSN and ordinal (big-endian int8,
+    int4) and the content's digest. The worker's own loop (`Link.add`) gives the same hashes as `chain_hasher`."""
     key = None if key_bytes is None else bytes(range(256))[:key_bytes]
 
     def expected(message: bytes) -> bytes:
@@ -372,39 +386,42 @@ def test_chain_hash_is_hmac_sha256_of_the_previous_hash_and_the_content(key_byte
     assert (list(pending.lsns), list(pending.ordinals)) == ([2**40 + 5] * 5, [1, 2, 3, 4, 5])
 
 
-def as_format_1(dsn: str, key: bytes) -> None:
-    """Rewrite every link of the stream's chain of changes as format 1 links are written: what a destination holds
-    after a worker of an earlier version stored them."""
-    hasher = chain_hasher(key, 1)
+def as_format(dsn: str, key: bytes, chain_format: int) -> None:
+    """Rewrite every link of the stream's chain of changes as links of an earlier `chain_format` are written: what
+    a destination holds after a worker of an earlier version stored them."""
+    hasher = chain_hasher(key, chain_format)
     with psycopg.connect(dsn) as conn:
         previous = chain.GENESIS
         links = conn.execute("SELECT seq, commit_lsns, ordinals FROM bemi.chain WHERE kind = 'changes' ORDER BY seq")
         for seq, lsns, ordinals in links.fetchall():
             hashes = b""
             for lsn, ordinal in zip(lsns, ordinals, strict=True):
+                covered = chain.covered_sql(chain_format)
                 row = conn.execute(
-                    f"SELECT {chain.DIGEST_SQL} FROM bemi.changes WHERE commit_lsn = %s AND ordinal = %s",
-                    [lsn, ordinal],
+                    f"SELECT {covered} FROM bemi.changes WHERE commit_lsn = %s AND ordinal = %s", [lsn, ordinal]
                 ).fetchone()
                 assert row is not None
                 hashes += hasher(previous if not hashes else hashes[-32:], lsn, ordinal, bytes(row[0]))
             conn.execute(
-                "UPDATE bemi.chain SET format = 1, previous = %s, hashes = %s WHERE kind = 'changes' AND seq = %s",
-                [previous, hashes, seq],
+                "UPDATE bemi.chain SET format = %s, previous = %s, hashes = %s WHERE kind = 'changes' AND seq = %s",
+                [chain_format, previous, hashes, seq],
             )
             previous = hashes[-32:]
 
 
-async def test_links_written_in_format_1_verify_and_the_chain_goes_on_after_them(history: str) -> None:
-    """A destination's links written before format 2 still verify, an edit among them is still located, and the
-    worker chains its new links after them."""
+@pytest.mark.parametrize("chain_format", [1, 2])
+async def test_links_written_in_earlier_formats_verify_and_the_chain_goes_on_after_them(
+    history: str, chain_format: int
+) -> None:
+    """A destination's links written in an earlier format still verify, an edit among them is still located, and
+    the worker chains its new links after them."""
     await drain(history, chain_key=KEY)
-    as_format_1(history, KEY)
+    as_format(history, KEY, chain_format)
     write(history, 4, start=5)
     await drain(history, chain_key=KEY)
     with psycopg.connect(history) as conn:
         formats = conn.execute("SELECT array_agg(DISTINCT format ORDER BY format) FROM bemi.chain").fetchone()
-    assert formats == ([1, 2],)
+    assert formats == ([chain_format, chain.CHAIN_FORMAT],)
     report = changes_report(history)
     assert report.intact, report.describe()
     assert report.changes == 18
@@ -436,19 +453,3 @@ async def test_a_destination_migrated_before_link_formats_is_told_to_migrate_aga
     as_superuser(history, migration_sql())
     await drain(history, chain_key=KEY)
     assert changes_report(history).intact
-
-
-def test_digest_timestamps_are_written_as_the_destination_prints_them(database: str) -> None:
-    """The worker's text for a commit or queue time (in the digest it hashes) is the destination's, whatever the
-    fraction: none, trailing zeros, a full six digits, before PostgreSQL's epoch."""
-    moments = [
-        datetime(2026, 11, 30, 17, 0, 0, tzinfo=UTC),
-        datetime(2026, 11, 30, 17, 0, 0, 500000, tzinfo=UTC),
-        datetime(2026, 11, 30, 17, 0, 0, 120, tzinfo=UTC),
-        datetime(2026, 11, 30, 17, 0, 59, 999999, tzinfo=UTC),
-        datetime(1999, 12, 31, 23, 59, 59, 10, tzinfo=UTC),
-    ]
-    with psycopg.connect(database, autocommit=True) as conn:
-        for moment in moments:
-            printed = conn.execute("SELECT to_jsonb(%s::timestamptz AT TIME ZONE 'UTC')::text", [moment]).fetchone()
-            assert printed == (digest_timestamp((moment - PG_EPOCH) // timedelta(microseconds=1)),), moment

@@ -303,12 +303,16 @@ async def pending_changes(dsn: str, frames: list[bytes]) -> list[PendingChange]:
 
 async def test_binary_copy_stores_what_record_copy_stores(database: str, captured: dict[str, list[bytes]]) -> None:
     """The worker's binary COPY stream stores every column of every change exactly as asyncpg's record COPY does:
-    keys (NULL ones too), JSON with unicode, contexts per segment, timestamps, transaction ids and positions."""
+    keys (NULL ones too), JSON with unicode, contexts per segment, timestamps (one before PostgreSQL's epoch of
+    2000), transaction ids and positions."""
     changes = await pending_changes(database, captured["UTC"])
     assert len(changes) > 30
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(DESTINATION_SQL)
-    committed_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    committed = [
+        datetime(1999, 12, 31, 23, 59, 59, 999_990, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC),
+    ]
     queued_at = datetime.now(UTC)
     contexts = [context_json('{"user_id": 1, "who": "é 🙂 \\"q\\""}'.encode()), "{}"]
     halves = [changes[: len(changes) // 2], changes[len(changes) // 2 :]]
@@ -316,7 +320,7 @@ async def test_binary_copy_stores_what_record_copy_stores(database: str, capture
     try:
         stream = await destination.stream(SourceStream(7, "dbé", "s"))
         records = [
-            (key, before, after, context, "dbé", schema, table, operation, committed_at, queued_at,
+            (key, before, after, context, "dbé", schema, table, operation, committed[n], queued_at,
              4_000_000_000 + n, position, 2**40 + n, ordinal, stream)
             for n, (context, half) in enumerate(zip(contexts, halves, strict=True))
             for key, before, after, schema, table, operation, position, ordinal in half
@@ -330,7 +334,7 @@ async def test_binary_copy_stores_what_record_copy_stores(database: str, capture
 
         def pieces() -> Iterator[bytes]:  # produced while sent, as the writer's
             for n, (context, half) in enumerate(zip(contexts, halves, strict=True)):
-                copy.transaction(committed_at, queued_at, 4_000_000_000 + n, 2**40 + n)
+                copy.transaction(committed[n], queued_at, 4_000_000_000 + n, 2**40 + n)
                 copy.context(context)
                 copy.add(half[:3])
                 yield copy.take()

@@ -1,8 +1,8 @@
 """`bemi-asgi verify`: walk a stream's hash chains (`worker/chain.py`) and say whether the stored history is the one
 the worker and the backfill stored.
 
-For each link of a chain, in order, the changes it covers are read back as the chain covers them (their content as
-the server prints it, `CONTENT_SQL`, or its digest for links of format 1), each chain hash is recomputed from the
+For each link of a chain, in order, the changes it covers are read back as its format covers them (`covered_sql`:
+their content as the server prints it, or its digest for links of format 1), each chain hash is recomputed from the
 previous one and compared with the hash stored when the change was written. The first difference is reported with
 where it is:
 
@@ -33,12 +33,11 @@ from .._exceptions import DestinationNotReadyError
 from .._pgtext import format_lsn
 from ..worker.chain import (
     CHAIN_FORMATS,
-    CONTENT_SQL,
-    DIGEST_SQL,
     GENESIS,
     READ_BACK_CHANGES,
     ChainKind,
     chain_hasher,
+    covered_sql,
     key_id,
     removal,
 )
@@ -304,7 +303,7 @@ class _Walker:
         if not entries:
             return {}
         keys = [entry_key for entry_key, _ in entries]
-        covered = DIGEST_SQL if chain_format == 1 else CONTENT_SQL
+        covered = covered_sql(chain_format)
         if self.kind == "changes":
             start, inclusive = (keys[0], ">=") if low is None else (low, ">")
             found = self.conn.execute(

@@ -58,8 +58,8 @@ from .._exceptions import ConfigError, DestinationNotReadyError, SourceNotReadyE
 from .._pgtext import format_lsn, parse_lsn
 from .chain import ChainState, link, stored_contents
 from .config import TrackingConfig
+from .copy_row import BINARY_COLUMNS
 from .destination import (
-    BINARY_COLUMNS,
     COLUMNS,
     BinaryCopy,
     ChangeRecord,

@@ -1,18 +1,18 @@
 """Tamper evidence: a hash chain over the stored changes of each stream, computed in the transaction that stores them.
 
-Each stored change gets a chain hash, `h = H(previous h || content)`, where `content` is the change's stored content
-as the destination prints it (`CONTENT_SQL`: every covered column, jsonb and timestamps in their canonical text, its
-commit LSN and ordinal last) and `H` is HMAC-SHA256 with a key the database does not hold (`BEMI_CHAIN_KEY`), or
-SHA-256 without one. The worker sends jsonb as the destination prints it (`jsonb.py`), so it hashes the text it sent
-(`BinaryCopy`), without reading the rows back; `bemi-asgi verify` reads it from what is stored, and the backfill
-reads its own rows' content back (`stored_contents`). The hashes of one destination transaction are stored as one
-row of `bemi.chain` (a *link*: the changes' keys and their hashes, and the hash before them), in that same
-transaction: a change and its hash are stored together or not at all.
+Each stored change gets a chain hash, `h = H(previous h || content)`, where `content` is the change's row as the
+worker's binary COPY sends it, followed by its `created_at` (`copy_row.ROW_CONTENT_SQL` prints it from what is
+stored: every column but `id`, its position among them) and `H` is HMAC-SHA256 with a key the database does not
+hold (`BEMI_CHAIN_KEY`), or SHA-256 without one. The worker sends jsonb as the destination prints it (`jsonb.py`),
+so it hashes the rows it sends (`BinaryCopy`), without reading them back; `bemi-asgi verify` reads the contents
+from what is stored, and the backfill reads its own rows' contents back (`stored_contents`). The hashes of one
+destination transaction are stored as one row of `bemi.chain` (a *link*: the changes' keys and their hashes, and
+the hash before them), in that same transaction: a change and its hash are stored together or not at all.
 
-Links record their format: format 1 (links written before format 2) hashed `previous || commit_lsn || ordinal ||
-SHA-256(content)`, a third SHA-256 computation per change (under callgrind the chain cost the worker 44,500
-instructions per change in format 1, 36,800 in format 2); `verify` still reads both, so a history chained across an
-upgrade verifies whole.
+Links record their format (`covered_sql`): format 3 is the one above. Formats 1 and 2 (links written before) covered
+a JSON array of the columns (`TEXT_CONTENT_SQL`), which the worker wrote a second time for each row it sent: format
+2 hashed `previous || that text`, format 1 `previous || commit_lsn || ordinal || SHA-256(that text)`. `verify`
+still reads all three, so a history chained across an upgrade verifies whole.
 
 Two chains per stream: `changes`, the worker's, in commit order (`(commit_lsn, ordinal)`, ordinals from 1), and
 `baselines`, those `bemi-asgi backfill` stores in its own transactions (negative ordinals), in the order it writes
@@ -33,7 +33,6 @@ import struct
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from itertools import repeat
 from typing import Final, Literal
 
@@ -41,7 +40,7 @@ import asyncpg
 
 from .._exceptions import ConfigError
 from .._hmac import KeyedStates, hmac_sha256, keyed_states
-from .pgoutput import PG_EPOCH
+from .copy_row import ROW_CONTENT_SQL
 
 __all__ = [
     "CHAIN_FORMAT",
@@ -52,6 +51,7 @@ __all__ = [
     "GENESIS",
     "LINK_CHANGES",
     "READ_BACK_CHANGES",
+    "TEXT_CONTENT_SQL",
     "ChainHasher",
     "ChainKind",
     "ChainState",
@@ -59,7 +59,7 @@ __all__ = [
     "Link",
     "chain_hasher",
     "chain_key",
-    "digest_timestamp",
+    "covered_sql",
     "key_id",
     "link",
     "removal",
@@ -71,9 +71,9 @@ __all__ = [
 CHAIN_KEY_ENV: Final = "BEMI_CHAIN_KEY"
 MIN_CHAIN_KEY_BYTES: Final = 16
 #: The format of the links written now (`bemi.chain.format`; see the module's docstring).
-CHAIN_FORMAT: Final = 2
+CHAIN_FORMAT: Final = 3
 #: The formats `verify` reads.
-CHAIN_FORMATS: Final = (1, 2)
+CHAIN_FORMATS: Final = (1, 2, 3)
 #: The most changes one `bemi.chain` row holds: a larger batch is linked in several (bounded memory while stored).
 LINK_CHANGES: Final = 20_000
 #: The most changes whose content is read back at once (`stored_contents`, `verify`).
@@ -83,16 +83,27 @@ GENESIS: Final = bytes(32)
 
 ChainKind = Literal["changes", "baselines"]
 
-#: The content a change's chain hash covers: every column of `bemi.changes` but `id`, as of this chain's version (a
-#: column added later is not covered, so the history stored before it still verifies), as UTF-8 bytes. Timestamps
-#: are hashed as UTC text, jsonb in its canonical form: what the worker sent and what verify reads hash alike. The
-#: commit LSN and ordinal come last, so a change's hash also covers its position.
-CONTENT_SQL: Final = (
+#: What links of formats 1 and 2 covered of a change: every column of `bemi.changes` but `id` as of then, as a JSON
+#: array's text (jsonb in its canonical form, timestamps as UTC text, the commit LSN and ordinal last), as UTF-8.
+TEXT_CONTENT_SQL: Final = (
     'convert_to(jsonb_build_array(primary_key, "before", "after", context, database, "schema", "table",'
     " operation, committed_at AT TIME ZONE 'UTC', queued_at AT TIME ZONE 'UTC', created_at AT TIME ZONE 'UTC',"
     " transaction_id, position, commit_lsn, ordinal)::text, 'UTF8')"
 )
-#: The content's SHA-256: what format 1 links chained, and what the worker's own text is checked against.
+
+
+def covered_sql(chain_format: int) -> str:
+    """What a link of `chain_format` covers of each change, as SQL over a `bemi.changes` row: its content (formats
+    2 and 3; a column added later is not covered, so the history stored before it still verifies), or its content's
+    SHA-256 (format 1)."""
+    if chain_format == 1:
+        return f"sha256({TEXT_CONTENT_SQL})"
+    return TEXT_CONTENT_SQL if chain_format == 2 else ROW_CONTENT_SQL
+
+
+#: The content the links written now cover.
+CONTENT_SQL: Final = covered_sql(CHAIN_FORMAT)
+#: The content's SHA-256: what the worker's own content is checked against.
 DIGEST_SQL: Final = f"sha256({CONTENT_SQL})"
 
 _key_bytes: Final = struct.Struct(">qi").pack
@@ -126,14 +137,15 @@ def key_id(key: bytes | None) -> bytes:
 
 def removal(chain_format: int, commit_lsn: int, ordinal: int) -> bytes:
     """What a link covers for a baseline the backfill replaced (its row is gone by design): never a change's
-    content, which is a JSON array."""
+    content, which is a JSON array (formats 1 and 2) or starts with its field count, a zero byte (format 3)."""
     if chain_format == 1:
         return _REMOVED_DIGEST
     return b"removed %d %d" % (commit_lsn, ordinal)
 
 
 #: `hash(previous, commit_lsn, ordinal, covered)`: the chain hash of one change after `previous`, `covered` being
-#: its content (format 2, which holds the position) or its content's SHA-256 (format 1).
+#: what its link's format covers (`covered_sql`): its content (which holds the position) or its content's SHA-256
+#: (format 1).
 ChainHasher = Callable[[bytes, int, int, bytes], bytes]
 
 
@@ -188,21 +200,6 @@ class ChainState:
 #: One change of a chain: its commit LSN, ordinal and content (`CONTENT_SQL`), or the content's digest where a
 #: digest is compared (`stored_digests`).
 Entry = tuple[int, int, bytes]
-
-
-@functools.lru_cache(maxsize=64)
-def _second_text(seconds: int) -> str:
-    return (PG_EPOCH + timedelta(seconds=seconds)).isoformat()[:-6]  # without "+00:00"
-
-
-def digest_timestamp(microseconds: int) -> str:
-    """A timestamptz, given in microseconds since 2000-01-01 UTC (PostgreSQL's epoch), as the content's text holds
-    it (`to_jsonb(moment AT TIME ZONE 'UTC')`): ISO 8601 without offset, the fraction without trailing zeros. The
-    worker calls it twice per transaction, for moments a few seconds apart: each second is written once."""
-    seconds, fraction = divmod(microseconds, 1_000_000)
-    if not fraction:
-        return f'"{_second_text(seconds)}"'
-    return f'"{_second_text(seconds)}.{f"{fraction:06d}".rstrip("0")}"'
 
 
 async def stored_contents(
@@ -282,7 +279,7 @@ class Link:
         """The next changes of the chain, all of one transaction (`commit_lsn`), with their contents: the worker's
         hot path, one call for many changes."""
         head, hashes = self.head, self.hashes
-        # `chain_hasher`'s format 2, written out: a call per change took a fifth of this loop's time.
+        # `chain_hasher`'s formats 2 and 3, written out: a call per change took a fifth of this loop's time.
         if self._keyed is None:
             for content in contents:
                 head = _sha256(head + content).digest()

@@ -21,16 +21,15 @@ from typing import Any, Final
 
 import asyncpg
 
-from .._changes_table import TYPES, WRITTEN
+from .._changes_table import WRITTEN
 from .._exceptions import DestinationNotReadyError
-from .chain import ChainState, Entry, Link, digest_timestamp, link, stored_contents, stored_digests
-from .jsonb import json_string
+from .chain import ChainState, Entry, Link, link, stored_contents, stored_digests
+from .copy_row import BINARY_COLUMNS
 from .pgoutput import PG_EPOCH
 from .spill import PendingChange
 from .stream import python_encoding
 
 __all__ = [
-    "BINARY_COLUMNS",
     "COLUMNS",
     "BinaryCopy",
     "ChangeRecord",
@@ -47,29 +46,6 @@ COLUMNS: Final = WRITTEN
 #: One row of `bemi.changes` in `COLUMNS` order (JSON columns as JSON text).
 ChangeRecord = tuple[object, ...]
 
-#: The columns of `BinaryCopy`'s stream with their types: each change's own values first, then those it shares
-#: with the other changes of its relation (and operation), its transaction's segment and its transaction.
-BINARY_COLUMNS: Final = tuple(
-    (name, TYPES[name])
-    for name in (
-        "primary_key",
-        "before",
-        "after",
-        "position",
-        "ordinal",
-        "schema",
-        "table",
-        "operation",
-        "database",
-        "context",
-        "committed_at",
-        "queued_at",
-        "transaction_id",
-        "commit_lsn",
-        "stream",
-    )
-)
-
 _MICROSECOND: Final = timedelta(microseconds=1)
 _HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # signature, flags, no header extension
 _TRAILER: Final = struct.pack(">h", -1)
@@ -80,6 +56,7 @@ _jsonb_head: Final = struct.Struct(">ib").pack  # length, then jsonb's binary fo
 _numbers: Final = struct.Struct(">iqii").pack  # position (int8), ordinal (int4), each after its length
 _length: Final = struct.Struct(">i").pack
 _transaction: Final = struct.Struct(">iqiqiqiqii").pack
+_timestamp: Final = struct.Struct(">iq").pack  # a timestamptz after its length
 
 
 def _text(value: str) -> bytes:
@@ -113,98 +90,76 @@ class BinaryCopy:
         self._transaction = b""
         self._tail = b""
         self._shared: dict[tuple[str, str, str], bytes] = {}
-        #: The hash chain's link for these rows (None: no chain): each row's content, written from the row as sent,
-        #: is added to it.
+        #: The hash chain's link for these rows (None: no chain): each row's content (`copy_row`: the row as sent,
+        #: then its `created_at`) is added to it.
         self.link = link
         #: Of each (schema, table, operation), the first `samples` segments' first rows, with their contents'
         #: digests (checked against the destination's).
         self.samples: dict[tuple[str, str, str], list[Entry]] = {}
         self._samples = samples
-        #: `created_at` as the contents hold it: set before the first `add()` (the destination transaction's start).
-        self.created_at = ""
-        self._database_json = json_string(database)
-        self._context_json = ""
-        self._times_json = ""
+        self._sampled: set[bytes] = set()  # the relations sampled in this segment
+        self._created_at = b""
+        self._content_tail = b""
         self._commit_lsn = 0
-        self._middles: dict[bytes, bytes] = {}
+
+    def created_at(self, moment: datetime) -> None:
+        """The rows' `created_at` as the destination sets it (its transaction's start): their contents end with it.
+        Set before the first `transaction()`."""
+        self._created_at = _timestamp(8, _microseconds(moment))
 
     def transaction(self, committed_at: datetime, queued_at: datetime, xid: int, commit_lsn: int) -> None:
         committed, queued = _microseconds(committed_at), _microseconds(queued_at)
         self._transaction = _transaction(8, committed, 8, queued, 8, xid, 8, commit_lsn, 4, self._stream)
-        if self.link is not None:
-            self._times_json = f"{digest_timestamp(committed)}, {digest_timestamp(queued)}, {self.created_at}, {xid}, "
-            self._commit_lsn = commit_lsn
+        self._commit_lsn = commit_lsn
 
     def context(self, context: str) -> None:
         data = context.encode()
         self._tail = self._database + _jsonb_head(len(data) + 1, 1) + data + self._transaction
-        self._context_json = context
-        self._middles.clear()
+        if self.link is not None and not self._created_at:
+            raise ValueError("a chained copy's created_at() comes before its rows")
+        self._content_tail = self._tail + self._created_at
+        self._sampled.clear()
 
     def add(self, changes: Iterable[PendingChange]) -> None:
         add = self._parts.append
-        tail, shared = self._tail, self._shared
-        link, middles, commit_lsn = self.link, self._middles, self._commit_lsn
+        tail, shared, link = self._tail, self._shared, self.link
+        content_tail, sampled = self._content_tail, self._sampled
         # Chained at the end of the call: one call into the link per call, not per row.
         ordinals: list[int] = []
         contents: list[bytes] = []
         rows = 0
         for key, before, after, schema, table, operation, position, ordinal in changes:
             rows += 1
-            if key is None:
-                add(_NULL_KEY)
-            else:
-                data = key.encode()
-                add(_key_head(_FIELDS, len(data)))
-                add(data)
-            old = before.encode()
-            add(_jsonb_head(len(old) + 1, 1))
-            add(old)
-            new = after.encode()
-            add(_jsonb_head(len(new) + 1, 1))
-            add(new)
-            add(_numbers(8, position, 4, ordinal))
             relation = shared.get((schema, table, operation))
             if relation is None:
                 relation = shared[schema, table, operation] = _text(schema) + _text(table) + _text(operation)
-            add(relation)
+            old, new = before.encode(), after.encode()
+            if key is None:
+                start = _NULL_KEY
+            else:
+                data = key.encode()
+                start = _key_head(_FIELDS, len(data)) + data
+            own = b"".join(
+                (start, _jsonb_head(len(old) + 1, 1), old, _jsonb_head(len(new) + 1, 1), new,
+                 _numbers(8, position, 4, ordinal), relation)
+            )  # fmt: skip
+            add(own)
             add(tail)
             if link is not None:
-                # The text CONTENT_SQL prints: jsonb_build_array(primary_key, before, after, context, database,
-                # schema, table, operation, committed_at, queued_at, created_at, transaction_id, position,
-                # commit_lsn, ordinal)::text, the jsonb values as sent (already as the destination prints them).
-                middle = middles.get(relation)
-                first = middle is None
-                if first:
-                    middle = middles[relation] = self._middle(schema, table, operation)
-                content = b"[%s, %s, %s, %s%d, %d, %d]" % (
-                    b"null" if key is None else json_string(key).encode(),
-                    old,
-                    new,
-                    middle,
-                    position,
-                    commit_lsn,
-                    ordinal,
-                )
+                content = own + content_tail
                 ordinals.append(ordinal)
                 contents.append(content)
-                if first:
+                if relation not in sampled:
+                    sampled.add(relation)
                     self._sample(schema, table, operation, ordinal, content)
         self.rows += rows
         if link is not None:
-            link.add(commit_lsn, ordinals, contents)
+            link.add(self._commit_lsn, ordinals, contents)
 
     def _sample(self, schema: str, table: str, operation: str, ordinal: int, content: bytes) -> None:
         samples = self.samples.setdefault((schema, table, operation), [])
         if len(samples) < self._samples:
             samples.append((self._commit_lsn, ordinal, sha256(content).digest()))
-
-    def _middle(self, schema: str, table: str, operation: str) -> bytes:
-        """The content's text between a row's `after` and its position, for this segment and relation."""
-        return (
-            f"{self._context_json}, {self._database_json}, {json_string(schema)}, {json_string(table)},"
-            f" {json_string(operation)}, {self._times_json}"
-        ).encode()
 
     def take(self) -> bytes:
         data = b"".join(self._parts)
@@ -386,7 +341,7 @@ class Destination:
         `copy` has no link, the destination's contents are read back and chained instead."""
         async with self._conn.transaction():
             # First, so the rows' created_at (this transaction's start) is known before their contents are hashed.
-            copy.created_at = await self._save_progress(stream, last_commit_lsn)
+            copy.created_at(await self._save_progress(stream, last_commit_lsn))
             await self._conn.copy_to_table(
                 "changes",
                 schema_name="bemi",
@@ -405,12 +360,12 @@ class Destination:
             stored = stored_contents(self._conn, stream, first_commit_lsn, last_commit_lsn)
             return await link(self._conn, chain, stored), differs
 
-    async def _save_progress(self, stream: int, last_commit_lsn: int) -> str:
-        """Record the stream's progress; return `created_at` for this transaction's rows, as their contents hold it."""
-        created_at: str = await self._conn.fetchval(
+    async def _save_progress(self, stream: int, last_commit_lsn: int) -> datetime:
+        """Record the stream's progress; return `created_at` of this transaction's rows (its start)."""
+        created_at: datetime = await self._conn.fetchval(
             "INSERT INTO bemi.worker_state (stream, last_commit_lsn) VALUES ($1, $2)"
             " ON CONFLICT (stream) DO UPDATE SET last_commit_lsn = excluded.last_commit_lsn, updated_at = now()"
-            " RETURNING to_jsonb(now() AT TIME ZONE 'UTC')::text",
+            " RETURNING now()",
             stream,
             last_commit_lsn,
         )
