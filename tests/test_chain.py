@@ -99,6 +99,17 @@ def assert_first_problem(dsn: str, kind: str, commit_lsn: int, ordinal: int) -> 
     assert (problem.kind, problem.commit_lsn, problem.ordinal) == (kind, commit_lsn, ordinal)
 
 
+def assert_intact_then_an_edit_is_found(dsn: str, stored: int, victim: int) -> None:
+    """The history verifies, with `stored` changes; then the change at index `victim`, edited by a superuser, is
+    found where it is."""
+    report = changes_report(dsn)
+    assert report.intact, report.describe()
+    assert report.changes == stored
+    change = changes(dsn)[victim]
+    as_superuser(dsn, "UPDATE bemi.changes SET context = '{}' WHERE id = %s", [change["id"]])
+    assert_first_problem(dsn, "edited", change["commit_lsn"], change["ordinal"])
+
+
 async def test_an_intact_history_verifies_with_its_head_and_position(history: str) -> None:
     """Every stored change is covered; verify says intact, with the head's hash and position, and the same head is
     found again later at the same position."""
@@ -227,13 +238,7 @@ async def test_a_destination_with_other_column_types_is_chained_as_the_migration
     be sent, so the history chains, verifies, and an edit is still found."""
     as_superuser(history, "ALTER TABLE bemi.changes ALTER COLUMN ordinal TYPE bigint")
     await drain(history, chain_key=KEY)
-    report = changes_report(history)
-    assert report.intact, report.describe()
-    assert report.changes == 10
-
-    victim = changes(history)[6]
-    as_superuser(history, "UPDATE bemi.changes SET \"after\" = '{}' WHERE id = %s", [victim["id"]])
-    assert_first_problem(history, "edited", victim["commit_lsn"], victim["ordinal"])
+    assert_intact_then_an_edit_is_found(history, stored=10, victim=6)
 
 
 async def test_a_large_batch_is_linked_in_bounded_rows(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -422,13 +427,7 @@ async def test_links_written_in_earlier_formats_verify_and_the_chain_goes_on_aft
     with psycopg.connect(history) as conn:
         formats = conn.execute("SELECT array_agg(DISTINCT format ORDER BY format) FROM bemi.chain").fetchone()
     assert formats == ([chain_format, chain.CHAIN_FORMAT],)
-    report = changes_report(history)
-    assert report.intact, report.describe()
-    assert report.changes == 18
-
-    victim = changes(history)[3]
-    as_superuser(history, "UPDATE bemi.changes SET context = '{}' WHERE id = %s", [victim["id"]])
-    assert_first_problem(history, "edited", victim["commit_lsn"], victim["ordinal"])
+    assert_intact_then_an_edit_is_found(history, stored=18, victim=3)
 
 
 async def test_a_link_in_an_unknown_format_is_reported_not_misread(history: str) -> None:
