@@ -382,7 +382,7 @@ def test_chain_hash_is_hmac_sha256_of_the_previous_hash_and_the_content(key_byte
 
     contents = [b"[%d]" % n for n in range(5)]
     pending = chain.Link(chain.ChainState(1, "changes", key, head=previous))
-    pending.add(2**40 + 5, range(1, 6), contents)
+    pending.add(2**40 + 5, [1, 2, 3, 4, 5], contents)
     hashes, head = [], previous
     for ordinal, one in enumerate(contents, start=1):
         head = chain_hasher(key)(head, 2**40 + 5, ordinal, one)
