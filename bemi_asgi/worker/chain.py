@@ -2,12 +2,13 @@
 
 Each stored change gets a chain hash, `h = H(previous h || content)`, where `content` is the change's row as the
 worker's binary COPY sends it, followed by its `created_at` (`copy_row.ROW_CONTENT_SQL` prints it from what is
-stored: every column but `id`, its position among them) and `H` is HMAC-SHA256 with a key the database does not
-hold (`BEMI_CHAIN_KEY`), or SHA-256 without one. The worker sends jsonb as the destination prints it (`jsonb.py`),
-so it hashes the rows it sends (`BinaryCopy`), without reading them back; `bemi-asgi verify` reads the contents
-from what is stored, and the backfill reads its own rows' contents back (`stored_contents`). The hashes of one
-destination transaction are stored as one row of `bemi.chain` (a *link*: the changes' keys and their hashes, and
-the hash before them), in that same transaction: a change and its hash are stored together or not at all.
+stored): every column but `id`, so its position (commit LSN, ordinal) too. `H` is HMAC-SHA256 with a key the
+database does not hold (`BEMI_CHAIN_KEY`), or SHA-256 without one. The worker sends jsonb as the destination
+prints it (`jsonb.py`), so it hashes the rows it sends (`BinaryCopy`), without reading them back; `bemi-asgi
+verify` reads the contents from what is stored, and the backfill reads its own rows' contents back
+(`stored_contents`). The hashes of one destination transaction are stored as one row of `bemi.chain` (a *link*:
+the changes' keys and their hashes, and the hash before them), in that same transaction: a change and its hash are
+stored together or not at all.
 
 Links record their format (`covered_sql`): format 3 is the one above. Formats 1 and 2 (links written before) covered
 a JSON array of the columns (`TEXT_CONTENT_SQL`), which the worker wrote a second time for each row it sent: format
