@@ -394,14 +394,13 @@ def test_chain_hash_is_hmac_sha256_of_the_previous_hash_and_the_content(key_byte
 def as_format(dsn: str, key: bytes, chain_format: int) -> None:
     """Rewrite every link of the stream's chain of changes as links of an earlier `chain_format` are written: what
     a destination holds after a worker of an earlier version stored them."""
-    hasher = chain_hasher(key, chain_format)
+    hasher, covered = chain_hasher(key, chain_format), chain.covered_sql(chain_format)
     with psycopg.connect(dsn) as conn:
         previous = chain.GENESIS
         links = conn.execute("SELECT seq, commit_lsns, ordinals FROM bemi.chain WHERE kind = 'changes' ORDER BY seq")
         for seq, lsns, ordinals in links.fetchall():
             hashes = b""
             for lsn, ordinal in zip(lsns, ordinals, strict=True):
-                covered = chain.covered_sql(chain_format)
                 row = conn.execute(
                     f"SELECT {covered} FROM bemi.changes WHERE commit_lsn = %s AND ordinal = %s", [lsn, ordinal]
                 ).fetchone()
