@@ -45,6 +45,18 @@ def _reported(command: str, *errors: type[BaseException], code: int, urls: Seque
         raise typer.Exit(code) from None
 
 
+def _lsn_option(value: str | None, option: str) -> int | None:
+    """A WAL position given to `option` (None when not given); a usage error naming it when it is not one."""
+    if value is None:
+        return None
+    from ._pgtext import parse_lsn
+
+    try:
+        return parse_lsn(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
 def _check_urls(command: str, **urls: str | None) -> None:
     """Refuse a URL that cannot be read safely (a password with an unencoded @ breaks a URL apart), in one line
     naming no part of it; exit 2."""
@@ -314,20 +326,14 @@ def worker(
     import sys
 
     from ._exceptions import BemiError
-    from ._pgtext import parse_lsn
     from .worker.chain import chain_key
     from .worker.config import load_config
     from .worker.pipeline import Worker
 
     _check_urls("worker", source=source, destination=destination)
-    end: int | None = None
-    if until_lsn is not None:
-        if until_caught_up:
-            raise typer.BadParameter("give --until-caught-up or --until-lsn, not both", param_hint="--until-lsn")
-        try:
-            end = parse_lsn(until_lsn)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--until-lsn") from None
+    if until_lsn is not None and until_caught_up:
+        raise typer.BadParameter("give --until-caught-up or --until-lsn, not both", param_hint="--until-lsn")
+    end = _lsn_option(until_lsn, "--until-lsn")
     logging.basicConfig(level=logging.WARNING, format="bemi-asgi worker: %(message)s", stream=sys.stderr)
     with _reported("worker", BemiError, code=2):
         key = chain_key()
@@ -566,14 +572,10 @@ def verify(
     import sys
 
     from ._exceptions import BemiError
-    from ._pgtext import parse_lsn
     from .ops.verify import verify as run_verify
     from .worker.chain import chain_key
 
-    try:
-        position = parse_lsn(up_to) if up_to is not None else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--up-to") from None
+    position = _lsn_option(up_to, "--up-to")
     if expect is not None and (not stream or len(stream) > 1):
         # Heads and positions are per stream: one published head names one stream.
         raise typer.BadParameter("a head belongs to one stream: name it with --stream ID", param_hint="--expect")
