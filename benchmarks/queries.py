@@ -28,7 +28,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bemi_asgi import Bemi
+from bemi_asgi import Bemi, create_pool
 from bemi_asgi.history.store import context_index_sql
 from bemi_asgi.ops.migration import load_sql
 from benchmarks._support import Result, throwaway_server
@@ -87,7 +87,7 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
         await conn.close()
     print(f"bemi.changes: {total:,} changes, {size} with indexes, PostgreSQL {version}")
 
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    pool = await create_pool(dsn, min_size=1, max_size=1)  # the app's own pool, as the README suggests
     bemi = Bemi(pool)
     rng = random.Random(42)
     span = rows * per_row  # milliseconds of history

@@ -22,7 +22,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bemi_asgi import Bemi
+from bemi_asgi import Bemi, create_pool
 from bemi_asgi.ui import allow_all, bemi_ui
 from benchmarks import queries
 from benchmarks._support import Result
@@ -46,7 +46,7 @@ async def fill(dsn: str, rows: int, per_row: int) -> None:
 async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, float]:
     """Fill, request every page, print the table; each case's p50 in ms."""
     await fill(dsn, rows, per_row)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    pool = await create_pool(dsn, min_size=1, max_size=1)  # the app's own pool, as the README suggests
     bemi = Bemi(pool)
     rng = random.Random(42)
     span = rows * per_row

@@ -518,6 +518,57 @@ async def test_bemi_from_a_dsn(env: Env, database: str) -> None:
         assert len(await bemi.history("items", 1)) == 3
 
 
+RESET_QUERY = "RESET ALL"
+
+
+@pytest.mark.parametrize("pool_kind", ["own", "bemi", "asyncpg"])
+async def test_reads_go_back_to_the_pool_without_the_reset_query(env: Env, database: str, pool_kind: str) -> None:
+    """After the helpers' reads, a connection goes back to Bemi(dsn)'s own pool or a bemi pool without asyncpg's
+    reset query; any other use of the same pool, and a read that failed, still resets the session. A plain asyncpg
+    pool passed in is reset after every use, as its owner made it."""
+    await write_item_story(env)
+    passed_in = {"bemi": bemi_asgi.create_pool, "asyncpg": asyncpg.create_pool}.get(pool_kind)
+    bemi = Bemi(database if passed_in is None else await passed_in(database, min_size=1, max_size=1))
+    sent: list[str] = []
+    try:
+        pool = await bemi.pool()
+        async with pool.acquire() as conn:  # the one connection in use: a pool hands out its live ones, last first
+            pid = conn.get_server_pid()
+            conn.add_query_logger(lambda logged: sent.append(logged.query))
+
+        async def the_connection() -> None:
+            async with pool.acquire() as conn:
+                assert conn.get_server_pid() == pid
+
+        await the_connection()
+        sent.clear()
+        assert len(await bemi.changes.find(table="items", limit=2)) == 2
+        assert len(await bemi.history("items", 1)) == 3
+        assert await bemi.changes.count(context={"user": "bob"}) == 3
+        assert sent and any("bemi" in query for query in sent)
+        assert any(RESET_QUERY in query for query in sent) == (pool_kind == "asyncpg")
+
+        sent.clear()
+        async with pool.acquire() as conn:  # anyone's use of the pool: `bemi.pool()` hands it out
+            await conn.execute("SET work_mem = '1234kB'")
+        assert any(RESET_QUERY in query for query in sent)
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() == pid
+            assert await conn.fetchval("SHOW work_mem") != "1234kB"
+
+        sent.clear()
+        with pytest.raises(asyncpg.UndefinedColumnError):
+            async with bemi.store.reading() as conn:
+                await conn.execute("SET work_mem = '1234kB'")
+                await conn.fetch("SELECT nope FROM bemi.changes")
+        assert any(RESET_QUERY in query for query in sent)
+        await the_connection()
+    finally:
+        await bemi.close()
+        if passed_in is not None:
+            await pool.close()
+
+
 async def test_wait_for_returns_once_the_worker_has_stored_the_position(env: Env) -> None:
     """wait_for() blocks until worker_state reaches the position, and times out with a clear error otherwise."""
     first = await env.writer.commit([Row("CREATE", "items", 1, after={"id": 1})])

@@ -59,6 +59,7 @@ from asyncpg.prepared_stmt import PreparedStatement
 from .._exceptions import SourceNotReadyError
 from . import tracing  # noqa: F401  (imported for its effect: writes carry the active trace)
 from .context import MESSAGE_PREFIX, ContextData, current
+from .session_reset import reset_query
 from .statements import CACHED_LENGTH, Statement, Step, Writes, read
 
 __all__ = [
@@ -568,7 +569,7 @@ class BemiConnection(_Connection):
         # otherwise come through `execute` above and gain the span's trace).
         async with asyncio.timeout(timeout):
             await self._reset()
-            query = self.get_reset_query()
+            query = reset_query(self)
             if query:
                 await _Connection.execute(self, query)
         if self._bemi.state is not TransactionState.IDLE:

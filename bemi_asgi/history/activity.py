@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .filters import ChangeFilter, FilterArgs, require_aware
-from .store import CHANGES_SQL, ChangeStore, history_grants
+from .store import CHANGES_SQL, ChangeStore
 
 __all__ = ["BUCKETS", "Activity", "TopValue", "activity", "bucket_for"]
 
@@ -107,9 +107,8 @@ async def activity(
           FROM (SELECT *, {bucket} AS bucket FROM counted) AS c
          GROUP BY GROUPING SETS ({sets})
     """
-    pool = await store.pool()
-    with history_grants():
-        records = await pool.fetch(sql, *where.params)
+    async with store.reading() as conn:
+        records = await conn.fetch(sql, *where.params)
     counts: dict[tuple[datetime, str, str, str], int] = {}
     found: dict[str, list[TopValue]] = {key: [] for key in keys}
     total, oldest = 0, None

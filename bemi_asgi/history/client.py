@@ -31,7 +31,7 @@ from .filters import ChangeFilter, FilterArgs, PrimaryKey, encode_primary_key, p
 from .models import Change, Stream, change_from_json
 from .replay import apply_schema_change, blame_columns, row_states, table_columns
 from .revert import RevertPlan, apply_plan, plan_revert, revert_selection
-from .store import CHANGES_SQL, SELECT_CHANGE, STREAMS_SQL, WORKER_STATE_SQL, ChangeStore, at_condition, history_grants
+from .store import CHANGES_SQL, SELECT_CHANGE, STREAMS_SQL, WORKER_STATE_SQL, ChangeStore, at_condition
 from .wait import wait_for_lsn
 
 __all__ = ["Bemi"]
@@ -73,9 +73,8 @@ class Bemi:
     async def streams(self) -> list[Stream]:
         """The source streams the history holds changes of (`Change.stream` names one), in the order they were first
         seen: with several sources or shards, pass `stream=` or `database=` to `find` and the row helpers."""
-        pool = await self.pool()
-        with history_grants():
-            records = await pool.fetch(
+        async with self.store.reading() as conn:
+            records = await conn.fetch(
                 f"SELECT id, system_identifier, database, slot_name FROM {STREAMS_SQL} ORDER BY id"
             )
         return [Stream.model_validate(dict(record)) for record in records]

@@ -12,8 +12,8 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
 
 import asyncpg
@@ -22,6 +22,7 @@ from asyncpg.pool import PoolConnectionProxy
 from .._changes_table import CHANGES, SCHEMA, STREAMS, WORKER_STATE
 from .._exceptions import QueryError, UnknownTableError
 from .._pgtext import quote_ident, quote_literal, quote_qualified
+from ..capture.session_reset import acquire_for_reads, reset_unless_reads_only
 from .catalog import fetch_table_info
 from .filters import At, ChangeFilter, FilterArgs, Where
 from .models import Change, change_from_json
@@ -208,8 +209,19 @@ class ChangeStore:
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
-                    self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4)
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn, min_size=1, max_size=4, reset=reset_unless_reads_only
+                    )
         return self._pool
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+        """A connection for the store's reads, which leave no session state: it goes back to the store's own pool
+        or a bemi pool without asyncpg's reset query (`acquire_for_reads`), one round trip of the two a helper
+        would cost. A read the server refuses for want of grants raises QueryError naming them."""
+        async with acquire_for_reads(await self.pool()) as conn:
+            with history_grants():
+                yield conn
 
     async def close(self) -> None:
         """Close the pool the store opened itself (a pool passed in is left to its owner)."""
@@ -235,8 +247,8 @@ class ChangeStore:
         if key is None:
             return None
         if time.monotonic() >= self._context_index_due:
-            pool = await self.pool()
-            self._context_index_keys = context_index_keys(await pool.fetch(CONTEXT_INDEXES_SQL))
+            async with self.reading() as conn:
+                self._context_index_keys = context_index_keys(await conn.fetch(CONTEXT_INDEXES_SQL))
             self._context_index_due = time.monotonic() + SPAN_SECONDS
         return key if key in self._context_index_keys else None
 
@@ -249,9 +261,8 @@ class ChangeStore:
     ) -> list[Change]:
         """The changes matching `where` in commit order (`order`), at most `limit` of them."""
         sql = _select_sql(where, order, limit)
-        pool = await self.pool()
-        with history_grants():
-            records = await pool.fetch(sql, *where.params)
+        async with self.reading() as conn:
+            records = await conn.fetch(sql, *where.params)
         return [change_from_json(record[0]) for record in records]
 
     async def newest(self, where: Where, *, limit: int, below: int | None, habit: str) -> list[Change]:
@@ -271,8 +282,7 @@ class ChangeStore:
         found: list[Change] = []
         top = below  # where the windows start: the cursor's position, or the newest stored (read with the first)
         high: int | None = None  # the last window's lowest commit LSN: the next window ends below it
-        pool = await self.pool()
-        async with pool.acquire() as conn:
+        async with self.reading() as conn:
             while True:
                 need = limit - len(found)
                 window = Where(list(where.conditions), list(where.params))
@@ -282,22 +292,21 @@ class ChangeStore:
                 if reach is not None and self._span is not None and reach * WINDOW_PAGE_COST >= self._span:
                     reach = None  # so near to the whole history that every match one by one costs less
                 low: int | None = None
-                with history_grants():
-                    if reach is not None and top is None:  # the first window, under the newest commit stored
-                        top, self._span, records = await _newest_window(conn, window, reach, need)
-                        low = None if top is None else _lower_end(top - reach)
-                    else:  # a window under `top` or `high`; or, without an estimate, every match
-                        if reach is not None and top is not None:
-                            low = _lower_end((top if high is None else high) - reach)
-                        if low is not None:
-                            window.add(f"commit_lsn >= {window.param(low)}::bigint")
-                        sql = _select_sql(window, "desc", need, sorted_order=SORTED_NEWEST_FIRST)
-                        read_span = reach is None and top is None and time.monotonic() >= self._span_due
-                        if read_span:  # every match, and how far the positions reach now (it costs a little)
-                            sql = f"SELECT page.*, {_SPAN} FROM ({sql}) AS page"
-                        records = await conn.fetch(sql, *window.params)
-                        if read_span and records:
-                            self._span, self._span_due = records[0]["span"], time.monotonic() + SPAN_SECONDS
+                if reach is not None and top is None:  # the first window, under the newest commit stored
+                    top, self._span, records = await _newest_window(conn, window, reach, need)
+                    low = None if top is None else _lower_end(top - reach)
+                else:  # a window under `top` or `high`; or, without an estimate, every match
+                    if reach is not None and top is not None:
+                        low = _lower_end((top if high is None else high) - reach)
+                    if low is not None:
+                        window.add(f"commit_lsn >= {window.param(low)}::bigint")
+                    sql = _select_sql(window, "desc", need, sorted_order=SORTED_NEWEST_FIRST)
+                    read_span = reach is None and top is None and time.monotonic() >= self._span_due
+                    if read_span:  # every match, and how far the positions reach now (it costs a little)
+                        sql = f"SELECT page.*, {_SPAN} FROM ({sql}) AS page"
+                    records = await conn.fetch(sql, *window.params)
+                    if read_span and records:
+                        self._span, self._span_due = records[0]["span"], time.monotonic() + SPAN_SECONDS
                 changes = [change_from_json(record["change"]) for record in records]
                 found += changes
                 if len(found) >= limit or low is None or top is None:
@@ -325,9 +334,8 @@ class ChangeStore:
         self._spacings[habit] = spacing if known is None else (known * spacing) ** 0.5
 
     async def count(self, where: Where) -> int:
-        pool = await self.pool()
-        with history_grants():
-            total: int = await pool.fetchval(f"SELECT count(*) FROM {CHANGES_SQL} WHERE {where.sql()}", *where.params)
+        async with self.reading() as conn:
+            total: int = await conn.fetchval(f"SELECT count(*) FROM {CHANGES_SQL} WHERE {where.sql()}", *where.params)
         return total
 
     async def row_changes(
@@ -367,18 +375,16 @@ class ChangeStore:
             ) AS c
             ORDER BY commit_lsn, ordinal
         """
-        pool = await self.pool()
-        with history_grants():
-            records = await pool.fetch(sql, *where.params)
+        async with self.reading() as conn:
+            records = await conn.fetch(sql, *where.params)
         return without_idle_truncates(change_from_json(record[0]) for record in records)
 
     # Validation.
 
     async def require_known_table(self, schema: str, table: str) -> None:
         """Raise QueryError unless the table has stored changes or exists in this database."""
-        pool = await self.pool()
-        with history_grants():
-            known = await pool.fetchval(
+        async with self.reading() as conn:
+            known = await conn.fetchval(
                 f"""SELECT EXISTS (SELECT 1 FROM {CHANGES_SQL} WHERE "schema" = $1 AND "table" = $2)
                         OR EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))""",

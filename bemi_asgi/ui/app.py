@@ -693,18 +693,18 @@ class BemiUI:
         if cached is not None and asyncio.get_running_loop().time() - cached[0] < SUGGESTION_SECONDS:
             return cached[1], cached[2]
         where = ChangeFilter(FilterArgs(context=dict(scope) or None)).where()
-        pool = await self.bemi.pool()
         # The tables and the keys apart: a key set per change, taken apart in the select list, costs less than a
         # row per key joined to its change.
-        records = await pool.fetch(
-            f"""WITH s AS MATERIALIZED (
-                    SELECT "schema", "table", context FROM {CHANGES_SQL} WHERE {where.sql()}
-                     ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(SUGGESTION_SAMPLE)})
-                SELECT "schema", "table", NULL AS key FROM s GROUP BY "schema", "table"
-                UNION ALL
-                SELECT NULL, NULL, key FROM (SELECT jsonb_object_keys(context) AS key FROM s) AS k GROUP BY key""",
-            *where.params,
-        )
+        async with self.bemi.store.reading() as conn:
+            records = await conn.fetch(
+                f"""WITH s AS MATERIALIZED (
+                        SELECT "schema", "table", context FROM {CHANGES_SQL} WHERE {where.sql()}
+                         ORDER BY commit_lsn DESC, ordinal DESC LIMIT {where.param(SUGGESTION_SAMPLE)})
+                    SELECT "schema", "table", NULL AS key FROM s GROUP BY "schema", "table"
+                    UNION ALL
+                    SELECT NULL, NULL, key FROM (SELECT jsonb_object_keys(context) AS key FROM s) AS k GROUP BY key""",
+                *where.params,
+            )
         places = {(r["schema"], r["table"]) for r in records if r["table"]}
         return self._remember(scope, places, {r["key"] for r in records if r["key"] is not None})
 
