@@ -63,7 +63,7 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
         "GET /overview?c.user_id=N": lambda: page(client, {"c.user_id": user()}, {}),
         "scoped GET /overview": lambda: page(scoped, {}, {"x-scope": user()}),
     }
-    results = {label: await queries.timed(label, fn, iterations) for label, fn in cases.items()}
+    results = await queries.timed(cases, iterations)
     await client.aclose()
     await scoped.aclose()
     await pool.close()

@@ -54,14 +54,20 @@ SELECT r::text,
 USER_INDEX_SIZE = "SELECT pg_size_pretty(pg_relation_size('bemi.changes_context_user_id_idx'))"
 
 
-async def timed(label: str, fn: Callable[[], Awaitable[object]], iterations: int) -> list[float]:
+async def timed(cases: dict[str, Callable[[], Awaitable[object]]], iterations: int) -> dict[str, list[float]]:
+    """Each case's call times in ms. The cases take turns, one call each per round (from a different first case
+    every round), so that they share the machine's fast and slow spells and their ratios hold within a run."""
     for _ in range(min(50, iterations)):  # warm the pool's statement caches and the buffer cache
-        await fn()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        await fn()
-        samples.append((time.perf_counter() - start) * 1000)
+        for fn in cases.values():
+            await fn()
+    samples: dict[str, list[float]] = {label: [] for label in cases}
+    turns = list(cases.items())
+    for round_number in range(iterations):
+        shift = round_number % len(turns)
+        for label, fn in turns[shift:] + turns[:shift]:
+            start = time.perf_counter()
+            await fn()
+            samples[label].append((time.perf_counter() - start) * 1000)
     return samples
 
 
@@ -89,6 +95,8 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
 
     pool = await create_pool(dsn, min_size=1, max_size=1)  # the app's own pool, as the README suggests
     bemi = Bemi(pool)
+    plain_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    plain = Bemi(plain_pool)
     rng = random.Random(42)
     span = rows * per_row  # milliseconds of history
 
@@ -106,20 +114,22 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
         "find(context=user, limit=20)": lambda: bemi.changes.find(context={"user_id": rng.randrange(1000)}, limit=20),
         "find(context=request)": lambda: bemi.changes.find(context={"request_id": f"req-{rng.randrange(span // 5)}"}),
         "find(table, row)": lambda: bemi.changes.find(table="items", primary_key=any_row(), limit=20),
+        # What the reset query asyncpg sends when a connection goes back costs: a plain pool resets after every read.
+        "history(row), plain asyncpg pool": lambda: plain.history("items", any_row()),
     }
-    results = {label: await timed(label, fn, iterations) for label, fn in cases.items()}
+    results = await timed(cases, iterations)
     await pool.execute(context_index_sql("user_id", concurrently=False))
     await pool.execute("ANALYZE bemi.changes")
     print(f"the user_id index: {await pool.fetchval(USER_INDEX_SIZE)}")
     indexed = Bemi(pool)  # a store that reads the catalog's indexes afresh
     label = "find(context=user, limit=20), user_id index"
-    results[label] = await timed(
-        label, lambda: indexed.changes.find(context={"user_id": rng.randrange(1000)}, limit=20), iterations
-    )
+    find_user = {label: lambda: indexed.changes.find(context={"user_id": rng.randrange(1000)}, limit=20)}
+    results |= await timed(find_user, iterations)
     await pool.execute("DROP INDEX bemi.changes_context_user_id_idx")
     await pool.close()
+    await plain_pool.close()
     base = p(results["baseline SELECT 1"], 50)
-    print(f"\n{iterations} sequential calls each, one pooled connection\n")
+    print(f"\n{iterations} sequential calls each, the cases taking turns, one pooled connection\n")
     print(f"{'query':44} {'p50 ms':>8} {'p95 ms':>8} {'p50 / SELECT 1':>15}")
     for label, samples in results.items():
         print(f"{label:44} {p(samples, 50):8.3f} {p(samples, 95):8.3f} {p(samples, 50) / base:14.1f}x")

@@ -82,7 +82,7 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
         "GET /request": lambda: page(client, "/request", {"id": f"req-{rng.randrange(span // 5)}"}, {}),
         "scoped GET /": lambda: page(scoped, "/", {}, {"x-scope": user()}),
     }
-    results = {label: await queries.timed(label, fn, iterations) for label, fn in cases.items()}
+    results = await queries.timed(cases, iterations)
     await client.aclose()
     await scoped.aclose()
     await pool.close()
@@ -92,7 +92,7 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
 def report(results: dict[str, list[float]], iterations: int, width: int = 28) -> dict[str, float]:
     """Print each page's p50, p95 and p50 relative to the baseline find(); return each p50 in ms."""
     base = queries.p(results["baseline find(limit=50)"], 50)
-    print(f"\n{iterations} sequential requests each, one pooled connection\n")
+    print(f"\n{iterations} sequential requests each, the pages taking turns, one pooled connection\n")
     print(f"{'page':{width}} {'p50 ms':>8} {'p95 ms':>8} {'p50 / find':>11}")
     for label, samples in results.items():
         p50, p95 = queries.p(samples, 50), queries.p(samples, 95)
