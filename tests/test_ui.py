@@ -29,6 +29,7 @@ from bemi_asgi import Bemi, bemi_context
 from bemi_asgi.history.access import merge_scope
 from bemi_asgi.history.filters import Cursor, encode_cursor
 from bemi_asgi.ui import BemiUI, allow_all, bemi_ui
+from bemi_asgi.ui import app as app_module
 from bemi_asgi.ui.rows import escape_text
 from bemi_asgi.ui.view import (
     context_value_text,
@@ -265,9 +266,14 @@ async def test_row_page_shows_history_with_highlighted_differences(env: Env) -> 
     assert "in effect" in page[page.index(f'id="c{history[-1].id}"') :]
 
 
-async def test_row_state_as_of_a_moment_matches_bemi_as_of(env: Env) -> None:
+@pytest.mark.parametrize("history_limit", [app_module.HISTORY_LIMIT, 2])
+async def test_row_state_as_of_a_moment_matches_bemi_as_of(
+    env: Env, monkeypatch: pytest.MonkeyPatch, history_limit: int
+) -> None:
     """The row page's state at a chosen moment is the state `Bemi.as_of` returns, including before creation and
-    after deletion."""
+    after deletion; taken from the history the page shows, or read apart when that history (cut to its latest
+    changes) starts after the moment."""
+    monkeypatch.setattr(app_module, "HISTORY_LIMIT", history_limit)
     moments = [T0 + timedelta(seconds=seconds) for seconds in (-60, 150, 240, 360)]
     async with client_for(bemi_ui(env.bemi, authorize=allow_all)) as client:
         for key in (1, 2):

@@ -68,7 +68,7 @@ from ..history.filters import (
     encode_cursor,
     read_trace_id,
 )
-from ..history.models import Change
+from ..history.models import Change, Operation
 from ..history.refs import Refs, refs_for
 from ..history.replay import row_states
 from ..history.store import CHANGES_SQL
@@ -450,7 +450,6 @@ class BemiUI:
             # The page's moment is inclusive: "committed before the next microsecond", and this one has none.
             raise QueryError(f"at={params['at']!r} is out of range: pick an earlier moment")
         history = await self._row_history(schema, table, key, scope)
-        as_of = await self._row_as_of(schema, table, key, at, scope) if at is not None else None
         if not history:
             return self._error(request, 404, f"No changes of {schema}.{table} row {key} are visible to you.")
         steps = list(row_states(history))
@@ -459,7 +458,9 @@ class BemiUI:
         if at is None:
             effective, state = steps[-1]
         else:
-            assert as_of is not None
+            as_of = state_at(history, at)
+            if as_of is None:  # the history shown starts after `at`
+                as_of = await self._row_as_of(schema, table, key, at, scope)
             effective, state = as_of
         steps.reverse()  # newest first, like the timeline
         return self._render(
@@ -780,3 +781,18 @@ def _security_headers(nonce: str) -> dict[str, str]:
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "same-origin",
     }
+
+
+def state_at(history: Sequence[Change], at: datetime) -> tuple[Change | None, dict[str, Any] | None] | None:
+    """What `_row_as_of` reads, taken from the row's history as the row page read it (its latest HISTORY_LIMIT
+    changes, with the TRUNCATEs and schema changes after the oldest of them): the row's last change committed by
+    `at` and the table events after it until then, replayed. None when that history starts after `at`."""
+    if not any(change.committed_at <= at for change in history if change.operation not in _TABLE_EVENTS):
+        whole = sum(change.operation not in _TABLE_EVENTS for change in history) < HISTORY_LIMIT
+        return (None, None) if whole else None
+    *_, last = row_states(change for change in history if change.committed_at <= at)
+    return last
+
+
+#: The changes of a row's history that are its table's: they do not start a state of their own.
+_TABLE_EVENTS = frozenset({Operation.TRUNCATE, Operation.DDL})
