@@ -27,7 +27,7 @@ from bemi_asgi import Bemi
 from bemi_asgi.history.activity import MAX_COUNTED
 from bemi_asgi.ui import allow_all, bemi_ui
 from benchmarks import queries, ui
-from benchmarks._support import Result
+from benchmarks._support import Result, asgi_client
 
 
 async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, float]:
@@ -46,8 +46,8 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
 
     open_ui = bemi_ui(bemi, authorize=allow_all, overview_keys=("user_id", "endpoint"))
     scoped_ui = bemi_ui(bemi, authorize=allow_all, scope=scope, overview_keys=("user_id", "endpoint"))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=open_ui), base_url="http://ui")
-    scoped = httpx.AsyncClient(transport=httpx.ASGITransport(app=scoped_ui), base_url="http://ui")
+    client = asgi_client(open_ui)
+    scoped = asgi_client(scoped_ui)
 
     async def page(on: httpx.AsyncClient, params: dict[str, str], headers: dict[str, str]) -> None:
         response = await on.get("/overview", params={**period, **params}, headers=headers)

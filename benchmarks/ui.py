@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bemi_asgi import Bemi, create_pool
 from bemi_asgi.ui import allow_all, bemi_ui
 from benchmarks import queries
-from benchmarks._support import Result
+from benchmarks._support import Result, asgi_client
 
 
 async def fill(dsn: str, rows: int, per_row: int) -> None:
@@ -56,8 +56,8 @@ async def run(dsn: str, rows: int, per_row: int, iterations: int) -> dict[str, f
 
     open_ui = bemi_ui(bemi, authorize=allow_all)
     scoped_ui = bemi_ui(bemi, authorize=allow_all, scope=scope)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=open_ui), base_url="http://ui")
-    scoped = httpx.AsyncClient(transport=httpx.ASGITransport(app=scoped_ui), base_url="http://ui")
+    client = asgi_client(open_ui)
+    scoped = asgi_client(scoped_ui)
 
     async def page(on: httpx.AsyncClient, url: str, params: dict[str, str], headers: dict[str, str]) -> None:
         response = await on.get(url, params=params, headers=headers)
