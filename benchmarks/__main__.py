@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = {
     "middleware": "BemiMiddleware against the bare app (ASGI in process)",
     "write_overhead": "the bemi pool against a plain asyncpg pool",
+    "server_emission": "pgbench transactions with the message statement against plain ones",
     "decode": "pgoutput decoding against touching each message",
     "worker_throughput": "the worker against pg_recvlogical; memory; lag",
     "destination": "COPY into bemi.changes, and each index, against the heap alone",

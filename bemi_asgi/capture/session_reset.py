@@ -28,7 +28,9 @@ _READS_ONLY: ContextVar[bool] = ContextVar("bemi_reads_only", default=False)
 @asynccontextmanager
 async def acquire_for_reads(pool: asyncpg.Pool) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
     """A connection of `pool` for plain reads (SELECTs outside a transaction, no `SET`, cursor, `LISTEN` or
-    advisory lock): when the block ends without an exception, it goes back without asyncpg's reset query."""
+    advisory lock). When the block ends without an exception, a pool whose reset asks `reset_query` (a bemi pool,
+    one made with `reset=reset_unless_reads_only`) takes it back without asyncpg's reset query; any other pool
+    resets it as usual."""
     token = None
     try:
         async with pool.acquire() as conn:
