@@ -1,12 +1,12 @@
 """What carrying the context costs: plain asyncpg pool vs the bemi pool with a context set, same run.
 
-    python -m benchmarks.write_overhead [--dsn postgresql://...] [--seconds 0.2] [--rounds 40]
+    python -m benchmarks.write_overhead [--dsn postgresql://...] [--seconds 0.2] [--rounds 40] [--fsync]
 
-Without --dsn (or $BEMI_BENCH_DSN) it starts a throwaway local PostgreSQL (wal_level=logical). Each workload runs
-for --seconds per round on both pools, alternating which goes first, for --rounds rounds. A round's ratio is the
-bemi pool's transactions over the plain pool's in that round, measured back to back, so the load other processes
-put on the machine, which drifts over seconds, weighs on both alike; the figure is the median of the rounds'
-ratios, printed with their interquartile range (the spread). Targets: single-row insert transactions >= 0.95x at 8
+Without --dsn (or $BEMI_BENCH_DSN) it starts a throwaway local PostgreSQL (wal_level=logical; fsync off unless
+--fsync). Each workload runs for --seconds per round on both pools, alternating which goes first, for --rounds
+rounds. A round's ratio is the bemi pool's transactions over the plain pool's in that round, measured back to back,
+so the load other processes put on the machine, which drifts over seconds, weighs on both alike; the figure is the
+median of the rounds' ratios, printed with their interquartile range (the spread). Targets: single-row insert transactions >= 0.95x at 8
 connections, read-only transactions and autocommit reads >= 0.97x.
 """
 
@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -140,10 +140,15 @@ async def bench(dsn: str, seconds: float, rounds: int) -> list[tuple[str, int, R
     return results
 
 
-def with_server(run: Callable[[str], T]) -> T:
-    """Run `run(dsn)` against a throwaway local PostgreSQL."""
-    with throwaway_server() as server:
-        print(f"PostgreSQL {server.version}, local throwaway cluster", flush=True)
+#: What `--fsync` sets: every commit waits for its WAL to reach the disk, as in production (a throwaway cluster
+#: runs without).
+DURABLE = {"fsync": "on", "full_page_writes": "on"}
+
+
+def with_server(run: Callable[[str], T], settings: Mapping[str, str] | None = None) -> T:
+    """Run `run(dsn)` against a throwaway local PostgreSQL (with `settings` over its defaults)."""
+    with throwaway_server(settings) as server:
+        print(f"PostgreSQL {server.version}, local throwaway cluster, {settings or 'fsync off'}", flush=True)
         return run(server.dsn())
 
 
@@ -170,11 +175,12 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=0.2, help="length of one measurement")
     parser.add_argument("--rounds", type=int, default=40, help="alternating rounds per workload")
+    parser.add_argument("--fsync", action="store_true", help="the throwaway server with fsync on, as in production")
     args = parser.parse_args()
     if args.dsn:
         asyncio.run(bench(args.dsn, args.seconds, args.rounds))
         return
-    with_server(lambda dsn: asyncio.run(bench(dsn, args.seconds, args.rounds)))
+    with_server(lambda dsn: asyncio.run(bench(dsn, args.seconds, args.rounds)), DURABLE if args.fsync else None)
 
 
 if __name__ == "__main__":
