@@ -6,8 +6,8 @@ Without --dsn (or $BEMI_BENCH_DSN) it starts a throwaway local PostgreSQL (wal_l
 --fsync). Each workload runs for --seconds per round on both pools, alternating which goes first, for --rounds
 rounds. A round's ratio is the bemi pool's transactions over the plain pool's in that round, measured back to back,
 so the load other processes put on the machine, which drifts over seconds, weighs on both alike; the figure is the
-median of the rounds' ratios, printed with their interquartile range (the spread). Targets: single-row insert transactions >= 0.95x at 8
-connections, read-only transactions and autocommit reads >= 0.97x.
+median of the rounds' ratios, printed with their interquartile range (the spread). Targets: single-row insert
+transactions >= 0.95x at 8 connections, read-only transactions and autocommit reads >= 0.97x.
 """
 
 from __future__ import annotations
