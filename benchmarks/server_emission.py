@@ -22,11 +22,14 @@ the variant's transactions per second over the plain variant's in the same round
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -88,39 +91,53 @@ def pgbench_tps(server: LocalPostgres, dsn: str, path: Path, mode: str, seconds:
     return float(found.group(1))
 
 
+def turns(run: Callable[[Path], float], scripts: dict[str, Path], rounds: int) -> dict[str, list[float]]:
+    """Each variant's transactions per second in every round, the variants taking turns (a different one first
+    each round, so that none always follows the same one)."""
+    tps: dict[str, list[float]] = {name: [] for name in scripts}
+    names = list(scripts)
+    for n in range(rounds):
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            tps[name].append(run(scripts[name]))
+    return tps
+
+
+def figures(tps: dict[str, list[float]], label: str) -> list[Figure]:
+    """Each variant but `plain` against it: the median of the rounds' ratios, and the lowest and highest."""
+    plain = tps["plain"]
+    found = []
+    for name, rates in tps.items():
+        if name == "plain":
+            continue
+        ratios = sorted(rate / base for rate, base in zip(rates, plain, strict=True))
+        case = label.format(name)
+        found.append(Figure(case, statistics.median(plain), statistics.median(ratios), ratios[0], ratios[-1]))
+    return found
+
+
 def measure(seconds: int, rounds: int, clients: int) -> list[Figure]:
     """Every workload, variant, mode and fsync setting; print and return each variant's figure."""
     extras = {"plain": None, "+ SELECT 1 with COMMIT": "SELECT 1", "+ message with COMMIT": message_statement()}
-    figures: list[Figure] = []
-    with tempfile.TemporaryDirectory(prefix="bemi-asgi-pgbench-") as scripts:
+    measured: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="bemi-asgi-pgbench-") as directory:
         for fsync, settings in FSYNC.items():
             with throwaway_server(settings) as server:
                 dsn = server.dsn()
                 with psycopg.connect(dsn, autocommit=True) as conn:
-                    for statement in SETUP:
-                        conn.execute(statement)
-                for mode in MODES:
-                    for workload, statement in STATEMENTS.items():
-                        paths = {}
-                        for name, extra in extras.items():
-                            path = Path(scripts) / f"{workload}-{mode}-{len(paths)}.sql"
-                            path.write_text(script(statement, extra, mode))
-                            paths[name] = path
-                        tps: dict[str, list[float]] = {name: [] for name in extras}
-                        names = list(extras)
-                        for n in range(rounds):
-                            for name in names[n % len(names) :] + names[: n % len(names)]:
-                                tps[name].append(pgbench_tps(server, dsn, paths[name], mode, seconds, clients))
-                        plain = tps["plain"]
-                        for name in names[1:]:
-                            ratios = sorted(v / p for v, p in zip(tps[name], plain, strict=True))
-                            case = f"{workload} transaction {name}, -M {mode}, {fsync}, {clients} conn"
-                            figure = Figure(case, statistics.median(plain), statistics.median(ratios),
-                                            ratios[0], ratios[-1])  # fmt: skip
-                            figures.append(figure)
-                            print(f"{case:70} {figure.ratio:.2f}x plain ({figure.low:.2f}-{figure.high:.2f}), "
-                                  f"plain {figure.plain_tps:,.0f} tx/s", flush=True)  # fmt: skip
-    return figures
+                    for sql in SETUP:
+                        conn.execute(sql)
+                for mode, (workload, statement) in itertools.product(MODES, STATEMENTS.items()):
+                    scripts = {}
+                    for name, extra in extras.items():
+                        scripts[name] = Path(directory) / f"{workload}-{mode}-{len(scripts)}.sql"
+                        scripts[name].write_text(script(statement, extra, mode))
+                    run = functools.partial(pgbench_tps, server, dsn, mode=mode, seconds=seconds, clients=clients)
+                    label = f"{workload} transaction {{}}, -M {mode}, {fsync}, {clients} conn"
+                    for figure in figures(turns(run, scripts, rounds), label):
+                        measured.append(figure)
+                        print(f"{figure.case:70} {figure.ratio:.2f}x plain ({figure.low:.2f}-{figure.high:.2f}), "
+                              f"plain {figure.plain_tps:,.0f} tx/s", flush=True)  # fmt: skip
+    return measured
 
 
 def results(quick: bool = False) -> list[Result]:
