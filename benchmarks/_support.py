@@ -1,13 +1,14 @@
-"""Shared by the benchmarks: the `Result` lines `python -m benchmarks` tabulates, a throwaway server, and an
-in-process HTTP client for an ASGI app."""
+"""Shared by the benchmarks: the `Result` lines `python -m benchmarks` tabulates, a throwaway server (durable or
+not), the order variants take their turns in, their ratios round by round, and an in-process HTTP client for an ASGI
+app."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -26,9 +27,28 @@ class Result:
     against: str = ""
 
 
+T = TypeVar("T")
+
+#: Settings for a throwaway server whose commits wait for their WAL to reach the disk, as in production (a throwaway
+#: cluster runs without).
+DURABLE = {"fsync": "on", "full_page_writes": "on"}
+
+
 def throwaway_server(settings: Mapping[str, str] | None = None) -> AbstractContextManager[LocalPostgres]:
     """A local PostgreSQL (wal_level=logical) for one benchmark, stopped and removed afterwards."""
     return throwaway_cluster("bemi-asgi-bench-", settings)
+
+
+def in_turn(variants: Sequence[T], round_number: int) -> list[T]:
+    """The order `variants` run in during round `round_number`: each round starts with the next one, so that what
+    the machine does meanwhile drifts across them all and none always comes right after the same one."""
+    shift = round_number % len(variants)
+    return [*variants[shift:], *variants[:shift]]
+
+
+def round_ratios(values: Iterable[float], baseline: Iterable[float]) -> list[float]:
+    """Each round's value over the baseline's in the same round, in ascending order."""
+    return sorted(value / base for value, base in zip(values, baseline, strict=True))
 
 
 def asgi_client(app: Any) -> httpx.AsyncClient:

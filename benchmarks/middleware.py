@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Scope
 
 from bemi_asgi import BemiMiddleware, configure_tracing, get_context
 from bemi_asgi.capture.context import activate, current, deactivate
-from benchmarks._support import Result
+from benchmarks._support import Result, in_turn, round_ratios
 
 
 def _hello_app(takes_context: bool = False) -> FastAPI:
@@ -182,14 +182,12 @@ async def measure(requests: int, rounds: int) -> dict[str, Measured]:
     names = list(variants)
     rates: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        # Each round starts with another variant: what the machine does meanwhile drifts, and no variant always
-        # comes right after the same one.
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in in_turn(names, r):
             rates[name].append(await _run(variants[name], requests))
     bare = rates["no middleware"]
     measured = {}
     for name in names:
-        ratios = sorted(rate / base for rate, base in zip(rates[name], bare, strict=True))
+        ratios = round_ratios(rates[name], bare)
         measured[name] = Measured(max(rates[name]), statistics.median(ratios), ratios[0], ratios[-1])
     print(f"{'variant':52} {'req/s':>10} {'ratio':>7}  {'rounds from':>11}")
     for name, m in measured.items():

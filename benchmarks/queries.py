@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bemi_asgi import Bemi, create_pool
 from bemi_asgi.history.store import context_index_sql
 from bemi_asgi.ops.migration import load_sql
-from benchmarks._support import Result, throwaway_server
+from benchmarks._support import Result, in_turn, throwaway_server
 
 MIGRATION = load_sql("destination_up.sql")
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -63,8 +63,7 @@ async def timed(cases: dict[str, Callable[[], Awaitable[object]]], iterations: i
     samples: dict[str, list[float]] = {label: [] for label in cases}
     turns = list(cases.items())
     for round_number in range(iterations):
-        shift = round_number % len(turns)
-        for label, fn in turns[shift:] + turns[:shift]:
+        for label, fn in in_turn(turns, round_number):
             start = time.perf_counter()
             await fn()
             samples[label].append((time.perf_counter() - start) * 1000)

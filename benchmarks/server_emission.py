@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from bemi_asgi.capture.context import validate
 from bemi_asgi.capture.pool import emit_sql
 from bemi_asgi.ops.postgres import LocalPostgres
-from benchmarks._support import Result, throwaway_server
+from benchmarks._support import DURABLE, Result, in_turn, round_ratios, throwaway_server
 
 #: The context of every message: string values, so that its JSON text holds no `:` before a letter or digit, which
 #: pgbench would read as one of its variables.
@@ -55,7 +55,7 @@ STATEMENTS = {
     "write": "\\set v random(1, 1000000)\nINSERT INTO items (v) VALUES (:v)",
     "read": "\\set id random(1, 10000)\nSELECT v FROM items WHERE id = :id",
 }
-FSYNC = {"fsync on": {"fsync": "on", "full_page_writes": "on"}, "fsync off": {}}
+FSYNC = {"fsync on": DURABLE, "fsync off": {}}
 MODES = ("simple", "prepared")
 
 
@@ -95,9 +95,8 @@ def turns(run: Callable[[Path], float], scripts: dict[str, Path], rounds: int) -
     """Each variant's transactions per second in every round, the variants taking turns (a different one first
     each round, so that none always follows the same one)."""
     tps: dict[str, list[float]] = {name: [] for name in scripts}
-    names = list(scripts)
     for n in range(rounds):
-        for name in names[n % len(names) :] + names[: n % len(names)]:
+        for name in in_turn(list(scripts), n):
             tps[name].append(run(scripts[name]))
     return tps
 
@@ -109,7 +108,7 @@ def figures(tps: dict[str, list[float]], label: str) -> list[Figure]:
     for name, rates in tps.items():
         if name == "plain":
             continue
-        ratios = sorted(rate / base for rate, base in zip(rates, plain, strict=True))
+        ratios = round_ratios(rates, plain)
         case = label.format(name)
         found.append(Figure(case, statistics.median(plain), statistics.median(ratios), ratios[0], ratios[-1]))
     return found

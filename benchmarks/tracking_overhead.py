@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bemi_asgi.ops.postgres import LocalPostgres  # noqa: E402
-from benchmarks._support import Result  # noqa: E402
+from benchmarks._support import Result, in_turn, round_ratios  # noqa: E402
 from benchmarks.worker_throughput import count, destination_database, prepare, reset, wal_position  # noqa: E402
 
 CONFIG = """
@@ -102,8 +102,7 @@ def measure(changes: int, repeat: int, baseline_tree: Path | None = None) -> dic
         measured: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         items = list(enumerate(variants.items()))
         for n in range(repeat):
-            # Rotate the order each round: no variant always follows the same work.
-            for i, (name, (tree, extra)) in items[n % len(items) :] + items[: n % len(items)]:
+            for i, (name, (tree, extra)) in in_turn(items, n):
                 with psycopg.connect(destination, autocommit=True) as conn:
                     conn.execute("TRUNCATE bemi.changes, bemi.worker_state, bemi.chain")
                 measured[name].append(run(tree, dsn, destination, f"s{n}_{i}", end, *extra))
@@ -114,7 +113,7 @@ def measure(changes: int, repeat: int, baseline_tree: Path | None = None) -> dic
         for name, runs in measured.items():
             wall, cpu = min(seconds for seconds, _ in runs), min(cpu for _, cpu in runs)
             # Each round's CPU against no rules' in the same round: the machine's slow spells cancel out.
-            ratio = statistics.median(c / ref for (_, c), (_, ref) in zip(runs, measured["no rules"], strict=True))
+            ratio = statistics.median(round_ratios((c for _, c in runs), (c for _, c in measured["no rules"])))
             listed = ", ".join(f"{s:.2f}/{c:.2f}" for s, c in runs)
             print(f"{name:14} {total / wall:10,.0f} changes/s ({wall_ref / wall:.2f}x)   worker CPU {cpu:5.2f} s "
                   f"({ratio:.2f}x of no rules, median of rounds)   runs (wall/CPU s): {listed}")  # fmt: skip

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bemi_asgi
-from benchmarks._support import Result, throwaway_server
+from benchmarks._support import DURABLE, Result, throwaway_server
 
 Pool = Any  # asyncpg.Pool of either connection class
 T = TypeVar("T")
@@ -138,11 +138,6 @@ async def bench(dsn: str, seconds: float, rounds: int) -> list[tuple[str, int, R
         await plain.close()
         await tracked.close()
     return results
-
-
-#: What `--fsync` sets: every commit waits for its WAL to reach the disk, as in production (a throwaway cluster
-#: runs without).
-DURABLE = {"fsync": "on", "full_page_writes": "on"}
 
 
 def with_server(run: Callable[[str], T], settings: Mapping[str, str] | None = None) -> T:
